@@ -1,0 +1,217 @@
+"""Model configuration shared by `deco.reference` and `deco.optimized` (pure Python, no NumPy/torch).
+
+The fields are exactly the free hyper-parameters of spec/03-model.md; every other number in the
+model (time-frequency width 256, max period 10, RoPE base 10000 and span 16, 8 DCT frequencies,
+norm epsilon 1e-6) is a constant of the spec, defined below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Architecture = Literal["deco", "baseline"]
+
+# Constants fixed by the spec (spec/03-model.md §1). They are not configurable: the release
+# hard-codes them and its checkpoints do not record them.
+TIME_FREQ_DIM = 256
+TIME_MAX_PERIOD = 10.0  # not DiT's 10000: t lies in [0, 1]
+ROPE_THETA = 10000.0
+ROPE_SPAN = 16.0  # positions are linspace(0, 16, n) per axis, whatever n is
+DCT_FREQS = 8
+NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class DeCoConfig:
+    """Hyper-parameters of a DeCo model or of the baseline DiT (spec/03-model.md §1).
+
+    architecture: "deco" (DiT + pixel decoder) or "baseline" (DiT + linear de-patch head).
+    depth: number of DiT blocks. For the baseline this is every transformer block.
+    decoder_depth, decoder_width: pixel-decoder blocks and channels (ignored by the baseline).
+    num_classes: real classes; label `num_classes` is the null class used for guidance.
+    """
+
+    architecture: Architecture = "deco"
+    in_channels: int = 3
+    patch_size: int = 16
+    hidden_size: int = 1152
+    num_heads: int = 16
+    depth: int = 28
+    decoder_depth: int = 3
+    decoder_width: int = 32
+    num_classes: int = 1000
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("deco", "baseline"):
+            raise ValueError(
+                f"architecture: expected 'deco' or 'baseline', got {self.architecture!r}"
+            )
+        positive = ["in_channels", "patch_size", "hidden_size", "num_heads", "depth", "num_classes"]
+        if self.architecture == "deco":
+            positive += ["decoder_depth", "decoder_width"]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size: {self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.head_dim % 4:
+            raise ValueError(
+                f"hidden_size/num_heads: 2-D RoPE needs a head dim divisible by 4, got {self.head_dim}"
+            )
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio: expected > 0, got {self.mlp_ratio!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU inner width: int(2/3 * int(hidden * mlp_ratio)) (spec/03-model.md §4)."""
+        return int(2 * int(self.hidden_size * self.mlp_ratio) / 3)
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    # ----------------------------------------------------------------- presets and (de)serialising
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> DeCoConfig:
+        """A named preset (`PRESETS`), with keyword overrides, e.g. `preset("DeCo-S/16", num_classes=10)`."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown name {name!r}; expected one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeCoConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"config: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DeCoConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError("config: expected a JSON object")
+        return cls.from_dict(data)
+
+
+def _deco(hidden: int, heads: int, depth: int, decoder_depth: int = 3) -> DeCoConfig:
+    return DeCoConfig("deco", 3, 16, hidden, heads, depth, decoder_depth, 32, 1000)
+
+
+def _dit(hidden: int, heads: int, depth: int) -> DeCoConfig:
+    return DeCoConfig("baseline", 3, 16, hidden, heads, depth, 0, 0, 1000)
+
+
+#: Paper-sized presets. DeCo-L and DeCo-XL are the release's configurations (DeCo_large.yaml,
+#: DeCo_XL.yaml); DiT-L and DiT-XL its baselines. The release ships no S or B: ours follow DiT's
+#: widths and, like DeCo-L, give three of the baseline's blocks' worth of depth to the decoder
+#: (S and B: 12 - 2 = 10 DiT blocks + 3 decoder blocks), so DeCo and DiT have similar size.
+#: "tiny" presets are for tests and CPU demos.
+PRESETS: dict[str, DeCoConfig] = {
+    "DeCo-S/16": _deco(384, 6, 10),
+    "DeCo-B/16": _deco(768, 12, 10),
+    "DeCo-L/16": _deco(1024, 16, 22),
+    "DeCo-XL/16": _deco(1152, 16, 28),
+    "DiT-S/16": _dit(384, 6, 12),
+    "DiT-B/16": _dit(768, 12, 12),
+    "DiT-L/16": _dit(1024, 16, 24),
+    "DiT-XL/16": _dit(1152, 16, 28),
+    "DeCo-tiny/4": DeCoConfig("deco", 3, 4, 64, 4, 3, 2, 16, 10),
+    "DiT-tiny/4": DeCoConfig("baseline", 3, 4, 64, 4, 5, 0, 0, 10),
+}
+
+
+def parameter_shapes(config: DeCoConfig) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every weight, in the portable (safetensors) layout of spec/03-model.md §9.
+
+    Linear weights are (out_features, in_features) and act as y = x @ W.T + b. This table is the
+    single source of truth for the file format: loaders validate against it and the release
+    converter infers a config by matching it.
+    """
+    h, c, p = config.hidden_size, config.in_channels, config.patch_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "t_embed.fc1.weight": (h, TIME_FREQ_DIM),
+        "t_embed.fc1.bias": (h,),
+        "t_embed.fc2.weight": (h, h),
+        "t_embed.fc2.bias": (h,),
+        "y_embed.weight": (config.num_classes + 1, h),
+        "patch_embed.weight": (h, c * p * p),
+        "patch_embed.bias": (h,),
+    }
+    for i in range(config.depth):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "norm1.weight": (h,),
+            b + "attn.qkv.weight": (3 * h, h),
+            b + "attn.q_norm.weight": (config.head_dim,),
+            b + "attn.k_norm.weight": (config.head_dim,),
+            b + "attn.proj.weight": (h, h),
+            b + "attn.proj.bias": (h,),
+            b + "norm2.weight": (h,),
+            b + "mlp.w1.weight": (config.mlp_hidden, h),
+            b + "mlp.w3.weight": (config.mlp_hidden, h),
+            b + "mlp.w2.weight": (h, config.mlp_hidden),
+            b + "adaln.weight": (6 * h, h),
+            b + "adaln.bias": (6 * h,),
+        })
+    if config.architecture == "baseline":
+        shapes.update({
+            "head.adaln.weight": (2 * h, h),
+            "head.adaln.bias": (2 * h,),
+            "head.linear.weight": (c * p * p, h),
+            "head.linear.bias": (c * p * p,),
+        })
+        return shapes
+    w = config.decoder_width
+    shapes.update({
+        "decoder.pixel_embed.weight": (w, c + DCT_FREQS * DCT_FREQS),
+        "decoder.pixel_embed.bias": (w,),
+        "decoder.cond_proj.weight": (p * p * w, h),
+        "decoder.cond_proj.bias": (p * p * w,),
+        "decoder.input_proj.weight": (w, w),
+        "decoder.input_proj.bias": (w,),
+    })
+    for j in range(config.decoder_depth):
+        b = f"decoder.blocks.{j}."
+        shapes.update({
+            b + "norm.weight": (w,),
+            b + "norm.bias": (w,),
+            b + "fc1.weight": (w, w),
+            b + "fc1.bias": (w,),
+            b + "fc2.weight": (w, w),
+            b + "fc2.bias": (w,),
+            b + "adaln.weight": (3 * w, w),
+            b + "adaln.bias": (3 * w,),
+        })
+    shapes.update({"decoder.final.weight": (c, w), "decoder.final.bias": (c,)})
+    return shapes
+
+
+def parameter_count(config: DeCoConfig) -> int:
+    total = 0
+    for shape in parameter_shapes(config).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total

@@ -1,0 +1,121 @@
+"""Conformance of `deco.reference` with the release's outputs in `shared/fixtures/` (A.npz).
+
+`reference_checks(folder)` recomputes every stored release output with the float64 reference and
+returns one `Check` per key; `deco check-fixtures` prints them as a table and the test-suite
+asserts them. The release ran in float32, so the tolerance is 1e-5 relative to the largest
+magnitude of the expected array (spec/00-conventions.md §5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FIXTURE_TOLERANCE = 1e-5
+
+
+def default_folder() -> Path:
+    """$DECO_FIXTURES, else ../shared/fixtures relative to the working directory (the layout
+    of a checkout with the shared folder beside it)."""
+    env = os.environ.get("DECO_FIXTURES")
+    return Path(env) if env else Path.cwd().parent / "shared" / "fixtures"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    max_abs: float
+    max_rel: float  # max |got - expected| / max |expected|
+    tolerance: float = FIXTURE_TOLERANCE
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.max_rel)) and self.max_rel <= self.tolerance
+
+
+def compare(name: str, got: Any, expected: Any, tolerance: float = FIXTURE_TOLERANCE) -> Check:
+    got = np.asarray(got, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if got.shape != expected.shape:
+        return Check(name, float("inf"), float("inf"), tolerance)
+    err = float(np.max(np.abs(got - expected))) if got.size else 0.0
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    return Check(name, err, err / scale if scale > 0 else err, tolerance)
+
+
+def _load(folder: Path) -> tuple[Any, dict[str, Any]]:
+    npz = folder / "A.npz"
+    if not npz.is_file():
+        raise FileNotFoundError(f"fixtures: {npz} not found (set DECO_FIXTURES or --fixtures)")
+    data = np.load(npz)
+    return data, json.loads(bytes(data["config"]))
+
+
+def reference_checks(folder: str | Path | None = None) -> list[Check]:
+    """Every comparison of the reference against the release fixture."""
+    return list(_iter_checks(Path(folder) if folder else default_folder()))
+
+
+def _iter_checks(folder: Path) -> Iterator[Check]:
+    from deco import reference as R
+    from deco.reference.sampling import euler, time_grid
+    from deco.release import read_release_checkpoint
+
+    a, cfg = _load(folder)
+
+    def model(name: str) -> R.Model:
+        config, state = read_release_checkpoint(folder / name, "ema")
+        return R.Model(config, {k: v.numpy() for k, v in state.items()})
+
+    deco, base = model("A.ckpt"), model("A-baseline.ckpt")
+    x, t, y = a["forward_x"], a["forward_t"], a["forward_y"]
+    yield compare("forward_out", deco.forward(x, t, y), a["forward_out"])
+    yield compare("forward_dit_out", deco.semantic(x, t, y), a["forward_dit_out"])
+    yield compare("baseline_forward_out", base.forward(x, t, y), a["baseline_forward_out"])
+    yield compare("dct_matrix", R.dct_matrix(8), a["dct_matrix"])
+    for q in cfg["qualities"]:
+        yield compare(f"freq_weight_q{q}", R.frequency_weights(q), a[f"freq_weight_q{q}"])
+    for j in range(len(cfg["loss_shapes"])):
+        pred, target = a[f"loss{j}_pred"], a[f"loss{j}_target"]
+        ycc = R.rgb_to_ycbcr(pred)
+        yield compare(f"loss{j}_ycbcr", ycc, a[f"loss{j}_ycbcr"])
+        yield compare(f"loss{j}_dct", R.block_dct(ycc), a[f"loss{j}_dct"])
+        yield compare(f"loss{j}_fm", R.flow_matching_loss(pred, target), a[f"loss{j}_fm"])
+        for q in cfg["qualities"]:
+            got = R.frequency_aware_loss(pred, target, quality=q)
+            yield compare(f"loss{j}_freq_q{q}", got, a[f"loss{j}_freq_q{q}"])
+    noise, labels = a["sample_noise"], a["sample_cond"]
+    for solver in ("euler", "heun"):
+        s = cfg[solver]
+        grid = time_grid(s["num_steps"], s["timeshift"])
+        yield compare(f"{solver}_timesteps", grid, a[f"{solver}_timesteps"])
+        kwargs: dict[str, Any] = dict(
+            steps=s["num_steps"], guidance=s["guidance"], timeshift=s["timeshift"],
+            interval=(s["guidance_interval_min"], s["guidance_interval_max"]), solver=solver,
+            exact_heun=bool(s.get("exact_henu", False)),
+        )
+        yield compare(f"{solver}_out", R.sample(deco, noise, labels, **kwargs), a[f"{solver}_out"])
+        if solver == "euler":
+            traj: list[Any] = []
+            euler(deco, noise.astype(np.float64), labels, grid, s["guidance"],
+                  kwargs["interval"], traj)
+            yield compare("euler_traj", np.stack(traj), a["euler_traj"])
+
+
+def format_table(checks: list[Check]) -> str:
+    rows = [f"{'output':<24} {'max abs err':>12} {'max rel err':>12} {'tolerance':>10}  result"]
+    for c in checks:
+        rows.append(
+            f"{c.name:<24} {c.max_abs:12.3e} {c.max_rel:12.3e} {c.tolerance:10.0e}  "
+            f"{'pass' if c.passed else 'FAIL'}"
+        )
+    passed = sum(c.passed for c in checks)
+    rows.append(f"{passed}/{len(checks)} release outputs reproduced")
+    return "\n".join(rows)
+

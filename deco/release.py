@@ -1,0 +1,153 @@
+"""Reading checkpoints of the public DeCo release (Lightning layout), spec/05-weights.md §3.
+
+The release stores `state_dict` with `denoiser.*` (online weights), `ema_denoiser.*` (EMA) and
+trainer-only entries (`diffusion_trainer.*`). This module renames the release's parameter names
+to the portable names of `deco.config.parameter_shapes` and infers the config from the shapes.
+It is generic over the tensor type so the same code serves NumPy and torch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+from .config import DeCoConfig, parameter_shapes
+
+
+class HasShape(Protocol):
+    @property
+    def shape(self) -> Any: ...
+
+
+T = TypeVar("T", bound=HasShape)
+WeightSet = Literal["ema", "online"]
+
+# (release name pattern, portable name). Patterns are matched after stripping the prefix.
+_RENAMES: list[tuple[str, str]] = [
+    (r"t_embedder\.mlp\.0\.", "t_embed.fc1."),
+    (r"t_embedder\.mlp\.2\.", "t_embed.fc2."),
+    (r"y_embedder\.embedding_table\.", "y_embed."),
+    (r"s_embedder\.proj\.", "patch_embed."),  # DeCo's DiT patch embedding
+    (r"x_embedder\.proj\.", "patch_embed."),  # the baseline's patch embedding
+    (r"x_embedder\.embedder\.0\.", "decoder.pixel_embed."),  # DeCo's per-pixel embedding
+    (r"blocks\.(\d+)\.adaLN_modulation\.0\.", r"blocks.\1.adaln."),
+    (r"blocks\.(\d+)\.", r"blocks.\1."),
+    (r"dec_net\.cond_embed\.", "decoder.cond_proj."),
+    (r"dec_net\.input_proj\.", "decoder.input_proj."),
+    (r"dec_net\.res_blocks\.(\d+)\.in_ln\.", r"decoder.blocks.\1.norm."),
+    (r"dec_net\.res_blocks\.(\d+)\.mlp\.0\.", r"decoder.blocks.\1.fc1."),
+    (r"dec_net\.res_blocks\.(\d+)\.mlp\.2\.", r"decoder.blocks.\1.fc2."),
+    (r"dec_net\.res_blocks\.(\d+)\.adaLN_modulation\.1\.", r"decoder.blocks.\1.adaln."),
+    (r"dec_net\.final_layer\.linear\.", "decoder.final."),
+    (r"final_layer\.linear\.", "head.linear."),
+    (r"final_layer\.adaLN_modulation\.0\.", "head.adaln."),
+]
+_PREFIX = {"ema": "ema_denoiser.", "online": "denoiser."}
+
+
+def portable_name(release_name: str) -> str:
+    """The portable name of a release parameter name without its `denoiser.` prefix."""
+    for pattern, repl in _RENAMES:
+        new, n = re.subn("^" + pattern, repl, release_name)
+        if n:
+            return new
+    raise ValueError(f"checkpoint: unknown parameter {release_name!r}: not a DeCo checkpoint")
+
+
+def select_weights(state_dict: Mapping[str, T], weights: WeightSet = "ema") -> dict[str, T]:
+    """The chosen weight set of a release `state_dict`, renamed to portable names."""
+    if weights not in _PREFIX:
+        raise ValueError(f"weights: expected 'ema' or 'online', got {weights!r}")
+    prefix = _PREFIX[weights]
+    out = {portable_name(k[len(prefix):]): v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not out:
+        raise ValueError(
+            f"checkpoint: no '{prefix}*' entries in its state_dict: not a DeCo release checkpoint"
+        )
+    return out
+
+
+def _count(shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int:
+    ids = {int(m.group(1)) for k in shapes if (m := re.match(pattern, k))}
+    return len(ids)
+
+
+def _mlp_ratio(hidden: int, mlp_hidden: int) -> float:
+    for ratio in (4.0, round(3 * mlp_hidden / (2 * hidden), 6), 3 * (mlp_hidden + 1) / (2 * hidden)):
+        if int(2 * int(hidden * ratio) / 3) == mlp_hidden:
+            return ratio
+    raise ValueError(f"checkpoint: cannot infer mlp_ratio from SwiGLU width {mlp_hidden}")
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> DeCoConfig:
+    """The config whose `parameter_shapes` equals `shapes` exactly, or a ValueError saying why.
+
+    The baseline's head only records C*p*p; it is read as 3 channels (RGB) like the release."""
+    try:
+        hidden = shapes["y_embed.weight"][1]
+        num_classes = shapes["y_embed.weight"][0] - 1
+        head_dim = shapes["blocks.0.attn.q_norm.weight"][0]
+        mlp_ratio = _mlp_ratio(hidden, shapes["blocks.0.mlp.w1.weight"][0])
+        patch_features = shapes["patch_embed.weight"][1]
+        if "decoder.final.weight" in shapes:
+            kind: Any = "deco"
+            channels = shapes["decoder.final.weight"][0]
+            width = shapes["decoder.pixel_embed.weight"][0]
+            dec_depth = _count(shapes, r"decoder\.blocks\.(\d+)\.")
+        else:
+            kind, channels, width, dec_depth = "baseline", 3, 0, 0
+    except (KeyError, IndexError):
+        raise ValueError("checkpoint: missing core DeCo parameters: not a DeCo checkpoint") from None
+    patch = round((patch_features / channels) ** 0.5)
+    config = DeCoConfig(
+        architecture=kind, in_channels=channels, patch_size=patch, hidden_size=hidden,
+        num_heads=hidden // head_dim, depth=_count(shapes, r"blocks\.(\d+)\."),
+        decoder_depth=dec_depth, decoder_width=width, num_classes=num_classes,
+        mlp_ratio=mlp_ratio,
+    )
+    check_shapes(config, shapes)
+    return config
+
+
+def check_shapes(config: DeCoConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """ValueError unless `shapes` has exactly the parameters of `config`, with the same shapes."""
+    expected = parameter_shapes(config)
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"weights: do not match the config (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})"
+        )
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            raise ValueError(f"weights: {name} has shape {tuple(shapes[name])}, expected {shape}")
+
+
+def read_release_checkpoint(
+    path: str | Path, weights: WeightSet = "ema"
+) -> tuple[DeCoConfig, dict[str, Any]]:
+    """(config, portable-name -> torch.Tensor) from a release `.ckpt`, loaded with
+    `torch.load(weights_only=True)` (no code from the file is ever run)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        raise ValueError(
+            f"checkpoint: {path} is not a readable torch checkpoint (truncated or corrupt?): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"checkpoint: {path} has no 'state_dict': not a DeCo release checkpoint")
+    state = select_weights(ckpt["state_dict"], weights)
+    config = infer_config({k: tuple(v.shape) for k, v in state.items()})
+    return config, state

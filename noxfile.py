@@ -1,0 +1,60 @@
+"""nox sessions: tests, typecheck, lint, bench, demo (the README's main job).
+
+Every session installs torch first, pinned by $DECO_TORCH (default `torch==2.13.0`): on a CPU
+machine that pin resolves to the local CPU wheel, whereas an unpinned `torch` requirement would
+download a multi-GB CUDA build. On a GPU machine set DECO_TORCH to the build you want.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+TORCH = os.environ.get("DECO_TORCH", "torch==2.13.0")
+PYTHON = os.environ.get("DECO_PYTHON", None)
+
+
+def install(session: nox.Session, extras: str) -> None:
+    session.install(TORCH)
+    # Non-editable on purpose: the tests exercise what `pip install .` ships.
+    session.install(f".[{extras}]")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The test-suite (pytest + hypothesis), against the installed package."""
+    install(session, "test,onnx")
+    session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or ["tests"]))
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over deco, deco.reference and deco.optimized (the installed package)."""
+    install(session, "test,onnx")
+    session.install("mypy>=1.10")
+    session.run("mypy", "--strict", "-p", "deco", "--config-file", "pyproject.toml")
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff over the whole tree."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """pytest-benchmark sessions in bench/ (pass `-- --compare` to compare with a saved run)."""
+    install(session, "test,onnx")
+    session.run("pytest", "bench", "--benchmark-only", "--benchmark-autosave", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """The main job: install, then run `deco` with the session's arguments."""
+    install(session, "test")
+    session.run("deco", *(session.posargs or ["check-fixtures"]))
