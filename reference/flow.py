@@ -6,15 +6,13 @@ port can be compared on the same draws.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from .checks import Array, as_finite_float, as_float_array, as_int
 
 
-def _time(name: str, t: Any, batch: int) -> Array:
+def _time(name: str, t: ArrayLike, batch: int) -> Array:
     t = as_float_array(name, t, ndim=1)
     if t.shape != (batch,):
         raise ValueError(f"{name}: expected shape ({batch},), got {t.shape}")
@@ -23,7 +21,7 @@ def _time(name: str, t: Any, batch: int) -> Array:
     return t
 
 
-def interpolate(x: Any, noise: Any, t: Any) -> Array:
+def interpolate(x: ArrayLike, noise: ArrayLike, t: ArrayLike) -> Array:
     """x_t = t x + (1 - t) noise, t broadcast over all but the batch axis (§1)."""
     x = as_float_array("x", x)
     noise = as_float_array("noise", noise)
@@ -33,7 +31,7 @@ def interpolate(x: Any, noise: Any, t: Any) -> Array:
     return t * x + (1.0 - t) * noise
 
 
-def target_velocity(x: Any, noise: Any) -> Array:
+def target_velocity(x: ArrayLike, noise: ArrayLike) -> Array:
     """v = d x_t / d t = x - noise (§1)."""
     x = as_float_array("x", x)
     noise = as_float_array("noise", noise)
@@ -42,7 +40,7 @@ def target_velocity(x: Any, noise: Any) -> Array:
     return x - noise
 
 
-def time_shift(t: Any, shift: float = 1.0) -> Array:
+def time_shift(t: ArrayLike, shift: float = 1.0) -> Array:
     """t / (t + (1 - t) s): s > 1 moves times towards noise (t = 0); s = 1 is the identity (§3)."""
     shift = as_finite_float("shift", shift, positive=True)
     t = as_float_array("t", t)
@@ -51,7 +49,7 @@ def time_shift(t: Any, shift: float = 1.0) -> Array:
     return t / (t + (1.0 - t) * shift)
 
 
-def logit_normal_time(normal: Any, mean: float = 0.0, std: float = 1.0) -> Array:
+def logit_normal_time(normal: ArrayLike, mean: float = 0.0, std: float = 1.0) -> Array:
     """t = sigmoid(mean + std n) for standard normal draws n (§2)."""
     n = as_float_array("normal", normal)
     mean = as_finite_float("mean", mean)
@@ -59,7 +57,7 @@ def logit_normal_time(normal: Any, mean: float = 0.0, std: float = 1.0) -> Array
     return 1.0 / (1.0 + np.exp(-(mean + std * n)))
 
 
-def uniform_time(uniform: Any) -> Array:
+def uniform_time(uniform: ArrayLike) -> Array:
     """t = u for draws u ~ U[0, 1) (§2)."""
     u = as_float_array("uniform", uniform)
     if np.any((u < 0) | (u > 1)):
@@ -67,7 +65,7 @@ def uniform_time(uniform: Any) -> Array:
     return u
 
 
-def drop_labels(labels: Any, uniform: Any, p: float, null_class: int) -> NDArray[np.int64]:
+def drop_labels(labels: ArrayLike, uniform: ArrayLike, p: float, null_class: int) -> NDArray[np.int64]:
     """Replace label i by the null class where uniform[i] < p (classifier-free guidance, §4)."""
     p = as_finite_float("p", p)
     if not 0.0 <= p <= 1.0:
@@ -82,7 +80,7 @@ def drop_labels(labels: Any, uniform: Any, p: float, null_class: int) -> NDArray
     return np.where(u < p, null_class, y).astype(np.int64)
 
 
-def flow_matching_loss(pred: Any, target: Any) -> float:
+def flow_matching_loss(pred: ArrayLike, target: ArrayLike) -> float:
     """mean((pred - target)^2) over every element (§5)."""
     pred = as_float_array("pred", pred)
     target = as_float_array("target", target)

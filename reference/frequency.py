@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .checks import Array, as_finite_float, as_float_array, as_int
 
@@ -44,16 +43,18 @@ JPEG_CHROMINANCE[:4, :4] = [
 ]
 
 
-def rgb_to_ycbcr(x: Any) -> Array:
+def rgb_to_ycbcr(x: ArrayLike) -> Array:
     """(B, 3, H, W) RGB -> (B, 3, H, W) YCbCr: out[:, i] = sum_j M[i, j] x[:, j]."""
     x = as_float_array("x", x, ndim=4, channels=3)
-    return np.einsum("ij,bjhw->bihw", YCBCR_MATRIX, x)
+    out: Array = np.einsum("ij,bjhw->bihw", YCBCR_MATRIX, x)
+    return out
 
 
-def ycbcr_to_rgb(x: Any) -> Array:
+def ycbcr_to_rgb(x: ArrayLike) -> Array:
     """Inverse of `rgb_to_ycbcr` (the matrix inverse of M)."""
     x = as_float_array("x", x, ndim=4, channels=3)
-    return np.einsum("ij,bjhw->bihw", np.linalg.inv(YCBCR_MATRIX), x)
+    out: Array = np.einsum("ij,bjhw->bihw", np.linalg.inv(YCBCR_MATRIX), x)
+    return out
 
 
 def dct_matrix(n: int = BLOCK) -> Array:
@@ -67,7 +68,7 @@ def dct_matrix(n: int = BLOCK) -> Array:
     return a * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
 
 
-def reflect_pad(x: Any) -> Array:
+def reflect_pad(x: ArrayLike) -> Array:
     """Pads (B, C, H, W) at the bottom and right to multiples of 8 by mirror reflection that does
     not repeat the edge sample (x[H] = x[H-2]); needs pad < size on each axis (§3)."""
     x = as_float_array("x", x, ndim=4)
@@ -81,23 +82,24 @@ def reflect_pad(x: Any) -> Array:
     return np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="reflect")
 
 
-def block_dct(x: Any) -> Array:
+def block_dct(x: ArrayLike) -> Array:
     """(B, C, H, W) -> (B, C, Bh, Bw, 8, 8): reflect-pad, cut into 8x8 blocks (row-major), and
     transform each block X to C X C^T. Coefficient [u, v]: u vertical, v horizontal frequency."""
     x = reflect_pad(x)
     b, c, h, w = x.shape
     blocks = x.reshape(b, c, h // BLOCK, BLOCK, w // BLOCK, BLOCK).transpose(0, 1, 2, 4, 3, 5)
     m = dct_matrix(BLOCK)
-    return np.einsum("ui,bcyxij,vj->bcyxuv", m, blocks, m)
+    coeffs: Array = np.einsum("ui,bcyxij,vj->bcyxuv", m, blocks, m)
+    return coeffs
 
 
-def block_idct(coeffs: Any) -> Array:
+def block_idct(coeffs: ArrayLike) -> Array:
     """Inverse of `block_dct` without the padding: (B, C, Bh, Bw, 8, 8) -> (B, C, 8Bh, 8Bw)."""
     d = as_float_array("coeffs", coeffs, ndim=6)
     if d.shape[4:] != (BLOCK, BLOCK):
         raise ValueError(f"coeffs: expected 8x8 blocks in the last two axes, got {d.shape}")
     m = dct_matrix(BLOCK)
-    blocks = np.einsum("ui,bcyxuv,vj->bcyxij", m, d, m)
+    blocks: Array = np.einsum("ui,bcyxuv,vj->bcyxij", m, d, m)
     b, c, bh, bw = d.shape[:4]
     return blocks.transpose(0, 1, 2, 4, 3, 5).reshape(b, c, bh * BLOCK, bw * BLOCK)
 
@@ -108,7 +110,7 @@ def quality_scale(quality: int) -> float:
     return 5000.0 / q if q < 50 else 200.0 - 2.0 * q
 
 
-def quantisation_table(base: Any, quality: int) -> Array:
+def quantisation_table(base: ArrayLike, quality: int) -> Array:
     """Q = clamp(floor((T * scale + 50) / 100), 1, 255) for a base table T."""
     t = as_float_array("base", base)
     return np.clip(np.floor((t * quality_scale(quality) + 50.0) / 100.0), 1.0, 255.0)
@@ -127,7 +129,7 @@ def frequency_weights(quality: int = 85, gamma: float = 1.0) -> Array:
     return np.stack(out)
 
 
-def frequency_aware_loss(pred: Any, target: Any, quality: int = 85, gamma: float = 1.0) -> float:
+def frequency_aware_loss(pred: ArrayLike, target: ArrayLike, quality: int = 85, gamma: float = 1.0) -> float:
     """mean over (B, 3, Bh, Bw, 8, 8) of w[c, u, v] (D(pred) - D(target))^2, with
     D = block_dct(rgb_to_ycbcr(.)) (§6)."""
     pred = as_float_array("pred", pred, ndim=4, channels=3)

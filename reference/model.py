@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from scipy.special import expit
 
 from deco.config import (
@@ -36,12 +37,13 @@ def linear(x: Array, weights: Weights, name: str) -> Array:
 
 
 def silu(x: Array) -> Array:
-    return x * expit(x)
+    sig: Array = expit(x)
+    return x * sig
 
 
 def rms_norm(x: Array, weight: Array | None) -> Array:
     """x / sqrt(mean(x^2, last axis) + 1e-6), times a per-channel weight."""
-    out = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + NORM_EPS)
+    out: Array = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + NORM_EPS)
     return out if weight is None else out * weight
 
 
@@ -49,7 +51,7 @@ def layer_norm(x: Array, weight: Array | None = None, bias: Array | None = None)
     """(x - mean) / sqrt(var + 1e-6) over the last axis (biased variance), optional affine."""
     mu = np.mean(x, axis=-1, keepdims=True)
     var = np.mean((x - mu) ** 2, axis=-1, keepdims=True)
-    out = (x - mu) / np.sqrt(var + NORM_EPS)
+    out: Array = (x - mu) / np.sqrt(var + NORM_EPS)
     if weight is not None:
         out = out * weight
     return out if bias is None else out + bias
@@ -75,9 +77,10 @@ def timestep_embedding(t: Array, weights: Weights) -> Array:
     return linear(h, weights, "t_embed.fc2")
 
 
-def label_embedding(y: Array, weights: Weights) -> Array:
+def label_embedding(y: NDArray[np.int64], weights: Weights) -> Array:
     """(B,) int -> (B, D): a table row per class; row num_classes is the null class."""
-    return weights["y_embed.weight"][y]
+    rows: Array = weights["y_embed.weight"][y]
+    return rows
 
 
 # --------------------------------------------------------------------------------- patches
