@@ -207,8 +207,11 @@ def pixel_decoder(x: Array, s: Array, config: DeCoConfig, weights: Weights) -> A
 
 
 # ------------------------------------------------------------------------------ full models
+Labels = NDArray[np.int64]
+
+
 def dit_trunk(
-    x: Array, t: Array, y: Array, config: DeCoConfig, weights: Weights
+    x: Array, t: Array, y: Labels, config: DeCoConfig, weights: Weights
 ) -> tuple[Array, Array, Array]:
     """Shared DiT trunk. Returns (tokens after the blocks (B, L, D), t_emb (B, D), c (B, D))."""
     p = config.patch_size
@@ -222,18 +225,18 @@ def dit_trunk(
     return tokens, t_emb, c
 
 
-def deco_semantic(x: Array, t: Array, y: Array, config: DeCoConfig, weights: Weights) -> Array:
+def deco_semantic(x: Array, t: Array, y: Labels, config: DeCoConfig, weights: Weights) -> Array:
     """s = silu(t_emb + DiT tokens): (B, L, D), the condition passed to the pixel decoder."""
     tokens, t_emb, _ = dit_trunk(x, t, y, config, weights)
     return silu(t_emb[:, None, :] + tokens)
 
 
-def deco_forward(x: Array, t: Array, y: Array, config: DeCoConfig, weights: Weights) -> Array:
+def deco_forward(x: Array, t: Array, y: Labels, config: DeCoConfig, weights: Weights) -> Array:
     """DeCo velocity (B, C, H, W) = pixel_decoder(x, silu(t_emb + DiT(x, t, y)))."""
     return pixel_decoder(x, deco_semantic(x, t, y, config, weights), config, weights)
 
 
-def baseline_forward(x: Array, t: Array, y: Array, config: DeCoConfig, weights: Weights) -> Array:
+def baseline_forward(x: Array, t: Array, y: Labels, config: DeCoConfig, weights: Weights) -> Array:
     """Baseline DiT: blocks, then LayerNorm, AdaLN (shift, scale) from c, linear to C*p*p."""
     tokens, _, c = dit_trunk(x, t, y, config, weights)
     shift, scale = np.split(linear(c, weights, "head.adaln")[:, None, :], 2, axis=-1)
@@ -250,7 +253,7 @@ class Model:
         self.config = config
         self.weights: dict[str, Array] = check_weights(config, weights)
 
-    def check_inputs(self, x: Any, t: Any, y: Any) -> tuple[Array, Array, Any]:
+    def check_inputs(self, x: Any, t: Any, y: Any) -> tuple[Array, Array, Labels]:
         cfg = self.config
         x = as_float_array("x", x, ndim=4, channels=cfg.in_channels)
         if x.shape[2] % cfg.patch_size or x.shape[3] % cfg.patch_size:
