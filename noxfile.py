@@ -36,7 +36,11 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over deco, deco.reference and deco.optimized (the installed package)."""
     install(session, "test,onnx")
     session.install("mypy>=1.10")
-    session.run("mypy", "--strict", "-p", "deco", "--config-file", "pyproject.toml")
+    config = os.path.abspath("pyproject.toml")
+    # Run outside the checkout: from its root, mypy would pick up the bare `deco/` folder (which
+    # lacks the mapped `reference/` and `optimized/`) instead of the installed package.
+    session.chdir(session.create_tmp())
+    session.run("mypy", "--strict", "-p", "deco", "--config-file", config)
 
 
 @nox.session(python=PYTHON)
