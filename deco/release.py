@@ -75,7 +75,9 @@ def _count(shapes: Mapping[str, tuple[int, ...]], pattern: str) -> int:
 
 
 def _mlp_ratio(hidden: int, mlp_hidden: int) -> float:
-    for ratio in (4.0, round(3 * mlp_hidden / (2 * hidden), 6), 3 * (mlp_hidden + 1) / (2 * hidden)):
+    # mlp_hidden = int(2 n / 3) with n = int(hidden * ratio): n = ceil(3 mlp_hidden / 2) always works.
+    n = -(-3 * mlp_hidden // 2)
+    for ratio in (4.0, n / hidden, (n + 0.5) / hidden):
         if int(2 * int(hidden * ratio) / 3) == mlp_hidden:
             return ratio
     raise ValueError(f"checkpoint: cannot infer mlp_ratio from SwiGLU width {mlp_hidden}")
@@ -135,13 +137,15 @@ def read_release_checkpoint(
     import zipfile
 
     import torch
+    from safetensors import SafetensorError
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            SafetensorError) as exc:  # torch.load reads `*.safetensors` paths with safetensors
         raise ValueError(
             f"checkpoint: {path} is not a readable torch checkpoint (truncated or corrupt?): "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"

@@ -1,0 +1,78 @@
+"""Helpers shared by the test modules (import them with `from helpers import ...`).
+
+Nothing here computes a DeCo quantity: these are tolerances, random inputs and the location of the
+release fixtures, so that every test compares an implementation against an independent oracle.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from deco.config import DeCoConfig, parameter_shapes
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: The release ran in float32; the float64 reference must agree to this (relative to max |expected|).
+FIXTURE_RTOL = 1e-5
+
+
+def fixtures_folder() -> Path:
+    """$DECO_FIXTURES, else `<repo root>/../shared/fixtures` (it may not exist)."""
+    env = os.environ.get("DECO_FIXTURES")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "fixtures"
+
+
+def rel_err(got: Any, expected: Any) -> float:
+    """max |got - expected| / max |expected| (the fixture metric); inf on a shape mismatch."""
+    got = np.asarray(got, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if got.shape != expected.shape:
+        return float("inf")
+    err = float(np.max(np.abs(got - expected))) if got.size else 0.0
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    return err / scale if scale > 0 else err
+
+
+def _is_norm_weight(name: str) -> bool:
+    # RMSNorm / LayerNorm gains: norm1, norm2, q_norm, k_norm, decoder.blocks.j.norm
+    return name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith(
+        "norm.weight"
+    )
+
+
+def random_weights(
+    config: DeCoConfig, seed: int = 0, scale: float = 1.0
+) -> dict[str, NDArray[np.float64]]:
+    """Non-zero random float64 weights for every entry of `parameter_shapes(config)`.
+
+    Norm gains are 1 + 0.1 N(0, 1); matrices N(0, scale^2 / fan_in) (so activations stay O(1));
+    biases and the label table 0.1 * scale * N(0, 1). Nothing is zero, unlike a real
+    initialisation (AdaLN-Zero), so a wiring mistake changes the output.
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, NDArray[np.float64]] = {}
+    for name, shape in parameter_shapes(config).items():
+        if _is_norm_weight(name):
+            out[name] = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif len(shape) == 2 and name != "y_embed.weight":
+            out[name] = rng.standard_normal(shape) * (scale / np.sqrt(shape[1]))
+        else:
+            out[name] = 0.1 * scale * rng.standard_normal(shape)
+    return out
+
+
+def tiny_config(architecture: str = "deco", **overrides: Any) -> DeCoConfig:
+    """A small config that runs in milliseconds in the float64 reference."""
+    name = "DeCo-tiny/4" if architecture == "deco" else "DiT-tiny/4"
+    return DeCoConfig.preset(name, **overrides)
+
+
+def cases(table: list[tuple[Any, ...]]) -> list[Any]:
+    """`pytest.param(*row[1:], id=row[0])` for each row of a table whose first column is an id."""
+    return [pytest.param(*row[1:], id=row[0]) for row in table]
