@@ -122,10 +122,10 @@ def _dit(hidden: int, heads: int, depth: int) -> DeCoConfig:
     return DeCoConfig("baseline", 3, 16, hidden, heads, depth, 0, 0, 1000)
 
 
-#: Paper-sized presets. DeCo-L and DeCo-XL are the release's configurations (DeCo_large.yaml,
-#: DeCo_XL.yaml); DiT-L and DiT-XL its baselines. The release ships no S or B: ours follow DiT's
-#: widths and, like DeCo-L, give three of the baseline's blocks' worth of depth to the decoder
-#: (S and B: 12 - 2 = 10 DiT blocks + 3 decoder blocks), so DeCo and DiT have similar size.
+#: Paper-sized presets. DeCo-L and DeCo-XL are the release's configurations (DeCo_large.yaml:
+#: 22 DiT + 3 decoder blocks against DiT-L's 24; DeCo_XL.yaml: 28 + 3 against DiT-XL's 28).
+#: The release ships no S or B: ours follow DiT's widths and, like DeCo-L, trade two DiT blocks
+#: for the 3-block decoder (10 + 3 against DiT's 12), so DeCo and DiT have similar size.
 #: "tiny" presets are for tests and CPU demos.
 PRESETS: dict[str, DeCoConfig] = {
     "DeCo-S/16": _deco(384, 6, 10),

@@ -72,8 +72,10 @@ def drop_labels(labels: ArrayLike, uniform: ArrayLike, p: float, null_class: int
         raise ValueError(f"p: expected a probability in [0, 1], got {p}")
     null_class = as_int("null_class", null_class, low=1)
     y = np.asarray(labels)
-    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
-        raise TypeError(f"labels: expected a 1-D integer array, got {y.dtype} {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise TypeError(f"labels: expected an integer array, got dtype {y.dtype}")
+    if y.ndim != 1:
+        raise ValueError(f"labels: expected a 1-D array, got shape {y.shape}")
     u = as_float_array("uniform", uniform, ndim=1)
     if u.shape != y.shape:
         raise ValueError(f"uniform: expected shape {y.shape}, got {u.shape}")

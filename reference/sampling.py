@@ -86,6 +86,16 @@ def heun(
     return x
 
 
+def check_interval(interval: Any) -> tuple[float, float]:
+    """The guidance interval as (low, high) with 0 <= low <= high <= 1."""
+    if isinstance(interval, (str, bytes)) or not hasattr(interval, "__len__") or len(interval) != 2:
+        raise TypeError(f"interval: expected a pair (low, high), got {interval!r}")
+    low, high = (as_finite_float("interval", v) for v in interval)
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"interval: expected 0 <= low <= high <= 1, got {tuple(interval)}")
+    return low, high
+
+
 def sample(
     model: VelocityModel, noise: Any, labels: Any, *, steps: int, guidance: float = 1.0,
     interval: tuple[float, float] = (0.0, 1.0), timeshift: float = 1.0,
@@ -96,10 +106,10 @@ def sample(
     labels = as_labels("labels", labels, batch=noise.shape[0],
                        num_classes=model.config.num_classes)
     guidance = as_finite_float("guidance", guidance)
-    low, high = (as_finite_float("interval", v) for v in interval)
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"interval: expected 0 <= low <= high <= 1, got {interval}")
-    grid = time_grid(steps, timeshift)
+    low, high = check_interval(interval)
+    grid = time_grid(steps, as_finite_float("timeshift", timeshift, positive=True))
+    if not isinstance(solver, str):
+        raise TypeError(f"solver: expected 'euler' or 'heun', got {type(solver).__name__}")
     if solver == "euler":
         return euler(model, noise, labels, grid, guidance, (low, high))
     if solver == "heun":
