@@ -1,0 +1,413 @@
+"""One training step of DeCo (spec/01-flow-matching.md, spec/02-frequency-loss.md), no framework.
+
+    trainer = Trainer(build_model(config), TrainConfig(), encoder=None)
+    for x, y in batches:             # x (B, 3, H, W) in [-1, 1], y (B,) class labels
+        logs = trainer.step(x, y)    # {"loss", "fm", "freq", "repa", "grad_norm", "lr"}
+
+A step: drop labels to the null class with probability `label_dropout`; t = time_shift(
+sigmoid(mean + std n)) (or uniform); x_t = t x + (1 - t) noise (t = 1 is data); target velocity
+v = x - noise; loss = FM + freq_weight * frequency-aware + repa_weight * REPA; AdamW; EMA.
+
+Choices, after the public release (AdamW lr 1e-4, weight decay 0, EMA 0.9999 on every step
+from a copy of the initial weights, label dropout 0.1, logit-normal(0, 1) times, bf16 autocast):
+- Gradient clipping: the release does not clip. We clip the global norm to 1.0 by default as a
+  guard against rare spikes (with Adam it only acts on outliers); `grad_clip=None` is the release.
+- REPA: the release aligns the tokens output by DiT block `align_layer` (1-based, 8) through a
+  3-layer SiLU MLP with the encoder's patch tokens, 1 - cosine similarity. When the encoder
+  returns fewer tokens than the DiT has, the release keeps the DiT's first ones; so do we, and
+  we refuse an encoder with more tokens (the release would crash there). In practice the encoder
+  should see the image at a size giving exactly the DiT's token grid (the release's DINOv2 wrapper
+  resizes by 14/16 for that).
+- Every random draw comes from one `torch.Generator` seeded by `seed`, so a run is reproducible,
+  and goes through the small deterministic functions below (`logit_normal_time`, `time_shift`,
+  `drop_labels`, `interpolate`), which mirror `deco.reference.flow` and are tested against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .loss import flow_matching_loss, frequency_aware_loss
+from .model import DiffusionTransformer
+
+TimeSampling = Literal["logit_normal", "uniform"]
+
+
+class NonFiniteLossError(ValueError):
+    """The loss or the gradient norm of a step is NaN or infinite; the weights were not updated."""
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of training. Defaults are the release's, except `grad_clip` (see above)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's defaults: the release passes none
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping (the release)
+    ema_decay: float = 0.9999
+    label_dropout: float = 0.1  # P(label -> null class); the release's DeCo-XL configs use 0.2
+    time_sampling: TimeSampling = "logit_normal"
+    time_mean: float = 0.0  # logit-normal location and scale
+    time_std: float = 1.0
+    timeshift: float = 1.0  # s > 1 moves training times towards noise
+    freq_weight: float = 1.0  # lambda of the frequency-aware loss
+    freq_quality: int = 85
+    freq_gamma: float = 1.0
+    repa_weight: float = 0.5  # used only when the Trainer is given an encoder
+    repa_layer: int = 8  # 1-based index of the DiT block whose output tokens are aligned
+    repa_encoder_dim: int = 768  # feature width of the encoder (768: DINOv2-B)
+    repa_hidden: int | None = None  # projector width; None: the model's hidden size (release)
+    bf16: bool = True  # bf16 autocast on CUDA; ignored on other devices
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "eps", "time_std", "timeshift")
+        _non_negative(self, "weight_decay", "freq_weight", "repa_weight")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas: expected two floats in [0, 1), got {self.betas!r}")
+        if self.grad_clip is not None:
+            _positive(self, "grad_clip")
+        for name in ("ema_decay", "label_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: expected a float in [0, 1], got {value!r}")
+        if self.time_sampling not in ("logit_normal", "uniform"):
+            raise ValueError(
+                f"time_sampling: expected 'logit_normal' or 'uniform', got {self.time_sampling!r}"
+            )
+        if not isinstance(self.time_mean, (int, float)) or not math.isfinite(self.time_mean):
+            raise ValueError(f"time_mean: expected a finite float, got {self.time_mean!r}")
+        if not isinstance(self.freq_gamma, (int, float)) or not math.isfinite(self.freq_gamma):
+            raise ValueError(f"freq_gamma: expected a finite float, got {self.freq_gamma!r}")
+        _int_at_least(self, "freq_quality", 1)
+        if self.freq_quality > 100:
+            raise ValueError(f"freq_quality: expected an int in [1, 100], got {self.freq_quality}")
+        _int_at_least(self, "repa_layer", 1)
+        _int_at_least(self, "repa_encoder_dim", 1)
+        if self.repa_hidden is not None:
+            _int_at_least(self, "repa_hidden", 1)
+        _int_at_least(self, "seed", 0)
+
+
+def _positive(cfg: TrainConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise ValueError(f"{name}: expected a positive finite float, got {value!r}")
+
+
+def _non_negative(cfg: TrainConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise ValueError(f"{name}: expected a finite float >= 0, got {value!r}")
+
+
+def _int_at_least(cfg: TrainConfig, name: str, low: int) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
+# ------------------------------------------------------- the deterministic parts of a step
+def logit_normal_time(normal: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
+    """t = sigmoid(mean + std n) for standard normal draws n."""
+    return torch.sigmoid(mean + std * normal)
+
+
+def uniform_time(uniform: Tensor) -> Tensor:
+    """t = u for draws u ~ U[0, 1)."""
+    return uniform
+
+
+def time_shift(t: Tensor, shift: float = 1.0) -> Tensor:
+    """t / (t + (1 - t) s): s > 1 moves times towards noise (t = 0); s = 1 is the identity."""
+    if not shift > 0:
+        raise ValueError(f"shift: expected > 0, got {shift!r}")
+    return t / (t + (1.0 - t) * shift)
+
+
+def drop_labels(labels: Tensor, uniform: Tensor, p: float, null_class: int) -> Tensor:
+    """Replace label i by the null class where uniform[i] < p (for classifier-free guidance)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p: expected a probability in [0, 1], got {p!r}")
+    if labels.is_floating_point() or labels.ndim != 1:
+        raise TypeError(f"labels: expected a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+    if uniform.shape != labels.shape:
+        raise ValueError(f"uniform: expected shape {tuple(labels.shape)}, got {tuple(uniform.shape)}")
+    return torch.where(uniform < p, torch.full_like(labels, null_class), labels)
+
+
+def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = t x + (1 - t) noise, t (B,) broadcast over the other axes."""
+    t = t.view(-1, *([1] * (x.ndim - 1)))
+    return t * x + (1.0 - t) * noise
+
+
+def target_velocity(x: Tensor, noise: Tensor) -> Tensor:
+    """v = d x_t / d t = x - noise."""
+    return x - noise
+
+
+@dataclass
+class Draws:
+    """The random numbers of one step: label-dropout uniforms (B,), time draws (B,) (normal for
+    logit-normal sampling, uniform otherwise) and the noise (B, C, H, W)."""
+
+    label_uniform: Tensor
+    time: Tensor
+    noise: Tensor
+
+
+# ------------------------------------------------------------------------------------ EMA
+@torch.no_grad()
+def update_ema(ema: list[Tensor], params: list[Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param, for all tensors in two fused (_foreach) ops."""
+    params = [p if p.dtype == e.dtype else p.to(e.dtype) for e, p in zip(ema, params, strict=True)]
+    torch._foreach_mul_(ema, decay)
+    torch._foreach_add_(ema, params, alpha=1.0 - decay)
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    """A frozen copy of the model, float32 if the model is bf16/fp16 (the average of many small
+    updates needs the precision)."""
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if next(ema.parameters()).dtype in (torch.bfloat16, torch.float16):
+        ema.float()
+    return ema
+
+
+def make_projector(dim: int, hidden: int, out: int) -> nn.Sequential:
+    """REPA's projection head from DiT tokens to encoder features (release: 3 linears, SiLU)."""
+    return nn.Sequential(
+        nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out)
+    )
+
+
+# -------------------------------------------------------------------------------- trainer
+@dataclass
+class _Capture:
+    tokens: list[Tensor] = field(default_factory=list)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.tokens.append(output[0] if isinstance(output, tuple) else output)
+
+
+class Trainer:
+    """Model, EMA, optional REPA projector, AdamW and the random generator of a training run.
+
+    model: a `DeCo`/`BaselineDiT` (anything with `.config`, `.blocks` and forward(x, t, y)); its
+    parameters' device is the run's, and their dtype too (at least float32: the draws and the
+    loss arithmetic). encoder: optional frozen module mapping the clean images (B, 3, H, W) in
+    [-1, 1] to features (B, N, repa_encoder_dim), doing its own normalisation and resizing (the
+    release feeds DINOv2 ImageNet-normalised [0, 1] images); given, REPA is on.
+    """
+
+    def __init__(self, model: DiffusionTransformer, config: TrainConfig | None = None,
+                 encoder: nn.Module | None = None) -> None:
+        config = TrainConfig() if config is None else config
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"model: expected a DeCo or BaselineDiT module, got {type(model).__name__}")
+        self.config = config
+        self.model = model.train()
+        first = next(model.parameters())
+        self.device = first.device
+        self.dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
+        self.null_class: int = model.config.num_classes
+        self.ema = make_ema(model)
+
+        self.encoder = encoder
+        self.projector: nn.Sequential | None = None
+        if encoder is not None:
+            depth = len(model.blocks)
+            if not config.repa_layer <= depth:
+                raise ValueError(f"repa_layer: expected a block index in 1..{depth}, got {config.repa_layer}")
+            encoder.requires_grad_(False).eval()
+            d = model.config.hidden_size
+            hidden = d if config.repa_hidden is None else config.repa_hidden
+            self.projector = make_projector(d, hidden, config.repa_encoder_dim)
+            self.projector.to(device=self.device, dtype=self.dtype)
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.projector is not None:
+            params += list(self.projector.parameters())
+        self.params = params
+        self.optimizer = torch.optim.AdamW(
+            params, lr=config.lr, betas=config.betas, eps=config.eps,
+            weight_decay=config.weight_decay, fused=self.device.type == "cuda",
+        )
+        # Cached tensor lists for the fused EMA update (same order in the model and its copy).
+        self._ema_params: list[Tensor] = list(self.ema.parameters())
+        self._model_params: list[Tensor] = list(model.parameters())
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.step_count = 0
+
+    # ---------------------------------------------------------------------------- pieces
+    def draw(self, x: Tensor) -> Draws:
+        """Fresh draws for a batch shaped like x, from the trainer's generator."""
+        b, g, device, dtype = x.shape[0], self.generator, self.device, self.dtype
+        label_uniform = torch.rand(b, generator=g, device=device, dtype=dtype)
+        if self.config.time_sampling == "logit_normal":
+            time = torch.randn(b, generator=g, device=device, dtype=dtype)
+        else:
+            time = torch.rand(b, generator=g, device=device, dtype=dtype)
+        noise = torch.randn(x.shape, generator=g, device=device, dtype=dtype)
+        return Draws(label_uniform, time, noise)
+
+    def times(self, draw: Tensor) -> Tensor:
+        """Training times t (B,) from the time draws: logit-normal or uniform, then shifted."""
+        cfg = self.config
+        if cfg.time_sampling == "logit_normal":
+            t = logit_normal_time(draw, cfg.time_mean, cfg.time_std)
+        else:
+            t = uniform_time(draw)
+        return time_shift(t, cfg.timeshift)
+
+    def _autocast(self) -> torch.autocast:
+        enabled = self.config.bf16 and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def losses(self, x: Tensor, y: Tensor, draws: Draws) -> dict[str, Tensor]:
+        """The loss terms (scalar tensors, differentiable) of one step on given draws."""
+        cfg = self.config
+        x, y = self._check_batch(x, y)
+        b = x.shape[0]
+        if (tuple(draws.label_uniform.shape), tuple(draws.time.shape)) != ((b,), (b,)) or (
+            draws.noise.shape != x.shape
+        ):
+            raise ValueError(f"draws: expected label_uniform and time of shape ({b},) and noise of "
+                             f"shape {tuple(x.shape)}")
+        y = drop_labels(y, draws.label_uniform, cfg.label_dropout, self.null_class)
+        t = self.times(draws.time)
+        x_t = interpolate(x, draws.noise, t)
+        v = target_velocity(x, draws.noise)
+        capture = _Capture()
+        handle = None
+        if self.projector is not None:
+            handle = self.model.blocks[cfg.repa_layer - 1].register_forward_hook(capture)
+        try:
+            with self._autocast():
+                pred = self.model(x_t, t, y)
+        finally:
+            if handle is not None:
+                handle.remove()
+        fm = flow_matching_loss(pred, v)
+        freq = frequency_aware_loss(pred, v, cfg.freq_quality, cfg.freq_gamma)
+        loss = fm + cfg.freq_weight * freq
+        repa = torch.zeros_like(loss)
+        if self.projector is not None:
+            repa = self._repa_loss(capture.tokens[0], x)
+            loss = loss + cfg.repa_weight * repa
+        return {"loss": loss, "fm": fm, "freq": freq, "repa": repa}
+
+    def _repa_loss(self, tokens: Tensor, x: Tensor) -> Tensor:
+        """mean over batch and tokens of 1 - cos(projector(DiT tokens), encoder features)."""
+        assert self.encoder is not None and self.projector is not None
+        with torch.no_grad(), self._autocast():
+            target = self.encoder(x)
+        b, n_dit = tokens.shape[:2]
+        if target.ndim != 3 or target.shape[0] != b or target.shape[2] != self.config.repa_encoder_dim:
+            raise ValueError(
+                f"encoder: expected features (B={b}, N, {self.config.repa_encoder_dim}), "
+                f"got {tuple(target.shape)}"
+            )
+        n = target.shape[1]
+        if n > n_dit:
+            raise ValueError(f"encoder: returned {n} tokens, more than the DiT's {n_dit}")
+        with self._autocast():
+            proj = self.projector(tokens[:, :n])  # the release keeps the first n DiT tokens
+        cos = F.cosine_similarity(_at_least_float32(proj), _at_least_float32(target), dim=-1)
+        return (1.0 - cos).mean()
+
+    def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 4:
+            raise TypeError(f"x: expected a floating-point (B, C, H, W) tensor, got {_describe(x)}")
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+            raise TypeError(f"y: expected an integer tensor of labels, got {_describe(y)}")
+        if tuple(y.shape) != (x.shape[0],):
+            raise ValueError(f"y: expected shape ({x.shape[0]},), got {tuple(y.shape)}")
+        return x.to(self.device, self.dtype), y.to(self.device)
+
+    # ------------------------------------------------------------------------------ step
+    def step(self, x: Tensor, y: Tensor, draws: Draws | None = None) -> dict[str, float]:
+        """One optimisation step on the batch (x, y); draws default to fresh ones. Returns the
+        loss terms before the update, the gradient norm before clipping, and the learning rate.
+
+        Raises NonFiniteLossError, without touching weights, optimizer or EMA, if the loss or the
+        gradient norm is not finite."""
+        x, y = self._check_batch(x, y)
+        draws = self.draw(x) if draws is None else draws
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.losses(x, y, draws)
+        torch.autograd.backward(terms["loss"])
+        max_norm = math.inf if self.config.grad_clip is None else self.config.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # One device sync per step: every logged number in a single transfer.
+        names = ["loss", "fm", "freq", "repa"]
+        values = torch.stack([terms[k].detach().double() for k in names] + [grad_norm.double()]).tolist()
+        logs = dict(zip([*names, "grad_norm"], values, strict=True))
+        if not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"])):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"step {self.step_count}: non-finite loss {logs['loss']} or gradient norm "
+                f"{logs['grad_norm']}; the weights were not updated"
+            )
+        self.optimizer.step()
+        update_ema(self._ema_params, self._model_params, self.config.ema_decay)
+        with torch.no_grad():
+            for ema_buffer, buffer in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+                ema_buffer.copy_(buffer)
+        self.step_count += 1
+        logs["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        return logs
+
+    # ------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: weights, EMA, optimizer, projector, step, RNG."""
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "projector": None if self.projector is None else self.projector.state_dict(),
+            "step": self.step_count,
+            "generator": self.generator.get_state(),
+            "train_config": dataclasses.asdict(self.config),  # informational, not loaded
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"model", "ema", "optimizer", "projector", "step", "generator"} - set(state)
+        if missing:
+            raise ValueError(f"state: missing entries {sorted(missing)}")
+        if (state["projector"] is None) != (self.projector is None):
+            raise ValueError("state: REPA projector present in exactly one of the state and the trainer")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        if self.projector is not None:
+            self.projector.load_state_dict(state["projector"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        self.generator.set_state(state["generator"])
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
