@@ -61,9 +61,10 @@ JPEG_CHROMINANCE[:4, :4] = torch.tensor(
 def _check_quality(quality: object) -> int:
     if not isinstance(quality, numbers.Integral) or isinstance(quality, bool):
         raise TypeError(f"quality: expected an int, got {type(quality).__name__}")
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality: expected an int in [1, 100], got {quality}")
-    return int(quality)
+    q = int(quality)
+    if not 1 <= q <= 100:
+        raise ValueError(f"quality: expected an int in [1, 100], got {q}")
+    return q
 
 
 def _check_gamma(gamma: object) -> float:
