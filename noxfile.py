@@ -52,9 +52,21 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """pytest-benchmark sessions in bench/ (pass `-- --compare` to compare with a saved run)."""
+    """pytest-benchmark sessions in bench/, saved under .benchmarks/ (see bench/README.md).
+
+    `-- --compare` compares with the latest saved run (any other arguments go to pytest);
+    set DECO_RELEASE_SRC to the release's folder to benchmark it side by side."""
     install(session, "test,onnx")
-    session.run("pytest", "bench", "--benchmark-only", "--benchmark-autosave", *session.posargs)
+    args = ["--benchmark-compare" if a == "--compare" else a for a in session.posargs]
+    session.run("pytest", "-p", "no:cacheprovider", "bench", "--benchmark-only",
+                "--benchmark-autosave", *args)
+
+
+@nox.session(python=PYTHON)
+def vectors(session: nox.Session) -> None:
+    """Regenerate the conformance vectors in spec/vectors from the reference."""
+    install(session, "test")
+    session.run("deco", "conformance", "--write", "spec/vectors")
 
 
 @nox.session(python=PYTHON)

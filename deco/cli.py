@@ -16,6 +16,7 @@ from typing import Any
 #: Modules that contribute sub-commands, in the order `deco --help` lists them.
 COMMAND_MODULES = [
     "deco.cli_basic",
+    "deco.cli_deploy",
 ]
 
 

@@ -1,0 +1,654 @@
+"""Conformance kit for ports of DeCo: test vectors from the float64 reference, and a runner.
+
+A *vector* is one `.safetensors` file in spec/vectors/: the inputs of one spec component (`in.*`
+tensors, scalar arguments as JSON in the metadata), weights where the component has any (`w.*`,
+portable names relative to the block for block vectors) and the reference's output (`expected`).
+A *port* is any Python object with some of the protocol functions of spec/vectors/README.md
+(`rgb_to_ycbcr`, ..., `forward`, `euler`, `heun`), taking and returning NumPy arrays. The runner
+calls each function the port has on the vectors of its component and compares with the spec's
+error measure and tolerance (spec/00-conventions.md §5); components the port lacks are skipped.
+
+Expected outputs are computed by running `ReferencePort` (thin wrappers over `deco.reference`)
+through the same calling code that runs a port, so a vector's meaning is exactly "what the
+reference returns for these inputs".
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from deco import reference as ref
+from deco.config import DeCoConfig, parameter_shapes
+from deco.reference import model as ref_model
+from deco.reference import sampling as ref_sampling
+
+Array = NDArray[Any]
+FORMAT_KEY = "deco_vectors"
+FORMAT_VERSION = "1"
+#: spec/00-conventions.md §5: the bound on max|got - exp| / max|exp| for each port precision.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+Precision = Literal["float64", "float32"]
+Status = Literal["pass", "FAIL", "ERROR", "skipped"]
+
+
+@dataclass(frozen=True)
+class Vector:
+    """One test vector: the arguments of one call of `component` and the reference's answer."""
+
+    name: str
+    component: str
+    inputs: dict[str, Array]
+    args: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Array] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    velocity_model: str | None = None  # samplers: name of the forward vector giving the model
+    expected: Array | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    vector: str
+    component: str
+    status: Status
+    max_abs: float = float("nan")
+    max_rel: float = float("nan")
+    tolerance: float = float("nan")
+    note: str = ""
+
+
+class Skip(Exception):
+    """Raised by a calling function when the port does not provide the component."""
+
+
+# --------------------------------------------------------------------------- the sampler model
+class VelocityModel:
+    """The `model` passed to a port's `euler`/`heun`: `config.num_classes` and
+    `forward(x, t, y)` (NumPy in and out), backed by the float64 reference. Samplers are
+    checked with the reference's velocity so that a sampler's result does not depend on the
+    port's forward pass (which has vectors of its own)."""
+
+    def __init__(self, config: dict[str, Any], weights: Mapping[str, Array]) -> None:
+        self._model = ref.Model(DeCoConfig.from_dict(config), weights)
+        self.config = SimpleNamespace(**config)
+
+    def forward(self, x: Any, t: Any, y: Any) -> Array:
+        return self._model.forward(x, t, y)
+
+    __call__ = forward
+
+
+# ---------------------------------------------------------------- calling a port's functions
+def _fn(port: Any, name: str) -> Callable[..., Any]:
+    fn = getattr(port, name, None)
+    if fn is None or not callable(fn):
+        raise Skip(f"port has no {name}")
+    return fn  # type: ignore[no-any-return]
+
+
+def _sampler_model(vector: Vector, vectors: Mapping[str, Vector]) -> VelocityModel:
+    source = vectors[str(vector.velocity_model)]
+    assert source.config is not None
+    return VelocityModel(source.config, source.weights)
+
+
+Caller = Callable[[Any, Vector, Mapping[str, Vector]], Any]
+
+
+def _call_weights_table(port: Any, v: Vector, _: Mapping[str, Vector]) -> Any:
+    fn = _fn(port, "frequency_weights")
+    pairs = zip(v.inputs["quality"].tolist(), v.inputs["gamma"].tolist(), strict=True)
+    return np.stack([np.asarray(fn(int(q), float(g))) for q, g in pairs])
+
+
+def _call_sampler(name: str) -> Caller:
+    def call(port: Any, v: Vector, vectors: Mapping[str, Vector]) -> Any:
+        fn = _fn(port, name)
+        extra = (v.args["exact"],) if name == "heun" else ()
+        interval = (v.args["interval"][0], v.args["interval"][1])
+        return fn(_sampler_model(v, vectors), v.inputs["noise"], v.inputs["labels"], v.args["steps"],
+                  v.args["timeshift"], v.args["guidance"], interval, *extra)
+
+    return call
+
+
+#: component -> how its vectors are passed to the port's function of the same name.
+CALLERS: dict[str, Caller] = {
+    "rgb_to_ycbcr": lambda p, v, _: _fn(p, "rgb_to_ycbcr")(v.inputs["x"]),
+    "block_dct": lambda p, v, _: _fn(p, "block_dct")(v.inputs["x"]),
+    "frequency_weights": _call_weights_table,
+    # A scalar, stored with shape (1,) (safetensors has no 0-d tensors).
+    "frequency_aware_loss": lambda p, v, _: np.array([float(_fn(p, "frequency_aware_loss")(
+        v.inputs["pred"], v.inputs["target"], v.args["quality"], v.args["gamma"]))]),
+    "timestep_features": lambda p, v, _: _fn(p, "timestep_features")(v.inputs["t"]),
+    "rope_angles": lambda p, v, _: _fn(p, "rope_angles")(
+        v.args["grid_h"], v.args["grid_w"], v.args["head_dim"]),
+    "apply_rope": lambda p, v, _: _fn(p, "apply_rope")(v.inputs["x"], v.inputs["angles"]),
+    "dit_block": lambda p, v, _: _fn(p, "dit_block")(
+        v.inputs["x"], v.inputs["c"], dict(v.weights), v.args["num_heads"], v.inputs["angles"]),
+    "dct_position_features": lambda p, v, _: _fn(p, "dct_position_features")(v.args["patch_size"]),
+    "decoder_block": lambda p, v, _: _fn(p, "decoder_block")(
+        v.inputs["x"], v.inputs["cond"], dict(v.weights)),
+    "forward": lambda p, v, _: _fn(p, "forward")(
+        dict(v.config or {}), dict(v.weights), v.inputs["x"], v.inputs["t"], v.inputs["y"]),
+    "time_grid": lambda p, v, _: _fn(p, "time_grid")(v.args["steps"], v.args["timeshift"]),
+    "euler": _call_sampler("euler"),
+    "heun": _call_sampler("heun"),
+}
+COMPONENTS = tuple(CALLERS)
+
+
+def comparable(component: str, value: Array) -> Array:
+    """What is compared: the value itself, except RoPE angles, compared through (cos, sin), i.e.
+    modulo 2 pi, because only the rotation they define matters."""
+    if component == "rope_angles":
+        return np.stack([np.cos(value), np.sin(value)])
+    return value
+
+
+# ------------------------------------------------------------------------------------- ports
+class ReferencePort:
+    """The protocol implemented by `deco.reference` (float64): the source of every vector."""
+
+    precision: Precision = "float64"
+
+    rgb_to_ycbcr = staticmethod(ref.rgb_to_ycbcr)
+    block_dct = staticmethod(ref.block_dct)
+    frequency_weights = staticmethod(ref.frequency_weights)
+    frequency_aware_loss = staticmethod(ref.frequency_aware_loss)
+    timestep_features = staticmethod(ref_model.timestep_features)
+    rope_angles = staticmethod(ref_model.rope_angles)
+    apply_rope = staticmethod(ref_model.apply_rope)
+    dct_position_features = staticmethod(ref_model.dct_position_features)
+    time_grid = staticmethod(ref.time_grid)
+
+    @staticmethod
+    def dit_block(x: Array, c: Array, weights: Mapping[str, Array], num_heads: int,
+                  angles: Array) -> Array:
+        prefixed = {f"blocks.0.{k}": np.asarray(w, np.float64) for k, w in weights.items()}
+        return ref_model.dit_block(x, c, prefixed, 0, num_heads, angles)
+
+    @staticmethod
+    def decoder_block(x: Array, cond: Array, weights: Mapping[str, Array]) -> Array:
+        prefixed = {f"decoder.blocks.0.{k}": np.asarray(w, np.float64) for k, w in weights.items()}
+        return ref_model.decoder_block(x, cond, prefixed, 0)
+
+    @staticmethod
+    def forward(config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
+                y: Array) -> Array:
+        return ref.Model(DeCoConfig.from_dict(config), weights).forward(x, t, y)
+
+    @staticmethod
+    def euler(model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
+              guidance: float, interval: tuple[float, float]) -> Array:
+        grid = ref.time_grid(steps, timeshift)
+        return ref_sampling.euler(model, noise, labels, grid, guidance, interval)
+
+    @staticmethod
+    def heun(model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
+             guidance: float, interval: tuple[float, float], exact: bool) -> Array:
+        grid = ref.time_grid(steps, timeshift)
+        return ref_sampling.heun(model, noise, labels, grid, guidance, interval, exact=exact)
+
+
+class OnnxPort:
+    """`forward` only, by an exported graph (`deco.onnx_runtime.OnnxVelocityModel`). The graph
+    must hold the vector's weights (`deco conformance --export-vector-model`); vectors of another
+    config are skipped."""
+
+    precision: Precision = "float32"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def forward(self, config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
+                y: Array) -> Array:
+        if DeCoConfig.from_dict(config) != self.model.config:
+            raise NotImplementedError(
+                f"the graph is a {self.model.config.architecture} model of another config")
+        return np.asarray(self.model.forward(x, t, y))
+
+
+class OptimizedPort:
+    """The protocol implemented by `deco.optimized` (PyTorch, CPU) in float64; `OptimizedPort32`
+    runs it in float32. Each function calls the optimized module that does the work in the
+    model (layers, loss, sampling), so the kit checks the code that trains and samples."""
+
+    precision: Precision = "float64"
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+        self.dtype = torch.float64 if self.precision == "float64" else torch.float32
+
+    def _t(self, a: Any) -> Any:
+        return self.torch.as_tensor(np.asarray(a), dtype=self.dtype)
+
+    def _np(self, x: Any) -> Array:
+        return np.asarray(x.detach().double().numpy())
+
+    def _load(self, module: Any, weights: Mapping[str, Array]) -> Any:
+        state = {k: self._t(v) for k, v in weights.items()}
+        module.to(self.dtype).load_state_dict(state, strict=True)
+        return module.eval()
+
+    def rgb_to_ycbcr(self, x: Array) -> Array:
+        from deco.optimized.loss import YCBCR_MATRIX
+
+        return self._np(self.torch.einsum("ij,bjhw->bihw", YCBCR_MATRIX.to(self.dtype), self._t(x)))
+
+    def block_dct(self, x: Array) -> Array:
+        from deco.optimized.loss import BLOCK, _reflect_pad, dct_matrix
+
+        padded = _reflect_pad(self._t(x))
+        b, c, h, w = padded.shape
+        blocks = padded.reshape(b, c, h // BLOCK, BLOCK, w // BLOCK, BLOCK).permute(0, 1, 2, 4, 3, 5)
+        m = dct_matrix(BLOCK).to(self.dtype)
+        return self._np(self.torch.einsum("ui,bcyxij,vj->bcyxuv", m, blocks, m))
+
+    def frequency_weights(self, quality: int, gamma: float) -> Array:
+        from deco.optimized.loss import frequency_weights
+
+        return self._np(frequency_weights(quality, gamma, dtype=self.dtype))
+
+    def frequency_aware_loss(self, pred: Array, target: Array, quality: int, gamma: float) -> float:
+        from deco.optimized.loss import frequency_aware_loss
+
+        return float(frequency_aware_loss(self._t(pred), self._t(target), quality, gamma))
+
+    def timestep_features(self, t: Array) -> Array:
+        from deco.optimized.layers import TimestepEmbedder
+
+        # The features are internal to the embedder: capture what its first linear receives.
+        embedder = TimestepEmbedder(8).to(self.dtype)
+        seen: list[Any] = []
+        embedder.fc1.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        with self.torch.no_grad():
+            embedder(self._t(t))
+        return self._np(seen[0])
+
+    def rope_angles(self, grid_h: int, grid_w: int, head_dim: int) -> Array:
+        from deco.optimized.layers import rope_tables
+
+        # The model keeps (cos, sin); the angle they define is compared modulo 2 pi.
+        cos, sin = rope_tables(grid_h, grid_w, head_dim, self.torch.device("cpu"), self.dtype)
+        return self._np(self.torch.atan2(sin, cos)[:, 0, :])
+
+    def apply_rope(self, x: Array, angles: Array) -> Array:
+        from deco.optimized.layers import apply_rope
+
+        a = self._t(angles)[:, None, :]
+        return self._np(apply_rope(self._t(x), self.torch.cos(a), self.torch.sin(a)))
+
+    def dit_block(self, x: Array, c: Array, weights: Mapping[str, Array], num_heads: int,
+                  angles: Array) -> Array:
+        from deco.optimized.layers import DiTBlock
+
+        width, mlp_hidden = weights["mlp.w1.weight"].shape[1], weights["mlp.w1.weight"].shape[0]
+        block = self._load(DiTBlock(width, num_heads, mlp_hidden), weights)
+        a = self._t(angles)[:, None, :]
+        with self.torch.no_grad():
+            return self._np(block(self._t(x), self._t(c), self.torch.cos(a), self.torch.sin(a)))
+
+    def dct_position_features(self, patch_size: int) -> Array:
+        from deco.optimized.layers import dct_features
+
+        return self._np(dct_features(patch_size, self.torch.device("cpu"), self.dtype))
+
+    def decoder_block(self, x: Array, cond: Array, weights: Mapping[str, Array]) -> Array:
+        from deco.optimized.layers import DecoderBlock
+
+        width = x.shape[-1]
+        block = self._load(DecoderBlock(width), weights)
+        f = self.torch.nn.functional
+        with self.torch.no_grad():
+            # The pixel decoder applies SiLU to the condition once and the block's adaln (with
+            # the LayerNorm affine folded in) to the result; the spec's block does both.
+            mod = f.linear(f.silu(self._t(cond).reshape(-1, width)), *block.modulation_weights())
+            return self._np(block(self._t(x).reshape(-1, width), mod).reshape(x.shape))
+
+    def forward(self, config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
+                y: Array) -> Array:
+        from deco.optimized.model import build_model
+
+        model = self._load(build_model(DeCoConfig.from_dict(config)), weights)
+        with self.torch.no_grad():
+            return self._np(model(self._t(x), self._t(t), self.torch.as_tensor(y)))
+
+
+    def time_grid(self, steps: int, timeshift: float) -> Array:
+        from deco.optimized.sampling import time_grid
+
+        return np.asarray(time_grid(steps, timeshift))
+
+    def _sample(self, model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
+                guidance: float, interval: tuple[float, float], solver: str, exact: bool) -> Array:
+        from deco.optimized.sampling import sample
+
+        out = sample(_TorchVelocity(model, self.torch), self._t(noise), self.torch.as_tensor(labels),
+                     steps=steps, guidance=guidance, interval=interval, timeshift=timeshift,
+                     solver=solver, exact_heun=exact)
+        assert isinstance(out, self.torch.Tensor)
+        return self._np(out)
+
+    def euler(self, model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
+              guidance: float, interval: tuple[float, float]) -> Array:
+        return self._sample(model, noise, labels, steps, timeshift, guidance, interval, "euler", False)
+
+    def heun(self, model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
+             guidance: float, interval: tuple[float, float], exact: bool) -> Array:
+        return self._sample(model, noise, labels, steps, timeshift, guidance, interval, "heun", exact)
+
+
+class _TorchVelocity:
+    """The kit's NumPy sampler model seen as a torch model (config + __call__ on tensors)."""
+
+    def __init__(self, model: Any, torch: Any) -> None:
+        self.model, self.torch, self.config = model, torch, model.config
+
+    def __call__(self, x: Any, t: Any, y: Any) -> Any:
+        v = self.model.forward(x.double().numpy(), t.double().numpy(), y.numpy())
+        return self.torch.as_tensor(v, dtype=x.dtype)
+
+
+class OptimizedPort32(OptimizedPort):
+    precision: Precision = "float32"
+
+
+# ------------------------------------------------------------------------------------ runner
+def run_vector(port: Any, vector: Vector, vectors: Mapping[str, Vector],
+               precision: Precision) -> Result:
+    """Run one vector through `port`; exceptions from the port become an ERROR result."""
+    tol = TOLERANCE[precision]
+    caller = CALLERS[vector.component]
+    try:
+        got = np.asarray(caller(port, vector, vectors), dtype=np.float64)
+    except (Skip, NotImplementedError) as exc:
+        return Result(vector.name, vector.component, "skipped", note=str(exc) or "not provided")
+    except Exception as exc:  # a port's failure is a result, not a crash of the kit
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+        return Result(vector.name, vector.component, "ERROR", tolerance=tol, note=message)
+    assert vector.expected is not None
+    got, expected = comparable(vector.component, got), comparable(vector.component, vector.expected)
+    if got.shape != expected.shape:
+        return Result(vector.name, vector.component, "FAIL", tolerance=tol,
+                      note=f"shape {got.shape}, expected {expected.shape}")
+    if not np.all(np.isfinite(got)):
+        return Result(vector.name, vector.component, "FAIL", tolerance=tol, note="NaN or inf")
+    max_abs, max_rel = error_measure(got, expected)
+    status: Status = "pass" if max_rel <= tol else "FAIL"
+    return Result(vector.name, vector.component, status, max_abs, max_rel, tol)
+
+
+def error_measure(got: Array, expected: Array) -> tuple[float, float]:
+    """(max|got - exp|, max|got - exp| / max|exp|), spec/00-conventions.md §5."""
+    err = float(np.max(np.abs(got - expected))) if expected.size else 0.0
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    return err, (err / scale if scale > 0 else err)
+
+
+def port_precision(port: Any) -> Precision:
+    """The port's declared `precision` attribute ("float64" or "float32", default float32)."""
+    precision = getattr(port, "precision", "float32")
+    if precision == "float64":
+        return "float64"
+    if precision == "float32":
+        return "float32"
+    raise ValueError(f"port: precision must be 'float64' or 'float32', got {precision!r}")
+
+
+def run_port(port: Any, vectors: Iterable[Vector], precision: Precision | None = None) -> list[Result]:
+    """Every vector through `port`, in order. `precision` defaults to the port's own."""
+    vectors = list(vectors)
+    by_name = {v.name: v for v in vectors}
+    chosen = precision or port_precision(port)
+    return [run_vector(port, v, by_name, chosen) for v in vectors]
+
+
+def passed(results: Iterable[Result]) -> bool:
+    """True when nothing failed or errored and at least one vector ran."""
+    results = list(results)
+    ran = [r for r in results if r.status != "skipped"]
+    return bool(ran) and all(r.status == "pass" for r in ran)
+
+
+def format_table(results: Iterable[Result]) -> str:
+    rows = [("component", "vector", "max abs err", "max rel err", "tolerance", "result")]
+    for r in results:
+        nums = ("-", "-", "-") if r.status == "skipped" else (
+            f"{r.max_abs:.3e}", f"{r.max_rel:.3e}", f"{r.tolerance:.0e}")
+        result = r.status + (f" ({r.note})" if r.note else "")
+        rows.append((r.component, r.vector, *nums, result))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5]
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def summary(results: Iterable[Result]) -> str:
+    results = list(results)
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "FAIL", "ERROR", "skipped")}
+    verdict = "PASS" if passed(results) else "FAIL"
+    return (f"{verdict}: {counts['pass']} passed, {counts['FAIL']} failed, {counts['ERROR']} errors, "
+            f"{counts['skipped']} skipped")
+
+
+# ------------------------------------------------------------------------------ loading ports
+def load_port(spec: str) -> Any:
+    """The object named by "module:object" (dotted attributes allowed); a class is instantiated
+    with no arguments."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"python: expected MODULE:OBJECT, got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"python: cannot import {module_name!r} ({exc})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"python: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj() if inspect.isclass(obj) else obj
+
+
+# ------------------------------------------------------------------------ reading and writing
+def default_folder() -> Path:
+    """$DECO_VECTORS, else spec/vectors next to this package in a source checkout."""
+    env = os.environ.get("DECO_VECTORS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "spec" / "vectors"
+
+
+def save_vector(folder: Path, vector: Vector) -> Path:
+    assert vector.expected is not None
+    tensors = {f"in.{k}": np.ascontiguousarray(v) for k, v in vector.inputs.items()}
+    tensors.update({f"w.{k}": np.ascontiguousarray(v) for k, v in vector.weights.items()})
+    tensors["expected"] = np.ascontiguousarray(vector.expected)
+    meta = {FORMAT_KEY: FORMAT_VERSION, "component": vector.component,
+            "args": json.dumps(vector.args, sort_keys=True)}
+    if vector.config is not None:
+        meta["config"] = json.dumps(vector.config, sort_keys=True)
+    if vector.velocity_model is not None:
+        meta["velocity_model"] = vector.velocity_model
+    path = folder / f"{vector.name}.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_vector(path: Path) -> Vector:
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"vectors: {path} is not a readable safetensors file ({exc})") from None
+    if meta.get(FORMAT_KEY) != FORMAT_VERSION or meta.get("component") not in CALLERS:
+        raise ValueError(f"vectors: {path} is not a DeCo test vector (format {FORMAT_VERSION})")
+    if "expected" not in tensors:
+        raise ValueError(f"vectors: {path} has no 'expected' tensor")
+    return Vector(
+        name=path.stem, component=meta["component"],
+        inputs={k[3:]: v for k, v in tensors.items() if k.startswith("in.")},
+        args=json.loads(meta.get("args", "{}")),
+        weights={k[2:]: v for k, v in tensors.items() if k.startswith("w.")},
+        config=json.loads(meta["config"]) if "config" in meta else None,
+        velocity_model=meta.get("velocity_model"),
+        expected=tensors["expected"],
+    )
+
+
+def load_vectors(folder: str | Path | None = None) -> list[Vector]:
+    """Every vector of `folder` (default `default_folder()`), in the order of `COMPONENTS`."""
+    folder = Path(folder) if folder is not None else default_folder()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"vectors: no such folder: {folder} (pass --vectors DIR)")
+    vectors = [load_vector(p) for p in sorted(folder.glob("*.safetensors"))]
+    if not vectors:
+        raise ValueError(f"vectors: no .safetensors vectors in {folder}")
+    names = {v.name for v in vectors}
+    for v in vectors:
+        if v.velocity_model is not None and v.velocity_model not in names:
+            raise ValueError(f"vectors: {v.name} needs the missing vector {v.velocity_model!r}")
+    return sorted(vectors, key=lambda v: (COMPONENTS.index(v.component), v.name))
+
+
+# ------------------------------------------------------------------------- generating vectors
+#: The model of the forward and sampler vectors: small enough that all vectors stay < 1 MB,
+#: with a non-square token grid (8x12 pixels, 2x3 patches) so swapped axes show.
+VECTOR_MODELS = {
+    "deco": DeCoConfig("deco", 3, 4, 32, 2, 2, 2, 8, 4),
+    "baseline": DeCoConfig("baseline", 3, 4, 32, 2, 2, 0, 0, 4),
+}
+IMAGE_HW = (8, 12)
+
+
+def random_weights(config: DeCoConfig, rng: np.random.Generator) -> dict[str, Array]:
+    """Non-zero weights for every parameter, rounded to float32 so that a float32 port sees
+    exactly the weights the float64 reference used. Norm gains 1 + 0.1 N, matrices N(0, 1/fan_in),
+    biases and label table 0.1 N: nothing is zero (unlike AdaLN-Zero), so any wiring matters."""
+    out: dict[str, Array] = {}
+    for name, shape in parameter_shapes(config).items():
+        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith(
+                "norm.weight"):
+            w = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif len(shape) == 2 and name != "y_embed.weight":
+            w = rng.standard_normal(shape) / np.sqrt(shape[1])
+        else:
+            w = 0.1 * rng.standard_normal(shape)
+        out[name] = w.astype(np.float32)
+    return out
+
+
+def _block_weights(weights: Mapping[str, Array], prefix: str) -> dict[str, Array]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def _small_row(x: Array) -> Array:
+    """Scale batch element 1 by 1e-3: its mean square (~1e-6) is then comparable to the norm
+    epsilon, so a port with a different epsilon (or none) fails instead of agreeing to 1e-6."""
+    x = x.copy()
+    x[1] *= 1e-3
+    return x
+
+
+def vector_specs() -> list[Vector]:
+    """The vectors without expected outputs, from fixed seeds (deterministic)."""
+    rng = np.random.default_rng(20251124)
+    n = rng.standard_normal
+    deco_cfg, base_cfg = VECTOR_MODELS["deco"], VECTOR_MODELS["baseline"]
+    deco_w, base_w = random_weights(deco_cfg, rng), random_weights(base_cfg, rng)
+    h, w = IMAGE_HW
+    hd = deco_cfg.head_dim
+    angles_block = ref_model.rope_angles(h // 4, w // 4, hd)
+    model_labels = np.array([1, deco_cfg.num_classes], dtype=np.int64)  # a class and the null class
+    sampler = {"noise": n((2, 3, h, w)), "labels": np.array([1, 3], dtype=np.int64)}
+    # Interval (0.25, 0.75] on the 4-step grid (0, .25, .5, .75, 1): one grid point sits on each
+    # edge, so the strict/inclusive ends of spec/04 §2 decide the result.
+    edge = {"steps": 4, "timeshift": 1.0, "guidance": 3.0, "interval": [0.25, 0.75]}
+    shifted = {"steps": 5, "timeshift": 3.0, "guidance": 2.0}
+    return [
+        Vector("ycbcr", "rgb_to_ycbcr", {"x": rng.uniform(-1, 1, (2, 3, 5, 7))}),
+        # 13x11: both axes need reflect padding (to 16x16), bottom and right.
+        Vector("block_dct", "block_dct", {"x": rng.uniform(-1, 1, (2, 3, 13, 11))}),
+        Vector("frequency_weights", "frequency_weights", {
+            "quality": np.array([1, 10, 25, 49, 50, 51, 75, 85, 99, 100, 85, 50], dtype=np.int64),
+            "gamma": np.array([1.0] * 10 + [2.0, 0.5])}),
+        Vector("loss_q85", "frequency_aware_loss",
+               {"pred": rng.uniform(-1, 1, (2, 3, 16, 13)), "target": rng.uniform(-1, 1, (2, 3, 16, 13))},
+               {"quality": 85, "gamma": 1.0}),
+        Vector("loss_q30_gamma2", "frequency_aware_loss",
+               {"pred": rng.uniform(-1, 1, (1, 3, 8, 16)), "target": rng.uniform(-1, 1, (1, 3, 8, 16))},
+               {"quality": 30, "gamma": 2.0}),
+        Vector("timestep_features", "timestep_features",
+               {"t": np.array([0.0, 0.03, 0.3, 0.5, 0.77, 1.0])}),
+        Vector("rope_angles", "rope_angles", {}, {"grid_h": 3, "grid_w": 5, "head_dim": 16}),
+        Vector("apply_rope", "apply_rope",
+               {"x": n((2, 15, 2, 16)), "angles": ref_model.rope_angles(3, 5, 16)}),
+        Vector("dit_block", "dit_block",
+               {"x": _small_row(n((2, 6, 32))), "c": n((2, 32)), "angles": angles_block},
+               {"num_heads": deco_cfg.num_heads}, _block_weights(deco_w, "blocks.1.")),
+        Vector("dct_position_features_p4", "dct_position_features", {}, {"patch_size": 4}),
+        Vector("dct_position_features_p8", "dct_position_features", {}, {"patch_size": 8}),
+        Vector("decoder_block", "decoder_block",
+               {"x": _small_row(n((3, 16, 8))), "cond": n((3, 16, 8))},
+               weights=_block_weights(deco_w, "decoder.blocks.1.")),
+        Vector("forward_deco", "forward",
+               {"x": n((2, 3, h, w)), "t": np.array([0.2, 0.9]), "y": model_labels},
+               weights=deco_w, config=deco_cfg.to_dict()),
+        Vector("forward_baseline", "forward",
+               {"x": n((2, 3, h, w)), "t": np.array([0.6, 0.05]), "y": model_labels},
+               weights=base_w, config=base_cfg.to_dict()),
+        Vector("time_grid", "time_grid", {}, {"steps": 5, "timeshift": 3.0}),
+        Vector("euler_interval_edges", "euler", sampler, edge, velocity_model="forward_deco"),
+        Vector("euler_timeshift", "euler", sampler, {**shifted, "interval": [0.1, 0.9]},
+               velocity_model="forward_deco"),
+        Vector("heun_interval_edges", "heun", sampler, {**edge, "exact": False},
+               velocity_model="forward_deco"),
+        Vector("heun_exact", "heun", sampler, {**shifted, "interval": [0.0, 1.0], "exact": True},
+               velocity_model="forward_deco"),
+    ]
+
+
+def generate_vectors() -> list[Vector]:
+    """`vector_specs()` with `expected` filled in by the reference."""
+    specs = vector_specs()
+    by_name = {v.name: v for v in specs}
+    out = []
+    for v in specs:
+        value = np.asarray(CALLERS[v.component](ReferencePort, v, by_name), dtype=np.float64)
+        out.append(Vector(v.name, v.component, v.inputs, v.args, v.weights, v.config,
+                          v.velocity_model, value))
+    return out
+
+
+def write_vectors(folder: str | Path) -> list[Path]:
+    """Regenerate every vector into `folder` (created if needed; stale vectors are removed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vectors = generate_vectors()
+    keep = {f"{v.name}.safetensors" for v in vectors}
+    for stale in folder.glob("*.safetensors"):
+        if stale.name not in keep:
+            stale.unlink()
+    return [save_vector(folder, v) for v in vectors]
+
+
+if __name__ == "__main__":
+    import sys
+
+    from deco.cli import main
+
+    sys.exit(main(["conformance", *sys.argv[1:]]))

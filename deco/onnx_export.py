@@ -1,0 +1,382 @@
+"""Export a DeCo or baseline velocity model to ONNX (`deco export-onnx`).
+
+Two graphs:
+- "velocity": inputs x (B, C, H, W) float32, t (B,) float32, y (B,) int64 -> v (B, C, H, W);
+- "cfg": the same plus a scalar float32 `guidance` g -> u + g (c - u), where c is the velocity
+  for the labels and u for the null class, both evaluated as ONE batch [null; y] inside the graph
+  (spec/04-sampling.md §2), so a deployment makes one call per sampling step.
+
+The batch axis is dynamic unless a fixed batch is asked for. Height and width are dynamic too
+(any multiple of the patch size): the RoPE angles and DCT position features are computed in the
+graph from the input's shape, so one file serves every resolution; `resolution=(H, W)` fixes the
+size instead, which lets the exporter fold those tables into constants.
+
+We use the TorchScript exporter (`dynamo=False`): the torch.export-based one needs `onnxscript`,
+which is not a dependency of this project. It has no symbolic for `aten::rms_norm`, and its
+`layer_norm` symbolic needs a normalized shape known at trace time, whereas the model passes
+`(x.shape[-1],)`, which tracing records as a graph value; its `linspace` returns NaN for one
+step. `_symbolics` supplies replacements, written for the case the model uses (normalisation over
+the last axis).
+
+The file carries `metadata_props`: `deco_format`, `config` (JSON), `deco_graph`, and the
+SHA-256 and path of the weight file it came from, so `deco onnx-check` can rebuild the float64
+reference from the very same weights (rather than guess them back from initializers, which
+constant folding renames and merges).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deco.config import DeCoConfig
+
+DEFAULT_OPSET = 17
+#: Opsets the export is tested with (the TorchScript exporter stops at 20).
+OPSETS = range(17, 21)
+FORMAT_VERSION = "1"
+GRAPH_VELOCITY, GRAPH_CFG = "velocity", "cfg"
+
+
+class GuidedVelocity(nn.Module):
+    """(x, t, y, guidance) -> u + g (c - u), both branches in one batch [null; labels]."""
+
+    def __init__(self, model: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, guidance: Tensor) -> Tensor:
+        b = x.shape[0]
+        null = torch.full_like(y, self.num_classes)
+        out: Tensor = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y]))
+        uncond, cond = out[:b], out[b:]
+        return uncond + guidance * (cond - uncond)
+
+
+# --------------------------------------------------------------------------------- symbolics
+def _check_last_axis(normalized_shape: Any, op: str) -> None:
+    node = normalized_shape.node()
+    if node.kind() == "prim::ListConstruct":
+        count = len(list(node.inputs()))
+    else:
+        from torch.onnx import symbolic_helper
+
+        count = len(symbolic_helper._maybe_get_const(normalized_shape, "is"))
+    if count != 1:
+        raise ValueError(f"model: {op} over {count} axes is not supported by the ONNX export")
+
+
+def _mean_last(g: Any, x: Any) -> Any:
+    if g.opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
+        axes = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.long))
+        return g.op("ReduceMean", x, axes, keepdims_i=1)
+    return g.op("ReduceMean", x, axes_i=[-1], keepdims_i=1)
+
+
+def _eps(g: Any, eps: Any, like: Any) -> Any:
+    from torch.onnx import symbolic_helper
+
+    value = symbolic_helper._maybe_get_const(eps, "f")
+    return g.op("CastLike", g.op("Constant", value_t=torch.tensor(float(value))), like)
+
+
+def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
+    """x / sqrt(mean(x^2) + eps) * weight; onnxruntime fuses this pattern into one kernel."""
+    from torch.onnx import symbolic_helper
+
+    _check_last_axis(normalized_shape, "rms_norm")
+    square = g.op("Pow", x, g.op("CastLike", g.op("Constant", value_t=torch.tensor(2.0)), x))
+    out = g.op("Div", x, g.op("Sqrt", g.op("Add", _mean_last(g, square), _eps(g, eps, x))))
+    return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
+
+
+def _layer_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any,
+                cudnn_enable: Any) -> Any:
+    """(x - mean) / sqrt(var + eps) (* weight + bias) over the last axis."""
+    from torch.onnx import symbolic_helper
+
+    _check_last_axis(normalized_shape, "layer_norm")
+    centred = g.op("Sub", x, _mean_last(g, x))
+    var = _mean_last(g, g.op("Mul", centred, centred))
+    out = g.op("Div", centred, g.op("Sqrt", g.op("Add", var, _eps(g, eps, x))))
+    if not symbolic_helper._is_none(weight):
+        out = g.op("Mul", out, weight)
+    return out if symbolic_helper._is_none(bias) else g.op("Add", out, bias)
+
+
+_ONNX_FLOAT, _ONNX_INT64, _ONNX_DOUBLE = 1, 7, 11  # onnx.TensorProto data types
+_TORCH_TO_ONNX = {6: _ONNX_FLOAT, 7: _ONNX_DOUBLE}  # torch ScalarType codes: float, double
+
+
+def _linspace(g: Any, start: Any, end: Any, steps: Any, dtype: Any, layout: Any, device: Any,
+              pin_memory: Any) -> Any:
+    """start + i (end - start) / max(steps - 1, 1), computed in double and cast.
+
+    The exporter's own linspace divides by steps - 1, which is 0 for a one-row or one-column
+    token grid (the RoPE positions): with a dynamic grid size that is inf * 0 = NaN at run time,
+    whereas torch returns [start]."""
+    from torch.onnx import symbolic_helper
+
+    code = symbolic_helper._maybe_get_const(dtype, "i")
+    target = _ONNX_FLOAT if symbolic_helper._is_none(dtype) else _TORCH_TO_ONNX.get(code)
+    if target is None:
+        raise ValueError(f"model: linspace of dtype code {code} is not supported by the ONNX export")
+    one = g.op("Constant", value_t=torch.tensor(1, dtype=torch.int64))
+    count = g.op("Cast", steps, to_i=_ONNX_INT64)
+    index = g.op("Range", g.op("Constant", value_t=torch.tensor(0, dtype=torch.int64)), count, one)
+    first = g.op("Cast", start, to_i=_ONNX_DOUBLE)
+    span = g.op("Sub", g.op("Cast", end, to_i=_ONNX_DOUBLE), first)
+    step = g.op("Div", span, g.op("Cast", g.op("Max", g.op("Sub", count, one), one), to_i=_ONNX_DOUBLE))
+    out = g.op("Add", g.op("Mul", g.op("Cast", index, to_i=_ONNX_DOUBLE), step), first)
+    return g.op("Cast", out, to_i=target)
+
+
+@contextlib.contextmanager
+def _symbolics(opset: int) -> Iterator[None]:
+    """Register our symbolics for the duration of one export (they are global state)."""
+    from torch.onnx import utils
+
+    pairs: list[tuple[str, Callable[..., Any]]] = [
+        ("aten::rms_norm", _rms_norm), ("aten::layer_norm", _layer_norm),
+        ("aten::linspace", _linspace)]
+    for name, fn in pairs:
+        utils.register_custom_op_symbolic(name, fn, opset)
+    try:
+        yield
+    finally:
+        for name, _ in pairs:
+            utils.unregister_custom_op_symbolic(name, opset)
+
+
+# ------------------------------------------------------------------------------------ export
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _example_inputs(config: DeCoConfig, batch: int, resolution: tuple[int, int],
+                    cfg: bool) -> tuple[Tensor, ...]:
+    h, w = resolution
+    x = torch.randn(batch, config.in_channels, h, w)
+    t = torch.rand(batch)
+    y = torch.arange(batch) % (config.num_classes + 1)
+    return (x, t, y, torch.tensor(2.0)) if cfg else (x, t, y)
+
+
+def _check_options(config: DeCoConfig, opset: int, batch: int | None,
+                   resolution: tuple[int, int] | None) -> None:
+    if opset not in OPSETS:
+        raise ValueError(f"opset: expected {OPSETS.start}..{OPSETS.stop - 1}, got {opset}")
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch: expected a positive int or None (dynamic), got {batch!r}")
+    if resolution is not None:
+        p = config.patch_size
+        if len(resolution) != 2 or any(
+                not isinstance(s, int) or s < p or s % p for s in resolution):
+            raise ValueError(
+                f"resolution: expected (H, W), positive multiples of patch_size={p}, got {resolution!r}"
+            )
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET, batch: int | None = None,
+    resolution: tuple[int, int] | None = None, cfg: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Export `model` (a `deco.optimized` DeCo or BaselineDiT with a `.config`) to `path`.
+
+    batch None and resolution None give dynamic axes; float32 weights (the model is copied to
+    float32 on the CPU). `metadata` entries are added to the file's metadata_props. The result
+    passes `onnx.checker.check_model(full_check=True)`.
+    """
+    import onnx
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, DeCoConfig):
+        raise TypeError(
+            f"model: expected a deco.optimized model with a DeCoConfig, got {type(model).__name__}")
+    _check_options(config, opset, batch, resolution)
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output: folder {path.parent} does not exist")
+    net: nn.Module = model.to(device="cpu", dtype=torch.float32).eval()
+    if cfg:
+        net = GuidedVelocity(net, config.num_classes)
+    p = config.patch_size
+    # Trace at a non-square size so that a height/width mix-up cannot hide in the trace.
+    example = _example_inputs(config, batch or 2, resolution or (2 * p, 3 * p), cfg)
+    names = ["x", "t", "y", *(["guidance"] if cfg else [])]
+    dynamic: dict[str, dict[int, str]] = {}
+    if batch is None:
+        dynamic = {"x": {0: "batch"}, "t": {0: "batch"}, "y": {0: "batch"}, "v": {0: "batch"}}
+    if resolution is None:
+        for name in ("x", "v"):
+            dynamic.setdefault(name, {}).update({2: "height", 3: "width"})
+    with _symbolics(opset), warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter warns that it is deprecated and that tracing records shapes;
+        # the shape-dependent parts are the RoPE/DCT tables, checked at other sizes by the tests.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, example, str(path), dynamo=False, opset_version=opset,
+                          input_names=names, output_names=["v"], dynamic_axes=dynamic or None)
+    proto = onnx.load(str(path))
+    props = {"deco_format": FORMAT_VERSION, "config": config.to_json(),
+             "deco_graph": GRAPH_CFG if cfg else GRAPH_VELOCITY,
+             "deco_batch": "dynamic" if batch is None else str(batch),
+             "deco_resolution": "dynamic" if resolution is None else f"{resolution[0]}x{resolution[1]}",
+             **(metadata or {})}
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    return path
+
+
+def export_checkpoint(checkpoint: str | Path, path: str | Path, **options: Any) -> Path:
+    """Load a weight file with `deco.optimized.load_model` and export it; the file's absolute
+    path and SHA-256 go into the metadata so the graph can be traced back to its weights."""
+    from deco.optimized.model import load_model
+
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file: {checkpoint}")
+    model = load_model(checkpoint)
+    meta = {"deco_checkpoint": str(checkpoint.resolve()), "deco_checkpoint_sha256": sha256_file(checkpoint)}
+    return export_onnx(model, path, metadata=meta, **options)
+
+
+# ------------------------------------------------------------------------------ onnx-check
+#: `deco onnx-check` passes when every pair agrees to this, relative to max|expected|.
+ONNX_CHECK_RTOL = 1e-4
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    pair: str
+    max_abs: float
+    max_rel: float
+
+
+def _reference_weights(checkpoint: Path) -> dict[str, Any]:
+    """float64 weights read without deco.optimized: a DeCo .safetensors file through the
+    reference's loader, anything else as a release checkpoint."""
+    from deco.reference import load_weights
+    from deco.release import read_release_checkpoint
+
+    if checkpoint.suffix == ".safetensors":
+        return load_weights(checkpoint)[1]
+    state = read_release_checkpoint(checkpoint)[1]
+    return {k: v.double().numpy() for k, v in state.items()}
+
+
+def _recorded_checkpoint(meta: dict[str, str], checkpoint: Path | None) -> Path:
+    """The weight file the graph came from: `checkpoint` or the recorded path, SHA-256 checked."""
+    if checkpoint is None:
+        if "deco_checkpoint" not in meta:
+            raise ValueError("checkpoint: the graph records no weight file; pass --checkpoint")
+        checkpoint = Path(meta["deco_checkpoint"])
+        if not checkpoint.is_file():
+            raise FileNotFoundError(
+                f"checkpoint: {checkpoint} (recorded in the graph) does not exist; pass --checkpoint")
+    expected = meta.get("deco_checkpoint_sha256")
+    if expected is None:
+        raise ValueError("checkpoint: the graph records no SHA-256 of its weights; cannot verify "
+                         f"that {checkpoint} holds them")
+    if sha256_file(checkpoint) != expected:
+        raise ValueError(f"checkpoint: {checkpoint} is not the file the graph was exported from "
+                         "(SHA-256 differs)")
+    return checkpoint
+
+
+def _random_inputs(config: DeCoConfig, meta: dict[str, str], batch: int,
+                   resolution: tuple[int, int] | None, seed: int) -> tuple[Any, Any, Any]:
+    import numpy as np
+
+    if meta.get("deco_batch", "dynamic") != "dynamic":
+        batch = int(meta["deco_batch"])
+    if meta.get("deco_resolution", "dynamic") != "dynamic":
+        h, w = (int(s) for s in meta["deco_resolution"].split("x"))
+    else:
+        h, w = resolution or (2 * config.patch_size, 3 * config.patch_size)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, config.in_channels, h, w)).astype(np.float32)
+    # One shared time (as in sampling, and as the reference's guided_velocity needs).
+    t = np.full(batch, rng.uniform(0.05, 0.95), dtype=np.float32)
+    y = rng.integers(0, config.num_classes + 1, batch)
+    y[-1] = config.num_classes  # always include the null class
+    return x, t, y
+
+
+def check_onnx(
+    path: str | Path, *, checkpoint: str | Path | None = None, batch: int = 2,
+    resolution: tuple[int, int] | None = None, guidance: float = 3.0, seed: int = 0,
+) -> tuple[list[CheckRow], list[str]]:
+    """Errors between onnxruntime, deco.optimized (float32) and the float64 reference on random
+    inputs, and the onnxruntime providers used. A "cfg" graph is compared on the guided
+    velocity; the reference's is `deco.reference.sampling.guided_velocity`."""
+    import numpy as np
+
+    from deco.conformance import error_measure
+    from deco.optimized.model import load_model
+    from deco.reference import Model
+    from deco.reference.sampling import guided_velocity
+
+    from .onnx_runtime import OnnxVelocityModel
+
+    graph = OnnxVelocityModel(path)
+    source = _recorded_checkpoint(graph.metadata, None if checkpoint is None else Path(checkpoint))
+    reference = Model(graph.config, _reference_weights(source))
+    if reference.config != graph.config:
+        raise ValueError(f"checkpoint: {source} holds a different config than the graph")
+    net = load_model(source).to(device="cpu", dtype=torch.float32).eval()
+    x, t, y = _random_inputs(graph.config, graph.metadata, batch, resolution, seed)
+    with torch.no_grad():
+        if graph.graph == GRAPH_CFG:
+            got = graph.guided_velocity(x, t, y, guidance)
+            torch_out = GuidedVelocity(net, graph.config.num_classes)(
+                torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y), torch.tensor(guidance))
+            expected = guided_velocity(reference, x.astype(np.float64), float(t[0]), y, guidance)
+        else:
+            got = graph.forward(x, t, y)
+            torch_out = net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y))
+            expected = reference.forward(x, t, y)
+    mine = torch_out.double().numpy()
+    rows = [CheckRow(pair, *error_measure(a, b)) for pair, a, b in [
+        ("onnxruntime vs reference", got, expected),
+        ("torch vs reference", mine, expected),
+        ("onnxruntime vs torch", got, mine),
+    ]]
+    return rows, graph.providers
+
+
+def format_check(rows: list[CheckRow]) -> str:
+    lines = [f"{'comparison':<26}{'max abs err':>14}{'max rel err':>14}"]
+    lines += [f"{r.pair:<26}{r.max_abs:>14.3e}{r.max_rel:>14.3e}" for r in rows]
+    return "\n".join(lines)
+
+
+def export_vector_model(vectors: list[Any], architecture: str, path: str | Path) -> Path:
+    """Export the model of the conformance kit's forward vector for `architecture` (its weights
+    are in the vector file), for `deco conformance --onnx`."""
+    from deco.optimized.model import build_model
+
+    matches = [v for v in vectors if v.component == "forward"
+               and (v.config or {}).get("architecture") == architecture]
+    if not matches:
+        raise ValueError(f"architecture: no forward vector for {architecture!r}")
+    vector = matches[0]
+    model = build_model(DeCoConfig.from_dict(vector.config))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in vector.weights.items()})
+    return export_onnx(model, path, metadata={"deco_vector": vector.name})

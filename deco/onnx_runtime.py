@@ -1,0 +1,101 @@
+"""Run an exported DeCo graph with onnxruntime and NumPy only: no torch is imported.
+
+`OnnxVelocityModel` has the `config` and `forward(x, t, y)` of the reference's model protocol
+(spec/04-sampling.md), so `deco.reference.sample` drives it unchanged: the time grid, guidance
+interval, Euler and Heun logic are the reference's own, and only the velocity comes from the
+graph. `sample` below is that composition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from deco.config import DeCoConfig
+from deco.reference.checks import as_float_array, as_labels
+
+Array = NDArray[np.float64]
+
+
+def default_providers() -> list[str]:
+    """CUDAExecutionProvider where onnxruntime has it, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _session(path: Path, providers: list[str] | None) -> Any:
+    import onnxruntime as ort
+
+    chosen = providers or default_providers()
+    # TF32 matmuls on NVIDIA GPUs round inputs to 10 mantissa bits: float32 results would then
+    # miss the 1e-4 agreement that `deco onnx-check` promises.
+    options = [{"use_tf32": 0} if p == "CUDAExecutionProvider" else {} for p in chosen]
+    try:
+        return ort.InferenceSession(str(path), providers=chosen, provider_options=options)
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise ValueError(f"path: {path} is not a loadable ONNX model ({exc})") from None
+
+
+class OnnxVelocityModel:
+    """A DeCo graph exported by `deco export-onnx`, run by onnxruntime.
+
+    `config` comes from the file's metadata; `graph` is "velocity" or "cfg". Inputs are cast to
+    float32 (the graph's type) and outputs returned as float64, like the reference's.
+    """
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: no such file: {path}")
+        self.path = path
+        self.session = _session(path, providers)
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        if "config" not in self.metadata or "deco_graph" not in self.metadata:
+            raise ValueError(f"path: {path} has no DeCo metadata (not written by deco export-onnx)")
+        self.config = DeCoConfig.from_json(self.metadata["config"])
+        self.graph = self.metadata["deco_graph"]
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def _inputs(self, x: Any, t: Any, y: Any) -> dict[str, Any]:
+        cfg = self.config
+        x = as_float_array("x", x, ndim=4, channels=cfg.in_channels)
+        t = as_float_array("t", t)
+        t = np.broadcast_to(t, (x.shape[0],)) if t.ndim == 0 else t
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t: expected shape ({x.shape[0]},), got {t.shape}")
+        y = as_labels("y", y, batch=x.shape[0], num_classes=cfg.num_classes)
+        return {"x": x.astype(np.float32), "t": t.astype(np.float32), "y": y}
+
+    def forward(self, x: Any, t: Any, y: Any) -> Array:
+        """Velocity (B, C, H, W) of a "velocity" graph."""
+        if self.graph != "velocity":
+            raise ValueError(f"path: {self.path} is a '{self.graph}' graph; forward needs one "
+                             "exported without --cfg (use guided_velocity)")
+        out = self.session.run(["v"], self._inputs(x, t, y))[0]
+        return np.asarray(out, dtype=np.float64)
+
+    __call__ = forward
+
+    def guided_velocity(self, x: Any, t: Any, y: Any, guidance: float) -> Array:
+        """u + g (c - u) of a "cfg" graph (both branches inside the graph)."""
+        if self.graph != "cfg":
+            raise ValueError(f"path: {self.path} is a '{self.graph}' graph; export with --cfg")
+        feed = self._inputs(x, t, y)
+        feed["guidance"] = np.asarray(guidance, dtype=np.float32)
+        return np.asarray(self.session.run(["v"], feed)[0], dtype=np.float64)
+
+
+def sample(model: OnnxVelocityModel, noise: Any, labels: Any, **options: Any) -> Array:
+    """`deco.reference.sample` driven by the graph: steps, guidance, interval, timeshift, solver
+    and exact_heun as there; float64 state, float32 velocities."""
+    from deco.reference import sample as reference_sample
+
+    return reference_sample(model, noise, labels, **options)

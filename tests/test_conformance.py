@@ -1,0 +1,292 @@
+"""The conformance kit (deco.conformance, spec/vectors): vectors are current, and the runner tells
+a correct port from one with a single planted defect, component by component."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from deco.reference import model as ref_model
+from deco.reference import sampling as ref_sampling
+from deco.reference.frequency import JPEG_CHROMINANCE, JPEG_LUMINANCE
+from helpers import REPO_ROOT
+from safetensors import safe_open
+
+from deco import conformance as kit
+from deco import reference as ref
+from deco.cli import main
+
+VECTORS = REPO_ROOT / "spec" / "vectors"
+
+
+@pytest.fixture(scope="module")
+def vectors() -> list[kit.Vector]:
+    return kit.load_vectors(VECTORS)
+
+
+def failing_components(results: list[kit.Result]) -> set[str]:
+    return {r.component for r in results if r.status in ("FAIL", "ERROR")}
+
+
+# ------------------------------------------------------------------------- the vectors themselves
+def _read(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    with safe_open(str(path), framework="np") as f:
+        return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_committed_vectors_are_what_the_reference_computes_now(tmp_path: Path) -> None:
+    kit.write_vectors(tmp_path)
+    committed = sorted(p.name for p in VECTORS.glob("*.safetensors"))
+    assert committed == sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    for name in committed:
+        meta_old, old = _read(VECTORS / name)
+        meta_new, new = _read(tmp_path / name)
+        assert meta_old == meta_new, name
+        assert old.keys() == new.keys(), name
+        for key in old:
+            assert old[key].dtype == new[key].dtype and old[key].shape == new[key].shape, (name, key)
+            if key == "expected":
+                scale = max(float(np.max(np.abs(new[key]))), 1e-300)
+                assert np.max(np.abs(old[key] - new[key])) / scale <= 1e-12, (name, key)
+            else:
+                np.testing.assert_array_equal(old[key], new[key], err_msg=f"{name} {key}")
+
+
+def test_vectors_are_small_and_cover_every_component(vectors: list[kit.Vector]) -> None:
+    size = sum(p.stat().st_size for p in VECTORS.glob("*.safetensors"))
+    assert size < 1_000_000
+    assert {v.component for v in vectors} == set(kit.COMPONENTS)
+    weights = [w for v in vectors for w in v.weights.values()]
+    assert weights and all(w.dtype == np.float32 for w in weights)
+
+
+def test_a_corrupt_vector_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"^vectors: "):
+        kit.load_vectors(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^vectors: "):
+        kit.load_vectors(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------- the kit's own ports
+@pytest.mark.parametrize("port", [kit.ReferencePort(), kit.OptimizedPort(), kit.OptimizedPort32()],
+                         ids=["reference", "optimized-float64", "optimized-float32"])
+def test_reference_and_optimized_ports_pass_every_vector(port: Any, vectors: list[kit.Vector]) -> None:
+    results = kit.run_port(port, vectors)
+    assert [r for r in results if r.status != "pass"] == []
+    assert kit.passed(results)
+
+
+def test_the_reference_agrees_with_itself_exactly(vectors: list[kit.Vector]) -> None:
+    results = kit.run_port(kit.ReferencePort(), vectors)
+    assert max(r.max_rel for r in results) <= 1e-12
+
+
+def test_float32_results_fail_the_float64_tolerance(vectors: list[kit.Vector]) -> None:
+    results = kit.run_port(kit.OptimizedPort32(), vectors, precision="float64")
+    assert "forward" in failing_components(results)
+
+
+# ---------------------------------------------------------------------------- planted defects
+def _weights_with_scale(quality: int, gamma: float) -> np.ndarray:
+    scale = 200.0 - 2.0 * quality  # the q >= 50 branch of the IJG scaling used for every q
+    out = []
+    for base in (JPEG_LUMINANCE, JPEG_CHROMINANCE, JPEG_CHROMINANCE):
+        q = np.clip(np.floor((base * scale + 50.0) / 100.0), 1.0, 255.0)
+        w = (q.mean() / q) ** gamma
+        out.append(w / w.mean())
+    return np.stack(out)
+
+
+def _euler_half_open_interval(model: Any, noise: Any, labels: Any, steps: int, timeshift: float,
+                              guidance: float, interval: tuple[float, float]) -> np.ndarray:
+    x = noise
+    for t_cur, t_next in pairwise(ref.time_grid(steps, timeshift)):
+        g = guidance if interval[0] <= t_cur < interval[1] else 1.0  # edges the wrong way round
+        x = x + (t_next - t_cur) * ref_sampling.guided_velocity(model, x, t_cur, labels, g)
+    return np.asarray(x)
+
+
+def _heun_corrects_last_step(model: Any, noise: Any, labels: Any, steps: int, timeshift: float,
+                             guidance: float, interval: tuple[float, float], exact: bool) -> np.ndarray:
+    x, v_reuse = noise, None
+    for t_cur, t_next in pairwise(ref.time_grid(steps, timeshift)):
+        g = ref_sampling.guidance_at(t_cur, guidance, interval)
+        v = ref_sampling.guided_velocity(model, x, t_cur, labels, g) if exact or v_reuse is None \
+            else v_reuse
+        v_hat = ref_sampling.guided_velocity(model, x + (t_next - t_cur) * v, t_next, labels, g)
+        x, v_reuse = x + (t_next - t_cur) * 0.5 * (v + v_hat), v_hat
+    return np.asarray(x)
+
+
+def _ungated(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """adaln rows of gate1 and gate2 set to (0, bias 1): both residual gates become 1."""
+    w = {k: np.array(v, dtype=np.float64) for k, v in weights.items()}
+    d = w["adaln.bias"].shape[0] // 6
+    for chunk in (2, 5):
+        w["adaln.weight"][chunk * d:(chunk + 1) * d] = 0.0
+        w["adaln.bias"][chunk * d:(chunk + 1) * d] = 1.0
+    return w
+
+
+def _no_layernorm_affine(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    w = dict(weights)
+    w["norm.weight"], w["norm.bias"] = np.ones_like(w["norm.weight"]), np.zeros_like(w["norm.bias"])
+    return w
+
+
+_F = np.linspace(0, 8, 8)
+
+#: component -> (defect, implementation replacing the reference's)
+DEFECTS: dict[str, tuple[str, Any]] = {
+    "rgb_to_ycbcr": ("Cb and Cr rows swapped", lambda x: ref.rgb_to_ycbcr(x)[:, [0, 2, 1]]),
+    "block_dct": ("coefficients transposed (u, v swapped)",
+                  lambda x: np.swapaxes(ref.block_dct(x), -1, -2)),
+    "frequency_weights": ("IJG scaling 200 - 2q also below q = 50", _weights_with_scale),
+    "frequency_aware_loss": ("weights transposed", lambda p, t, q, g: float(np.mean(
+        np.swapaxes(ref.frequency_weights(q, g), -1, -2)[None, :, None, None]
+        * (ref.block_dct(ref.rgb_to_ycbcr(p)) - ref.block_dct(ref.rgb_to_ycbcr(t))) ** 2))),
+    "timestep_features": ("sin half first", lambda t: np.roll(ref_model.timestep_features(t), 128, -1)),
+    "rope_angles": ("x and y axes swapped", lambda gh, gw, hd: ref_model.rope_angles(gh, gw, hd)
+                    .reshape(gh * gw, hd // 4, 2)[..., ::-1].reshape(gh * gw, hd // 2)),
+    "apply_rope": ("rotation in the opposite direction",
+                   lambda x, a: ref_model.apply_rope(x, -a)),
+    "dit_block": ("residual gates missing (gate = 1)", lambda x, c, w, h, a:
+                  kit.ReferencePort.dit_block(x, c, _ungated(w), h, a)),
+    "dct_position_features": ("missing 1/(1 + f_a f_b) scale", lambda p:
+                              ref_model.dct_position_features(p) * (1 + np.outer(_F, _F)).reshape(64)),
+    "decoder_block": ("LayerNorm affine ignored", lambda x, c, w:
+                      kit.ReferencePort.decoder_block(x, c, _no_layernorm_affine(w))),
+    "forward": ("time reversed (t = 1 taken as noise)", lambda cfg, w, x, t, y:
+                kit.ReferencePort.forward(cfg, w, x, 1.0 - t, y)),
+    "time_grid": ("shift inverted", lambda n, s: ref.time_grid(n, 1.0 / s)),
+    "euler": ("guidance interval low <= t < high", _euler_half_open_interval),
+    "heun": ("corrector also on the last step", _heun_corrects_last_step),
+}
+
+
+def defective_port(component: str) -> Any:
+    class Defective(kit.ReferencePort):
+        pass
+
+    setattr(Defective, component, staticmethod(DEFECTS[component][1]))
+    return Defective()
+
+
+def test_every_component_has_a_planted_defect() -> None:
+    assert set(DEFECTS) == set(kit.COMPONENTS)
+
+
+@pytest.mark.parametrize("component", list(DEFECTS), ids=[f"{c}: {d}" for c, (d, _) in DEFECTS.items()])
+def test_a_planted_defect_fails_exactly_its_component(component: str, vectors: list[kit.Vector]) -> None:
+    results = kit.run_port(defective_port(component), vectors)
+    assert failing_components(results) == {component}
+    assert not kit.passed(results)
+    # It fails on the numbers, not by crashing, and by far more than the float32 tolerance.
+    failed = [r for r in results if r.status != "pass"]
+    assert all(r.status == "FAIL" and r.max_rel > 100 * kit.TOLERANCE["float32"] for r in failed), failed
+
+
+def test_each_interval_edge_matters(vectors: list[kit.Vector]) -> None:
+    """Only the edge vectors catch the half-open interval: the grid points on both edges decide."""
+    results = kit.run_port(defective_port("euler"), vectors)
+    assert {r.vector for r in results if r.status == "FAIL"} == {"euler_interval_edges"}
+
+
+# ------------------------------------------------------------------------------ runner behaviour
+class OnlyYCbCr:
+    precision = "float64"
+
+    @staticmethod
+    def rgb_to_ycbcr(x: np.ndarray) -> np.ndarray:
+        return ref.rgb_to_ycbcr(x)
+
+    @staticmethod
+    def block_dct(x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Crashing:
+    @staticmethod
+    def time_grid(steps: int, timeshift: float) -> np.ndarray:
+        raise RuntimeError("boom")
+
+    @staticmethod
+    def timestep_features(t: np.ndarray) -> np.ndarray:
+        return ref_model.timestep_features(t)[:, :128]  # wrong shape
+
+
+def test_missing_components_are_skipped(vectors: list[kit.Vector]) -> None:
+    results = kit.run_port(OnlyYCbCr(), vectors)
+    statuses = {r.component: r.status for r in results}
+    assert statuses.pop("rgb_to_ycbcr") == "pass"
+    assert set(statuses.values()) == {"skipped"}
+    assert kit.passed(results)
+
+
+def test_a_port_that_runs_nothing_does_not_pass(vectors: list[kit.Vector]) -> None:
+    results = kit.run_port(object(), vectors)
+    assert all(r.status == "skipped" for r in results)
+    assert not kit.passed(results)
+
+
+def test_exceptions_and_wrong_shapes_are_failures(vectors: list[kit.Vector]) -> None:
+    results = {r.component: r for r in kit.run_port(Crashing(), vectors)}
+    assert results["time_grid"].status == "ERROR" and "boom" in results["time_grid"].note
+    assert results["timestep_features"].status == "FAIL"
+    assert "shape" in results["timestep_features"].note
+
+
+def test_precision_must_be_known() -> None:
+    class Odd:
+        precision = "float16"
+
+    with pytest.raises(ValueError, match=r"^port: precision"):
+        kit.port_precision(Odd())
+
+
+# --------------------------------------------------------------------------------------- CLI
+def test_cli_passes_the_reference(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conformance", "--python", "deco.conformance:ReferencePort",
+                 "--vectors", str(VECTORS)]) == 0
+    out = capsys.readouterr().out
+    assert "component" in out.splitlines()[0] and out.strip().endswith("0 skipped")
+    rows = [line for line in out.splitlines() if line.rstrip().endswith(" pass")]
+    assert len(rows) == len(list(VECTORS.glob("*.safetensors")))
+
+
+def test_cli_fails_a_defective_port(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conformance", "--python", "test_conformance:SwappedChroma",
+                 "--vectors", str(VECTORS)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in next(line for line in out.splitlines() if line.startswith("rgb_to_ycbcr"))
+
+
+class SwappedChroma(kit.ReferencePort):
+    rgb_to_ycbcr = staticmethod(DEFECTS["rgb_to_ycbcr"][1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--python", "nocolon"], "python: expected MODULE:OBJECT"),
+    (["--python", "no_such_module_xyz:Port"], "python: cannot import"),
+    (["--python", "deco.conformance:NoSuchPort"], "python: 'deco.conformance' has no attribute"),
+    (["--python", "deco.conformance:ReferencePort", "--vectors", "/no/such/dir"], "vectors: no such folder"),
+])
+def test_cli_user_errors_are_one_line(argv: list[str], message: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conformance", *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_cli_write_regenerates(tmp_path: Path) -> None:
+    (tmp_path / "stale.safetensors").write_bytes(b"x")
+    assert main(["conformance", "--write", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in VECTORS.glob("*.safetensors"))
+    meta, _ = _read(tmp_path / "forward_deco.safetensors")
+    assert json.loads(meta["config"])["architecture"] == "deco"
