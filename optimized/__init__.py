@@ -1,14 +1,28 @@
 """`deco.optimized`: the fast PyTorch implementation of DeCo (spec/), tested against `deco.reference`."""
 
+from deco.config import DeCoConfig
+
+from .io import load_model, save_model
 from .loss import flow_matching_loss, frequency_aware_loss, frequency_weights
+from .model import BaselineDiT, DeCo, DiffusionTransformer, build_model
+from .sampling import sample, time_grid
 from .train import Draws, NonFiniteLossError, TrainConfig, Trainer
 
 __all__ = [
+    "BaselineDiT",
+    "DeCo",
+    "DeCoConfig",
+    "DiffusionTransformer",
     "Draws",
     "NonFiniteLossError",
     "TrainConfig",
     "Trainer",
+    "build_model",
     "flow_matching_loss",
     "frequency_aware_loss",
     "frequency_weights",
+    "load_model",
+    "sample",
+    "save_model",
+    "time_grid",
 ]

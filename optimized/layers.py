@@ -1,0 +1,283 @@
+"""Building blocks of the fast DeCo model (spec/03-model.md), each mirroring a reference function.
+
+Attribute names follow the portable weight names of `deco.config.parameter_shapes`, so a module's
+`state_dict()` *is* a portable weight file. Shapes: B batch, L tokens, D hidden, N = B*L patches,
+P = p*p pixels per patch, w decoder width.
+
+Constant tables (RoPE angles, DCT position features, time frequencies) are computed in `forward`
+from shapes with plain torch ops: they cost microseconds, need no cache keyed by device/dtype,
+and `torch.compile` and the ONNX exporter fold them into constants.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deco.config import DCT_FREQS, NORM_EPS, ROPE_SPAN, ROPE_THETA, TIME_FREQ_DIM, TIME_MAX_PERIOD
+
+
+def table_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Constant tables are built in float64 for float64 models, float32 otherwise (also for
+    bfloat16/float16 models: the angles need float32, and MPS has no float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_tracing() -> bool:
+    """True under torch.compile, jit tracing or ONNX export: no data-dependent Python control
+    flow then (value checks, shape-dependent loops)."""
+    tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
+    return bool(torch.compiler.is_compiling() or tracing or torch.onnx.is_in_onnx_export())
+
+
+def layer_norm(x: Tensor) -> Tensor:
+    """LayerNorm without affine over the last axis: (x - mean) / sqrt(var + 1e-6).
+
+    Written as centring + F.rms_norm because that fused kernel is several times faster than
+    F.layer_norm on the decoder's narrow (w = 32) rows on the CPU."""
+    return F.rms_norm(x - x.mean(-1, keepdim=True), (x.shape[-1],), eps=NORM_EPS)
+
+
+# ------------------------------------------------------------------------------------ embeddings
+class TimestepEmbedder(nn.Module):
+    """t (B,) in [0, 1] -> (B, D): fc2(silu(fc1([cos(t f_k), sin(t f_k)]))), f_k = 10^(-k/128)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(TIME_FREQ_DIM, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = TIME_FREQ_DIM // 2
+        dtype = table_dtype(self.fc1.weight.dtype)
+        k = torch.arange(half, device=t.device, dtype=dtype)
+        freqs = torch.exp(k * (-math.log(TIME_MAX_PERIOD) / half))  # (128,)
+        args = t.to(dtype)[:, None] * freqs[None, :]  # (B, 128)
+        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.fc1.weight.dtype)
+        out: Tensor = self.fc2(F.silu(self.fc1(feats)))  # (B, D)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ RoPE
+def rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(cos, sin), each (L, 1, head_dim/2): pair k rotates by pos_x f_{k//2} (even k) or pos_y
+    f_{k//2} (odd k), f_j = 10000^(-4j/head_dim), positions linspace(0, 16, n) on each axis."""
+    tdt = table_dtype(dtype)
+    freqs = ROPE_THETA ** (-torch.arange(0, head_dim, 4, device=device, dtype=tdt) / head_dim)
+    pos_y = torch.linspace(0, ROPE_SPAN, grid_h, device=device, dtype=tdt)
+    pos_x = torch.linspace(0, ROPE_SPAN, grid_w, device=device, dtype=tdt)
+    ax = pos_x[None, :, None] * freqs  # (1, gw, hd/4): varies along a row
+    ay = pos_y[:, None, None] * freqs  # (gh, 1, hd/4)
+    shape = (grid_h, grid_w, head_dim // 4)
+    angles = torch.stack([ax.expand(shape), ay.expand(shape)], dim=-1)  # (gh, gw, hd/4, 2)
+    angles = angles.reshape(grid_h * grid_w, 1, head_dim // 2)  # (L, 1, hd/2)
+    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the adjacent pairs (x[2k], x[2k+1]) of x (B, L, heads, hd) with real arithmetic
+    (complex tensors block ONNX export and are slow on CPU)."""
+    a, b = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # each (B, L, heads, hd/2)
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+# ------------------------------------------------------------------------------------ DiT block
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + 1e-6) * weight over the last axis."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Under autocast x may be bfloat16 while the gain is float32: match it, or the fused
+        # kernel is skipped.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), NORM_EPS)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, fused QKV (no bias), RMS qk-norm and 2-D RoPE."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = hidden_size // num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.q_norm = RMSNorm(head_dim)
+        self.k_norm = RMSNorm(head_dim)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).unbind(2)  # each (B, L, h, hd)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        # SDPA wants (B, h, L, hd); its default scale is 1/sqrt(hd), as in the spec.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        proj: Tensor = self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, L, D)
+        return proj
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, hidden_size: int, inner: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, inner, bias=False)
+        self.w3 = nn.Linear(hidden_size, inner, bias=False)
+        self.w2 = nn.Linear(inner, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return out
+
+
+class DiTBlock(nn.Module):
+    """AdaLN block (attention + SwiGLU) conditioned on c = silu(t_emb + y_emb) (B, D)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(hidden_size)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = RMSNorm(hidden_size)
+        self.mlp = SwiGLU(hidden_size, mlp_hidden)
+        self.adaln = nn.Linear(hidden_size, 6 * hidden_size)
+
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        # c is already silu(...): the adaln linear takes it directly.
+        mod = self.adaln(c).unsqueeze(1)  # (B, 1, 6D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        h = torch.addcmul(shift1, self.norm1(x), 1 + scale1)  # modulate, one pass
+        x = torch.addcmul(x, gate1, self.attn(h, cos, sin))
+        h = torch.addcmul(shift2, self.norm2(x), 1 + scale2)
+        return torch.addcmul(x, gate2, self.mlp(h))  # (B, L, D)
+
+
+class LinearHead(nn.Module):
+    """The baseline's de-patch head: LayerNorm (no affine), AdaLN shift/scale from c, linear."""
+
+    def __init__(self, hidden_size: int, out_features: int) -> None:
+        super().__init__()
+        self.adaln = nn.Linear(hidden_size, 2 * hidden_size)
+        self.linear = nn.Linear(hidden_size, out_features)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaln(c).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
+        out: Tensor = self.linear(torch.addcmul(shift, layer_norm(x), 1 + scale))  # (B, L, C*p*p)
+        return out
+
+
+# --------------------------------------------------------------------------------- pixel decoder
+def dct_features(p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(P, 64) DCT position features of the pixels of a p x p patch, row-major: feature a*8 + b
+    of pixel (i, j) is cos(pi x_j f_a) cos(pi y_i f_b) / (1 + f_a f_b), f = linspace(0, 8, 8)."""
+    tdt = table_dtype(dtype)
+    f = torch.linspace(0, DCT_FREQS, DCT_FREQS, device=device, dtype=tdt)
+    pos = torch.linspace(0, 1, p, device=device, dtype=tdt)
+    cx = torch.cos(math.pi * pos[None, :, None, None] * f[:, None])  # (1, p_j, 8_a, 1)
+    cy = torch.cos(math.pi * pos[:, None, None, None] * f)  # (p_i, 1, 1, 8_b)
+    scale = 1.0 / (1.0 + f[:, None] * f)  # (8_a, 8_b)
+    return (cx * cy * scale).reshape(p * p, DCT_FREQS * DCT_FREQS).to(dtype)
+
+
+class DecoderBlock(nn.Module):
+    """Attention-free AdaLN MLP block applied to every pixel: (N*P, w) with condition u (N*P, w).
+
+    Spec: (shift, scale, gate) = adaln(u); z + gate * fc2(silu(fc1(LN(z) (1+scale) + shift))),
+    LN with affine (g, b). Since (x g + b)(1 + scale) + shift is affine in u, the LayerNorm
+    affine and the "1 +" are folded into the adaln weights (`modulation_weights`), so the block
+    runs a plain F.layer_norm and one addcmul instead of four elementwise passes per pixel.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=NORM_EPS)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.adaln = nn.Linear(width, 3 * width)
+
+    def modulation_weights(self) -> tuple[Tensor, Tensor]:
+        """(3w, w) weight and (3w,) bias mapping u to (shift', scale', gate) with
+        LN(z)(1 + scale) + shift = layer_norm(z) * scale' + shift' (layer_norm without affine)."""
+        g, b = self.norm.weight, self.norm.bias
+        w_shift, w_scale, w_gate = self.adaln.weight.chunk(3, dim=0)
+        b_shift, b_scale, b_gate = self.adaln.bias.chunk(3, dim=0)
+        weight = torch.cat([w_shift + b[:, None] * w_scale, g[:, None] * w_scale, w_gate])
+        bias = torch.cat([b_shift + b * (1 + b_scale), g * (1 + b_scale), b_gate])
+        return weight, bias
+
+    def forward(self, z: Tensor, mod: Tensor) -> Tensor:
+        """z (N*P, w); mod (N*P, 3w) = F.linear(u, *modulation_weights())."""
+        shift, scale, gate = mod.chunk(3, dim=-1)
+        h = torch.addcmul(shift, layer_norm(z), scale)
+        h = self.fc2(F.silu(self.fc1(h)))
+        return torch.addcmul(z, gate, h)  # (N*P, w)
+
+
+class PixelDecoder(nn.Module):
+    """DeCo's per-pixel decoder: noisy pixels + DCT positions, conditioned per pixel on the DiT's
+    semantic tokens, -> velocity. Works on (rows, w) matrices: each row is one pixel.
+
+    On the CPU the pixels are decoded `chunk_rows` at a time: the decoder is a chain of
+    memory-bound passes over (N*P, w) activations (tens of MB at 256x256), and chunks that stay
+    in cache (and below malloc's mmap threshold) make it several times faster. Elsewhere, and
+    while tracing or compiling (the chunk loop would be unrolled for one shape), it is one chunk.
+    """
+
+    chunk_rows = 16384
+
+    def __init__(self, in_channels: int, patch_size: int, hidden_size: int, width: int,
+                 depth: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.pixel_embed = nn.Linear(in_channels + DCT_FREQS * DCT_FREQS, width)
+        self.cond_proj = nn.Linear(hidden_size, patch_size * patch_size * width)
+        self.input_proj = nn.Linear(width, width)
+        self.blocks = nn.ModuleList([DecoderBlock(width) for _ in range(depth)])
+        self.final = nn.Linear(width, in_channels)
+
+    def embed_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(w, C) weight and (P, w) bias with input_proj(pixel_embed([pixel, dct])) = pixel @ W.T
+        + bias. The DCT features are the same for every patch, so their share of pixel_embed is a
+        per-pixel bias computed once; input_proj is affine too, so it is composed in."""
+        c = self.final.out_features
+        w_pix, w_pos = self.pixel_embed.weight[:, :c], self.pixel_embed.weight[:, c:]
+        dct = dct_features(self.patch_size, w_pos.device, dtype)  # (P, 64)
+        bias = self.input_proj(F.linear(dct, w_pos, self.pixel_embed.bias))  # (P, w)
+        return self.input_proj.weight @ w_pix, bias
+
+    def forward(self, x: Tensor, s: Tensor) -> Tensor:
+        """x (B, C, H, W) noisy image, s (B, L, D) semantic condition -> velocity (B, C, H, W)."""
+        b, c, h, w_img = x.shape
+        p = self.patch_size
+        gh, gw = h // p, w_img // p
+        n = b * gh * gw
+        # Pixels as (N, P, C): patches row-major, pixels row-major inside a patch.
+        pixels = x.view(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(n, p * p, c)
+        embed = self.embed_weights(x.dtype)
+        mods = [block.modulation_weights() for block in self.blocks if isinstance(block, DecoderBlock)]
+        cond = self.cond_proj(s.reshape(n, -1))  # (N, P*w): one GEMM, its weight read once
+        chunks = 1
+        if x.device.type == "cpu" and not is_tracing():
+            chunks = -(-n // max(1, self.chunk_rows // (p * p)))
+        # chunk (not slicing): its backward is one cat, not a full-size zero tensor per chunk.
+        out = torch.cat([
+            self.decode(pix, con, embed, mods)
+            for pix, con in zip(pixels.chunk(chunks), cond.chunk(chunks), strict=True)
+        ])  # (N*P, C)
+        return out.view(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w_img)
+
+    def decode(self, pixels: Tensor, cond: Tensor, embed: tuple[Tensor, Tensor],
+               mods: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """pixels (n, P, C), cond (n, P*w) -> velocity rows (n*P, C)."""
+        width = self.final.in_features
+        z = torch.matmul(pixels, embed[0].T).add_(embed[1]).view(-1, width)  # (n*P, w)
+        u = F.silu(cond.view(-1, width))  # (n*P, w), shared by every block's adaln
+        for block, mod in zip(self.blocks, mods, strict=True):
+            z = block(z, F.linear(u, *mod))
+        out: Tensor = self.final(layer_norm(z))  # (n*P, C)
+        return out

@@ -1,0 +1,212 @@
+"""DeCo and the baseline DiT as `nn.Module`s (spec/03-model.md), sharing one DiT trunk.
+
+`DeCo(config)(x, t, y)` and `BaselineDiT(config)(x, t, y)` return the velocity (B, C, H, W) for
+noisy images x (B, C, H, W) (H, W multiples of the patch size; RoPE makes any grid valid), times
+t (B,) in [0, 1] (t = 1 is data) and labels y (B,) in 0..num_classes (num_classes = null class).
+`state_dict()` uses exactly the portable names and shapes of `deco.config.parameter_shapes`.
+`load_model` (from `.io`) is re-exported here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deco.config import DeCoConfig
+
+from .io import load_model, save_model
+from .layers import (
+    DecoderBlock,
+    DiTBlock,
+    LinearHead,
+    PixelDecoder,
+    TimestepEmbedder,
+    is_tracing,
+    rope_tables,
+)
+
+
+class DiffusionTransformer(nn.Module):
+    """The DiT trunk shared by `DeCo` and `BaselineDiT`: time/label embeddings, a linear patch
+    embedding and `config.depth` AdaLN blocks with 2-D RoPE attention.
+
+    Initialisation follows the release: xavier-uniform linears with zero biases (DiT), normal(0.02)
+    label table and time-MLP weights. The release does *not* zero the DiT blocks' adaln (it
+    comments that out), so neither do we; the subclasses zero their output layers.
+    """
+
+    def __init__(self, config: DeCoConfig) -> None:
+        super().__init__()
+        if not isinstance(config, DeCoConfig):
+            raise TypeError(f"config: expected a DeCoConfig, got {type(config).__name__}")
+        self.config = config
+        h = config.hidden_size
+        self.t_embed = TimestepEmbedder(h)
+        self.y_embed = nn.Embedding(config.num_classes + 1, h)
+        self.patch_embed = nn.Linear(config.in_channels * config.patch_size**2, h)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(h, config.num_heads, config.mlp_hidden) for _ in range(config.depth)]
+        )
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        nn.init.normal_(self.t_embed.fc1.weight, std=0.02)
+        nn.init.normal_(self.t_embed.fc2.weight, std=0.02)
+
+    # ------------------------------------------------------------------------------- inputs
+    def check_inputs(self, x: Any, t: Any, y: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """Validate (x, t, y) and return them as (x, t (B,), y) in the model's dtype; a 0-d t is
+        broadcast over the batch. Errors name the argument."""
+        cfg = self.config
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point torch.Tensor, got {_describe(x)}")
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x: expected shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        p = cfg.patch_size
+        if x.shape[2] % p or x.shape[3] % p or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(
+                f"x: height and width must be positive multiples of patch_size={p}, "
+                f"got {x.shape[2]}x{x.shape[3]}"
+            )
+        b = x.shape[0]
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            t = torch.tensor(float(t), dtype=torch.float64, device=x.device)
+        if not isinstance(t, Tensor) or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"t: expected a real torch.Tensor or number, got {_describe(t)}")
+        if t.ndim == 0:
+            t = t.expand(b)
+        if tuple(t.shape) != (b,):
+            raise ValueError(f"t: expected shape ({b},), got {tuple(t.shape)}")
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"y: expected an integer torch.Tensor of labels, got {_describe(y)}")
+        if tuple(y.shape) != (b,):
+            raise ValueError(f"y: expected shape ({b},), got {tuple(y.shape)}")
+        if not is_tracing() and b > 0:
+            low, high = (int(v) for v in torch.aminmax(y))
+            if low < 0 or high > cfg.num_classes:
+                raise ValueError(
+                    f"y: labels must lie in 0..{cfg.num_classes} ({cfg.num_classes} is the null "
+                    f"class), got values in {low}..{high}"
+                )
+        dtype = self.patch_embed.weight.dtype
+        return x.to(dtype), t.to(dtype), y.long()
+
+    # -------------------------------------------------------------------------------- trunk
+    def trunk(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Checked inputs -> (tokens after the blocks (B, L, D), t_emb (B, D), c (B, D))."""
+        b, ch, h, w = x.shape
+        p = self.config.patch_size
+        gh, gw = h // p, w // p
+        t_emb = self.t_embed(t)  # (B, D)
+        c = F.silu(t_emb + self.y_embed(y))  # (B, D)
+        # Patchify with a view + permute (no unfold): feature index c*p*p + i*p + j.
+        patches = x.view(b, ch, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)
+        tokens = self.patch_embed(patches)  # (B, L, D)
+        cos, sin = rope_tables(gh, gw, self.config.head_dim, x.device, tokens.dtype)  # (L, 1, hd/2)
+        for block in self.blocks:
+            tokens = block(tokens, c, cos, sin)
+        return tokens, t_emb, c
+
+    def save(self, path: str | Path) -> None:
+        """Write the weights and config to a DeCo `.safetensors` file, atomically."""
+        save_model(self, path)
+
+
+class DeCo(DiffusionTransformer):
+    """DeCo: the DiT trunk models low frequencies on patches; a light per-pixel decoder
+    conditioned on its tokens produces the velocity (high frequencies) at full resolution.
+
+    The decoder's adaln and final linear are zero-initialised (as in the release), so a fresh
+    model predicts zero velocity."""
+
+    def __init__(self, config: DeCoConfig) -> None:
+        super().__init__(config)
+        if config.architecture != "deco":
+            raise ValueError(f"config: DeCo needs architecture='deco', got {config.architecture!r}")
+        self.decoder = PixelDecoder(config.in_channels, config.patch_size, config.hidden_size,
+                                    config.decoder_width, config.decoder_depth)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        for block in self.decoder.blocks:
+            assert isinstance(block, DecoderBlock)
+            nn.init.zeros_(block.adaln.weight)
+            nn.init.zeros_(block.adaln.bias)
+        nn.init.zeros_(self.decoder.final.weight)
+        nn.init.zeros_(self.decoder.final.bias)
+
+    def semantic_tokens(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """Checked inputs -> s = silu(t_emb + DiT tokens) (B, L, D), the decoder's condition."""
+        tokens, t_emb, _ = self.trunk(x, t, y)
+        return F.silu(t_emb.unsqueeze(1) + tokens)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """Velocity (B, C, H, W)."""
+        x, t, y = self.check_inputs(x, t, y)
+        out: Tensor = self.decoder(x, self.semantic_tokens(x, t, y))
+        return out
+
+    def semantic(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """The decoder's condition silu(t_emb + s) laid out as (B, D, H/p, W/p)."""
+        x, t, y = self.check_inputs(x, t, y)
+        s = self.semantic_tokens(x, t, y)  # (B, L, D)
+        p = self.config.patch_size
+        return s.view(x.shape[0], x.shape[2] // p, x.shape[3] // p, -1).permute(0, 3, 1, 2)
+
+
+class BaselineDiT(DiffusionTransformer):
+    """The paper's baseline: the same DiT, all `config.depth` blocks, then a linear de-patch head
+    (LayerNorm, AdaLN shift/scale, linear to C*p*p). Head adaln and linear are zero-initialised."""
+
+    def __init__(self, config: DeCoConfig) -> None:
+        super().__init__(config)
+        if config.architecture != "baseline":
+            raise ValueError(
+                f"config: BaselineDiT needs architecture='baseline', got {config.architecture!r}"
+            )
+        self.head = LinearHead(config.hidden_size, config.in_channels * config.patch_size**2)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        for layer in (self.head.adaln, self.head.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """Velocity (B, C, H, W)."""
+        x, t, y = self.check_inputs(x, t, y)
+        tokens, _, c = self.trunk(x, t, y)
+        out: Tensor = self.head(tokens, c)  # (B, L, C*p*p)
+        b, ch, h, w = x.shape
+        p = self.config.patch_size
+        return out.view(b, h // p, w // p, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)
+
+
+__all__ = ["BaselineDiT", "DeCo", "DiffusionTransformer", "build_model", "load_model", "save_model"]
+
+
+def build_model(config: DeCoConfig) -> DeCo | BaselineDiT:
+    """`DeCo` or `BaselineDiT` according to `config.architecture`."""
+    if not isinstance(config, DeCoConfig):
+        raise TypeError(f"config: expected a DeCoConfig, got {type(config).__name__}")
+    return DeCo(config) if config.architecture == "deco" else BaselineDiT(config)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of dtype {value.dtype}"
+    return type(value).__name__
