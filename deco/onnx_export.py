@@ -27,6 +27,7 @@ constant folding renames and merges).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import warnings
 from collections.abc import Callable, Iterator
@@ -44,6 +45,9 @@ DEFAULT_OPSET = 17
 OPSETS = range(17, 21)
 FORMAT_VERSION = "1"
 GRAPH_VELOCITY, GRAPH_CFG = "velocity", "cfg"
+#: float32 agreement required of a graph (relative to max|expected|), by the export's own check
+#: at a second shape and by `deco onnx-check`.
+ONNX_CHECK_RTOL = 1e-4
 
 
 class GuidedVelocity(nn.Module):
@@ -197,12 +201,12 @@ def export_onnx(
 ) -> Path:
     """Export `model` (a `deco.optimized` DeCo or BaselineDiT with a `.config`) to `path`.
 
-    batch None and resolution None give dynamic axes; float32 weights (the model is copied to
-    float32 on the CPU). `metadata` entries are added to the file's metadata_props. The result
-    passes `onnx.checker.check_model(full_check=True)`.
+    batch None and resolution None give dynamic axes; float32 weights (a float32 CPU copy of
+    the model is traced where needed; the caller's model is left as it is). `metadata` entries
+    are added to the file's metadata_props. The file is written only after it passes
+    `onnx.checker.check_model(full_check=True)` and matches torch in onnxruntime at a shape other
+    than the traced one (ValueError otherwise).
     """
-    import onnx
-
     config = getattr(model, "config", None)
     if not isinstance(config, DeCoConfig):
         raise TypeError(
@@ -211,25 +215,54 @@ def export_onnx(
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output: folder {path.parent} does not exist")
-    net: nn.Module = model.to(device="cpu", dtype=torch.float32).eval()
+    net = _cpu_float32_copy(model)
     if cfg:
         net = GuidedVelocity(net, config.num_classes)
     p = config.patch_size
     # Trace at a non-square size so that a height/width mix-up cannot hide in the trace.
     example = _example_inputs(config, batch or 2, resolution or (2 * p, 3 * p), cfg)
+    # Written next to the target and renamed once checked: no half-checked file at `path`.
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        _trace(net, example, tmp, opset, cfg, batch is None, resolution is None)
+        _finish(tmp, config, cfg, batch, resolution, metadata)
+        _check_other_shapes(net, tmp, config, cfg, batch, resolution)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _cpu_float32_copy(model: nn.Module) -> nn.Module:
+    """The model in eval mode as float32 on the CPU, without touching the caller's model."""
+    if all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()) \
+            and not model.training:
+        return model
+    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+
+
+def _trace(net: nn.Module, example: tuple[Tensor, ...], path: Path, opset: int, cfg: bool,
+           dynamic_batch: bool, dynamic_size: bool) -> None:
     names = ["x", "t", "y", *(["guidance"] if cfg else [])]
     dynamic: dict[str, dict[int, str]] = {}
-    if batch is None:
+    if dynamic_batch:
         dynamic = {"x": {0: "batch"}, "t": {0: "batch"}, "y": {0: "batch"}, "v": {0: "batch"}}
-    if resolution is None:
+    if dynamic_size:
         for name in ("x", "v"):
             dynamic.setdefault(name, {}).update({2: "height", 3: "width"})
     with _symbolics(opset), warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter warns that it is deprecated and that tracing records shapes;
-        # the shape-dependent parts are the RoPE/DCT tables, checked at other sizes by the tests.
+        # `_check_other_shapes` verifies that the dynamic axes really are dynamic.
         warnings.simplefilter("ignore")
         torch.onnx.export(net, example, str(path), dynamo=False, opset_version=opset,
                           input_names=names, output_names=["v"], dynamic_axes=dynamic or None)
+
+
+def _finish(path: Path, config: DeCoConfig, cfg: bool, batch: int | None,
+            resolution: tuple[int, int] | None, metadata: dict[str, str] | None) -> None:
+    """Add the metadata and run the full ONNX checker."""
+    import onnx
+
     proto = onnx.load(str(path))
     props = {"deco_format": FORMAT_VERSION, "config": config.to_json(),
              "deco_graph": GRAPH_CFG if cfg else GRAPH_VELOCITY,
@@ -241,7 +274,38 @@ def export_onnx(
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
-    return path
+
+
+def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: bool,
+                        batch: int | None, resolution: tuple[int, int] | None) -> None:
+    """Run the graph in onnxruntime at a batch and size other than the traced ones (where they
+    are dynamic) and compare with torch: tracing silently freezes any shape the model's Python
+    code computes, and this is where such a freeze shows. The size has a one-row token grid,
+    the edge case of the RoPE positions."""
+    import numpy as np
+
+    from .onnx_runtime import OnnxVelocityModel
+
+    p = config.patch_size
+    inputs = _example_inputs(config, batch or 3, resolution or (p, 5 * p), cfg)
+    graph = OnnxVelocityModel(path, providers=["CPUExecutionProvider"])
+    feed = dict(zip(["x", "t", "y", "guidance"], (a.numpy() for a in inputs), strict=False))
+    with torch.no_grad():
+        expected = net(*inputs).numpy()
+    try:
+        got = graph.session.run(["v"], feed)[0]
+    except Exception as exc:  # onnxruntime's own exception types
+        got, reason = None, str(exc).splitlines()[0][:200]
+    if got is not None:
+        err = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+        reason = f"relative error {err:.1e} vs torch"
+        if err <= ONNX_CHECK_RTOL:
+            return
+    shape = tuple(inputs[0].shape)
+    raise ValueError(
+        f"model: the exported graph does not run correctly at {shape} (traced at another shape): "
+        f"{reason}. The model's code fixes a shape while tracing; export with a fixed --batch "
+        "and --resolution instead")
 
 
 def export_checkpoint(checkpoint: str | Path, path: str | Path, **options: Any) -> Path:
@@ -258,8 +322,6 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, **options: Any) 
 
 
 # ------------------------------------------------------------------------------ onnx-check
-#: `deco onnx-check` passes when every pair agrees to this, relative to max|expected|.
-ONNX_CHECK_RTOL = 1e-4
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,182 @@
+"""Shared pieces of the benchmarks: sizes per profile, models with non-zero random weights, the
+release's model with identical weights, one common training step, and peak-memory probes.
+
+Profiles (`DECO_BENCH_PROFILE`, or chosen by bench/conftest.py):
+- "cpu": the sizes RESULTS.md reports on a CPU (default when timing);
+- "smoke": tiny sizes, so that `pytest bench --benchmark-disable` runs every code path in
+  seconds (CI);
+- CUDA benchmarks always use the paper's sizes (bench/test_bench_cuda.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from deco.optimized.loss import frequency_aware_loss
+from deco.optimized.model import build_model
+from torch import Tensor, nn
+
+from deco.config import DeCoConfig
+from deco.release import portable_name
+
+BENCH_DIR = Path(__file__).resolve().parent
+RELEASE_FILE = Path("src/models/transformer/dit_c2i_DeCo.py")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model preset, image size and batch for one kind of benchmark."""
+
+    preset: str
+    resolution: int
+    batch: int
+    rounds: int = 3
+    steps: int = 0  # sampling steps
+
+    def config(self, architecture: str = "deco") -> DeCoConfig:
+        if architecture == "deco":
+            return DeCoConfig.preset(self.preset)
+        return DeCoConfig.preset(self.preset.replace("DeCo-", "DiT-"))
+
+
+#: profile -> benchmark kind -> sizes. "release" is the side-by-side comparison of the brief:
+#: DeCo-S/16, 256x256, batch 4, float32.
+PROFILES: dict[str, dict[str, Sizes]] = {
+    "cpu": {
+        "forward": Sizes("DeCo-S/16", 256, 4, rounds=5),
+        "train": Sizes("DeCo-S/16", 128, 4, rounds=5),
+        "sample": Sizes("DeCo-S/16", 128, 2, rounds=3, steps=10),
+        "loss": Sizes("DeCo-S/16", 256, 8, rounds=20),
+        "onnx": Sizes("DeCo-S/16", 256, 1, rounds=10),
+        "release": Sizes("DeCo-S/16", 256, 4, rounds=5),
+    },
+    "smoke": {
+        "forward": Sizes("DeCo-tiny/4", 16, 2, rounds=1),
+        "train": Sizes("DeCo-tiny/4", 16, 2, rounds=1),
+        "sample": Sizes("DeCo-tiny/4", 16, 1, rounds=1, steps=2),
+        "loss": Sizes("DeCo-tiny/4", 32, 2, rounds=1),
+        "onnx": Sizes("DeCo-tiny/4", 16, 1, rounds=1),
+        "release": Sizes("DeCo-S/16", 64, 1, rounds=1),
+    },
+}
+
+
+# ---------------------------------------------------------------------------------- models
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-zero weights everywhere (a fresh model zeroes its output layers, which would make
+    agreement checks vacuous): norm gains 1 + 0.1 N, everything else 0.02 N."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+        p.copy_(1 + 0.1 * noise if "norm" in name else 0.02 * noise)
+    return model
+
+
+def our_model(config: DeCoConfig, seed: int = 0) -> nn.Module:
+    return randomize(build_model(config), seed)
+
+
+def release_source() -> Path | None:
+    """$DECO_RELEASE_SRC (the release's folder, containing src/), or None when unset."""
+    env = os.environ.get("DECO_RELEASE_SRC")
+    return Path(env) if env else None
+
+
+def load_release_module(root: Path) -> ModuleType:
+    """The release's DeCo model file, loaded by path (its package __init__ files import training
+    code we do not need). The release is only *run* here, never copied."""
+    path = root / RELEASE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"DECO_RELEASE_SRC: {path} does not exist")
+    spec = importlib.util.spec_from_file_location("deco_release_model", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def release_model(module: ModuleType, config: DeCoConfig) -> nn.Module:
+    """The release's `PixNerDiT` for a DeCo config (the release counts decoder blocks in
+    `num_blocks`)."""
+    if config.architecture != "deco":
+        raise ValueError("config: the release's PixNerDiT is DeCo only")
+    model: nn.Module = module.PixNerDiT(
+        in_channels=config.in_channels, num_groups=config.num_heads, hidden_size=config.hidden_size,
+        hidden_size_x=config.decoder_width, num_blocks=config.depth + config.decoder_depth,
+        num_cond_blocks=config.depth, patch_size=config.patch_size, num_classes=config.num_classes,
+    )
+    return model
+
+
+def release_twin(module: ModuleType, ours: nn.Module) -> nn.Module:
+    """The release's model holding exactly our model's weights (names mapped by deco.release)."""
+    state = ours.state_dict()
+    twin = release_model(module, ours.config)  # type: ignore[arg-type]
+    mapped = {k: state[portable_name(k)].reshape(v.shape) for k, v in twin.state_dict().items()}
+    if {portable_name(k) for k in mapped} != set(state):
+        raise ValueError("release: parameter sets differ")
+    twin.load_state_dict(mapped)
+    return twin
+
+
+# ----------------------------------------------------------------------------------- inputs
+def batch_for(config: DeCoConfig, batch: int, resolution: int, seed: int = 0) -> tuple[Tensor, ...]:
+    """(x, t, y, noise): images in [-1, 1], times in (0, 1), labels, noise."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, config.in_channels, resolution, resolution)
+    x = torch.rand(shape, generator=g) * 2 - 1
+    t = torch.rand(batch, generator=g) * 0.98 + 0.01
+    y = torch.randint(0, config.num_classes, (batch,), generator=g)
+    return x, t, y, torch.randn(shape, generator=g)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Tensor, ...]) -> float:
+    """forward + flow-matching MSE + frequency-aware loss + backward + optimizer step: the same
+    loss code for any model, so that two models are compared on the model alone."""
+    x, t, y, noise = batch
+    tb = t.view(-1, 1, 1, 1)
+    x_t, v = tb * x + (1 - tb) * noise, x - noise
+    pred = model(x_t, t, y)
+    loss = F.mse_loss(pred, v) + frequency_aware_loss(pred, v)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    # foreach (not fused): the same implementation for both models on the CPU.
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
+
+
+# ----------------------------------------------------------------------------- peak memory
+def peak_memory(impl: str, op: str, sizes: Sizes) -> dict[str, float]:
+    """Peak resident memory of one `op` ("forward" or "train") of `impl` ("ours" or "release")
+    in a fresh Python process (bench/memory_probe.py), in MiB.
+
+    tracemalloc cannot see torch's CPU allocations, and torch's CPU allocator keeps no peak
+    statistics, so we read the process's maximum RSS (getrusage) before and after the op; a fresh
+    process per measurement keeps one run's peak from hiding the next one's."""
+    cmd = [sys.executable, str(BENCH_DIR / "memory_probe.py"), impl, op, sizes.preset,
+           str(sizes.resolution), str(sizes.batch)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def record(benchmark: Any, **info: Any) -> None:
+    """Attach facts (sizes, errors, memory) to the saved benchmark JSON."""
+    benchmark.extra_info.update(info)
+    benchmark.extra_info["torch"] = torch.__version__
+    benchmark.extra_info["threads"] = torch.get_num_threads()
