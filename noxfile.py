@@ -74,3 +74,11 @@ def demo(session: nox.Session) -> None:
     """The main job: install, then run `deco` with the session's arguments."""
     install(session, "test")
     session.run("deco", *(session.posargs or ["check-fixtures"]))
+
+
+@nox.session(python=PYTHON)
+def train(session: nox.Session) -> None:
+    """The main job: `deco train` with the session's arguments (none: the built-in digits run,
+    CPU, under 10 minutes; then `deco evaluate runs/<timestamp>` scores its samples)."""
+    install(session, "test")
+    session.run("deco", "train", *session.posargs)

@@ -17,6 +17,7 @@ from typing import Any
 COMMAND_MODULES = [
     "deco.cli_basic",
     "deco.cli_deploy",
+    "deco.cli_train",
 ]
 
 

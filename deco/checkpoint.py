@@ -1,0 +1,192 @@
+"""Training checkpoints: one safetensors file per checkpoint, written atomically.
+
+A checkpoint holds an arbitrary nested state (model, EMA, optimizer, step, data position, the
+run's settings). Tensors go into the safetensors body under their path in the state
+("trainer/optimizer/state/0/exp_avg"); everything else (numbers, strings, lists) goes into one
+small JSON document stored in the safetensors header metadata, with each tensor replaced by a
+reference to its key. Reading uses only `safetensors` and `json`: nothing is unpickled.
+
+Writing: a temporary file in the destination folder, flushed and fsync'ed, then `os.replace`d
+over the destination and the folder fsync'ed, so a crash at any moment leaves either the old or
+the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+FORMAT_KEY = "deco_training_checkpoint"
+FORMAT_VERSION = "1"
+STATE_KEY = "state"
+
+#: File names inside a run folder.
+CHECKPOINT_NAME = "checkpoint.safetensors"
+MODEL_NAME = "model.safetensors"
+
+_TENSOR = "__tensor__"
+_TUPLE = "__tuple__"
+_INTKEYS = "__intkeys__"
+
+
+# ------------------------------------------------------------------------------ flattening
+def flatten(state: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]]:
+    """(JSON-able tree, tensors): every tensor in `state` replaced by {"__tensor__": key}.
+
+    Tuples and dicts with int keys (the optimizer's per-parameter state) are tagged so that
+    `unflatten` returns exactly the original structure."""
+    tensors: dict[str, Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, Tensor):
+            # safetensors needs contiguous, CPU, non-shared storage; clone also detaches from
+            # any later in-place update of the live tensor.
+            tensors[path] = value.detach().to("cpu", copy=True).contiguous()
+            return {_TENSOR: path}
+        if isinstance(value, Mapping):
+            keys = list(value.keys())
+            if all(isinstance(k, str) for k in keys):
+                return {k: walk(v, f"{path}/{k}" if path else k) for k, v in value.items()}
+            if all(isinstance(k, int) and not isinstance(k, bool) for k in keys):
+                return {_INTKEYS: [[k, walk(v, f"{path}/{k}")] for k, v in value.items()]}
+            raise TypeError(f"state: dict keys at {path or '<root>'} must be all str or all int")
+        if isinstance(value, tuple):
+            return {_TUPLE: [walk(v, f"{path}/{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"state: cannot store a {type(value).__name__} at {path or '<root>'}")
+
+    return walk(state, prefix), tensors
+
+
+def unflatten(tree: Any, tensors: Mapping[str, Tensor], partial: bool = False) -> Any:
+    """Inverse of `flatten`. partial: tensors absent from `tensors` become None (else an error)."""
+    if isinstance(tree, dict):
+        if set(tree) == {_TENSOR}:
+            key = tree[_TENSOR]
+            if key not in tensors:
+                if partial:
+                    return None
+                raise ValueError(f"checkpoint: tensor {key!r} is missing")
+            return tensors[key]
+        if set(tree) == {_TUPLE}:
+            return tuple(unflatten(v, tensors, partial) for v in tree[_TUPLE])
+        if set(tree) == {_INTKEYS}:
+            return {int(k): unflatten(v, tensors, partial) for k, v in tree[_INTKEYS]}
+        return {k: unflatten(v, tensors, partial) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [unflatten(v, tensors, partial) for v in tree]
+    return tree
+
+
+# ------------------------------------------------------------------------------ files
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)`, fsync the file, then rename it over `path` and fsync the folder."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
+    """Write `state` (nested dicts/lists of tensors and JSON values) to `path` atomically.
+
+    Refuses (ValueError) to write a state with a non-finite floating-point tensor, so a diverged
+    run can never overwrite a good checkpoint with a poisoned one."""
+    tree, tensors = flatten(dict(state))
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"checkpoint: refusing to save non-finite values in {key}")
+    metadata = {FORMAT_KEY: FORMAT_VERSION, STATE_KEY: json.dumps(tree, allow_nan=False)}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a training checkpoint file (reads only the header)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(FORMAT_KEY) == FORMAT_VERSION
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    only: str | None = None) -> dict[str, Any]:
+    """The state written by `save_checkpoint`; FileNotFoundError / ValueError with the path.
+
+    only: read just the tensors under this path of the state (e.g. "trainer/ema" for sampling,
+    which then skips the optimizer's two moments); every other tensor comes back as None."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(map_location)) as f:
+            meta = f.metadata() or {}
+            if meta.get(FORMAT_KEY) != FORMAT_VERSION or STATE_KEY not in meta:
+                raise ValueError(f"checkpoint: {path} is not a DeCo training checkpoint")
+            keys = [k for k in f.keys() if only is None or k.startswith(only.rstrip("/") + "/")]
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"checkpoint: {path} is unreadable or truncated ({exc})") from None
+    try:
+        tree = json.loads(meta[STATE_KEY])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"checkpoint: {path} has a corrupt state header ({exc})") from None
+    state = unflatten(tree, tensors, partial=only is not None)
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint: {path} does not hold a state dict")
+    return state
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file from a run folder (its `checkpoint.safetensors`) or a file path."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / CHECKPOINT_NAME
+        if not candidate.is_file():
+            raise FileNotFoundError(f"checkpoint: run folder {path} has no {CHECKPOINT_NAME}")
+        return candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no such file or folder: {path}")
+    return path
