@@ -84,7 +84,7 @@ def rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the adjacent pairs (x[2k], x[2k+1]) of x (B, L, heads, hd) with real arithmetic
     (complex tensors block ONNX export and are slow on CPU)."""
-    a, b = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # each (B, L, heads, hd/2)
+    a, b = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2).unbind(-1)  # each (B, L, heads, hd/2)
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
 
 
@@ -116,7 +116,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).unbind(2)  # each (B, L, h, hd)
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).unbind(2)  # (B, L, h, hd)
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
         # SDPA wants (B, h, L, hd); its default scale is 1/sqrt(hd), as in the spec.
@@ -193,7 +193,7 @@ class DecoderBlock(nn.Module):
     Spec: (shift, scale, gate) = adaln(u); z + gate * fc2(silu(fc1(LN(z) (1+scale) + shift))),
     LN with affine (g, b). Since (x g + b)(1 + scale) + shift is affine in u, the LayerNorm
     affine and the "1 +" are folded into the adaln weights (`modulation_weights`), so the block
-    runs a plain F.layer_norm and one addcmul instead of four elementwise passes per pixel.
+    runs a LayerNorm without affine and one addcmul instead of four elementwise passes per pixel.
     """
 
     def __init__(self, width: int) -> None:
@@ -226,9 +226,10 @@ class PixelDecoder(nn.Module):
     semantic tokens, -> velocity. Works on (rows, w) matrices: each row is one pixel.
 
     On the CPU the pixels are decoded `chunk_rows` at a time: the decoder is a chain of
-    memory-bound passes over (N*P, w) activations (tens of MB at 256x256), and chunks that stay
-    in cache (and below malloc's mmap threshold) make it several times faster. Elsewhere, and
-    while tracing or compiling (the chunk loop would be unrolled for one shape), it is one chunk.
+    memory-bound passes over (N*P, w) activations (tens of MB each at 256x256). Chunks of a few
+    MB stay in cache and are recycled by malloc instead of being mapped and page-faulted afresh
+    for every op, which makes the decoder several times faster. Elsewhere, and while tracing or
+    compiling (the loop would be unrolled for one shape), it is one chunk.
     """
 
     chunk_rows = 4096
@@ -260,12 +261,12 @@ class PixelDecoder(nn.Module):
         gh, gw = h // p, w_img // p
         n = b * gh * gw
         # Pixels as (N, P, C): patches row-major, pixels row-major inside a patch.
-        pixels = x.view(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(n, p * p, c)
+        pixels = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(n, p * p, c)
         embed = self.embed_weights(x.dtype)
         mods = [block.modulation_weights() for block in self.blocks if isinstance(block, DecoderBlock)]
-        cond = self.cond_proj(s.reshape(n, -1))  # (N, P*w): one GEMM, its weight read once
+        cond = self.cond_proj(s.reshape(n, s.shape[-1]))  # (N, P*w): one GEMM, weight read once
         chunked = x.device.type == "cpu" and not is_tracing()
-        chunks = -(-n // max(1, self.chunk_rows // (p * p))) if chunked else 1
+        chunks = max(1, -(-n // max(1, self.chunk_rows // (p * p)))) if chunked else 1
         # chunk (not slicing): its backward is one cat, not a full-size zero tensor per chunk.
         out = torch.cat([
             self.decode(pix, con, embed, mods)
@@ -277,8 +278,9 @@ class PixelDecoder(nn.Module):
                mods: list[tuple[Tensor, Tensor]]) -> Tensor:
         """pixels (n, P, C), cond (n, P*w) -> velocity rows (n*P, C)."""
         width = self.final.in_features
-        z = torch.matmul(pixels, embed[0].T).add_(embed[1]).view(-1, width)  # (n*P, w)
-        u = F.silu(cond.view(-1, width))  # (n*P, w), shared by every block's adaln
+        rows = pixels.shape[0] * pixels.shape[1]
+        z = torch.matmul(pixels, embed[0].T).add_(embed[1]).view(rows, width)  # (n*P, w)
+        u = F.silu(cond.view(rows, width))  # (n*P, w), shared by every block's adaln
         for block, mod in zip(self.blocks, mods, strict=True):
             z = block(z, F.linear(u, *mod))
         out: Tensor = self.final(layer_norm(z))  # (n*P, C)

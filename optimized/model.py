@@ -34,9 +34,10 @@ class DiffusionTransformer(nn.Module):
     """The DiT trunk shared by `DeCo` and `BaselineDiT`: time/label embeddings, a linear patch
     embedding and `config.depth` AdaLN blocks with 2-D RoPE attention.
 
-    Initialisation follows the release: xavier-uniform linears with zero biases (DiT), normal(0.02)
-    label table and time-MLP weights. The release does *not* zero the DiT blocks' adaln (it
-    comments that out), so neither do we; the subclasses zero their output layers.
+    Initialisation is DiT's: xavier-uniform linears with zero biases, normal(0.02) label table
+    and time-MLP weights, unit norm gains. Like the release, the DiT blocks' adaln is *not*
+    zeroed (the release comments AdaLN-Zero out); the subclasses zero their output layers as the
+    release does. (The release leaves the DiT blocks' linears at PyTorch's default init.)
     """
 
     def __init__(self, config: DeCoConfig) -> None:
@@ -110,7 +111,7 @@ class DiffusionTransformer(nn.Module):
         t_emb = self.t_embed(t)  # (B, D)
         c = F.silu(t_emb + self.y_embed(y))  # (B, D)
         # Patchify with a view + permute (no unfold): feature index c*p*p + i*p + j.
-        patches = x.view(b, ch, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, -1)
+        patches = x.reshape(b, ch, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, ch * p * p)
         tokens = self.patch_embed(patches)  # (B, L, D)
         cos, sin = rope_tables(gh, gw, self.config.head_dim, x.device, tokens.dtype)  # (L, 1, hd/2)
         for block in self.blocks:
@@ -163,7 +164,7 @@ class DeCo(DiffusionTransformer):
         x, t, y = self.check_inputs(x, t, y)
         s = self.semantic_tokens(x, t, y)  # (B, L, D)
         p = self.config.patch_size
-        return s.view(x.shape[0], x.shape[2] // p, x.shape[3] // p, -1).permute(0, 3, 1, 2)
+        return s.view(x.shape[0], x.shape[2] // p, x.shape[3] // p, s.shape[-1]).permute(0, 3, 1, 2)
 
 
 class BaselineDiT(DiffusionTransformer):

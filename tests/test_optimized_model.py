@@ -120,7 +120,7 @@ def test_float32_matches_reference(config: DeCoConfig, batch: int, gh: int, gw: 
     check_against_reference(config, batch, gh, gw, chunk_rows, seed, torch.float32, F32_RTOL)
 
 
-def test_forward_accepts_a_scalar_time_and_casts_inputs_to_the_model_dtype() -> None:
+def test_forward_accepts_scalar_times_strided_images_and_casts_to_the_model_dtype() -> None:
     config = tiny_config("deco")
     weights = random_weights(config, 3)
     x, _, y = inputs(config, 2, 2, 3, 4)
@@ -131,9 +131,22 @@ def test_forward_accepts_a_scalar_time_and_casts_inputs_to_the_model_dtype() -> 
         got = model(torch.as_tensor(x), 0.3, torch.as_tensor(y))
         got0d = model(torch.as_tensor(x), torch.tensor(0.3, dtype=torch.float64),
                       torch.as_tensor(y, dtype=torch.int32))
+        strided = torch.as_tensor(x).transpose(2, 3).contiguous().transpose(2, 3)  # same values
+        got_strided = model(strided, 0.3, torch.as_tensor(y))
     assert got.dtype == got0d.dtype == torch.float64
     assert rel_err(got.numpy(), expected) <= F64_RTOL
     assert rel_err(got0d.numpy(), expected) <= F64_RTOL
+    assert rel_err(got_strided.numpy(), expected) <= F64_RTOL
+
+
+@pytest.mark.parametrize("architecture", ["deco", "baseline"])
+def test_empty_batch_gives_empty_velocities(architecture: str) -> None:
+    model = build_model(tiny_config(architecture))
+    x, t, y = torch.zeros(0, 3, 8, 12), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    with torch.no_grad():
+        assert model(x, t, y).shape == (0, 3, 8, 12)
+        if isinstance(model, DeCo):
+            assert model.semantic(x, t, y).shape == (0, model.config.hidden_size, 2, 3)
 
 
 # -------------------------------------------------------------------------------- gradients
