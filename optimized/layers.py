@@ -232,7 +232,7 @@ class PixelDecoder(nn.Module):
     compiling (the loop would be unrolled for one shape), it is one chunk.
     """
 
-    chunk_rows = 4096
+    chunk_rows = 8192
 
     def __init__(self, in_channels: int, patch_size: int, hidden_size: int, width: int,
                  depth: int) -> None:
