@@ -58,7 +58,7 @@ PROFILES: dict[str, dict[str, Sizes]] = {
         "sample": Sizes("DeCo-S/16", 128, 2, rounds=3, steps=10),
         "loss": Sizes("DeCo-S/16", 256, 8, rounds=20),
         "onnx": Sizes("DeCo-S/16", 256, 1, rounds=10),
-        "release": Sizes("DeCo-S/16", 256, 4, rounds=5),
+        "release": Sizes("DeCo-S/16", 256, 4, rounds=7),
     },
     "smoke": {
         "forward": Sizes("DeCo-tiny/4", 16, 2, rounds=1),
@@ -166,8 +166,9 @@ def peak_memory(impl: str, op: str, sizes: Sizes) -> dict[str, float]:
     in a fresh Python process (bench/memory_probe.py), in MiB.
 
     tracemalloc cannot see torch's CPU allocations, and torch's CPU allocator keeps no peak
-    statistics, so we read the process's maximum RSS (getrusage) before and after the op; a fresh
-    process per measurement keeps one run's peak from hiding the next one's."""
+    statistics, so the probe reads the kernel's resident-set high-water mark (VmHWM), reset just
+    before the op; a fresh process per measurement keeps one run's caches and allocator state
+    out of the next one's."""
     cmd = [sys.executable, str(BENCH_DIR / "memory_probe.py"), impl, op, sizes.preset,
            str(sizes.resolution), str(sizes.batch)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())

@@ -2,17 +2,20 @@
 
     python bench/memory_probe.py ours|release forward|train PRESET RESOLUTION BATCH
 
-Builds the model and a batch, records the maximum RSS so far (getrusage), runs the op once
-(forward under no_grad, or one training step of `common.train_step`), and prints one JSON line:
-{"baseline_mib", "peak_mib", "op_mib" = peak - baseline}. Weights are random (memory does not
-depend on their values); the release model needs $DECO_RELEASE_SRC.
+Builds the model and a batch, resets the kernel's resident-set high-water mark (writing 5 to
+/proc/self/clear_refs sets VmHWM to the current RSS), runs the op once (forward under no_grad,
+or the first training step of `common.train_step`, which also allocates AdamW's state), and
+prints one JSON line: {"baseline_mib": RSS before the op, "peak_mib": VmHWM after it,
+"op_mib": their difference}. Without the reset, an earlier peak (torch's import, the model's
+initialisation) could hide the op's. Weights are random (memory does not depend on their
+values); the release model needs $DECO_RELEASE_SRC. Linux only.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
+from pathlib import Path
 
 import torch
 from common import adamw, batch_for, load_release_module, our_model, release_model, release_source
@@ -20,8 +23,17 @@ from common import adamw, batch_for, load_release_module, our_model, release_mod
 from deco.config import DeCoConfig
 
 
-def max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # the kernel reports kB
+    raise RuntimeError(f"memory_probe: no {field} in /proc/self/status")
+
+
+def reset_peak() -> float:
+    """Reset VmHWM to the current RSS and return it (MiB)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_mib("VmRSS")
 
 
 def main(impl: str, op: str, preset: str, resolution: int, batch: int) -> None:
@@ -35,7 +47,7 @@ def main(impl: str, op: str, preset: str, resolution: int, batch: int) -> None:
         model = release_model(load_release_module(root), config)
     data = batch_for(config, batch, resolution)
     optimizer = adamw(model) if op == "train" else None
-    baseline = max_rss_mib()
+    baseline = reset_peak()
     if op == "forward":
         with torch.no_grad():
             model.eval()(*data[:3])
@@ -44,7 +56,7 @@ def main(impl: str, op: str, preset: str, resolution: int, batch: int) -> None:
 
         assert optimizer is not None
         train_step(model.train(), optimizer, data)
-    peak = max_rss_mib()
+    peak = status_mib("VmHWM")
     print(json.dumps({"baseline_mib": baseline, "peak_mib": peak, "op_mib": peak - baseline}))
 
 

@@ -3,8 +3,9 @@
     python bench/report.py .benchmarks/<machine>/0001_*.json
 
 One table per group: median, min and mean time, rounds, and where the group compares two
-implementations (extra_info "impl" or "runtime"), the speed-up of each over the other one
-(median over median) and the peak memory recorded by the probe.
+implementations (extra_info "impl" or "runtime"), the speed-up over the other one (median over
+median, and min over min: on a shared machine the minimum is the least disturbed round) and the
+peak memory of the op recorded by the probe.
 """
 
 from __future__ import annotations
@@ -39,15 +40,11 @@ def group_table(name: str, benches: list[dict[str, Any]]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, b in by_label.items():
         s = b["stats"]
-        info = b.get("extra_info", {})
-        if info.get("medians"):
-            parts = ", ".join(f"{k} {v:.4f} s" for k, v in info["medians"].items())
-            lines.append(f"| alternating rounds: medians {parts} | | | | {s['rounds']} | "
-                         f"{info['speedup']:.2f}x vs release | |")
-            continue
         speedup = ""
         if ref is not None and b is not ref:
-            speedup = f"{ref['stats']['median'] / s['median']:.2f}x vs {_label(ref)}"
+            r = ref["stats"]
+            speedup = (f"{r['median'] / s['median']:.2f}x (min: {r['min'] / s['min']:.2f}x) "
+                       f"vs {_label(ref)}")
         lines.append(f"| {label} | {s['median']:.4f} | {s['min']:.4f} | {s['mean']:.4f} | "
                      f"{s['rounds']} | {speedup} | {_memory(b)} |")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Inference latency of one forward pass: onnxruntime (CPU provider, or CUDA where available) on
-the exported graph vs torch eager on the same weights, float32."""
+the exported graph vs torch eager on the same weights, float32, with as many intra-op threads
+as torch uses."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def exported(request: pytest.FixtureRequest, profile: dict[str, Sizes],
     sizes = profile["onnx"]
     model = our_model(sizes.config(request.param)).eval()
     path = export_onnx(model, Path(tmp_path_factory.mktemp("onnx")) / f"{request.param}.onnx")
-    return request.param, model, OnnxVelocityModel(path), sizes
+    # The same number of threads as torch, so that CPU times compare like with like.
+    return request.param, model, OnnxVelocityModel(path, threads=torch.get_num_threads()), sizes
 
 
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])

@@ -5,9 +5,6 @@ AdamW and the same loss code for both), plus peak memory of each in a fresh proc
 from __future__ import annotations
 
 import copy
-import statistics
-import time
-from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -54,41 +51,3 @@ def test_train_step(benchmark: Any, pair: Any, impl: str) -> None:
     benchmark.pedantic(train_step, args=(model, optimizer, data), rounds=sizes.rounds, warmup_rounds=1)
     record(benchmark, impl=impl, memory=peak_memory(impl, "train", sizes))
 
-
-def _runner(op: str, model: nn.Module, data: tuple[Tensor, ...]) -> Callable[[], object]:
-    if op == "forward":
-        model = model.eval()
-
-        def forward() -> object:
-            with torch.no_grad():
-                return model(*data[:3])
-
-        return forward
-    model = copy.deepcopy(model).train()
-    optimizer = adamw(model)
-    return lambda: train_step(model, optimizer, data)
-
-
-@pytest.mark.parametrize("op", ["forward", "train"])
-def test_interleaved(benchmark: Any, pair: Any, op: str) -> None:
-    """Ours and the release alternately, round by round: on a shared machine the load drifts
-    between two separate benchmarks, and alternating exposes both to the same drift. The
-    speed-up recorded is median(release) / median(ours)."""
-    sizes, models, data = pair
-    runners = {impl: _runner(op, models[impl], data) for impl in IMPLS}
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-
-    def alternate() -> None:
-        for run in runners.values():  # warm-up
-            run()
-        for _ in range(sizes.rounds):
-            for impl, run in runners.items():
-                start = time.perf_counter()
-                run()
-                times[impl].append(time.perf_counter() - start)
-
-    benchmark.group = f"release-{op} interleaved {sizes.preset} {sizes.resolution}px b{sizes.batch}"
-    benchmark.pedantic(alternate, rounds=1)
-    medians = {impl: statistics.median(v) for impl, v in times.items() if v}
-    speedup = medians["release"] / medians["ours"] if len(medians) == 2 else None
-    record(benchmark, impl="interleaved", medians=medians, speedup=speedup, times=times)

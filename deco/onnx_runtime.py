@@ -28,15 +28,19 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def _session(path: Path, providers: list[str] | None) -> Any:
+def _session(path: Path, providers: list[str] | None, threads: int | None) -> Any:
     import onnxruntime as ort
 
     chosen = providers or default_providers()
+    session_options = ort.SessionOptions()
+    if threads is not None:
+        session_options.intra_op_num_threads = threads
     # TF32 matmuls on NVIDIA GPUs round inputs to 10 mantissa bits: float32 results would then
     # miss the 1e-4 agreement that `deco onnx-check` promises.
     options = [{"use_tf32": 0} if p == "CUDAExecutionProvider" else {} for p in chosen]
     try:
-        return ort.InferenceSession(str(path), providers=chosen, provider_options=options)
+        return ort.InferenceSession(str(path), sess_options=session_options, providers=chosen,
+                                    provider_options=options)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
         raise ValueError(f"path: {path} is not a loadable ONNX model ({exc})") from None
 
@@ -45,15 +49,19 @@ class OnnxVelocityModel:
     """A DeCo graph exported by `deco export-onnx`, run by onnxruntime.
 
     `config` comes from the file's metadata; `graph` is "velocity" or "cfg". Inputs are cast to
-    float32 (the graph's type) and outputs returned as float64, like the reference's.
+    float32 (the graph's type) and outputs returned as float64, like the reference's. `threads`
+    sets onnxruntime's intra-op thread count (default: its own choice, one per physical core).
     """
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+    def __init__(self, path: str | Path, providers: list[str] | None = None,
+                 threads: int | None = None) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"path: no such file: {path}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
         self.path = path
-        self.session = _session(path, providers)
+        self.session = _session(path, providers, threads)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         if "config" not in self.metadata or "deco_graph" not in self.metadata:
             raise ValueError(f"path: {path} has no DeCo metadata (not written by deco export-onnx)")
