@@ -28,7 +28,9 @@ def install(session: nox.Session, extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """The test-suite (pytest + hypothesis), against the installed package."""
     install(session, "test,onnx")
-    session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or ["tests"]))
+    # bench/ runs once as a smoke test (tiny sizes, no timing): every benchmark's code path works.
+    default = ["tests", "bench", "--benchmark-disable"]
+    session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or default))
 
 
 @nox.session(python=PYTHON)
