@@ -39,7 +39,7 @@ def _register_train(sub: Any) -> None:
         "train",
         help="train a class-conditional DeCo (default: on the built-in digits, CPU, < 10 min)",
         description="Train DeCo. Without --data: the built-in dataset (scikit-learn's 1797 "
-        "handwritten digits, 32x32) and a small model whose samples are >= 90%% recognisable. "
+        "handwritten digits, 32x32) and a small model whose samples are >= 90% recognisable. "
         "With --data: an ImageNet-style folder (one sub-folder per class). Writes a checkpoint, "
         "a sample grid, a loss curve, log.jsonl and metrics.json into the run folder. Under "
         "torchrun every process trains on its share of the global batch (DDP).",
@@ -48,11 +48,15 @@ def _register_train(sub: Any) -> None:
     p.add_argument("--data", type=Path, default=None, help="image folder (default: built-in digits)")
     p.add_argument("--resolution", type=int, default=None,
                    help="training resolution for --data (ADM centre crop; default 256)")
-    p.add_argument("--model", default=None, help=f"preset, e.g. DeCo-XL/16, DiT-tiny/4 {DIGITS_NOTE}")
+    p.add_argument("--model", default=None,
+                   help="preset (e.g. DeCo-XL/16, DiT-tiny/4) or a .json file of DeCoConfig fields "
+                   f"{DIGITS_NOTE}")
     p.add_argument("--batch-size", type=int, default=None, help=f"global batch size {DIGITS_NOTE}")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate {DIGITS_NOTE}")
     p.add_argument("--steps", type=int, default=None, help=f"training steps {DIGITS_NOTE}")
     p.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay {DIGITS_NOTE}")
+    p.add_argument("--train-timeshift", type=float, default=None,
+                   help=f"shift s of the training times, s > 1: more high-noise steps {DIGITS_NOTE}")
     p.add_argument("--freq-weight", type=float, default=None,
                    help="weight of the frequency-aware loss (default 1; 0: plain flow matching)")
     p.add_argument("--repa-weight", type=float, default=None,

@@ -9,7 +9,6 @@ uninterrupted run would have seen): `BatchStream` draws each epoch's permutation
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +219,9 @@ class BatchStream:
         self.sampler: DistributedSampler[Any] = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
         )
-        self.batches_per_epoch = len(self.sampler) // batch_size
+        # From the global batch, not the shard: DistributedSampler pads the shards to equal
+        # length, which could add a batch; this way every world size has the same epochs.
+        self.batches_per_epoch = len(dataset) // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"--batch-size: {batch_size * world_size} (global) is larger than the dataset "
@@ -289,6 +290,3 @@ def open_dataset(data: str | Path | None, resolution: int | None) -> TrainDatase
         return DigitsDataset()
     return ImageFolderDataset(data, 256 if resolution is None else resolution)
 
-
-def epochs_for(steps: int, stream: BatchStream) -> float:
-    return steps / stream.batches_per_epoch if stream.batches_per_epoch else math.inf

@@ -264,8 +264,9 @@ def model_spectra(model: nn.Module, x: Tensor, y: Tensor, times: Sequence[float]
     """Band energies of the DiT output on the token grid ("semantic") and of the predicted
     velocity (pixels), at each time in `times`, on x_t = t x + (1 - t) noise.
 
-    DiT output: for DeCo, `semantic()` (the decoder's condition silu(t_emb + tokens)); for the
-    baseline, its last block's tokens (what its linear head reads), both as (B, D, H/p, W/p)."""
+    DiT output: the tokens after the last DiT block, laid out as (B, D, H/p, W/p), the same
+    quantity for both architectures (DeCo's decoder reads silu(t_emb + tokens), the baseline's
+    linear head reads the tokens; the pointwise silu would only blur the comparison)."""
     model.eval()
     param = next(model.parameters())
     gen = torch.Generator().manual_seed(seed)
@@ -279,12 +280,9 @@ def model_spectra(model: nn.Module, x: Tensor, y: Tensor, times: Sequence[float]
         x_t = (t * x + (1.0 - t) * noise).to(param.device, param.dtype)
         tt = torch.full((x.shape[0],), float(t), device=param.device, dtype=param.dtype)
         yy = y.to(param.device)
-        if config.architecture == "deco":
-            semantic = model.semantic(x_t, tt, yy)  # type: ignore[operator]
-        else:
-            xc, tc, yc = model.check_inputs(x_t, tt, yy)  # type: ignore[operator]
-            tokens = model.trunk(xc, tc, yc)[0]  # type: ignore[operator]
-            semantic = tokens.view(x.shape[0], x.shape[2] // p, x.shape[3] // p, -1).permute(0, 3, 1, 2)
+        xc, tc, yc = model.check_inputs(x_t, tt, yy)  # type: ignore[operator]
+        tokens = model.trunk(xc, tc, yc)[0]  # type: ignore[operator]
+        semantic = tokens.view(x.shape[0], x.shape[2] // p, x.shape[3] // p, -1).permute(0, 3, 1, 2)
         velocity = model(x_t, tt, yy)
         sem, vel = band_energy(semantic.float().cpu()), band_energy(velocity.float().cpu())
         per_t[f"{t:g}"] = {"semantic": sem.tolist(), "velocity": vel.tolist()}

@@ -208,7 +208,7 @@ def test_sigkill_then_resume_loses_only_steps_after_the_last_checkpoint(tmp_path
     """Kill -9 a CLI run once its first checkpoint exists; --resume finishes it. The checkpoint
     left behind loads, the run restarts right after it, and the final losses and weights equal
     an uninterrupted run's."""
-    steps, every = 400, 10
+    steps, every = 200, 10
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     args = ("--steps", str(steps), "--checkpoint-every", str(every))

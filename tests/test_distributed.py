@@ -127,8 +127,11 @@ def test_torchrun_cli_matches_single_process(tmp_path: Path) -> None:
     s1 = load_checkpoint(one / CHECKPOINT_NAME)
     s2 = load_checkpoint(two / CHECKPOINT_NAME)
     assert s2["trainer"]["step"] == 3 and s2["data"] == s1["data"]
+    # Elementwise, with an absolute floor: after 3 Adam steps, a weight with an almost-zero
+    # gradient moves by lr * g / (sqrt(v) + eps), which magnifies ulp-level gradient differences
+    # relative to its own tiny size (seen: 3e-8 absolute on 6e-4).
     for part in ("model", "ema"):
         for key, value in s1["trainer"][part].items():
-            assert _rel(s2["trainer"][part][key], value) < 1e-5, (part, key)
+            torch.testing.assert_close(s2["trainer"][part][key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert json.loads((two / "metrics.json").read_text())["world_size"] == 2

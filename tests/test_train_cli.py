@@ -113,6 +113,17 @@ def test_train_on_an_image_folder(tmp_path: Path) -> None:
     assert Image.open(out / "samples.png").size == (10 * 18 + 2, 3 * 18 + 2)  # one row per class
 
 
+def test_train_with_a_json_model_config(tmp_path: Path) -> None:
+    """--model also takes a .json file of DeCoConfig fields (num_classes comes from the data)."""
+    cfg = tmp_path / "dit2.json"
+    cfg.write_text(json.dumps({"architecture": "baseline", "patch_size": 4, "hidden_size": 32,
+                               "num_heads": 2, "depth": 2, "decoder_depth": 0, "decoder_width": 0}))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(cfg), "--steps", "1", "--out", str(out), *FAST]) == 0
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert config["depth"] == 2 and config["hidden_size"] == 32 and config["num_classes"] == 10
+
+
 # ----------------------------------------------------------------------------- sample
 def test_sample_formats_and_sources_agree(run_dir: Path, tmp_path: Path) -> None:
     """The run folder, its checkpoint and its model.safetensors give the same images, equal to
@@ -269,6 +280,7 @@ def _image_folder(root: Path, corrupt: bool = False) -> Path:
     ("missing_folder", ["--data", "no such folder"]),
     ("corrupt_image", ["--data", "unreadable image", "9.jpg"]),
     ("unknown_preset", ["--model", "DeCo-huge/3"]),
+    ("missing_json", ["--model", "nope.json"]),
     ("zero_steps", ["--steps"]),
     ("resume_without_out", ["--resume"]),
     ("resume_nothing", ["--resume", "no checkpoint"]),
@@ -290,6 +302,7 @@ def test_train_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFi
         "corrupt_image": lambda: ["--data", str(_image_folder(data, corrupt=True)), "--resolution", "8",
                                   "--batch-size", "9", "--steps", "1", "--model", "DiT-tiny/4"],
         "unknown_preset": lambda: ["--model", "DeCo-huge/3"],
+        "missing_json": lambda: ["--model", str(tmp_path / "nope.json")],
         "zero_steps": lambda: ["--steps", "0"],
         "resume_without_out": lambda: ["--resume"],
         "resume_nothing": lambda: ["--resume", *out],
