@@ -103,7 +103,15 @@ def train(args: argparse.Namespace) -> int:
     run = RunConfig(**given)
     explicit = set(given) - {"resume", "out"}
     if sampler:
-        base = resolve(dataclasses.replace(run, resume=False, out=Path(".")))
+        from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+        from .training import run_from_json
+
+        if args.resume and (args.out / CHECKPOINT_NAME).is_file():
+            # Change the stored run's sampler, not the dataset's default one.
+            stored = load_checkpoint(args.out / CHECKPOINT_NAME, only="-")["run"]
+            base = resolve(dataclasses.replace(run_from_json(stored), out=Path(".")))
+        else:
+            base = resolve(dataclasses.replace(run, out=Path(".")))
         assert base.sample is not None
         interval = sampler.pop("interval", base.sample.interval)
         run = dataclasses.replace(run, sample=dataclasses.replace(base.sample, interval=tuple(interval),
@@ -155,6 +163,7 @@ def _settings(args: argparse.Namespace, loaded: Any) -> Any:
     import dataclasses
 
     from .evaluation import SampleSettings
+    from .training import check_sampler
 
     base = loaded.sample if loaded.sample is not None else SampleSettings()
     changes = {k: getattr(args, k) for k in ("steps", "guidance", "timeshift", "solver")
@@ -162,13 +171,7 @@ def _settings(args: argparse.Namespace, loaded: Any) -> Any:
     if args.interval is not None:
         changes["interval"] = tuple(args.interval)
     settings = dataclasses.replace(base, **changes)
-    if settings.steps < 1:
-        raise UsageError(f"--steps: expected a positive int, got {settings.steps}")
-    low, high = settings.interval
-    if not 0.0 <= low <= high <= 1.0:
-        raise UsageError(f"--interval: expected 0 <= LOW <= HIGH <= 1, got {low} {high}")
-    if not settings.timeshift > 0:
-        raise UsageError(f"--timeshift: expected > 0, got {settings.timeshift}")
+    check_sampler(settings, "--")
     return settings
 
 

@@ -145,6 +145,8 @@ def check_run(run: RunConfig) -> None:
     if run.repa_weight > 0:
         raise ValueError("--repa-weight: REPA needs a pretrained image encoder (DINOv2), which this "
                          "command does not load; use the Python API (Trainer(encoder=...)) for REPA")
+    if run.sample is not None:
+        check_sampler(run.sample, "--sample-")
     if run.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device: expected auto, cpu or cuda, got {run.device!r}")
     if run.device == "cuda" and not torch.cuda.is_available():
@@ -166,6 +168,21 @@ def model_config(model: str, num_classes: int, stored: dict[str, Any] | None = N
     except (ValueError, TypeError) as exc:
         raise ValueError(f"--model: {path}: {exc}") from None
     return dataclasses.replace(config, num_classes=num_classes)
+
+
+def check_sampler(s: SampleSettings, prefix: str) -> None:
+    """Validate sampler settings up front (not after hours of training); errors name the option
+    (`prefix` + name: "--" for `deco sample`, "--sample-" for the grid of `deco train`)."""
+    if not isinstance(s.steps, int) or s.steps < 1:
+        raise ValueError(f"{prefix}steps: expected a positive int, got {s.steps!r}")
+    low, high = s.interval
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"--interval: expected 0 <= LOW <= HIGH <= 1, got {low} {high}")
+    if not (math.isfinite(s.guidance) and 0 < s.timeshift < math.inf):
+        raise ValueError(f"--guidance/--timeshift: expected finite values and a shift > 0, got "
+                         f"{s.guidance} and {s.timeshift}")
+    if s.solver not in ("euler", "heun"):
+        raise ValueError(f"--solver: expected euler or heun, got {s.solver!r}")
 
 
 def run_to_json(run: RunConfig) -> dict[str, Any]:

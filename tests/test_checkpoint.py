@@ -197,6 +197,17 @@ def test_resume_refuses_changed_trajectory_settings(tmp_path: Path,
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_resume_may_change_the_steps_and_the_final_grid_sampler(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(RunConfig(out=out, steps=2, checkpoint_every=100, grid_columns=1, **TINY))
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--guidance", "1.5"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["run"]["lr"] == TINY["lr"]
+    assert metrics["run"]["sample"] == {"steps": 2, "guidance": 1.5, "interval": [0.0, 1.0],
+                                        "timeshift": 1.0, "solver": "euler"}
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "deco.cli", "train", "--model", "DiT-tiny/4", "--batch-size", "16",
             "--lr", "1e-3", "--ema-decay", "0.9", "--log-every", "1", "--sample-steps", "2",

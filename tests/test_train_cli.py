@@ -148,6 +148,21 @@ def test_sample_formats_and_sources_agree(run_dir: Path, tmp_path: Path) -> None
     assert np.abs(to_uint8(expected).astype(int) - arrays[0].astype(int)).max() <= 1
 
 
+def test_sample_from_a_release_checkpoint(fixtures_dir: Path, tmp_path: Path) -> None:
+    """A release .ckpt samples like its EMA weights loaded by deco.optimized.load_model."""
+    from deco.optimized import load_model, sample
+
+    out = tmp_path / "r.npz"
+    assert main(["sample", str(fixtures_dir / "A.ckpt"), "--labels", "1", "2", "--steps", "2",
+                 "--seed", "1", "--out", str(out)]) == 0
+    model = load_model(fixtures_dir / "A.ckpt")
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = sample(model, noise, torch.tensor([1, 2]), steps=2)
+    assert isinstance(expected, torch.Tensor)
+    with np.load(out) as f:
+        assert np.abs(f["arr_0"].astype(int) - to_uint8(expected).astype(int)).max() <= 1
+
+
 def test_sample_png_grid_and_folder(run_dir: Path, tmp_path: Path) -> None:
     assert main(["sample", str(run_dir), "--labels", "1", "2", "--per-label", "3", "--steps", "2",
                  "--out", str(tmp_path / "g.png")]) == 0
@@ -286,6 +301,8 @@ def _image_folder(root: Path, corrupt: bool = False) -> Path:
     ("resume_nothing", ["--resume", "no checkpoint"]),
     ("repa", ["--repa-weight"]),
     ("bad_lr", ["--lr"]),
+    ("bad_grid_interval", ["--interval"]),
+    ("bad_grid_steps", ["--sample-steps"]),
 ])
 def test_train_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str,
                                         needles: list[str]) -> None:
@@ -308,6 +325,8 @@ def test_train_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFi
         "resume_nothing": lambda: ["--resume", *out],
         "repa": lambda: ["--repa-weight", "0.5"],
         "bad_lr": lambda: ["--lr", "-1"],
+        "bad_grid_interval": lambda: ["--interval", "0.9", "0.1"],
+        "bad_grid_steps": lambda: ["--sample-steps", "0"],
     }[case]()
     if "--out" not in args and case != "resume_without_out":
         args += out
