@@ -39,8 +39,8 @@ def typecheck(session: nox.Session) -> None:
     install(session, "test,onnx")
     session.install("mypy>=1.10")
     config = os.path.abspath("pyproject.toml")
-    # Run outside the checkout: from its root, mypy would pick up the bare `deco/` folder (which
-    # lacks the mapped `reference/` and `optimized/`) instead of the installed package.
+    # Check the installed package (the folders are mapped onto `deco.*` only at install time), from
+    # outside the checkout so that nothing there is mistaken for a top-level module.
     session.chdir(session.create_tmp())
     session.run("mypy", "--strict", "-p", "deco", "--config-file", config)
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from deco.optimized.loss import frequency_aware_loss
-from deco.optimized.model import build_model
 from torch import Tensor, nn
 
 from deco.config import DeCoConfig
+from deco.optimized.loss import frequency_aware_loss
+from deco.optimized.model import build_model
 from deco.release import portable_name
 
 BENCH_DIR = Path(__file__).resolve().parent

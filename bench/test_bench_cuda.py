@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import torch
 from common import batch_for, our_model, record
-from deco.optimized.sampling import sample
-from deco.optimized.train import TrainConfig, Trainer
 from torch import Tensor, nn
 
 from deco.config import DeCoConfig
+from deco.optimized.sampling import sample
+from deco.optimized.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.cuda
 

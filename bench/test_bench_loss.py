@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from common import Sizes, record
-from deco.optimized.loss import YCBCR_MATRIX, dct_matrix, frequency_aware_loss, frequency_weights
 from torch import Tensor
+
+from deco.optimized.loss import YCBCR_MATRIX, dct_matrix, frequency_aware_loss, frequency_weights
 
 
 def block_dct_ycbcr(x: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 from common import Sizes, batch_for, our_model, record
+
 from deco.optimized.sampling import sample
 from deco.optimized.train import TrainConfig, Trainer
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from deco.reference.weights import FORMAT_KEY, FORMAT_VERSION, read_metadata
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from deco.config import DeCoConfig
+from deco.reference.weights import FORMAT_KEY, FORMAT_VERSION, read_metadata
 from deco.release import check_shapes, read_release_checkpoint
 
 if TYPE_CHECKING:  # model.py imports this module (and re-exports load_model)

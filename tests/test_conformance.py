@@ -10,15 +10,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from deco.reference import model as ref_model
-from deco.reference import sampling as ref_sampling
-from deco.reference.frequency import JPEG_CHROMINANCE, JPEG_LUMINANCE
 from helpers import REPO_ROOT
 from safetensors import safe_open
 
 from deco import conformance as kit
 from deco import reference as ref
 from deco.cli import main
+from deco.reference import model as ref_model
+from deco.reference import sampling as ref_sampling
+from deco.reference.frequency import JPEG_CHROMINANCE, JPEG_LUMINANCE
 
 VECTORS = REPO_ROOT / "spec" / "vectors"
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from deco.reference.sampling import euler, time_grid
 from helpers import FIXTURE_RTOL, fixtures_folder, rel_err
 
 from deco import cli
 from deco import fixtures as F
 from deco import reference as R
+from deco.reference.sampling import euler, time_grid
 
 #: Inputs stored in A.npz; every other key is an output of the release the reference must reproduce.
 INPUT_KEYS = {"config", "forward_x", "forward_t", "forward_y", "sample_noise", "sample_cond"}

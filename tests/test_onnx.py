@@ -13,9 +13,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from deco.optimized.model import build_model
-from deco.reference import Model, save_weights
-from deco.reference.sampling import guided_velocity
 from helpers import REPO_ROOT, random_weights, rel_err, tiny_config
 
 from deco.cli import main
@@ -23,6 +20,9 @@ from deco.config import DeCoConfig
 from deco.onnx_export import export_onnx
 from deco.onnx_runtime import OnnxVelocityModel
 from deco.onnx_runtime import sample as onnx_sample
+from deco.optimized.model import build_model
+from deco.reference import Model, save_weights
+from deco.reference.sampling import guided_velocity
 
 #: spec/00-conventions.md §5: a float32 implementation vs the float64 reference (tiny models).
 FLOAT32_RTOL = 1e-5

@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from deco.optimized import BaselineDiT, DeCo, build_model, load_model, sample, save_model
-from deco.reference.weights import load_weights as reference_load_weights
 from helpers import FIXTURE_RTOL, random_weights, rel_err, tiny_config
 from safetensors.torch import save_file
 
 from deco.cli import main as deco_main
 from deco.config import DeCoConfig
+from deco.optimized import BaselineDiT, DeCo, build_model, load_model, sample, save_model
+from deco.reference.weights import load_weights as reference_load_weights
 
 
 @pytest.fixture(scope="module")

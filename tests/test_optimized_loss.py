@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from deco.optimized import loss as L
 from helpers import FIXTURE_RTOL, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deco import reference as R
+from deco.optimized import loss as L
 
 SETTINGS = settings(max_examples=25, deadline=None)
 F64_RTOL = 1e-10

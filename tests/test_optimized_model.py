@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from deco.optimized import BaselineDiT, DeCo, build_model
 from helpers import random_weights, rel_err, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deco import reference as R
 from deco.config import PRESETS, DeCoConfig, parameter_count, parameter_shapes
+from deco.optimized import BaselineDiT, DeCo, build_model
 
 SETTINGS = settings(max_examples=20, deadline=None)
 F64_RTOL = 1e-10

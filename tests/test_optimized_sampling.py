@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from deco.optimized import DeCo, build_model, sample, time_grid
-from deco.reference.sampling import euler as reference_euler
 from helpers import random_weights, rel_err, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deco import reference as R
+from deco.optimized import DeCo, build_model, sample, time_grid
+from deco.reference.sampling import euler as reference_euler
 
 SETTINGS = settings(max_examples=20, deadline=None)
 F64_RTOL = 1e-10

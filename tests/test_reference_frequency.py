@@ -12,12 +12,12 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import scipy.fft
-from deco.reference.frequency import JPEG_CHROMINANCE, JPEG_LUMINANCE, quality_scale, reflect_pad
 from helpers import cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deco import reference as R
+from deco.reference.frequency import JPEG_CHROMINANCE, JPEG_LUMINANCE, quality_scale, reflect_pad
 
 SETTINGS = settings(max_examples=25, deadline=None)
 # Sizes the reflect padding supports: a multiple of 8, or pad (= -n mod 8) < n, i.e. n >= 5.

@@ -10,13 +10,13 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from deco.reference import model as M
 from helpers import cases, random_weights, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deco import reference as R
 from deco.config import DeCoConfig
+from deco.reference import model as M
 
 SETTINGS = settings(max_examples=20, deadline=None)
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from deco.reference.sampling import euler
 from helpers import cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deco import reference as R
+from deco.reference.sampling import euler
 
 NUM_CLASSES = 3
 

@@ -11,16 +11,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from deco.optimized import layers
-from deco.optimized import train as T
-from deco.optimized.model import DiffusionTransformer, build_model
-from deco.reference import model as RM
 from helpers import random_weights, rel_err, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from deco import reference as R
+from deco.optimized import layers
+from deco.optimized import train as T
+from deco.optimized.model import DiffusionTransformer, build_model
+from deco.reference import model as RM
 
 SETTINGS = settings(max_examples=20, deadline=None)
 F64_RTOL = 1e-10

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from deco.reference.weights import FORMAT_KEY, FORMAT_VERSION
 from helpers import random_weights, tiny_config
 from safetensors.numpy import load_file, save_file
 
 from deco import cli
 from deco import reference as R
 from deco.config import parameter_shapes
+from deco.reference.weights import FORMAT_KEY, FORMAT_VERSION
 from deco.release import read_release_checkpoint
 
 

@@ -467,9 +467,14 @@ def load_port(spec: str) -> Any:
 
 # ------------------------------------------------------------------------ reading and writing
 def default_folder() -> Path:
-    """$DECO_VECTORS, else spec/vectors next to this package in a source checkout."""
+    """$DECO_VECTORS, else the copy of spec/vectors installed with the package (`deco/vectors`),
+    else spec/vectors of the source checkout (editable installs)."""
     env = os.environ.get("DECO_VECTORS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "spec" / "vectors"
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    installed = here / "vectors"
+    return installed if installed.is_dir() else here.parent / "spec" / "vectors"
 
 
 def save_vector(folder: Path, vector: Vector) -> Path:
