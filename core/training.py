@@ -387,10 +387,10 @@ class Job:
         if self.d.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            # The Trainer calls `self.model(...)`: routing that through DDP all-reduces the
-            # gradients in backward. Checkpoints keep using the unwrapped `self.model`.
+            # The Trainer's forward goes through `trainer.net`: routing it through DDP all-reduces
+            # the gradients in backward. Checkpoints, EMA and REPA hooks use the bare model.
             ids = [self.d.local_rank] if self.d.device.type == "cuda" else None
-            self.trainer.model = DistributedDataParallel(self.model, device_ids=ids)  # type: ignore[assignment]
+            self.trainer.net = DistributedDataParallel(self.model, device_ids=ids)
 
     # ---------------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:

@@ -223,6 +223,10 @@ class Trainer:
             raise TypeError(f"model: expected a DeCo or BaselineDiT module, got {type(model).__name__}")
         self.config = config
         self.model = model.train()
+        # What the forward pass calls: the model itself, or a wrapper of it such as
+        # DistributedDataParallel (set by the distributed training loop). Hooks, EMA and
+        # state_dict always use the bare `model`.
+        self.net: nn.Module = self.model
         first = next(model.parameters())
         self.device = first.device
         self.dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
@@ -300,7 +304,7 @@ class Trainer:
             handle = self.model.blocks[cfg.repa_layer - 1].register_forward_hook(capture)
         try:
             with self._autocast():
-                pred = self.model(x_t, t, y)
+                pred = self.net(x_t, t, y)
         finally:
             if handle is not None:
                 handle.remove()
