@@ -191,7 +191,7 @@ def grid_image(images: NDArray[np.uint8], columns: int, pad: int = 2) -> NDArray
 def save_png(array: NDArray[np.uint8], path: Path) -> None:
     from PIL import Image
 
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
 
     image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
@@ -208,7 +208,7 @@ def save_samples(images: Tensor, labels: Sequence[int], out: Path, columns: int)
         save_png(grid_image(arrays, columns), out)
         return f"a {len(arrays)}-image grid {out}"
     if suffix == ".npz":
-        from .checkpoint import atomic_write
+        from .atomic import atomic_write
 
         atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), arr_0=arrays,
                                                arr_1=np.asarray(labels, dtype=np.int64)))
@@ -222,7 +222,7 @@ def save_samples(images: Tensor, labels: Sequence[int], out: Path, columns: int)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
 
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -305,7 +305,7 @@ def plot_spectra(results: dict[str, dict[str, Any]], target: Sequence[float], pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     bands = np.arange(BANDS)

@@ -283,7 +283,7 @@ def read_log(path: Path, up_to_step: int | None = None) -> list[dict[str, float]
 
 
 def write_log(path: Path, records: list[dict[str, float]]) -> None:
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
 
     text = "".join(json.dumps(r) + "\n" for r in records)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -297,7 +297,7 @@ def plot_loss(records: list[dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     steps = np.array([r["step"] for r in records])

@@ -8,8 +8,6 @@ config inferred from the tensor shapes). The kind of file is told by its content
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from deco.atomic import atomic_write
 from deco.config import DeCoConfig
 from deco.reference.weights import FORMAT_KEY, FORMAT_VERSION, read_metadata
 from deco.release import check_shapes, read_release_checkpoint
@@ -94,13 +93,5 @@ def save_model(model: DiffusionTransformer, path: str | Path, dtype: torch.dtype
     if dtype is None:
         dtype = torch.float64 if model.patch_embed.weight.dtype == torch.float64 else torch.float32
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={FORMAT_KEY: FORMAT_VERSION, "config": model.config.to_json()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    meta = {FORMAT_KEY: FORMAT_VERSION, "config": model.config.to_json()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

@@ -19,42 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deco.reference import frequency as reference_frequency
+
 BLOCK = 8
 
-#: Full-range JPEG / BT.601 RGB -> YCbCr matrix, rows (Y, Cb, Cr); no +128 offsets.
-YCBCR_MATRIX = torch.tensor(
-    [
-        [0.299, 0.587, 0.114],
-        [-0.168736, -0.331264, 0.5],
-        [0.5, -0.418688, -0.081312],
-    ],
-    dtype=torch.float64,
-)
-
-#: JPEG quantisation tables (ITU-T T.81 Annex K.1, K.2), [vertical u, horizontal v] frequency.
-JPEG_LUMINANCE = torch.tensor(
-    [
-        [16, 11, 10, 16, 24, 40, 51, 61],
-        [12, 12, 14, 19, 26, 58, 60, 55],
-        [14, 13, 16, 24, 40, 57, 69, 56],
-        [14, 17, 22, 29, 51, 87, 80, 62],
-        [18, 22, 37, 56, 68, 109, 103, 77],
-        [24, 35, 55, 64, 81, 104, 113, 92],
-        [49, 64, 78, 87, 103, 121, 120, 101],
-        [72, 92, 95, 98, 112, 100, 103, 99],
-    ],
-    dtype=torch.float64,
-)
-JPEG_CHROMINANCE = torch.full((8, 8), 99.0, dtype=torch.float64)
-JPEG_CHROMINANCE[:4, :4] = torch.tensor(
-    [
-        [17, 18, 24, 47],
-        [18, 21, 26, 66],
-        [24, 26, 56, 99],
-        [47, 66, 99, 99],
-    ],
-    dtype=torch.float64,
-)
+# The YCbCr matrix and the JPEG tables are data of the spec (02 §1, §4): taken from the reference
+# so there is one copy of them, as float64 torch tensors.
+YCBCR_MATRIX = torch.from_numpy(reference_frequency.YCBCR_MATRIX.copy())
+JPEG_LUMINANCE = torch.from_numpy(reference_frequency.JPEG_LUMINANCE.copy())
+JPEG_CHROMINANCE = torch.from_numpy(reference_frequency.JPEG_CHROMINANCE.copy())
 
 
 # ------------------------------------------------------------------------------- validation

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from deco.atomic import atomic_write
 from deco.config import DeCoConfig
 from deco.release import check_shapes
 
@@ -72,13 +71,5 @@ def save_weights(
     check_shapes(config, {k: np.shape(v) for k, v in weights.items()})
     path = Path(path)
     arrays = {k: np.ascontiguousarray(np.asarray(v, dtype=dtype)) for k, v in weights.items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        save_file(arrays, tmp, metadata={FORMAT_KEY: FORMAT_VERSION, "config": config.to_json()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    meta = {FORMAT_KEY: FORMAT_VERSION, "config": config.to_json()}
+    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=meta))
