@@ -32,6 +32,7 @@ from safetensors.numpy import save_file
 
 from deco import reference as ref
 from deco.config import DeCoConfig, parameter_shapes
+from deco.fixtures import error_measure
 from deco.reference import model as ref_model
 from deco.reference import sampling as ref_sampling
 
@@ -391,13 +392,6 @@ def run_vector(port: Any, vector: Vector, vectors: Mapping[str, Vector],
     max_abs, max_rel = error_measure(got, expected)
     status: Status = "pass" if max_rel <= tol else "FAIL"
     return Result(vector.name, vector.component, status, max_abs, max_rel, tol)
-
-
-def error_measure(got: Array, expected: Array) -> tuple[float, float]:
-    """(max|got - exp|, max|got - exp| / max|exp|), spec/00-conventions.md §5."""
-    err = float(np.max(np.abs(got - expected))) if expected.size else 0.0
-    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-    return err, (err / scale if scale > 0 else err)
 
 
 def port_precision(port: Any) -> Precision:

@@ -39,14 +39,20 @@ class Check:
         return bool(np.isfinite(self.max_rel)) and self.max_rel <= self.tolerance
 
 
+def error_measure(got: Any, expected: Any) -> tuple[float, float]:
+    """(max|got - exp|, max|got - exp| / max|exp|), spec/00-conventions.md §5 (absolute error
+    where exp is all zeros). The project's one definition: fixtures, conformance and ONNX checks."""
+    err = float(np.max(np.abs(got - expected))) if np.size(expected) else 0.0
+    scale = float(np.max(np.abs(expected))) if np.size(expected) else 0.0
+    return err, (err / scale if scale > 0 else err)
+
+
 def compare(name: str, got: Any, expected: Any, tolerance: float = FIXTURE_TOLERANCE) -> Check:
     got = np.asarray(got, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     if got.shape != expected.shape:
         return Check(name, float("inf"), float("inf"), tolerance)
-    err = float(np.max(np.abs(got - expected))) if got.size else 0.0
-    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-    return Check(name, err, err / scale if scale > 0 else err, tolerance)
+    return Check(name, *error_measure(got, expected), tolerance)
 
 
 def _load(folder: Path) -> tuple[Any, dict[str, Any]]:

@@ -390,7 +390,7 @@ def check_onnx(
     velocity; the reference's is `deco.reference.sampling.guided_velocity`."""
     import numpy as np
 
-    from deco.conformance import error_measure
+    from deco.fixtures import error_measure
     from deco.optimized.model import load_model
     from deco.reference import Model
     from deco.reference.sampling import guided_velocity
