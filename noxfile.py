@@ -1,4 +1,4 @@
-"""nox sessions: tests, typecheck, lint, bench, demo (the README's main job).
+"""nox sessions: tests, typecheck, lint, bench, vectors, train (the README's main job).
 
 Every session installs torch first, pinned by $DECO_TORCH (default `torch==2.13.0`): on a CPU
 machine that pin resolves to the local CPU wheel, whereas an unpinned `torch` requirement would
@@ -69,13 +69,6 @@ def vectors(session: nox.Session) -> None:
     """Regenerate the conformance vectors in spec/vectors from the reference."""
     install(session, "test")
     session.run("deco", "conformance", "--write", "spec/vectors")
-
-
-@nox.session(python=PYTHON)
-def demo(session: nox.Session) -> None:
-    """The main job: install, then run `deco` with the session's arguments."""
-    install(session, "test")
-    session.run("deco", *(session.posargs or ["check-fixtures"]))
 
 
 @nox.session(python=PYTHON)
