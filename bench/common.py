@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deco.config import DeCoConfig
+from deco.optimized import gemm
+from deco.optimized.gemm import linear
 from deco.optimized.loss import frequency_aware_loss
 from deco.optimized.model import build_model
 from deco.release import portable_name
@@ -117,6 +120,39 @@ def release_model(module: ModuleType, config: DeCoConfig) -> nn.Module:
         num_cond_blocks=config.depth, patch_size=config.patch_size, num_classes=config.num_classes,
     )
     return model
+
+
+def onednn_linears(model: nn.Module) -> nn.Module:
+    """`model` (the release's) with every `nn.Linear` computed by our `deco.optimized.gemm.linear`
+    (oneDNN for float32 on x86-64 CPUs): separates what the matrix-product backend gives from
+    what our model's layout gives."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.forward = types.MethodType(  # type: ignore[method-assign]
+                lambda self, x: linear(x, self.weight, self.bias), module)
+    return model
+
+
+#: Side-by-side variants: ours and the release's model, each with both float32 CPU matrix-product
+#: backends (bench/RESULTS.md explains why the backend matters on this CPU).
+IMPLS = ("ours", "ours-aten", "release", "release-onednn")
+
+
+def variant(impl: str, release: ModuleType | None, ours: nn.Module) -> tuple[nn.Module, str]:
+    """(model, backend) for an entry of IMPLS; the model holds `ours`'s weights."""
+    if impl.startswith("ours"):
+        return ours, "aten" if impl == "ours-aten" else cpu_gemm_default()
+    if release is None:
+        raise ValueError("release: the release's module is needed for " + impl)
+    twin = release_twin(release, ours)
+    if impl == "release-onednn":
+        return onednn_linears(twin), cpu_gemm_default()
+    return twin, cpu_gemm_default()
+
+
+def cpu_gemm_default() -> str:
+    """The backend deco.optimized would use here by default (oneDNN where available)."""
+    return "onednn" if gemm._onednn_available() else "aten"
 
 
 def release_twin(module: ModuleType, ours: nn.Module) -> nn.Module:

@@ -1,6 +1,6 @@
 """Peak-memory probe, run in a fresh process by `common.peak_memory`:
 
-    python bench/memory_probe.py ours|release forward|train PRESET RESOLUTION BATCH
+    python bench/memory_probe.py IMPL forward|train PRESET RESOLUTION BATCH   (IMPL: common.IMPLS)
 
 Builds the model and a batch, resets the kernel's resident-set high-water mark (writing 5 to
 /proc/self/clear_refs sets VmHWM to the current RSS), runs the op once (forward under no_grad,
@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
-from common import adamw, batch_for, load_release_module, our_model, release_model, release_source
+from common import IMPLS, adamw, batch_for, load_release_module, our_model, release_source, variant
 
 from deco.config import DeCoConfig
+from deco.optimized import set_cpu_gemm
 
 
 def status_mib(field: str) -> float:
@@ -38,13 +39,11 @@ def reset_peak() -> float:
 
 def main(impl: str, op: str, preset: str, resolution: int, batch: int) -> None:
     config = DeCoConfig.preset(preset)
-    if impl == "ours":
-        model = our_model(config)
-    else:
-        root = release_source()
-        if root is None:
-            raise SystemExit("memory_probe: DECO_RELEASE_SRC is not set")
-        model = release_model(load_release_module(root), config)
+    root = release_source()
+    if impl.startswith("release") and root is None:
+        raise SystemExit("memory_probe: DECO_RELEASE_SRC is not set")
+    model, backend = variant(impl, None if root is None else load_release_module(root), our_model(config))
+    set_cpu_gemm(backend)
     data = batch_for(config, batch, resolution)
     optimizer = adamw(model) if op == "train" else None
     baseline = reset_peak()
@@ -61,7 +60,7 @@ def main(impl: str, op: str, preset: str, resolution: int, batch: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 6 or sys.argv[1] not in ("ours", "release") or sys.argv[2] not in (
+    if len(sys.argv) != 6 or sys.argv[1] not in IMPLS or sys.argv[2] not in (
             "forward", "train"):
         raise SystemExit(__doc__)
     main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))

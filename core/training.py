@@ -489,6 +489,8 @@ class Job:
     # ---------------------------------------------------------------------------- outputs
     def finish(self) -> dict[str, Any]:
         """Sample grid, loss curve, portable EMA weights and metrics.json (rank 0)."""
+        from deco.optimized import cpu_gemm
+
         run = self.run
         assert run.sample is not None and run.steps is not None
         summary: dict[str, Any] = {}
@@ -521,6 +523,7 @@ class Job:
                 "device": str(self.d.device),
                 "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads(),
+                "cpu_gemm": cpu_gemm(),
                 "files": {"checkpoint": CHECKPOINT_NAME, "model": MODEL_NAME, "samples": SAMPLES_NAME,
                           "loss_curve": LOSS_CURVE_NAME, "log": LOG_NAME},
             }

@@ -2,6 +2,7 @@
 
 from deco.config import DeCoConfig
 
+from .gemm import cpu_gemm, cpu_gemm_backend, set_cpu_gemm
 from .io import load_model, save_model
 from .loss import flow_matching_loss, frequency_aware_loss, frequency_weights
 from .model import BaselineDiT, DeCo, DiffusionTransformer, build_model
@@ -18,11 +19,14 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "build_model",
+    "cpu_gemm",
+    "cpu_gemm_backend",
     "flow_matching_loss",
     "frequency_aware_loss",
     "frequency_weights",
     "load_model",
     "sample",
     "save_model",
+    "set_cpu_gemm",
     "time_grid",
 ]

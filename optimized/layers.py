@@ -19,18 +19,13 @@ from torch import Tensor, nn
 
 from deco.config import DCT_FREQS, NORM_EPS, ROPE_SPAN, ROPE_THETA, TIME_FREQ_DIM, TIME_MAX_PERIOD
 
+from .gemm import Linear, is_tracing, linear
+
 
 def table_dtype(dtype: torch.dtype) -> torch.dtype:
     """Constant tables are built in float64 for float64 models, float32 otherwise (also for
     bfloat16/float16 models: the angles need float32, and MPS has no float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def is_tracing() -> bool:
-    """True under torch.compile, jit tracing or ONNX export: no data-dependent Python control
-    flow then (value checks, shape-dependent loops)."""
-    tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
-    return bool(torch.compiler.is_compiling() or tracing or torch.onnx.is_in_onnx_export())
 
 
 def layer_norm(x: Tensor) -> Tensor:
@@ -50,8 +45,8 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(TIME_FREQ_DIM, hidden_size)
-        self.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.fc1 = Linear(TIME_FREQ_DIM, hidden_size)
+        self.fc2 = Linear(hidden_size, hidden_size)
 
     def forward(self, t: Tensor) -> Tensor:
         half = TIME_FREQ_DIM // 2
@@ -109,10 +104,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         head_dim = hidden_size // num_heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.qkv = Linear(hidden_size, 3 * hidden_size, bias=False)
         self.q_norm = RMSNorm(head_dim)
         self.k_norm = RMSNorm(head_dim)
-        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.proj = Linear(hidden_size, hidden_size)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, n, d = x.shape
@@ -130,9 +125,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, inner: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(hidden_size, inner, bias=False)
-        self.w3 = nn.Linear(hidden_size, inner, bias=False)
-        self.w2 = nn.Linear(inner, hidden_size, bias=False)
+        self.w1 = Linear(hidden_size, inner, bias=False)
+        self.w3 = Linear(hidden_size, inner, bias=False)
+        self.w2 = Linear(inner, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -148,7 +143,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = RMSNorm(hidden_size)
         self.mlp = SwiGLU(hidden_size, mlp_hidden)
-        self.adaln = nn.Linear(hidden_size, 6 * hidden_size)
+        self.adaln = Linear(hidden_size, 6 * hidden_size)
 
     def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         # c is already silu(...): the adaln linear takes it directly.
@@ -165,8 +160,8 @@ class LinearHead(nn.Module):
 
     def __init__(self, hidden_size: int, out_features: int) -> None:
         super().__init__()
-        self.adaln = nn.Linear(hidden_size, 2 * hidden_size)
-        self.linear = nn.Linear(hidden_size, out_features)
+        self.adaln = Linear(hidden_size, 2 * hidden_size)
+        self.linear = Linear(hidden_size, out_features)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaln(c).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, D) each
@@ -199,9 +194,9 @@ class DecoderBlock(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=NORM_EPS)
-        self.fc1 = nn.Linear(width, width)
-        self.fc2 = nn.Linear(width, width)
-        self.adaln = nn.Linear(width, 3 * width)
+        self.fc1 = Linear(width, width)
+        self.fc2 = Linear(width, width)
+        self.adaln = Linear(width, 3 * width)
 
     def modulation_weights(self) -> tuple[Tensor, Tensor]:
         """(3w, w) weight and (3w,) bias mapping u to (shift', scale', gate) with
@@ -238,11 +233,11 @@ class PixelDecoder(nn.Module):
                  depth: int) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.pixel_embed = nn.Linear(in_channels + DCT_FREQS * DCT_FREQS, width)
-        self.cond_proj = nn.Linear(hidden_size, patch_size * patch_size * width)
-        self.input_proj = nn.Linear(width, width)
+        self.pixel_embed = Linear(in_channels + DCT_FREQS * DCT_FREQS, width)
+        self.cond_proj = Linear(hidden_size, patch_size * patch_size * width)
+        self.input_proj = Linear(width, width)
         self.blocks = nn.ModuleList([DecoderBlock(width) for _ in range(depth)])
-        self.final = nn.Linear(width, in_channels)
+        self.final = Linear(width, in_channels)
 
     def embed_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(w, C) weight and (P, w) bias with input_proj(pixel_embed([pixel, dct])) = pixel @ W.T
@@ -279,9 +274,9 @@ class PixelDecoder(nn.Module):
         """pixels (n, P, C), cond (n, P*w) -> velocity rows (n*P, C)."""
         width = self.final.in_features
         rows = pixels.shape[0] * pixels.shape[1]
-        z = torch.matmul(pixels, embed[0].T).add_(embed[1]).view(rows, width)  # (n*P, w)
+        z = linear(pixels, embed[0]).add_(embed[1]).view(rows, width)  # (n*P, w)
         u = F.silu(cond.view(rows, width))  # (n*P, w), shared by every block's adaln
         for block, mod in zip(self.blocks, mods, strict=True):
-            z = block(z, F.linear(u, *mod))
+            z = block(z, linear(u, *mod))
         out: Tensor = self.final(layer_norm(z))  # (n*P, C)
         return out

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from deco.config import DeCoConfig
 
+from .gemm import Linear, is_tracing
 from .io import load_model, save_model
 from .layers import (
     DecoderBlock,
@@ -25,7 +26,6 @@ from .layers import (
     LinearHead,
     PixelDecoder,
     TimestepEmbedder,
-    is_tracing,
     rope_tables,
 )
 
@@ -48,7 +48,7 @@ class DiffusionTransformer(nn.Module):
         h = config.hidden_size
         self.t_embed = TimestepEmbedder(h)
         self.y_embed = nn.Embedding(config.num_classes + 1, h)
-        self.patch_embed = nn.Linear(config.in_channels * config.patch_size**2, h)
+        self.patch_embed = Linear(config.in_channels * config.patch_size**2, h)
         self.blocks = nn.ModuleList(
             [DiTBlock(h, config.num_heads, config.mlp_hidden) for _ in range(config.depth)]
         )

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .gemm import Linear
 from .loss import flow_matching_loss, frequency_aware_loss
 from .model import DiffusionTransformer
 
@@ -191,7 +192,7 @@ def make_ema(model: nn.Module) -> nn.Module:
 def make_projector(dim: int, hidden: int, out: int) -> nn.Sequential:
     """REPA's projection head from DiT tokens to encoder features (release: 3 linears, SiLU)."""
     return nn.Sequential(
-        nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out)
+        Linear(dim, hidden), nn.SiLU(), Linear(hidden, hidden), nn.SiLU(), Linear(hidden, out)
     )
 
 

@@ -1,0 +1,164 @@
+"""Linear layers whose float32 CPU matrix products run on oneDNN (spec/03-model.md, "Linear").
+
+Why: PyTorch's CPU wheels send float32 `F.linear` / `mm` to MKL's sgemm, and MKL picks its
+generic AVX2 code on non-Intel x86 processors. On the AMD EPYC (Zen 5) of bench/RESULTS.md that
+is ~100 GFLOP/s on one core, while oneDNN, which PyTorch also ships and which chooses its kernels
+from the CPU's instruction sets rather than its vendor, reaches 200-250 GFLOP/s on the same
+shapes. The DiT's and the decoder's matrix products are most of a training step, so this is the
+largest single speed-up of the CPU path.
+
+The result is the same float32 product (oneDNN's default "strict" float math: float32 inputs,
+float32 accumulation, no bfloat16/TF32 down-conversion); rounding differs from MKL's only in the
+order of the float32 sums (~1e-7 relative). `tests/test_optimized_gemm.py` checks the forward
+and both gradients against float64 products over many shapes.
+
+oneDNN is used only where it is known to help and is safe: float32 tensors on an x86-64 CPU, no
+autocast, not while tracing/compiling/exporting (the graph must keep plain `F.linear`, which
+exporters and compilers understand). Everything else (float64, bfloat16, CUDA, ARM) takes
+`F.linear`. `DECO_CPU_GEMM=aten` in the environment, or `set_cpu_gemm("aten")`, turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+_BACKENDS = ("onednn", "aten")
+
+
+def is_tracing() -> bool:
+    """True under torch.compile, jit tracing or ONNX export: no data-dependent Python control
+    flow then (value checks, shape-dependent loops), and only standard ops in the graph."""
+    tracing = torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call]
+    return bool(torch.compiler.is_compiling() or tracing or torch.onnx.is_in_onnx_export())
+
+
+def _onednn_available() -> bool:
+    return (
+        platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def _initial_backend() -> str:
+    choice = os.environ.get("DECO_CPU_GEMM", "onednn")
+    if choice not in _BACKENDS:
+        raise ValueError(f"DECO_CPU_GEMM: expected one of {_BACKENDS}, got {choice!r}")
+    return choice if _onednn_available() else "aten"
+
+
+_backend = _initial_backend()
+
+
+def set_cpu_gemm(backend: str) -> str:
+    """Choose the float32 CPU matrix-product backend ("onednn" or "aten"); returns the previous
+    one. "onednn" on a machine without it raises (rather than silently measuring the other)."""
+    global _backend
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if backend == "onednn" and not _onednn_available():
+        raise RuntimeError("backend: oneDNN linear is not available in this PyTorch build or CPU")
+    previous, _backend = _backend, backend
+    return previous
+
+
+@contextlib.contextmanager
+def cpu_gemm_backend(backend: str) -> Iterator[None]:
+    """`with cpu_gemm_backend("aten"): ...` runs the block with that backend, then restores."""
+    previous = set_cpu_gemm(backend)
+    try:
+        yield
+    finally:
+        set_cpu_gemm(previous)
+
+
+def cpu_gemm() -> str:
+    """The float32 CPU matrix-product backend in use: "onednn" or "aten"."""
+    return _backend
+
+
+def _uses_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return (
+        _backend == "onednn"
+        and not is_tracing()  # first: the checks below would be recorded by a tracer
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def _mm_t(a: Tensor, b: Tensor) -> Tensor:
+    """a (M, K) @ b (N, K).T -> (M, N), both possibly strided, on oneDNN."""
+    out: Tensor = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return out
+
+
+def _weight_grad(g: Tensor, x: Tensor) -> Tensor:
+    """dW = g^T x (out, in) for g (rows, out), x (rows, in).
+
+    Transposed operands are passed as strided views (oneDNN reorders them internally; an
+    explicit copy first was measured slower), with the longer of (in, out) as oneDNN's N. The
+    narrow square products of the pixel decoder (both sides <= 64) go to `torch.mm`, which reads
+    the transposes for free and was ~4% faster there over a whole training step."""
+    n_out, n_in = g.shape[1], x.shape[1]
+    if max(n_out, n_in) <= 64:
+        return torch.mm(g.t(), x)
+    if n_out >= n_in:
+        return _mm_t(x.t(), g.t()).t()
+    return _mm_t(g.t(), x.t())
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with all three products (forward, dx, dW) on oneDNN."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """x (rows, in), weight (out, in), bias (out,) or None -> (rows, out)."""
+        out: Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x2, weight = ctx.saved_tensors  # (rows, in), (out, in)
+        g2 = grad  # (rows, out)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _mm_t(g2, weight.t())  # (rows, in)
+        if ctx.needs_input_grad[1]:
+            gw = _weight_grad(g2, x2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`; on float32 x86-64 CPUs computed by oneDNN (module doc)."""
+    if _uses_onednn(x, weight, bias):
+        # Reshapes stay outside the Function, so autograd sees ordinary views (in-place ops
+        # on the result remain legal).
+        out: Tensor = _OneDNNLinear.apply(  # type: ignore[no-untyped-call]
+            x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters, init and state_dict) computing through `linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,184 @@
+"""`deco.optimized.gemm`: float32 CPU linear layers on oneDNN, against float64 NumPy products.
+
+The oracle is NumPy in float64 (x W^T + b and its three gradients g W, g^T x, sum g), never the
+other backend. Tolerance 1e-5 relative to the largest expected entry: float32 rounding of sums of
+at most a few thousand terms (spec/00-conventions.md, "Tolerances"). Every float32 case also
+asserts that the oneDNN Function really ran, so the test cannot pass on the fallback by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_weights, rel_err, tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deco import reference as R
+from deco.optimized import DeCo, cpu_gemm, cpu_gemm_backend, gemm, set_cpu_gemm
+
+pytestmark = pytest.mark.skipif(not gemm._onednn_available(),
+                                reason="oneDNN linear is not available on this CPU / build")
+RTOL = 1e-5
+
+
+def used_onednn(out: torch.Tensor) -> bool:
+    """Whether the autograd graph of `out` goes through the oneDNN Function."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "_OneDNNLinearBackward":
+            return True
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
+
+
+def check_linear(x64: np.ndarray, w64: np.ndarray, b64: np.ndarray | None, g64: np.ndarray,
+                 x: torch.Tensor, grads: tuple[bool, bool, bool]) -> None:
+    """Run gemm.linear on float32 tensors (x given, possibly strided) and compare with NumPy."""
+    w = torch.tensor(w64, dtype=torch.float32, requires_grad=grads[1])
+    b = None if b64 is None else torch.tensor(b64, dtype=torch.float32, requires_grad=grads[2])
+    x.requires_grad_(grads[0])
+    out = gemm.linear(x, w, b)
+    expected = x64 @ w64.T + (0.0 if b64 is None else b64)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert rel_err(out.detach().numpy(), expected) <= RTOL
+    if not any(grads[: 2 if b is None else 3]):
+        return
+    assert used_onednn(out)
+    out.backward(torch.tensor(g64, dtype=torch.float32))
+    x2, g2 = x64.reshape(-1, x64.shape[-1]), g64.reshape(-1, g64.shape[-1])
+    if grads[0]:
+        assert x.grad is not None and rel_err(x.grad.numpy(), g64 @ w64) <= RTOL
+    if grads[1]:
+        assert w.grad is not None and rel_err(w.grad.numpy(), g2.T @ x2) <= RTOL
+    if b is not None and grads[2]:
+        assert b.grad is not None and rel_err(b.grad.numpy(), g2.sum(0)) <= RTOL
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 300), n_in=st.integers(1, 70), n_out=st.integers(1, 70),
+       bias=st.booleans(), layout=st.sampled_from(["contiguous", "transposed", "3d"]),
+       grads=st.tuples(st.booleans(), st.booleans(), st.booleans()), seed=st.integers(0, 2**16))
+def test_linear_matches_float64(rows: int, n_in: int, n_out: int, bias: bool, layout: str,
+                                grads: tuple[bool, bool, bool], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    w64 = rng.standard_normal((n_out, n_in))
+    b64 = rng.standard_normal(n_out) if bias else None
+    if layout == "3d":
+        x64, g64 = rng.standard_normal((2, rows, n_in)), rng.standard_normal((2, rows, n_out))
+        x = torch.tensor(x64, dtype=torch.float32)
+    else:
+        x64, g64 = rng.standard_normal((rows, n_in)), rng.standard_normal((rows, n_out))
+        x = torch.tensor(x64, dtype=torch.float32)
+        if layout == "transposed":  # same values, column-major storage
+            x = torch.tensor(x64.T, dtype=torch.float32).t()
+    with cpu_gemm_backend("onednn"):
+        check_linear(x64, w64, b64, g64, x, grads)
+
+
+@pytest.mark.parametrize(("rows", "n_in", "n_out"), [
+    (1024, 384, 1152), (1024, 1024, 384), (1024, 384, 8192), (8192, 32, 96), (8192, 96, 32),
+    (4, 384, 2304),
+])
+def test_linear_model_shapes(rows: int, n_in: int, n_out: int) -> None:
+    """The shapes of DeCo-S/16 at 256x256 (both branches of the dW layout choice)."""
+    rng = np.random.default_rng(rows + n_in + n_out)
+    x64, g64 = rng.standard_normal((rows, n_in)), rng.standard_normal((rows, n_out))
+    w64, b64 = rng.standard_normal((n_out, n_in)) / np.sqrt(n_in), rng.standard_normal(n_out)
+    with cpu_gemm_backend("onednn"):
+        check_linear(x64, w64, b64, g64, torch.tensor(x64, dtype=torch.float32), (True, True, True))
+
+
+def test_inplace_on_result_and_empty_batch() -> None:
+    x = torch.randn(5, 3, requires_grad=True)
+    w = torch.randn(4, 3, requires_grad=True)
+    with cpu_gemm_backend("onednn"):
+        out = gemm.linear(x, w).add_(1.0)  # the decoder adds its per-pixel bias in place
+        out.sum().backward()
+        assert x.grad is not None and torch.allclose(x.grad, w.sum(0).expand(5, 3), rtol=1e-6)
+        empty = gemm.linear(torch.zeros(0, 3), w)
+    assert empty.shape == (0, 4)
+
+
+@pytest.mark.parametrize("case", ["float64", "bf16-autocast", "aten", "jit-trace"])
+def test_fallback_to_f_linear(case: str) -> None:
+    """Only plain float32 CPU eager work goes to oneDNN; the rest is F.linear."""
+    dtype = torch.float64 if case == "float64" else torch.float32
+    x = torch.randn(6, 4, dtype=dtype, requires_grad=True)
+    layer = gemm.Linear(4, 3).to(dtype)
+    if case == "bf16-autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+    elif case == "aten":
+        with cpu_gemm_backend("aten"):
+            out = layer(x)
+    elif case == "jit-trace":
+        traced: Any = torch.jit.trace(layer, x.detach())  # type: ignore[no-untyped-call]
+        assert "aten::linear" in str(traced.graph)
+        out = layer(x)
+        assert used_onednn(out)  # eager use after tracing is unaffected
+        return
+    else:
+        out = layer(x)
+    assert not used_onednn(out)
+
+
+def test_backend_selection_errors() -> None:
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        set_cpu_gemm("mkl")
+    before = cpu_gemm()
+    with pytest.raises(RuntimeError, match="boom"), cpu_gemm_backend("aten"):
+        assert cpu_gemm() == "aten"
+        raise RuntimeError("boom")
+    assert cpu_gemm() == before
+
+
+@pytest.mark.parametrize(("value", "ok"), [("aten", True), ("onednn", True), ("mkl", False)])
+def test_environment_variable(value: str, ok: bool) -> None:
+    code = "import deco.optimized as o; print(o.cpu_gemm())"
+    env = dict(os.environ, DECO_CPU_GEMM=value)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if ok:
+        assert done.returncode == 0 and done.stdout.strip() == value
+    else:
+        assert done.returncode != 0 and "DECO_CPU_GEMM: expected one of" in done.stderr
+
+
+@pytest.mark.parametrize("backend", ["onednn", "aten"])
+def test_deco_float32_gradients_against_reference(backend: str) -> None:
+    """A whole DeCo forward + backward in float32 on each backend, against the float64
+    reference: the forward against the reference, the parameter gradients against the float64
+    model (float64 never takes the oneDNN path; its gradients are checked against finite
+    differences of the reference in test_optimized_model.py)."""
+    config = tiny_config("deco")
+    weights = random_weights(config, seed=3)
+    rng = np.random.default_rng(0)
+    x, t, y = rng.standard_normal((2, 3, 8, 12)), rng.uniform(0, 1, 2), np.array([1, 0])
+    expected = R.Model(config, weights).forward(x, t, y)
+
+    def run(dtype: torch.dtype) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        model = DeCo(config).to(dtype)
+        model.load_state_dict({k: torch.as_tensor(v, dtype=dtype) for k, v in weights.items()})
+        out = model(torch.as_tensor(x, dtype=dtype), torch.as_tensor(t, dtype=dtype), torch.as_tensor(y))
+        (out.double() ** 2).sum().backward()
+        grads = {k: p.grad.double().numpy() for k, p in model.named_parameters() if p.grad is not None}
+        return out.detach().double().numpy(), grads
+
+    with cpu_gemm_backend(backend):
+        out32, grads32 = run(torch.float32)
+    _, grads64 = run(torch.float64)
+    assert rel_err(out32, expected) <= RTOL
+    assert grads32.keys() == grads64.keys()
+    worst = max(rel_err(grads32[k], grads64[k]) for k in grads64)
+    assert worst <= RTOL, worst
