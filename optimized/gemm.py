@@ -106,18 +106,30 @@ def _mm_t(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _weight_grad(g: Tensor, x: Tensor) -> Tensor:
-    """dW = g^T x (out, in) for g (rows, out), x (rows, in).
+    """oneDNN dW = g^T x (out, in) for float32 g (rows, out), x (rows, in).
 
-    Transposed operands are passed as strided views (oneDNN reorders them internally; an
-    explicit copy first was measured slower), with the longer of (in, out) as oneDNN's N. The
-    narrow square products of the pixel decoder (both sides <= 64) go to `torch.mm`, which reads
-    the transposes for free and was ~4% faster there over a whole training step."""
-    n_out, n_in = g.shape[1], x.shape[1]
-    if max(n_out, n_in) <= 64:
+    The choices below were timed on the shapes of DeCo-S/16 (RESULTS.md's machine):
+    - transposed operands go in as strided views: oneDNN reorders them itself, and an explicit
+      copy first was slower;
+    - a much wider than tall result (the decoder's condition projection, 384 -> 8192) is ~1.4x
+      faster computed as (x^T g)^T, even counting the copy back to the (out, in) layout that
+      the gradient must have;
+    - when a side is <= 32 wide (the pixel decoder's products) `torch.mm` reads the transposes
+      for free and was faster over a whole training step with two threads."""
+    rows, n_out, n_in = g.shape[0], g.shape[1], x.shape[1]
+    if min(n_out, n_in) <= 32:
         return torch.mm(g.t(), x)
-    if n_out >= n_in:
-        return _mm_t(x.t(), g.t()).t()
+    if n_out >= 4 * n_in and rows >= n_in:
+        return _mm_t(x.t(), g.t()).t().contiguous()
     return _mm_t(g.t(), x.t())
+
+
+def weight_grad(g: Tensor, x: Tensor) -> Tensor:
+    """The weight gradient g^T x (out, in) of a linear layer, for g (rows, out) and x (rows, in):
+    on oneDNN where `linear` would use it, else `torch.mm`."""
+    if _uses_onednn(x, g, None):
+        return _weight_grad(g, x)
+    return torch.mm(g.t(), x)
 
 
 class _OneDNNLinear(torch.autograd.Function):
