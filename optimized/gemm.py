@@ -1,11 +1,15 @@
-"""Linear layers whose float32 CPU matrix products run on oneDNN (spec/03-model.md, "Linear").
+"""Linear layers whose float32 CPU matrix products run on oneDNN.
 
-Why: PyTorch's CPU wheels send float32 `F.linear` / `mm` to MKL's sgemm, and MKL picks its
-generic AVX2 code on non-Intel x86 processors. On the AMD EPYC (Zen 5) of bench/RESULTS.md that
-is ~100 GFLOP/s on one core, while oneDNN, which PyTorch also ships and which chooses its kernels
-from the CPU's instruction sets rather than its vendor, reaches 200-250 GFLOP/s on the same
-shapes. The DiT's and the decoder's matrix products are most of a training step, so this is the
-largest single speed-up of the CPU path.
+An implementation choice, not a spec matter: the spec fixes the product and its float32
+tolerance (spec/00-conventions.md §5), not the library that computes it.
+
+Why: PyTorch's CPU wheels send float32 `F.linear` / `mm` to MKL's sgemm, and MKL does not pick
+its AVX-512 kernels on non-Intel x86 processors (on the AMD EPYC, Zen 5, of bench/RESULTS.md,
+MKL_VERBOSE names its generic "Intel(R) Architecture processors" path, while ONEDNN_VERBOSE shows
+oneDNN running avx512_core kernels). Measured there on one core: ~100 GFLOP/s for MKL against
+200-250 GFLOP/s for oneDNN, which PyTorch also ships, on the shapes of DeCo-S/16. The DiT's and
+the decoder's matrix products are most of a training step, so this is the largest single
+speed-up of the CPU path. On Intel CPUs both libraries should use AVX-512 (not measured: no Intel machine was at hand).
 
 The result is the same float32 product (oneDNN's default "strict" float math: float32 inputs,
 float32 accumulation, no bfloat16/TF32 down-conversion); rounding differs from MKL's only in the
