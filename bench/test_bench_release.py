@@ -9,12 +9,26 @@ that the report separates what the backend gives from what our model's layout gi
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-from common import IMPLS, Sizes, adamw, batch_for, our_model, peak_memory, record, train_step, variant
+from common import (
+    BENCH_DIR,
+    IMPLS,
+    Sizes,
+    adamw,
+    batch_for,
+    our_model,
+    peak_memory,
+    record,
+    train_step,
+    variant,
+)
 from torch import Tensor, nn
 
 from deco.optimized import cpu_gemm_backend
@@ -62,3 +76,15 @@ def test_train_step(benchmark: Any, pair: Any, impl: str) -> None:
         benchmark.pedantic(train_step, args=(model, optimizer, data), rounds=sizes.rounds,
                            warmup_rounds=1)
     record(benchmark, impl=impl, cpu_gemm=backend, memory=peak_memory(impl, "train", sizes))
+
+
+@pytest.mark.parametrize("impl", ["ours", "ours-aten"])
+def test_fresh_process_script(impl: str) -> None:
+    """bench/fresh_process.py (the same step in a fresh process) runs; smoke sizes, our model only,
+    so that it needs no release. Not a benchmark: skipped by --benchmark-only."""
+    env = dict(os.environ, DECO_BENCH_PROFILE="smoke")
+    done = subprocess.run([sys.executable, str(BENCH_DIR / "fresh_process.py"), impl, "1"], env=env,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    name, threads, median, minimum = done.stdout.split()
+    assert (name, threads) == (impl, "1") and 0 < float(minimum) <= float(median)

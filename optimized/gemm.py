@@ -9,7 +9,8 @@ MKL_VERBOSE names its generic "Intel(R) Architecture processors" path, while ONE
 oneDNN running avx512_core kernels). Measured there on one core: ~100 GFLOP/s for MKL against
 200-250 GFLOP/s for oneDNN, which PyTorch also ships, on the shapes of DeCo-S/16. The DiT's and
 the decoder's matrix products are most of a training step, so this is the largest single
-speed-up of the CPU path. On Intel CPUs both libraries should use AVX-512 (not measured: no Intel machine was at hand).
+speed-up of the CPU path. On Intel CPUs both libraries should use AVX-512 (not measured: no
+Intel machine was at hand).
 
 The result is the same float32 product (oneDNN's default "strict" float math: float32 inputs,
 float32 accumulation, no bfloat16/TF32 down-conversion); rounding differs from MKL's only in the
