@@ -202,7 +202,7 @@ def pixel_decoder(x: Array, s: Array, config: DeCoConfig, weights: Weights) -> A
     for j in range(config.decoder_depth):
         z = decoder_block(z, cond, weights, j)
     out = linear(layer_norm(z), weights, "decoder.final")  # (N, P, C)
-    tokens = out.transpose(0, 2, 1).reshape(b, -1, c * p * p)
+    tokens = out.transpose(0, 2, 1).reshape(b, s.shape[1], c * p * p)  # explicit L: b may be 0
     return unpatchify(tokens, c, h, w, p)
 
 
@@ -256,9 +256,10 @@ class Model:
     def check_inputs(self, x: Any, t: Any, y: Any) -> tuple[Array, Array, Labels]:
         cfg = self.config
         x = as_float_array("x", x, ndim=4, channels=cfg.in_channels)
-        if x.shape[2] % cfg.patch_size or x.shape[3] % cfg.patch_size:
+        h, w = x.shape[2], x.shape[3]
+        if h % cfg.patch_size or w % cfg.patch_size or h == 0 or w == 0:
             raise ValueError(
-                f"x: height and width must be multiples of patch_size={cfg.patch_size}, "
+                f"x: height and width must be positive multiples of patch_size={cfg.patch_size}, "
                 f"got {x.shape[2]}x{x.shape[3]}"
             )
         t = as_float_array("t", t)
@@ -283,4 +284,4 @@ class Model:
         x, t, y = self.check_inputs(x, t, y)
         s = deco_semantic(x, t, y, self.config, self.weights)
         p = self.config.patch_size
-        return s.reshape(x.shape[0], x.shape[2] // p, x.shape[3] // p, -1).transpose(0, 3, 1, 2)
+        return s.reshape(x.shape[0], x.shape[2] // p, x.shape[3] // p, s.shape[-1]).transpose(0, 3, 1, 2)

@@ -201,6 +201,17 @@ def test_forward_is_independent_across_the_batch(arch: str) -> None:
     np.testing.assert_allclose(model.forward(x, 0.5, y), model.forward(x, np.full(3, 0.5), y), rtol=1e-15)
 
 
+@pytest.mark.parametrize("arch", ["deco", "baseline"])
+def test_empty_batch_gives_empty_velocities(arch: str) -> None:
+    """Like the optimized model: a batch of 0 images is valid and gives 0 velocities."""
+    cfg = tiny_config(arch)
+    model = R.Model(cfg, random_weights(cfg, 2))
+    x, t, y = np.zeros((0, 3, 8, 12)), np.zeros(0), np.zeros(0, dtype=np.int64)
+    assert model.forward(x, t, y).shape == (0, 3, 8, 12)
+    if arch == "deco":
+        assert model.semantic(x, t, y).shape == (0, cfg.hidden_size, 2, 3)
+
+
 def test_label_row_only_affects_its_class() -> None:
     cfg = tiny_config("deco")
     w = random_weights(cfg, 3)
@@ -248,6 +259,7 @@ BAD_INPUTS = [
     ("x-rank", lambda: MODEL.forward(np.zeros((3, 8, 8)), T, Y), ValueError, "x"),
     ("x-channels", lambda: MODEL.forward(np.zeros((2, 4, 8, 8)), T, Y), ValueError, "x"),
     ("x-not-multiple-of-patch", lambda: MODEL.forward(np.zeros((2, 3, 8, 10)), T, Y), ValueError, "x"),
+    ("x-empty-height", lambda: MODEL.forward(np.zeros((2, 3, 0, 8)), T, Y), ValueError, "x"),
     ("x-nan", lambda: MODEL.forward(np.full((2, 3, 8, 8), np.nan), T, Y), ValueError, "x"),
     ("x-inf", lambda: MODEL.forward(np.where(np.eye(8) > 0, np.inf, 0.0)[None, None] + X, T, Y),
      ValueError, "x"),
