@@ -252,7 +252,10 @@ class Trainer:
         self.params = params
         self.optimizer = torch.optim.AdamW(
             params, lr=config.lr, betas=config.betas, eps=config.eps,
-            weight_decay=config.weight_decay, fused=self.device.type == "cuda",
+            weight_decay=config.weight_decay,
+            # The fused kernel: one pass over all parameters (on the CPU 13 ms against 30-40 ms
+            # for the loop or foreach versions at DeCo-S size, measured with 2 threads).
+            fused=self.device.type in ("cuda", "cpu"),
         )
         # Cached tensor lists for the fused EMA update (same order in the model and its copy).
         self._ema_params: list[Tensor] = list(self.ema.parameters())
