@@ -101,6 +101,7 @@ def _uses_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.numel() > 0
+        and weight.numel() > 0
         and not torch.is_autocast_enabled("cpu")
     )
 
@@ -130,14 +131,6 @@ def _weight_grad(g: Tensor, x: Tensor) -> Tensor:
     return _mm_t(g.t(), x.t())
 
 
-def weight_grad(g: Tensor, x: Tensor) -> Tensor:
-    """The weight gradient g^T x (out, in) of a linear layer, for g (rows, out) and x (rows, in):
-    on oneDNN where `linear` would use it, else `torch.mm`."""
-    if _uses_onednn(x, g, None):
-        return _weight_grad(g, x)
-    return torch.mm(g.t(), x)
-
-
 class _OneDNNLinear(torch.autograd.Function):
     """y = x W^T + b with all three products (forward, dx, dW) on oneDNN."""
 
@@ -146,21 +139,16 @@ class _OneDNNLinear(torch.autograd.Function):
         """x (rows, in), weight (out, in), bias (out,) or None -> (rows, out)."""
         out: Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x2, weight = ctx.saved_tensors  # (rows, in), (out, in)
-        g2 = grad  # (rows, out)
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _mm_t(g2, weight.t())  # (rows, in)
-        if ctx.needs_input_grad[1]:
-            gw = _weight_grad(g2, x2)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0)
+        x, weight = ctx.saved_tensors  # (rows, in), (out, in); grad (rows, out)
+        needs_x, needs_w, needs_b = ctx.needs_input_grad
+        gx = _mm_t(grad, weight.t()) if needs_x else None  # (rows, in)
+        gw = _weight_grad(grad, x) if needs_w else None  # (out, in)
+        gb = grad.sum(0) if needs_b else None  # (out,)
         return gx, gw, gb
 
 

@@ -99,7 +99,7 @@ def test_linear_model_shapes(rows: int, n_in: int, n_out: int) -> None:
         check_linear(x64, w64, b64, g64, torch.tensor(x64, dtype=torch.float32), (True, True, True))
 
 
-def test_inplace_on_result_and_empty_batch() -> None:
+def test_inplace_on_result_and_empty_shapes() -> None:
     x = torch.randn(5, 3, requires_grad=True)
     w = torch.randn(4, 3, requires_grad=True)
     with cpu_gemm_backend("onednn"):
@@ -107,7 +107,8 @@ def test_inplace_on_result_and_empty_batch() -> None:
         out.sum().backward()
         assert x.grad is not None and torch.allclose(x.grad, w.sum(0).expand(5, 3), rtol=1e-6)
         empty = gemm.linear(torch.zeros(0, 3), w)
-    assert empty.shape == (0, 4)
+        no_outputs = gemm.linear(x, torch.zeros(0, 3))
+    assert empty.shape == (0, 4) and no_outputs.shape == (5, 0)
 
 
 @pytest.mark.parametrize("case", ["float64", "bf16-autocast", "aten", "jit-trace"])
