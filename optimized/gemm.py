@@ -20,8 +20,9 @@ and both gradients against float64 products over many shapes.
 oneDNN is used only where it is known to help and is safe: float32 tensors on an x86-64 CPU, no
 autocast, not while tracing/compiling/exporting (the graph must keep plain `F.linear`, which
 exporters and compilers understand). Everything else (float64, bfloat16, CUDA, ARM) takes
-`F.linear`. `DECO_CPU_GEMM=aten` in the environment, or `set_cpu_gemm("aten")`, turns it off;
-do that for second derivatives (`create_graph=True`), which the oneDNN path does not provide.
+`F.linear`. `DECO_CPU_GEMM=aten` in the environment, `set_cpu_gemm("aten")`, or PyTorch's own
+`torch.backends.mkldnn.flags(enabled=False)` turns it off; do that for second derivatives
+(`create_graph=True`), which the oneDNN path does not provide.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ def _uses_onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         and x.numel() > 0
         and weight.numel() > 0
         and not torch.is_autocast_enabled("cpu")
+        and bool(torch.backends.mkldnn.enabled)  # a user who switched oneDNN off means it
     )
 
 

@@ -111,7 +111,7 @@ def test_inplace_on_result_and_empty_shapes() -> None:
     assert empty.shape == (0, 4) and no_outputs.shape == (5, 0)
 
 
-@pytest.mark.parametrize("case", ["float64", "bf16-autocast", "aten", "jit-trace"])
+@pytest.mark.parametrize("case", ["float64", "bf16-autocast", "aten", "mkldnn-disabled", "jit-trace"])
 def test_fallback_to_f_linear(case: str) -> None:
     """Only plain float32 CPU eager work goes to oneDNN; the rest is F.linear."""
     dtype = torch.float64 if case == "float64" else torch.float32
@@ -123,6 +123,9 @@ def test_fallback_to_f_linear(case: str) -> None:
         assert out.dtype == torch.bfloat16
     elif case == "aten":
         with cpu_gemm_backend("aten"):
+            out = layer(x)
+    elif case == "mkldnn-disabled":
+        with torch.backends.mkldnn.flags(enabled=False):
             out = layer(x)
     elif case == "jit-trace":
         traced: Any = torch.jit.trace(layer, x.detach())  # type: ignore[no-untyped-call]
