@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deco.config import DeCoConfig
-from deco.optimized import gemm
-from deco.optimized.gemm import linear
+from deco.optimized.gemm import linear, onednn_available
 from deco.optimized.loss import frequency_aware_loss
 from deco.optimized.model import build_model
 from deco.release import portable_name
@@ -139,20 +138,27 @@ IMPLS = ("ours", "ours-aten", "release", "release-onednn")
 
 
 def variant(impl: str, release: ModuleType | None, ours: nn.Module) -> tuple[nn.Module, str]:
-    """(model, backend) for an entry of IMPLS; the model holds `ours`'s weights."""
+    """(model, backend) for an entry of IMPLS; the model holds `ours`'s weights. The backend is
+    the one its linear layers actually use ("aten" for the plain release, whose `nn.Linear`s
+    never consult deco's setting; oneDNN where this machine has it otherwise)."""
+    default = "onednn" if onednn_available() else "aten"
     if impl.startswith("ours"):
-        return ours, "aten" if impl == "ours-aten" else cpu_gemm_default()
+        return ours, "aten" if impl == "ours-aten" else default
     if release is None:
         raise ValueError("release: the release's module is needed for " + impl)
     twin = release_twin(release, ours)
     if impl == "release-onednn":
-        return onednn_linears(twin), cpu_gemm_default()
-    return twin, cpu_gemm_default()
+        return onednn_linears(twin), default
+    return twin, "aten"
 
 
-def cpu_gemm_default() -> str:
-    """The backend deco.optimized would use here by default (oneDNN where available)."""
-    return "onednn" if gemm._onednn_available() else "aten"
+def variant_from_env(impl: str, config: DeCoConfig, caller: str) -> tuple[nn.Module, str]:
+    """`variant` for a script run: a fresh model of `config`, the release from $DECO_RELEASE_SRC
+    (exits with a one-line message naming `caller` when a release variant needs it unset)."""
+    root = release_source()
+    if impl.startswith("release") and root is None:
+        raise SystemExit(f"{caller}: DECO_RELEASE_SRC is not set")
+    return variant(impl, None if root is None else load_release_module(root), our_model(config))
 
 
 def release_twin(module: ModuleType, ours: nn.Module) -> nn.Module:

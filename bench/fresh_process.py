@@ -15,17 +15,7 @@ import sys
 import time
 
 import torch
-from common import (
-    IMPLS,
-    PROFILES,
-    adamw,
-    batch_for,
-    load_release_module,
-    our_model,
-    release_source,
-    train_step,
-    variant,
-)
+from common import IMPLS, PROFILES, adamw, batch_for, train_step, variant_from_env
 
 from deco.optimized import cpu_gemm_backend
 
@@ -34,10 +24,7 @@ def main(impl: str, threads: int) -> None:
     torch.set_num_threads(threads)
     sizes = PROFILES[os.environ.get("DECO_BENCH_PROFILE", "cpu")]["release"]
     config = sizes.config()
-    root = release_source()
-    if impl.startswith("release") and root is None:
-        raise SystemExit("fresh_process: DECO_RELEASE_SRC is not set")
-    model, backend = variant(impl, None if root is None else load_release_module(root), our_model(config))
+    model, backend = variant_from_env(impl, config, "fresh_process")
     data = batch_for(config, sizes.batch, sizes.resolution)
     model.train()
     optimizer = adamw(model)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import IMPLS, adamw, batch_for, load_release_module, our_model, release_source, variant
+from common import IMPLS, adamw, batch_for, variant_from_env
 
 from deco.config import DeCoConfig
 from deco.optimized import set_cpu_gemm
@@ -39,10 +39,7 @@ def reset_peak() -> float:
 
 def main(impl: str, op: str, preset: str, resolution: int, batch: int) -> None:
     config = DeCoConfig.preset(preset)
-    root = release_source()
-    if impl.startswith("release") and root is None:
-        raise SystemExit("memory_probe: DECO_RELEASE_SRC is not set")
-    model, backend = variant(impl, None if root is None else load_release_module(root), our_model(config))
+    model, backend = variant_from_env(impl, config, "memory_probe")
     set_cpu_gemm(backend)
     data = batch_for(config, batch, resolution)
     optimizer = adamw(model) if op == "train" else None

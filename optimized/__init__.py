@@ -2,7 +2,7 @@
 
 from deco.config import DeCoConfig
 
-from .gemm import cpu_gemm, cpu_gemm_backend, set_cpu_gemm
+from .gemm import cpu_gemm, cpu_gemm_backend, onednn_available, set_cpu_gemm
 from .io import load_model, save_model
 from .loss import flow_matching_loss, frequency_aware_loss, frequency_weights
 from .model import BaselineDiT, DeCo, DiffusionTransformer, build_model
@@ -25,6 +25,7 @@ __all__ = [
     "frequency_aware_loss",
     "frequency_weights",
     "load_model",
+    "onednn_available",
     "sample",
     "save_model",
     "set_cpu_gemm",

@@ -48,7 +48,8 @@ def is_tracing() -> bool:
     return bool(torch.compiler.is_compiling() or tracing or torch.onnx.is_in_onnx_export())
 
 
-def _onednn_available() -> bool:
+def onednn_available() -> bool:
+    """Whether this PyTorch build and CPU offer the oneDNN linear (x86-64 only, see above)."""
     return (
         platform.machine().lower() in ("x86_64", "amd64")
         and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
@@ -60,7 +61,7 @@ def _initial_backend() -> str:
     choice = os.environ.get("DECO_CPU_GEMM", "onednn")
     if choice not in _BACKENDS:
         raise ValueError(f"DECO_CPU_GEMM: expected one of {_BACKENDS}, got {choice!r}")
-    return choice if _onednn_available() else "aten"
+    return choice if onednn_available() else "aten"
 
 
 _backend = _initial_backend()
@@ -72,7 +73,7 @@ def set_cpu_gemm(backend: str) -> str:
     global _backend
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
-    if backend == "onednn" and not _onednn_available():
+    if backend == "onednn" and not onednn_available():
         raise RuntimeError("backend: oneDNN linear is not available in this PyTorch build or CPU")
     previous, _backend = _backend, backend
     return previous

@@ -1,9 +1,13 @@
 """`deco.optimized.gemm`: float32 CPU linear layers on oneDNN, against float64 NumPy products.
 
 The oracle is NumPy in float64 (x W^T + b and its three gradients g W, g^T x, sum g), never the
-other backend. Tolerance 1e-5 relative to the largest expected entry: float32 rounding of sums of
-at most a few thousand terms (spec/00-conventions.md, "Tolerances"). Every float32 case also
-asserts that the oneDNN Function really ran, so the test cannot pass on the fallback by accident.
+other backend. Products are measured by `product_err` (error over the magnitude of the summed
+terms, the quantity float32 rounding is proportional to) against PRODUCT_RTOL = 2e-6: measured
+float32 errors stay <= 2.7e-7 over 1500 random shapes, while the same products with TF32- or
+bfloat16-rounded operands score >= 1.8e-5, so the bound tells a float32 product from a
+reduced-precision one. The whole-model test uses the spec's float32 bound (1e-5 relative,
+spec/00-conventions.md §5). Every float32 case also asserts that the oneDNN Function really ran,
+so the test cannot pass on the fallback by accident.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deco import reference as R
-from deco.optimized import DeCo, cpu_gemm, cpu_gemm_backend, gemm, set_cpu_gemm
+from deco.optimized import DeCo, cpu_gemm, cpu_gemm_backend, gemm, onednn_available, set_cpu_gemm
 
-pytestmark = pytest.mark.skipif(not gemm._onednn_available(),
+pytestmark = pytest.mark.skipif(not onednn_available(),
                                 reason="oneDNN linear is not available on this CPU / build")
 RTOL = 1e-5
+PRODUCT_RTOL = 2e-6
 
 
 def used_onednn(out: torch.Tensor) -> bool:
@@ -42,6 +47,16 @@ def used_onednn(out: torch.Tensor) -> bool:
     return False
 
 
+def product_err(got: np.ndarray, expected: np.ndarray, magnitude: np.ndarray) -> float:
+    """max |got - expected| / max(magnitude), magnitude the sum of |terms| of each entry.
+
+    The float32 error of a sum of products is bounded by the sum of the terms' magnitudes
+    (|a| |b|), not by the result: a random sum that cancels (say g^T x over 196 rows with one
+    input and one output) can be 1000x smaller than its terms, and measured against itself its
+    correct float32 rounding looks like 1e-5."""
+    return float(np.max(np.abs(got - expected), initial=0.0) / max(np.max(magnitude, initial=0.0), 1e-300))
+
+
 def check_linear(x64: np.ndarray, w64: np.ndarray, b64: np.ndarray | None, g64: np.ndarray,
                  x: torch.Tensor, grads: tuple[bool, bool, bool]) -> None:
     """Run gemm.linear on float32 tensors (x given, possibly strided) and compare with NumPy."""
@@ -50,19 +65,23 @@ def check_linear(x64: np.ndarray, w64: np.ndarray, b64: np.ndarray | None, g64: 
     x.requires_grad_(grads[0])
     out = gemm.linear(x, w, b)
     expected = x64 @ w64.T + (0.0 if b64 is None else b64)
+    magnitude = np.abs(x64) @ np.abs(w64.T) + (0.0 if b64 is None else np.abs(b64))
     assert out.dtype == torch.float32 and out.shape == expected.shape
-    assert rel_err(out.detach().numpy(), expected) <= RTOL
+    assert product_err(out.detach().numpy(), expected, magnitude) <= PRODUCT_RTOL
     if not any(grads[: 2 if b is None else 3]):
         return
     assert used_onednn(out)
     out.backward(torch.tensor(g64, dtype=torch.float32))
     x2, g2 = x64.reshape(-1, x64.shape[-1]), g64.reshape(-1, g64.shape[-1])
     if grads[0]:
-        assert x.grad is not None and rel_err(x.grad.numpy(), g64 @ w64) <= RTOL
+        assert x.grad is not None
+        assert product_err(x.grad.numpy(), g64 @ w64, np.abs(g64) @ np.abs(w64)) <= PRODUCT_RTOL
     if grads[1]:
-        assert w.grad is not None and rel_err(w.grad.numpy(), g2.T @ x2) <= RTOL
+        assert w.grad is not None
+        assert product_err(w.grad.numpy(), g2.T @ x2, np.abs(g2.T) @ np.abs(x2)) <= PRODUCT_RTOL
     if b is not None and grads[2]:
-        assert b.grad is not None and rel_err(b.grad.numpy(), g2.sum(0)) <= RTOL
+        assert b.grad is not None
+        assert product_err(b.grad.numpy(), g2.sum(0), np.abs(g2).sum(0)) <= PRODUCT_RTOL
 
 
 @settings(max_examples=60, deadline=None)
@@ -171,17 +190,19 @@ def test_deco_float32_gradients_against_reference(backend: str) -> None:
     x, t, y = rng.standard_normal((2, 3, 8, 12)), rng.uniform(0, 1, 2), np.array([1, 0])
     expected = R.Model(config, weights).forward(x, t, y)
 
-    def run(dtype: torch.dtype) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def run(dtype: torch.dtype) -> tuple[np.ndarray, dict[str, np.ndarray], bool]:
         model = DeCo(config).to(dtype)
         model.load_state_dict({k: torch.as_tensor(v, dtype=dtype) for k, v in weights.items()})
         out = model(torch.as_tensor(x, dtype=dtype), torch.as_tensor(t, dtype=dtype), torch.as_tensor(y))
+        onednn = used_onednn(out)
         (out.double() ** 2).sum().backward()
         grads = {k: p.grad.double().numpy() for k, p in model.named_parameters() if p.grad is not None}
-        return out.detach().double().numpy(), grads
+        return out.detach().double().numpy(), grads, onednn
 
     with cpu_gemm_backend(backend):
-        out32, grads32 = run(torch.float32)
-    _, grads64 = run(torch.float64)
+        out32, grads32, onednn32 = run(torch.float32)
+    _, grads64, onednn64 = run(torch.float64)
+    assert onednn32 == (backend == "onednn") and not onednn64  # the backend under test really ran
     assert rel_err(out32, expected) <= RTOL
     assert grads32.keys() == grads64.keys()
     worst = max(rel_err(grads32[k], grads64[k]) for k in grads64)
