@@ -12,7 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-Architecture = Literal["deco", "baseline"]
+#: "deco": class-to-image DeCo; "baseline": the release's plain DiT; "t2i": text-to-image DeCo
+#: (spec/06-text-to-image.md), conditioned on text-encoder hidden states instead of a label.
+Architecture = Literal["deco", "baseline", "t2i"]
+ARCHITECTURES = ("deco", "baseline", "t2i")
 
 # Constants fixed by the spec (spec/03-model.md §1). They are not configurable: the release
 # hard-codes them and its checkpoints do not record them.
@@ -28,10 +31,14 @@ NORM_EPS = 1e-6
 class DeCoConfig:
     """Hyper-parameters of a DeCo model or of the baseline DiT (spec/03-model.md §1).
 
-    architecture: "deco" (DiT + pixel decoder) or "baseline" (DiT + linear de-patch head).
+    architecture: "deco" (DiT + pixel decoder), "baseline" (DiT + linear de-patch head) or
+        "t2i" (text-to-image DeCo: text refine blocks + joint-attention DiT + pixel decoder).
     depth: number of DiT blocks. For the baseline this is every transformer block.
     decoder_depth, decoder_width: pixel-decoder blocks and channels (ignored by the baseline).
-    num_classes: real classes; label `num_classes` is the null class used for guidance.
+    num_classes: real classes; label `num_classes` is the null class used for guidance. The
+        text-to-image model has no label table: num_classes is 0 there.
+    text_depth, text_dim, text_length: text refine blocks, the width E of the text encoder's
+        hidden states and the number T of text tokens (right-padded); 0 for the class models.
     """
 
     architecture: Architecture = "deco"
@@ -44,15 +51,31 @@ class DeCoConfig:
     decoder_width: int = 32
     num_classes: int = 1000
     mlp_ratio: float = 4.0
+    text_depth: int = 0
+    text_dim: int = 0
+    text_length: int = 0
 
     def __post_init__(self) -> None:
-        if self.architecture not in ("deco", "baseline"):
+        if self.architecture not in ARCHITECTURES:
             raise ValueError(
-                f"architecture: expected 'deco' or 'baseline', got {self.architecture!r}"
+                f"architecture: expected one of {ARCHITECTURES}, got {self.architecture!r}"
             )
-        positive = ["in_channels", "patch_size", "hidden_size", "num_heads", "depth", "num_classes"]
-        if self.architecture == "deco":
+        positive = ["in_channels", "patch_size", "hidden_size", "num_heads", "depth"]
+        text = ["text_depth", "text_dim", "text_length"]
+        if self.architecture in ("deco", "t2i"):
             positive += ["decoder_depth", "decoder_width"]
+        if self.architecture == "t2i":
+            positive += text
+            if self.num_classes != 0:
+                raise ValueError(f"num_classes: the text-to-image model has no classes; expected 0, "
+                                 f"got {self.num_classes!r}")
+        else:
+            positive.append("num_classes")
+            for name in text:
+                if getattr(self, name) != 0:
+                    raise ValueError(f"{name}: only the text-to-image model has text settings; "
+                                     f"expected 0 for architecture {self.architecture!r}, got "
+                                     f"{getattr(self, name)!r}")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -74,8 +97,16 @@ class DeCoConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        """SwiGLU inner width: int(2/3 * int(hidden * mlp_ratio)) (spec/03-model.md §4)."""
+        """SwiGLU inner width F: int(2/3 * int(hidden * mlp_ratio)) for the class models
+        (spec/03-model.md §4); int(hidden * mlp_ratio) for the text-to-image model, whose fused
+        SwiGLU has no 2/3 factor (spec/06-text-to-image.md)."""
+        if self.architecture == "t2i":
+            return int(self.hidden_size * self.mlp_ratio)
         return int(2 * int(self.hidden_size * self.mlp_ratio) / 3)
+
+    @property
+    def is_text(self) -> bool:
+        return self.architecture == "t2i"
 
     @property
     def null_class(self) -> int:
@@ -136,7 +167,12 @@ PRESETS: dict[str, DeCoConfig] = {
     "DiT-B/16": _dit(768, 12, 12),
     "DiT-L/16": _dit(1024, 16, 24),
     "DiT-XL/16": _dit(1152, 16, 28),
+    # Text-to-image: the release's t2i_DeCo.ckpt (hidden 1536, 24 heads, 16 DiT + 3 decoder blocks,
+    # 4 text refine blocks, Qwen3-1.7B hidden states E = 2048 right-padded to T = 128 tokens).
+    "DeCo-XXL/16": DeCoConfig("t2i", 3, 16, 1536, 24, 16, 3, 32, 0, 4.0, 4, 2048, 128),
     "DeCo-tiny/4": DeCoConfig("deco", 3, 4, 64, 4, 3, 2, 16, 10),
+    # The shapes of ../shared/fixtures/T.ckpt.
+    "DeCo-T2I-tiny/4": DeCoConfig("t2i", 3, 4, 64, 4, 3, 2, 16, 0, 4.0, 2, 48, 8),
     "DiT-tiny/4": DeCoConfig("baseline", 3, 4, 64, 4, 5, 0, 0, 10),
 }
 
@@ -154,26 +190,21 @@ def parameter_shapes(config: DeCoConfig) -> dict[str, tuple[int, ...]]:
         "t_embed.fc1.bias": (h,),
         "t_embed.fc2.weight": (h, h),
         "t_embed.fc2.bias": (h,),
-        "y_embed.weight": (config.num_classes + 1, h),
-        "patch_embed.weight": (h, c * p * p),
-        "patch_embed.bias": (h,),
     }
-    for i in range(config.depth):
-        b = f"blocks.{i}."
+    if config.is_text:
         shapes.update({
-            b + "norm1.weight": (h,),
-            b + "attn.qkv.weight": (3 * h, h),
-            b + "attn.q_norm.weight": (config.head_dim,),
-            b + "attn.k_norm.weight": (config.head_dim,),
-            b + "attn.proj.weight": (h, h),
-            b + "attn.proj.bias": (h,),
-            b + "norm2.weight": (h,),
-            b + "mlp.w1.weight": (config.mlp_hidden, h),
-            b + "mlp.w3.weight": (config.mlp_hidden, h),
-            b + "mlp.w2.weight": (h, config.mlp_hidden),
-            b + "adaln.weight": (6 * h, h),
-            b + "adaln.bias": (6 * h,),
+            "text_embed.weight": (h, config.text_dim),
+            "text_embed.bias": (h,),
+            "text_embed.norm.weight": (h,),
+            "text_pos_embed": (config.text_length, h),
         })
+        for i in range(config.text_depth):
+            shapes.update(_transformer_block(config, f"text_blocks.{i}.", joint=False))
+    else:
+        shapes["y_embed.weight"] = (config.num_classes + 1, h)
+    shapes.update({"patch_embed.weight": (h, c * p * p), "patch_embed.bias": (h,)})
+    for i in range(config.depth):
+        shapes.update(_transformer_block(config, f"blocks.{i}.", joint=config.is_text))
     if config.architecture == "baseline":
         shapes.update({
             "head.adaln.weight": (2 * h, h),
@@ -204,6 +235,36 @@ def parameter_shapes(config: DeCoConfig) -> dict[str, tuple[int, ...]]:
             b + "adaln.bias": (3 * w,),
         })
     shapes.update({"decoder.final.weight": (c, w), "decoder.final.bias": (c,)})
+    return shapes
+
+
+def _transformer_block(config: DeCoConfig, b: str, joint: bool) -> dict[str, tuple[int, ...]]:
+    """One AdaLN transformer block. The class models' SwiGLU has separate w1/w3 (in) and w2 (out);
+    the text model's has a fused w12 (in, the two halves stacked) and w3 (out). A joint block
+    (text-to-image DiT block) also projects the text tokens to keys and values (`attn.kv_text`)."""
+    h, f = config.hidden_size, config.mlp_hidden
+    shapes: dict[str, tuple[int, ...]] = {
+        b + "norm1.weight": (h,),
+        b + "attn.qkv.weight": (3 * h, h),
+    }
+    if joint:
+        shapes[b + "attn.kv_text.weight"] = (2 * h, h)
+    shapes.update({
+        b + "attn.q_norm.weight": (config.head_dim,),
+        b + "attn.k_norm.weight": (config.head_dim,),
+        b + "attn.proj.weight": (h, h),
+        b + "attn.proj.bias": (h,),
+        b + "norm2.weight": (h,),
+    })
+    if config.is_text:
+        shapes.update({b + "mlp.w12.weight": (2 * f, h), b + "mlp.w3.weight": (h, f)})
+    else:
+        shapes.update({
+            b + "mlp.w1.weight": (f, h),
+            b + "mlp.w3.weight": (f, h),
+            b + "mlp.w2.weight": (h, f),
+        })
+    shapes.update({b + "adaln.weight": (6 * h, h), b + "adaln.bias": (6 * h,)})
     return shapes
 
 
