@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deco.config import DeCoConfig
+from deco.optimized.frequency import frequency_aware_loss
 from deco.optimized.gemm import linear, onednn_available
-from deco.optimized.loss import frequency_aware_loss
 from deco.optimized.model import build_model
 from deco.release import portable_name
 

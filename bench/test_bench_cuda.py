@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from deco.config import DeCoConfig
 from deco.optimized.sampling import sample
-from deco.optimized.train import TrainConfig, Trainer
+from deco.optimized.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.cuda
 

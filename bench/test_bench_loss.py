@@ -1,5 +1,5 @@
 """The frequency-aware loss alone, forward + backward: ours (the difference transformed once by a
-single 192x192 operator per 8x8 block, deco.optimized.loss) vs a two-transform formulation like
+single 192x192 operator per 8x8 block, deco.optimized.frequency) vs a two-transform formulation like
 the release's (YCbCr and block DCT of prediction and target separately, then the weighted MSE)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from common import Sizes, record
 from torch import Tensor
 
-from deco.optimized.loss import YCBCR_MATRIX, dct_matrix, frequency_aware_loss, frequency_weights
+from deco.optimized.frequency import YCBCR_MATRIX, dct_matrix, frequency_aware_loss, frequency_weights
 
 
 def block_dct_ycbcr(x: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Our models on their own: forward, a full training iteration (deco.optimized.train.Trainer:
+"""Our models on their own: forward, a full training iteration (deco.optimized.trainer.Trainer:
 forward, flow matching + frequency-aware loss, backward, clipping, AdamW, EMA) and sampling
 latency (Euler with classifier-free guidance), for DeCo and the baseline DiT, at the profile's
 CPU sizes."""
@@ -12,7 +12,7 @@ import torch
 from common import Sizes, batch_for, our_model, record
 
 from deco.optimized.sampling import sample
-from deco.optimized.train import TrainConfig, Trainer
+from deco.optimized.trainer import TrainConfig, Trainer
 
 ARCHS = ["deco", "baseline"]
 

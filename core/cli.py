@@ -15,9 +15,10 @@ from typing import Any
 
 #: Modules that contribute sub-commands, in the order `deco --help` lists them.
 COMMAND_MODULES = [
-    "deco.cli_basic",
+    "deco.cli_convert",
     "deco.cli_deploy",
     "deco.cli_train",
+    "deco.cli_sample",
 ]
 
 

@@ -1,8 +1,10 @@
-"""`deco train`, `deco sample`, `deco evaluate` and `deco spectrum`: argument parsing only.
+"""`deco train`: argument parsing only; the work is in deco.job.
 
-The work is in deco.training (the training job) and deco.evaluation (sampling, scores, spectra).
-Options of `deco train` default to None so that the job can tell which ones the user gave: those
-fill in the dataset's defaults on a fresh run and are checked against the checkpoint on --resume.
+Every option is a field of the run's config (`deco.job.RunConfig`, its `train` TrainConfig or
+its `sample` SampleSettings), named in `OPTIONS` once: the flag, the field it sets, its type and
+help. Options default to None so that the job can tell which ones the user gave: those fill in
+the dataset's defaults on a fresh run and are checked against the checkpoint on --resume. A
+config error names the field; `flag_of` turns it back into the flag the user typed.
 """
 
 from __future__ import annotations
@@ -15,26 +17,55 @@ from typing import Any
 from .cli import UsageError
 
 DIGITS_NOTE = "(default: the built-in digits' tuned value, or the release's for --data)"
+BOOL = argparse.BooleanOptionalAction
+
+#: (flag, field, argparse keywords). A field "train.x" is TrainConfig's x, "sample.x" the final
+#: grid's SampleSettings' x, any other a field of RunConfig.
+OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--out", "out", {"type": Path, "help": "run folder (default: runs/<timestamp>)"}),
+    ("--data", "data", {"type": Path, "help": "image folder (default: built-in digits)"}),
+    ("--resolution", "resolution", {"type": int,
+                                    "help": "training resolution for --data (ADM centre crop; default 256)"}),
+    ("--model", "model", {"help": "preset (e.g. DeCo-XL/16, DiT-tiny/4) or a .json file of DeCoConfig "
+                          "fields; a field the file omits takes DeCoConfig's default, which is "
+                          f"DeCo-XL/16's {DIGITS_NOTE}"}),
+    ("--batch-size", "batch_size", {"type": int, "help": f"global batch size {DIGITS_NOTE}"}),
+    ("--steps", "steps", {"type": int, "help": f"training steps {DIGITS_NOTE}"}),
+    ("--lr", "train.lr", {"type": float, "help": f"AdamW learning rate {DIGITS_NOTE}"}),
+    ("--ema-decay", "train.ema_decay", {"type": float, "help": f"EMA decay {DIGITS_NOTE}"}),
+    ("--train-timeshift", "train.timeshift", {
+        "type": float, "help": f"shift s of the training times, s > 1: more high-noise steps {DIGITS_NOTE}"}),
+    ("--freq-weight", "train.freq_weight", {
+        "type": float, "help": "weight of the frequency-aware loss (default 1; 0: plain flow matching)"}),
+    ("--repa-weight", "train.repa_weight", {
+        "type": float, "help": "REPA weight (needs a pretrained encoder, which this command does not load)"}),
+    ("--quality", "train.quality", {"type": int, "help": "JPEG quality of the frequency weights (85)"}),
+    ("--label-dropout", "train.label_dropout", {"type": float, "help": "null-label probability (0.1)"}),
+    ("--bf16", "train.bf16", {"action": BOOL,
+                              "help": "bf16 autocast on CUDA (default on; ignored on the CPU)"}),
+    ("--seed", "train.seed", {"type": int, "help": "seed of weights, data order and noise (0)"}),
+    ("--compile", "compile", {"action": BOOL, "help": "torch.compile the model (default off)"}),
+    ("--checkpoint-every", "checkpoint_every", {"type": int,
+                                                "help": f"steps between checkpoints {DIGITS_NOTE}"}),
+    ("--log-every", "log_every", {"type": int, "help": "steps per log.jsonl record (10)"}),
+    ("--num-workers", "num_workers", {"type": int, "help": "data-loading processes for --data (0)"}),
+    ("--device", "device", {"choices": ["auto", "cpu", "cuda"], "help": "default: auto"}),
+    ("--sample-steps", "sample.steps", {"type": int, "help": "sampling steps of the final grid"}),
+    ("--guidance", "sample.guidance", {"type": float, "help": "guidance scale of the final grid"}),
+    ("--interval", "sample.interval", {"type": float, "nargs": 2, "metavar": ("LOW", "HIGH"),
+                                       "help": "guidance interval of the final grid"}),
+    ("--timeshift", "sample.timeshift", {"type": float, "help": "time shift of the final grid"}),
+    ("--solver", "sample.solver", {"choices": ["euler", "heun"], "help": "solver of the final grid"}),
+]
+FLAGS = {field: flag for flag, field, _ in OPTIONS}
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of a config field ("train.lr" -> "--lr")."""
+    return FLAGS.get(field, "--" + field.rsplit(".", 1)[-1].replace("_", "-"))
 
 
 def register(sub: Any) -> None:
-    _register_train(sub)
-    _register_sample(sub)
-    _register_evaluate(sub)
-    _register_spectrum(sub)
-
-
-def _sampler_options(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--steps", type=int, default=None, help=f"sampling steps {what}")
-    p.add_argument("--guidance", type=float, default=None, help=f"classifier-free guidance scale {what}")
-    p.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                   help=f"guidance applies where LOW < t <= HIGH {what}")
-    p.add_argument("--timeshift", type=float, default=None, help=f"time-grid shift s > 0 {what}")
-    p.add_argument("--solver", choices=["euler", "heun"], default=None, help=f"ODE solver {what}")
-
-
-# ----------------------------------------------------------------------------- train
-def _register_train(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a class-conditional DeCo (default: on the built-in digits, CPU, < 10 min)",
@@ -44,260 +75,36 @@ def _register_train(sub: Any) -> None:
         "a sample grid, a loss curve, log.jsonl and metrics.json into the run folder. Under "
         "torchrun every process trains on its share of the global batch (DDP).",
     )
-    p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<timestamp>)")
-    p.add_argument("--data", type=Path, default=None, help="image folder (default: built-in digits)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="training resolution for --data (ADM centre crop; default 256)")
-    p.add_argument("--model", default=None,
-                   help="preset (e.g. DeCo-XL/16, DiT-tiny/4) or a .json file of DeCoConfig fields "
-                   f"{DIGITS_NOTE}")
-    p.add_argument("--batch-size", type=int, default=None, help=f"global batch size {DIGITS_NOTE}")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate {DIGITS_NOTE}")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps {DIGITS_NOTE}")
-    p.add_argument("--ema-decay", type=float, default=None, help=f"EMA decay {DIGITS_NOTE}")
-    p.add_argument("--train-timeshift", type=float, default=None,
-                   help=f"shift s of the training times, s > 1: more high-noise steps {DIGITS_NOTE}")
-    p.add_argument("--freq-weight", type=float, default=None,
-                   help="weight of the frequency-aware loss (default 1; 0: plain flow matching)")
-    p.add_argument("--repa-weight", type=float, default=None,
-                   help="REPA weight (default 0: needs a pretrained encoder, not available here)")
-    p.add_argument("--quality", type=int, default=None, help="JPEG quality of the frequency weights (85)")
-    p.add_argument("--label-dropout", type=float, default=None, help="null-label probability (0.1)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast on CUDA (default on; ignored on the CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default off)")
-    p.add_argument("--checkpoint-every", type=int, default=None,
-                   help=f"steps between checkpoints {DIGITS_NOTE}")
-    p.add_argument("--log-every", type=int, default=None, help="steps per log.jsonl record (10)")
+    for flag, field, options in OPTIONS:
+        p.add_argument(flag, dest=field, default=None, **options)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (same settings, same trajectory)")
-    p.add_argument("--seed", type=int, default=None, help="seed of weights, data order and noise (0)")
-    p.add_argument("--num-workers", type=int, default=None, help="data-loading processes for --data (0)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="default: auto")
-    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps of the final grid")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale of the final grid")
-    p.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                   help="guidance interval of the final grid")
-    p.add_argument("--timeshift", type=float, default=None, help="time shift of the final grid")
-    p.add_argument("--solver", choices=["euler", "heun"], default=None, help="solver of the final grid")
     p.set_defaults(handler=train)
 
 
 def train(args: argparse.Namespace) -> int:
-    import dataclasses
+    from deco.optimized.checks import FieldError
 
-    from .training import RunConfig, TrainingError, resolve
-    from .training import train as run_training
+    from .job import RunConfig, TrainingError, with_overrides
+    from .job import train as run_training
 
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    if given.get("resume") is False:
-        given.pop("resume")
+    given = {field: getattr(args, field) for _, field, _ in OPTIONS if getattr(args, field) is not None}
+    if "sample.interval" in given:
+        given["sample.interval"] = tuple(given["sample.interval"])
     if args.resume and args.out is None:
         raise UsageError("--resume: give the run folder to continue with --out DIR")
-    sampler = {k: getattr(args, k) for k in ("guidance", "interval", "timeshift", "solver")
-               if getattr(args, k) is not None}
-    if args.sample_steps is not None:
-        sampler["steps"] = args.sample_steps
-    run = RunConfig(**given)
-    explicit = set(given) - {"resume", "out"}
-    if sampler:
-        from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-        from .training import run_from_json
-
-        if args.resume and (args.out / CHECKPOINT_NAME).is_file():
-            # Change the stored run's sampler, not the dataset's default one.
-            stored = load_checkpoint(args.out / CHECKPOINT_NAME, only="-")["run"]
-            base = resolve(dataclasses.replace(run_from_json(stored), out=Path(".")))
-        else:
-            base = resolve(dataclasses.replace(run, out=Path(".")))
-        assert base.sample is not None
-        interval = sampler.pop("interval", base.sample.interval)
-        run = dataclasses.replace(run, sample=dataclasses.replace(base.sample, interval=tuple(interval),
-                                                                  **sampler))
-        explicit.add("sample")
+    if given.get("train.repa_weight", 0.0) > 0:
+        raise UsageError("--repa-weight: REPA needs a pretrained image encoder (DINOv2), which this "
+                         "command does not load; use the Python API (Trainer(encoder=...)) for REPA")
     try:
-        summary = run_training(run, explicit=explicit)
+        run = with_overrides(RunConfig(resume=args.resume), given)
+        summary = run_training(run, explicit=set(given) - {"out"})
+    except FieldError as exc:
+        raise UsageError(f"{flag_of(exc.field)}: {exc.message}") from None
     except TrainingError as exc:
         print(f"deco train: error: {exc}", file=sys.stderr)
         return 1
     if summary:
         out = summary["run"]["out"]
         print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s; wrote {out}/")
-    return 0
-
-
-# ----------------------------------------------------------------------------- sample
-def _register_sample(sub: Any) -> None:
-    p = sub.add_parser(
-        "sample",
-        help="generate class-conditional images from a model",
-        description="Generate images. CKPT: a run folder, a training checkpoint, a DeCo "
-        ".safetensors model or a release .ckpt. Sampler settings default to the run's (for a run "
-        "folder or training checkpoint) or the spec's (50 Euler steps, no guidance).",
-    )
-    p.add_argument("checkpoint", type=Path, metavar="CKPT")
-    p.add_argument("--labels", type=int, nargs="+", default=None,
-                   help="class of each image (default: the first 10 classes)")
-    p.add_argument("--per-label", type=int, default=1, help="images per label, one grid row each (1)")
-    _sampler_options(p, "(default: the run's)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
-    p.add_argument("--resolution", type=int, default=None, help="image size (default: the training size)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--out", type=Path, default=Path("samples.png"),
-                   help="a .png grid, an .npz (uint8 NHWC arr_0, labels arr_1) or a folder (samples.png)")
-    p.set_defaults(handler=sample)
-
-
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device: cuda requested but torch sees no CUDA device")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
-
-
-def _settings(args: argparse.Namespace, loaded: Any) -> Any:
-    import dataclasses
-
-    from .evaluation import SampleSettings
-    from .training import check_sampler
-
-    base = loaded.sample if loaded.sample is not None else SampleSettings()
-    changes = {k: getattr(args, k) for k in ("steps", "guidance", "timeshift", "solver")
-               if getattr(args, k) is not None}
-    if args.interval is not None:
-        changes["interval"] = tuple(args.interval)
-    settings = dataclasses.replace(base, **changes)
-    check_sampler(settings, "--")
-    return settings
-
-
-def sample(args: argparse.Namespace) -> int:
-    from .evaluation import generate, load_for_sampling, save_samples
-
-    loaded = load_for_sampling(args.checkpoint, _device(args.device))
-    k = loaded.model.config.num_classes
-    labels = args.labels if args.labels is not None else list(range(min(k, 10)))
-    bad = [y for y in labels if not 0 <= y < k]
-    if bad:
-        raise UsageError(f"--labels: {bad[0]} is out of range: the model has classes 0..{k - 1}")
-    if args.per_label < 1:
-        raise UsageError(f"--per-label: expected a positive int, got {args.per_label}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size: expected a positive int, got {args.batch_size}")
-    resolution = args.resolution or loaded.resolution
-    p = loaded.model.config.patch_size
-    if resolution < 1 or resolution % p:
-        raise UsageError(f"--resolution: expected a positive multiple of the patch size {p}, "
-                         f"got {resolution}")
-    settings = _settings(args, loaded)
-    labels = [y for y in labels for _ in range(args.per_label)]
-    images = generate(loaded.model, labels, settings, seed=args.seed, batch_size=args.batch_size,
-                      resolution=resolution)
-    columns = args.per_label if args.per_label > 1 else min(len(labels), 10)
-    print(f"wrote {save_samples(images, labels, args.out, columns)}")
-    return 0
-
-
-# ----------------------------------------------------------------------------- evaluate
-def _register_evaluate(sub: Any) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="class accuracy and Fréchet distance of a digits model's samples",
-        description="Generate --per-class images of each digit, classify them with an MLP "
-        "trained on real digits, and compute the Fréchet distance to real digits in the MLP's "
-        "hidden-layer features. Writes an 'evaluation' section into --out.",
-    )
-    p.add_argument("checkpoint", type=Path, metavar="CKPT")
-    p.add_argument("--per-class", type=int, default=100, help="samples per class (100)")
-    _sampler_options(p, "(default: the run's)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
-    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (500)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON file (default: metrics.json in the run folder, else in the current folder)")
-    p.set_defaults(handler=evaluate)
-
-
-def evaluate(args: argparse.Namespace) -> int:
-    import time
-
-    from .evaluation import (
-        DigitsClassifier,
-        class_labels,
-        digits_compatible,
-        generate,
-        load_for_sampling,
-        merge_json,
-        score_samples,
-    )
-
-    if args.per_class < 2:
-        raise UsageError(f"--per-class: expected an int >= 2, got {args.per_class}")
-    loaded = load_for_sampling(args.checkpoint, _device(args.device))
-    digits_compatible(loaded.model.config)
-    settings = _settings(args, loaded)
-    labels = class_labels(10, args.per_class)
-    t0 = time.perf_counter()
-    images = generate(loaded.model, labels, settings, seed=args.seed, batch_size=args.batch_size,
-                      resolution=32)
-    seconds = time.perf_counter() - t0
-    result = score_samples(images, labels, DigitsClassifier())
-    result.update(checkpoint=str(args.checkpoint), sampler=settings.to_dict(), seed=args.seed,
-                  sample_seconds=round(seconds, 2))
-    out = args.out or (args.checkpoint / "metrics.json" if args.checkpoint.is_dir() else Path("metrics.json"))
-    merge_json(out, {"evaluation": result})
-    print(f"class accuracy {result['accuracy']:.3f} (classifier's own held-out accuracy on real "
-          f"digits {result['classifier_test_accuracy']:.3f}); Fréchet distance "
-          f"{result['frechet_distance']:.3f} (real held-out: {result['frechet_distance_real_holdout']:.3f}); "
-          f"wrote {out}")
-    return 0
-
-
-# ----------------------------------------------------------------------------- spectrum
-def _register_spectrum(sub: Any) -> None:
-    p = sub.add_parser(
-        "spectrum",
-        help="DCT energy per frequency band of the DiT output and the velocity (paper Fig. 4)",
-        description="On noisy real images x_t, measure the 8x8 block-DCT energy per diagonal band "
-        "u+v of the DiT's output (token grid) and of the predicted velocity, for CKPT and "
-        "optionally a baseline. Writes spectrum.png and spectrum.json.",
-    )
-    p.add_argument("checkpoint", type=Path, metavar="CKPT")
-    p.add_argument("--baseline", type=Path, default=None, metavar="CKPT2", help="a second model to compare")
-    p.add_argument("--data", type=Path, default=None, help="image folder (default: built-in digits)")
-    p.add_argument("--resolution", type=int, default=None, help="image size (default: the training size)")
-    p.add_argument("--count", type=int, default=256, help="number of images (256)")
-    p.add_argument("--times", type=float, nargs="+", default=[0.25, 0.5, 0.75],
-                   help="t values (0.25 0.5 0.75)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for spectrum.png/json (default: the run folder, else the current folder)")
-    p.set_defaults(handler=spectrum)
-
-
-def spectrum(args: argparse.Namespace) -> int:
-    from .evaluation import load_for_sampling, spectrum_report
-
-    if args.count < 1:
-        raise UsageError(f"--count: expected a positive int, got {args.count}")
-    if any(not 0.0 <= t <= 1.0 for t in args.times):
-        raise UsageError(f"--times: expected values in [0, 1], got {args.times}")
-    device = _device(args.device)
-    models = {"model": load_for_sampling(args.checkpoint, device)}
-    if args.baseline is not None:
-        models["baseline"] = load_for_sampling(args.baseline, device)
-    out = args.out or (args.checkpoint if args.checkpoint.is_dir() else Path("."))
-    if not out.is_dir():
-        raise FileNotFoundError(f"--out: no such folder: {out}")
-    report = spectrum_report(models, data=args.data, resolution=args.resolution, count=args.count,
-                             times=args.times, seed=args.seed, out=out)
-    for name, res in report["models"].items():
-        print(f"{name}: high-frequency energy fraction (bands u+v >= 8): DiT output "
-              f"{res['semantic_high_fraction']:.4f}, velocity {res['velocity_high_fraction']:.4f}")
-    print(f"wrote {out / 'spectrum.png'} and {out / 'spectrum.json'}")
     return 0

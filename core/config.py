@@ -26,6 +26,35 @@ ROPE_SPAN = 16.0  # positions are linspace(0, 16, n) per axis, whatever n is
 DCT_FREQS = 8
 NORM_EPS = 1e-6
 
+# Constants of the frequency-aware loss (spec/02-frequency-loss.md §1, §4), as plain nested
+# tuples so that this module stays free of NumPy and torch; each implementation converts them.
+FREQ_BLOCK = 8  # the DCT block size
+#: Full-range JPEG / BT.601 RGB -> YCbCr matrix, rows (Y, Cb, Cr); no +128 offsets (02 §1).
+YCBCR_MATRIX: tuple[tuple[float, ...], ...] = (
+    (0.299, 0.587, 0.114),
+    (-0.168736, -0.331264, 0.5),
+    (0.5, -0.418688, -0.081312),
+)
+#: Standard JPEG quantisation tables (ITU-T T.81 Annex K, tables K.1 and K.2), [row = vertical
+#: frequency u, column = horizontal frequency v].
+JPEG_LUMINANCE: tuple[tuple[int, ...], ...] = (
+    (16, 11, 10, 16, 24, 40, 51, 61),
+    (12, 12, 14, 19, 26, 58, 60, 55),
+    (14, 13, 16, 24, 40, 57, 69, 56),
+    (14, 17, 22, 29, 51, 87, 80, 62),
+    (18, 22, 37, 56, 68, 109, 103, 77),
+    (24, 35, 55, 64, 81, 104, 113, 92),
+    (49, 64, 78, 87, 103, 121, 120, 101),
+    (72, 92, 95, 98, 112, 100, 103, 99),
+)
+JPEG_CHROMINANCE: tuple[tuple[int, ...], ...] = (
+    (17, 18, 24, 47, 99, 99, 99, 99),
+    (18, 21, 26, 66, 99, 99, 99, 99),
+    (24, 26, 56, 99, 99, 99, 99, 99),
+    (47, 66, 99, 99, 99, 99, 99, 99),
+    *((99,) * 8 for _ in range(4)),
+)
+
 
 @dataclass(frozen=True)
 class DeCoConfig:
@@ -121,7 +150,13 @@ class DeCoConfig:
         return dataclasses.replace(PRESETS[name], **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a dict; the class models' omit the (zero) text fields, so their files
+        read as they did before the text-to-image model existed."""
+        data = dataclasses.asdict(self)
+        if not self.is_text:
+            for name in ("text_depth", "text_dim", "text_length"):
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeCoConfig:

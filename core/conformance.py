@@ -247,26 +247,22 @@ class OptimizedPort:
         return module.eval()
 
     def rgb_to_ycbcr(self, x: Array) -> Array:
-        from deco.optimized.loss import YCBCR_MATRIX
+        from deco.optimized.frequency import rgb_to_ycbcr
 
-        return self._np(self.torch.einsum("ij,bjhw->bihw", YCBCR_MATRIX.to(self.dtype), self._t(x)))
+        return self._np(rgb_to_ycbcr(self._t(x)))
 
     def block_dct(self, x: Array) -> Array:
-        from deco.optimized.loss import BLOCK, _reflect_pad, dct_matrix
+        from deco.optimized.frequency import block_dct
 
-        padded = _reflect_pad(self._t(x))
-        b, c, h, w = padded.shape
-        blocks = padded.reshape(b, c, h // BLOCK, BLOCK, w // BLOCK, BLOCK).permute(0, 1, 2, 4, 3, 5)
-        m = dct_matrix(BLOCK).to(self.dtype)
-        return self._np(self.torch.einsum("ui,bcyxij,vj->bcyxuv", m, blocks, m))
+        return self._np(block_dct(self._t(x)))
 
     def frequency_weights(self, quality: int, gamma: float) -> Array:
-        from deco.optimized.loss import frequency_weights
+        from deco.optimized.frequency import frequency_weights
 
         return self._np(frequency_weights(quality, gamma, dtype=self.dtype))
 
     def frequency_aware_loss(self, pred: Array, target: Array, quality: int, gamma: float) -> float:
-        from deco.optimized.loss import frequency_aware_loss
+        from deco.optimized.frequency import frequency_aware_loss
 
         return float(frequency_aware_loss(self._t(pred), self._t(target), quality, gamma))
 

@@ -15,10 +15,9 @@ never sees a difference of preprocessing between the two.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +27,10 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from deco.optimized.sampling import SampleSettings
+
 from .data import DIGITS_CLASSES, downsample_to_digits, load_digits_arrays, upsample_digits
+from .outputs import finish_axis, save_figure, write_json
 
 if TYPE_CHECKING:
     from deco.optimized import DiffusionTransformer
@@ -127,20 +129,6 @@ def score_samples(images: Tensor | Array, labels: Any, classifier: DigitsClassif
 
 
 # ------------------------------------------------------------------------------ sampling
-@dataclass(frozen=True)
-class SampleSettings:
-    """Sampler settings (spec/04-sampling.md)."""
-
-    steps: int = 50
-    guidance: float = 1.0
-    interval: tuple[float, float] = (0.0, 1.0)
-    timeshift: float = 1.0
-    solver: str = "euler"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 @torch.no_grad()
 def generate(model: nn.Module, labels: Sequence[int] | Tensor, settings: SampleSettings, *,
              seed: int = 0, batch_size: int = 256, resolution: int = 32) -> Tensor:
@@ -162,70 +150,10 @@ def generate(model: nn.Module, labels: Sequence[int] | Tensor, settings: SampleS
     out = []
     for start in range(0, len(y), batch_size):
         x = sample(model, noise[start : start + batch_size].to(param.device, param.dtype),
-                   y[start : start + batch_size].to(param.device), steps=settings.steps,
-                   guidance=settings.guidance, interval=settings.interval,
-                   timeshift=settings.timeshift, solver=settings.solver)
+                   y[start : start + batch_size].to(param.device), **settings.options())
         assert isinstance(x, Tensor)
         out.append(x.float().cpu())
     return torch.cat(out) if out else noise
-
-
-def to_uint8(images: Tensor) -> NDArray[np.uint8]:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, as ADM's FID tools expect."""
-    x = ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
-    return np.ascontiguousarray(x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-
-
-def grid_image(images: NDArray[np.uint8], columns: int, pad: int = 2) -> NDArray[np.uint8]:
-    """(N, H, W, C) uint8 -> one (rows·(H+pad)+pad, columns·(W+pad)+pad, C) image, row-major."""
-    n, h, w, c = images.shape
-    rows = max(1, -(-n // columns))
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, columns)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top : top + h, left : left + w] = images[i]
-    return grid
-
-
-def save_png(array: NDArray[np.uint8], path: Path) -> None:
-    from PIL import Image
-
-    from .atomic import atomic_write
-
-    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def save_samples(images: Tensor, labels: Sequence[int], out: Path, columns: int) -> str:
-    """Write samples as a PNG grid (`.png`), an ADM-style `.npz` (uint8 NHWC `arr_0`, labels in
-    `arr_1`) or a folder of PNGs (any other path). Returns a description of what was written."""
-    arrays = to_uint8(images)
-    suffix = out.suffix.lower()
-    if suffix in (".png", ".npz") and not out.parent.is_dir():
-        raise FileNotFoundError(f"--out: folder {out.parent} does not exist")
-    if suffix == ".png":
-        save_png(grid_image(arrays, columns), out)
-        return f"a {len(arrays)}-image grid {out}"
-    if suffix == ".npz":
-        from .atomic import atomic_write
-
-        atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), arr_0=arrays,
-                                               arr_1=np.asarray(labels, dtype=np.int64)))
-        return f"{out} (arr_0 {arrays.shape} uint8)"
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {out} is a file; use a .png, a .npz or a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (image, label) in enumerate(zip(arrays, labels, strict=True)):
-        save_png(image, out / f"{i:06d}_class{int(label)}.png")
-    return f"{len(arrays)} PNGs in {out}/"
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    from .atomic import atomic_write
-
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ------------------------------------------------------------------------------ spectrum
@@ -237,7 +165,7 @@ def band_energy(x: Tensor) -> Array:
 
     H and W are cropped to multiples of 8 (at least 8 each). The energy is summed over batch,
     channels and blocks and normalised to sum to 1, so spectra of different quantities compare."""
-    from deco.optimized.loss import dct_matrix
+    from deco.optimized.frequency import dct_matrix
 
     b, c, h, w = x.shape
     if h < 8 or w < 8:
@@ -305,8 +233,6 @@ def plot_spectra(results: dict[str, dict[str, Any]], target: Sequence[float], pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_write
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     bands = np.arange(BANDS)
     for ax, key, title in ((axes[0], "semantic", "DiT output (token grid)"),
@@ -316,12 +242,8 @@ def plot_spectra(results: dict[str, dict[str, Any]], target: Sequence[float], pa
         if key == "velocity":
             ax.semilogy(bands, np.maximum(target, 1e-12), "k--", label="target velocity")
         ax.set_title(title)
-        ax.set_xlabel("8x8 DCT band u + v (low → high frequency)")
-        ax.set_ylabel("fraction of energy")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+        finish_axis(ax, "8x8 DCT band u + v (low → high frequency)", "fraction of energy")
+    save_figure(fig, path)
 
 
 def spectrum_inputs(count: int, resolution: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -374,26 +296,10 @@ def load_for_sampling(path: Path, device: torch.device) -> Loaded:
         model.load_state_dict(state["trainer"]["ema"], strict=True, assign=True)
         run = state["run"]
         sample = run.get("sample")
-        settings = None if sample is None else SampleSettings(
-            **{**sample, "interval": tuple(sample["interval"])})
+        settings = None if sample is None else SampleSettings.from_dict(sample)
         return Loaded(model.to(device).eval(), settings, int(run["resolution"]), str(file))
     model = load_model(file, device=device)
     return Loaded(model, None, 32 if model.config.patch_size <= 8 else 256, str(file))
-
-
-def merge_json(path: Path, update: dict[str, Any]) -> None:
-    """Write `update`'s keys into the JSON object at `path` (created if absent)."""
-    data: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            loaded = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            loaded = None
-        if isinstance(loaded, dict):
-            data = loaded
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"--out: folder {path.parent} does not exist")
-    write_json(path, {**data, **update})
 
 
 def spectrum_report(models: dict[str, Loaded], *, data: Path | None, resolution: int | None,

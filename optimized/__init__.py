@@ -1,13 +1,28 @@
-"""`deco.optimized`: the fast PyTorch implementation of DeCo (spec/), tested against `deco.reference`."""
+"""`deco.optimized`: the fast PyTorch implementation of DeCo (spec/), tested against `deco.reference`.
+
+One module per spec chapter, with the reference's module and function names: `checks` (00),
+`flow` (01), `frequency` (02), `model` (03; its building blocks in `layers`, the CPU matrix
+products in `gemm`), `sampling` (04), `weights` (05); `trainer` is the training step.
+"""
 
 from deco.config import DeCoConfig
 
+from .checks import FieldError
+from .flow import (
+    drop_labels,
+    flow_matching_loss,
+    interpolate,
+    logit_normal_time,
+    target_velocity,
+    time_shift,
+    uniform_time,
+)
+from .frequency import block_dct, frequency_aware_loss, frequency_weights, rgb_to_ycbcr
 from .gemm import cpu_gemm, cpu_gemm_backend, onednn_available, set_cpu_gemm
-from .io import load_model, save_model
-from .loss import flow_matching_loss, frequency_aware_loss, frequency_weights
 from .model import BaselineDiT, DeCo, DiffusionTransformer, build_model
 from .sampling import sample, time_grid
-from .train import Draws, NonFiniteLossError, TrainConfig, Trainer
+from .trainer import Draws, NonFiniteLossError, TrainConfig, Trainer
+from .weights import load_model, save_model
 
 __all__ = [
     "BaselineDiT",
@@ -15,19 +30,28 @@ __all__ = [
     "DeCoConfig",
     "DiffusionTransformer",
     "Draws",
+    "FieldError",
     "NonFiniteLossError",
     "TrainConfig",
     "Trainer",
+    "block_dct",
     "build_model",
     "cpu_gemm",
     "cpu_gemm_backend",
+    "drop_labels",
     "flow_matching_loss",
     "frequency_aware_loss",
     "frequency_weights",
+    "interpolate",
     "load_model",
+    "logit_normal_time",
     "onednn_available",
+    "rgb_to_ycbcr",
     "sample",
     "save_model",
     "set_cpu_gemm",
+    "target_velocity",
     "time_grid",
+    "time_shift",
+    "uniform_time",
 ]

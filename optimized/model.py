@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from deco.config import DeCoConfig
 
 from .gemm import Linear, is_tracing
-from .io import load_model, save_model
 from .layers import (
     DecoderBlock,
     DiTBlock,
@@ -28,6 +27,7 @@ from .layers import (
     TimestepEmbedder,
     rope_tables,
 )
+from .weights import load_model, save_model
 
 
 class DiffusionTransformer(nn.Module):

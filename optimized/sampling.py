@@ -8,12 +8,16 @@ equals c up to one rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from .checks import FieldError, field_finite, field_int, field_positive
 
 
 class VelocityModel(Protocol):
@@ -132,3 +136,50 @@ def _as_labels(labels: Any, batch: int, num_classes: int, device: torch.device) 
             f"got values in {int(y.min())}..{int(y.max())}"
         )
     return y.long()
+
+
+# ------------------------------------------------------------------------------ settings
+SOLVERS = ("euler", "heun")
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """The keyword arguments of `sample` as one validated value (spec/04-sampling.md §5): what a
+    run records for its sample grid and what `deco sample` starts from. Errors name the field."""
+
+    steps: int = 50
+    guidance: float = 1.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    timeshift: float = 1.0
+    solver: str = "euler"
+
+    def __post_init__(self) -> None:
+        field_int(self, "steps", 1)
+        field_finite(self, "guidance")
+        field_positive(self, "timeshift")
+        interval = self.interval
+        if not isinstance(interval, (tuple, list)) or len(interval) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval
+        ):
+            raise FieldError("interval", f"expected a pair (low, high), got {interval!r}")
+        low, high = interval
+        if not 0.0 <= low <= high <= 1.0:
+            raise FieldError("interval", f"expected 0 <= low <= high <= 1, got {low} {high}")
+        object.__setattr__(self, "interval", (float(low), float(high)))
+        if self.solver not in SOLVERS:
+            raise FieldError("solver", f"expected one of {', '.join(SOLVERS)}, got {self.solver!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "interval": list(self.interval)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SampleSettings:
+        data = dict(data)
+        if "interval" in data:
+            data["interval"] = tuple(data["interval"])
+        return cls(**data)
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of `sample`."""
+        return {"steps": self.steps, "guidance": self.guidance, "interval": self.interval,
+                "timeshift": self.timeshift, "solver": self.solver}

@@ -5,42 +5,16 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
+from deco import config
+
 from .checks import Array, as_finite_float, as_float_array, as_int
 
-BLOCK = 8
+BLOCK = config.FREQ_BLOCK
 
-#: Full-range JPEG / BT.601 RGB -> YCbCr matrix, rows (Y, Cb, Cr); no +128 offsets (§1).
-YCBCR_MATRIX: Array = np.array(
-    [
-        [0.299, 0.587, 0.114],
-        [-0.168736, -0.331264, 0.5],
-        [0.5, -0.418688, -0.081312],
-    ],
-    dtype=np.float64,
-)
-
-#: Standard JPEG quantisation tables (ITU-T T.81 Annex K, tables K.1 and K.2), [row=vertical
-#: frequency u, column=horizontal frequency v].
-JPEG_LUMINANCE: Array = np.array(
-    [
-        [16, 11, 10, 16, 24, 40, 51, 61],
-        [12, 12, 14, 19, 26, 58, 60, 55],
-        [14, 13, 16, 24, 40, 57, 69, 56],
-        [14, 17, 22, 29, 51, 87, 80, 62],
-        [18, 22, 37, 56, 68, 109, 103, 77],
-        [24, 35, 55, 64, 81, 104, 113, 92],
-        [49, 64, 78, 87, 103, 121, 120, 101],
-        [72, 92, 95, 98, 112, 100, 103, 99],
-    ],
-    dtype=np.float64,
-)
-JPEG_CHROMINANCE: Array = np.full((8, 8), 99.0)
-JPEG_CHROMINANCE[:4, :4] = [
-    [17, 18, 24, 47],
-    [18, 21, 26, 66],
-    [24, 26, 56, 99],
-    [47, 66, 99, 99],
-]
+# The spec's constants (02 §1, §4) live in deco.config; here as float64 arrays.
+YCBCR_MATRIX: Array = np.array(config.YCBCR_MATRIX, dtype=np.float64)
+JPEG_LUMINANCE: Array = np.array(config.JPEG_LUMINANCE, dtype=np.float64)
+JPEG_CHROMINANCE: Array = np.array(config.JPEG_CHROMINANCE, dtype=np.float64)
 
 
 def rgb_to_ycbcr(x: ArrayLike) -> Array:

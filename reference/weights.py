@@ -12,13 +12,11 @@ from safetensors.numpy import save_file
 
 from deco.atomic import atomic_write
 from deco.config import DeCoConfig
+from deco.portable import FORMAT_KEY, FORMAT_VERSION, read_metadata
 from deco.release import check_shapes
 
 from .checks import Array
 from .model import Model
-
-FORMAT_KEY = "deco_format"
-FORMAT_VERSION = "1"
 
 
 def check_weights(config: DeCoConfig, weights: Mapping[str, Any]) -> dict[str, Array]:
@@ -29,21 +27,6 @@ def check_weights(config: DeCoConfig, weights: Mapping[str, Any]) -> dict[str, A
         if not np.all(np.isfinite(value)):
             raise ValueError(f"weights: {name} contains NaN or infinite values")
     return arrays
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The safetensors header metadata of a DeCo weight file; ValueError if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no such file: {path}")
-    try:
-        with safe_open(str(path), framework="np") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"path: {path} is not a readable safetensors file ({exc})") from None
-    if meta.get(FORMAT_KEY) != FORMAT_VERSION or "config" not in meta:
-        raise ValueError(f"path: {path} is a safetensors file without DeCo metadata")
-    return meta
 
 
 def load_weights(path: str | Path) -> tuple[DeCoConfig, dict[str, Array]]:

@@ -24,11 +24,13 @@ from deco import checkpoint as ckpt
 from deco.checkpoint import CHECKPOINT_NAME, flatten, load_checkpoint, save_checkpoint, unflatten
 from deco.cli import main
 from deco.data import DigitsDataset
-from deco.evaluation import SampleSettings
-from deco.training import LOG_NAME, RunConfig, TrainingError, train
+from deco.job import LOG_NAME, RunConfig, TrainingError, train
+from deco.optimized import TrainConfig
+from deco.optimized.sampling import SampleSettings
 
-TINY: dict[str, Any] = dict(model="DiT-tiny/4", batch_size=16, lr=1e-3, ema_decay=0.9, log_every=1,
-                            device="cpu", sample=SampleSettings(steps=2))
+TINY: dict[str, Any] = dict(model="DiT-tiny/4", batch_size=16, log_every=1, device="cpu",
+                            train=TrainConfig(lr=1e-3, ema_decay=0.9, timeshift=2.0),
+                            sample=SampleSettings(steps=2))
 LOSS_KEYS = ("loss", "fm", "freq", "grad_norm")
 
 
@@ -203,7 +205,7 @@ def test_resume_may_change_the_steps_and_the_final_grid_sampler(tmp_path: Path) 
     train(RunConfig(out=out, steps=2, checkpoint_every=100, grid_columns=1, **TINY))
     assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--guidance", "1.5"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and metrics["run"]["lr"] == TINY["lr"]
+    assert metrics["steps"] == 3 and metrics["run"]["train"]["lr"] == TINY["train"].lr
     assert metrics["run"]["sample"] == {"steps": 2, "guidance": 1.5, "interval": [0.0, 1.0],
                                         "timeshift": 1.0, "solver": "euler"}
 

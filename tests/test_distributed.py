@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from deco.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from deco.training import Job, RunConfig, setup_distributed
+from deco.job import Job, RunConfig, setup_distributed
+from deco.optimized import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def _run(rank: int, world: int, port: int, out: str, steps: int) -> None:
                           RANK=str(rank), LOCAL_RANK=str(rank))
     d = setup_distributed("cpu")
     run = RunConfig(out=Path(out), model=MODEL, batch_size=16, steps=steps, checkpoint_every=1000,
-                    log_every=1, lr=1e-3, ema_decay=0.9, device="cpu")
+                    log_every=1, train=TrainConfig(lr=1e-3, ema_decay=0.9, timeshift=2.0), device="cpu")
     job = Job(run, d)
     job.fit()
     if d.is_main:
@@ -96,7 +97,7 @@ def test_ddp_is_not_a_mere_copy_of_rank_zero(tmp_path: Path) -> None:
     half_dir = tmp_path / "half"
     half_dir.mkdir()
     run = RunConfig(out=half_dir, model=MODEL, batch_size=8, steps=1, checkpoint_every=1000,
-                    log_every=1, lr=1e-3, ema_decay=0.9, device="cpu")
+                    log_every=1, train=TrainConfig(lr=1e-3, ema_decay=0.9, timeshift=2.0), device="cpu")
     job = Job(run, setup_distributed("cpu"))
     job.fit()
     grads = {f"grad/{k}": v.grad for k, v in job.model.named_parameters() if v.grad is not None}

@@ -25,8 +25,8 @@ from deco.evaluation import (
     frechet_distance,
     gaussian_stats,
     score_samples,
-    to_uint8,
 )
+from deco.outputs import to_uint8
 
 FAST = ["--batch-size", "16", "--lr", "1e-3", "--sample-steps", "2", "--device", "cpu"]
 

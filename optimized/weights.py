@@ -1,7 +1,7 @@
-"""Loading and saving models (spec/05-weights.md).
+"""Loading and saving models (spec/05-weights.md; mirrors deco.reference.weights).
 
 `load_model` reads either a DeCo `.safetensors` file (portable names, config JSON in the header
-metadata; the format of `deco.reference.weights`, whose constants are reused here) or a public
+metadata, deco.portable) or a public
 release Lightning `.ckpt` directly (`torch.load(weights_only=True)`, EMA weights by default,
 config inferred from the tensor shapes). The kind of file is told by its content, not its name.
 """
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from deco.atomic import atomic_write
 from deco.config import DeCoConfig
-from deco.reference.weights import FORMAT_KEY, FORMAT_VERSION, read_metadata
+from deco.portable import FORMAT_KEY, FORMAT_VERSION, read_metadata
 from deco.release import check_shapes, read_release_checkpoint
 
 if TYPE_CHECKING:  # model.py imports this module (and re-exports load_model)

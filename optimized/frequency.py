@@ -1,4 +1,5 @@
-"""The training losses of spec/01-flow-matching.md §5 and spec/02-frequency-loss.md, in PyTorch.
+"""The frequency-aware loss of spec/02-frequency-loss.md in PyTorch: YCbCr, 8x8 block DCT, JPEG
+weights (mirrors deco.reference.frequency).
 
 The frequency-aware loss is mean(w[c, u, v] (D(pred) - D(target))^2) with D = 8x8 block DCT of
 the YCbCr image. D is linear, so D(pred) - D(target) = D(pred - target): we transform the
@@ -13,58 +14,24 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deco.reference import frequency as reference_frequency
+from deco import config
 
-BLOCK = 8
+from .checks import check_gamma, check_pair, check_quality
 
-# The YCbCr matrix and the JPEG tables are data of the spec (02 §1, §4): taken from the reference
-# so there is one copy of them, as float64 torch tensors.
-YCBCR_MATRIX = torch.from_numpy(reference_frequency.YCBCR_MATRIX.copy())
-JPEG_LUMINANCE = torch.from_numpy(reference_frequency.JPEG_LUMINANCE.copy())
-JPEG_CHROMINANCE = torch.from_numpy(reference_frequency.JPEG_CHROMINANCE.copy())
+BLOCK = config.FREQ_BLOCK
 
-
-# ------------------------------------------------------------------------------- validation
-def _check_quality(quality: object) -> int:
-    if not isinstance(quality, numbers.Integral) or isinstance(quality, bool):
-        raise TypeError(f"quality: expected an int, got {type(quality).__name__}")
-    q = int(quality)
-    if not 1 <= q <= 100:
-        raise ValueError(f"quality: expected an int in [1, 100], got {q}")
-    return q
+# The spec's constants (02 §1, §4), from deco.config, as float64 torch tensors.
+YCBCR_MATRIX = torch.tensor(config.YCBCR_MATRIX, dtype=torch.float64)
+JPEG_LUMINANCE = torch.tensor(config.JPEG_LUMINANCE, dtype=torch.float64)
+JPEG_CHROMINANCE = torch.tensor(config.JPEG_CHROMINANCE, dtype=torch.float64)
 
 
-def _check_gamma(gamma: object) -> float:
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
-        raise TypeError(f"gamma: expected a float, got {type(gamma).__name__}")
-    if not math.isfinite(gamma):
-        raise ValueError(f"gamma: expected a finite float, got {gamma}")
-    return float(gamma)
-
-
-def _check_pair(pred: object, target: object, *, images: bool) -> tuple[Tensor, Tensor]:
-    for name, value in (("pred", pred), ("target", target)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
-        if images and (value.ndim != 4 or value.shape[1] != 3):
-            raise ValueError(f"{name}: expected a (B, 3, H, W) tensor, got shape {tuple(value.shape)}")
-    assert isinstance(pred, Tensor) and isinstance(target, Tensor)
-    if pred.shape != target.shape:
-        raise ValueError(
-            f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}"
-        )
-    return pred, target
-
-
-def _compute_dtype(pred: Tensor, target: Tensor) -> torch.dtype:
+def compute_dtype(pred: Tensor, target: Tensor) -> torch.dtype:
     """The promoted dtype, but at least float32: a loss sums millions of terms, too many for bf16."""
     dtype = torch.promote_types(pred.dtype, target.dtype)
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -83,7 +50,7 @@ def dct_matrix(n: int = BLOCK) -> Tensor:
 
 def quality_scale(quality: int) -> float:
     """IJG quality scaling in percent: 5000/q for q < 50, else 200 - 2q."""
-    q = _check_quality(quality)
+    q = check_quality(quality)
     return 5000.0 / q if q < 50 else 200.0 - 2.0 * q
 
 
@@ -116,7 +83,7 @@ def frequency_weights(
 ) -> Tensor:
     """(3, 8, 8) weights for (Y, Cb, Cr), built in float64 and cast; a fresh copy of a cached
     tensor (so the caller may modify it)."""
-    quality, gamma = _check_quality(quality), _check_gamma(gamma)
+    quality, gamma = check_quality(quality), check_gamma(gamma)
     device = torch.device("cpu") if device is None else torch.device(device)
     return _cached_weights(quality, gamma, device, dtype).clone()
 
@@ -138,7 +105,7 @@ def _operator(quality: int, gamma: float, device: torch.device, dtype: torch.dty
     return _block_operator(quality, gamma, device, dtype)
 
 
-def _reflect_pad(x: Tensor) -> Tensor:
+def reflect_pad(x: Tensor) -> Tensor:
     """Pads bottom and right to multiples of 8 by reflection without repeating the edge."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % BLOCK, (-w) % BLOCK
@@ -152,6 +119,23 @@ def _reflect_pad(x: Tensor) -> Tensor:
     return F.pad(x, (0, pw, 0, ph), mode="reflect")
 
 
+# ------------------------------------------------------------------------- the transforms
+def rgb_to_ycbcr(x: Tensor) -> Tensor:
+    """(B, 3, H, W) RGB -> YCbCr: out[:, i] = sum_j M[i, j] x[:, j] (02 §1). The loss itself
+    folds this matrix into its block operator; this function is the spec's step on its own."""
+    return torch.einsum("ij,bjhw->bihw", YCBCR_MATRIX.to(x.device, x.dtype), x)
+
+
+def block_dct(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, C, Bh, Bw, 8, 8): reflect-pad to multiples of 8, then the 2-D DCT
+    C X C^T of every 8x8 block (02 §2-3)."""
+    padded = reflect_pad(x)
+    b, c, h, w = padded.shape
+    blocks = padded.reshape(b, c, h // BLOCK, BLOCK, w // BLOCK, BLOCK).permute(0, 1, 2, 4, 3, 5)
+    m = dct_matrix(BLOCK).to(x.device, x.dtype)
+    return torch.einsum("ui,bcyxij,vj->bcyxuv", m, blocks, m)
+
+
 # ------------------------------------------------------------------------------------ losses
 def frequency_aware_loss(pred: Tensor, target: Tensor, quality: int = 85, gamma: float = 1.0) -> Tensor:
     """Scalar mean over (B, 3, Bh, Bw, 8, 8) of w[c, u, v] (D(pred) - D(target))^2.
@@ -159,11 +143,11 @@ def frequency_aware_loss(pred: Tensor, target: Tensor, quality: int = 85, gamma:
     Computed in float32 for bf16/fp16 inputs and with autocast off (an autocast matmul would
     round the DCT to bf16); the result has the compute dtype.
     """
-    pred, target = _check_pair(pred, target, images=True)
-    quality, gamma = _check_quality(quality), _check_gamma(gamma)
-    dtype = _compute_dtype(pred, target)
+    pred, target = check_pair(pred, target, images=True)
+    quality, gamma = check_quality(quality), check_gamma(gamma)
+    dtype = compute_dtype(pred, target)
     with torch.autocast(pred.device.type, enabled=False):
-        d = _reflect_pad(pred.to(dtype) - target.to(dtype))
+        d = reflect_pad(pred.to(dtype) - target.to(dtype))
         b, _, h, w = d.shape
         # (B, 3, Bh, 8, Bw, 8) -> one row per block, laid out (channel, row, column).
         blocks = d.reshape(b, 3, h // BLOCK, BLOCK, w // BLOCK, BLOCK).permute(0, 2, 4, 1, 3, 5)
@@ -171,9 +155,3 @@ def frequency_aware_loss(pred: Tensor, target: Tensor, quality: int = 85, gamma:
         coeffs = blocks @ _operator(quality, gamma, d.device, dtype)
         return coeffs.square().mean()
 
-
-def flow_matching_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """mean((pred - target)^2) over every element, in float32 at least."""
-    pred, target = _check_pair(pred, target, images=False)
-    dtype = _compute_dtype(pred, target)
-    return (pred.to(dtype) - target.to(dtype)).square().mean()

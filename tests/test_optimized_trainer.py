@@ -1,4 +1,4 @@
-"""`deco.optimized.train` against independent oracles: the float64 reference (`deco.reference.flow`,
+"""`deco.optimized.trainer` against independent oracles: the float64 reference (`deco.reference.flow`,
 the frequency loss and `Model`), closed forms (EMA, gradient clipping) and behaviour on a tiny DeCo
 (overfitting, REPA alignment, reproducibility, resume, refusal of non-finite losses)."""
 
@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import random_weights, rel_err, tiny_config
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import settings
 from torch import Tensor, nn
 
 from deco import reference as R
 from deco.optimized import layers
-from deco.optimized import train as T
+from deco.optimized import trainer as T
 from deco.optimized.model import DiffusionTransformer, build_model
 from deco.reference import model as RM
 
@@ -67,51 +66,9 @@ def flat_params(module: nn.Module) -> np.ndarray:
     return np.concatenate([p.detach().double().reshape(-1).numpy() for p in module.parameters()])
 
 
-# --------------------------------------------------------- small functions vs the reference
-@SETTINGS
-@given(seed=st.integers(0, 2**31), b=st.integers(1, 5), mean=st.floats(-2, 2), std=st.floats(0.1, 3),
-       shift=st.floats(0.2, 5))
-def test_time_functions_match_reference(seed: int, b: int, mean: float, std: float, shift: float) -> None:
-    rng = np.random.default_rng(seed)
-    normal, uniform = rng.standard_normal(b), rng.uniform(size=b)
-    t = T.logit_normal_time(torch.from_numpy(normal), mean, std)
-    assert rel_err(t.numpy(), R.logit_normal_time(normal, mean, std)) <= F64_RTOL
-    shifted = T.time_shift(t, shift)
-    expected = R.time_shift(R.logit_normal_time(normal, mean, std), shift)
-    assert rel_err(shifted.numpy(), expected) <= F64_RTOL
-    assert rel_err(T.uniform_time(torch.from_numpy(uniform)).numpy(), R.uniform_time(uniform)) <= F64_RTOL
-
-
-@SETTINGS
-@given(seed=st.integers(0, 2**31), b=st.integers(1, 8), p=st.floats(0, 1))
-def test_drop_labels_matches_reference(seed: int, b: int, p: float) -> None:
-    rng = np.random.default_rng(seed)
-    labels, uniform = rng.integers(0, 10, b), rng.uniform(size=b)
-    got = T.drop_labels(torch.from_numpy(labels), torch.from_numpy(uniform), p, 10)
-    np.testing.assert_array_equal(got.numpy(), R.drop_labels(labels, uniform, p, 10))
-
-
-@SETTINGS
-@given(seed=st.integers(0, 2**31), b=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9))
-def test_interpolate_and_velocity_match_reference(seed: int, b: int, h: int, w: int) -> None:
-    rng = np.random.default_rng(seed)
-    x, noise, t = rng.standard_normal((b, 3, h, w)), rng.standard_normal((b, 3, h, w)), rng.uniform(size=b)
-    got = T.interpolate(torch.from_numpy(x), torch.from_numpy(noise), torch.from_numpy(t))
-    assert rel_err(got.numpy(), R.interpolate(x, noise, t)) <= F64_RTOL
-    got_v = T.target_velocity(torch.from_numpy(x), torch.from_numpy(noise))
-    assert rel_err(got_v.numpy(), R.target_velocity(x, noise)) <= F64_RTOL
-
-
-def test_drop_labels_with_p_one_and_zero() -> None:
-    labels = torch.arange(10)
-    uniform = torch.rand(10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert torch.equal(T.drop_labels(labels, uniform, 1.0, 10), torch.full((10,), 10))
-    assert torch.equal(T.drop_labels(labels, uniform, 0.0, 10), labels)
-
-
 # ------------------------------------------------------------------ a step vs the reference
 STEP_CONFIG = T.TrainConfig(
-    label_dropout=0.5, timeshift=3.0, freq_weight=0.7, freq_quality=40, freq_gamma=1.5,
+    label_dropout=0.5, timeshift=3.0, freq_weight=0.7, quality=40, gamma=1.5,
     repa_weight=0.3, repa_layer=2, repa_encoder_dim=ENC_DIM, seed=1,
 )
 
@@ -127,7 +84,7 @@ def reference_step_losses(
     x_t, v = R.interpolate(xn, noise, t), R.target_velocity(xn, noise)
     pred = R.Model(config, weights).forward(x_t, t, labels)
     fm = R.flow_matching_loss(pred, v)
-    freq = R.frequency_aware_loss(pred, v, cfg.freq_quality, cfg.freq_gamma)
+    freq = R.frequency_aware_loss(pred, v, cfg.quality, cfg.gamma)
     # REPA: DiT tokens after block `repa_layer` = the reference trunk cut to that depth.
     cut = dataclasses.replace(config, depth=cfg.repa_layer)
     tokens, _, _ = RM.dit_trunk(x_t, t, labels, cut, weights)
@@ -347,9 +304,9 @@ def test_non_finite_loss_raises_and_leaves_the_weights() -> None:
         ({"time_sampling": "normal"}, "time_sampling"),
         ({"time_std": 0.0}, "time_std"),
         ({"timeshift": -1.0}, "timeshift"),
-        ({"freq_quality": 0}, "freq_quality"),
-        ({"freq_quality": 101}, "freq_quality"),
-        ({"freq_gamma": float("inf")}, "freq_gamma"),
+        ({"quality": 0}, "quality"),
+        ({"quality": 101}, "quality"),
+        ({"gamma": float("inf")}, "gamma"),
         ({"repa_layer": 0}, "repa_layer"),
         ({"repa_encoder_dim": 0}, "repa_encoder_dim"),
         ({"seed": -1}, "seed"),

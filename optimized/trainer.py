@@ -1,4 +1,5 @@
-"""One training step of DeCo (spec/01-flow-matching.md, spec/02-frequency-loss.md), no framework.
+"""The training step of DeCo (spec/01-flow-matching.md §6, spec/02-frequency-loss.md), no framework:
+`TrainConfig`, `Trainer` (AdamW, EMA, the optional REPA projector) and the step's random draws.
 
     trainer = Trainer(build_model(config), TrainConfig(), encoder=None)
     for x, y in batches:             # x (B, 3, H, W) in [-1, 1], y (B,) class labels
@@ -19,8 +20,8 @@ from a copy of the initial weights, label dropout 0.1, logit-normal(0, 1) times,
   should see the image at a size giving exactly the DiT's token grid (the release's DINOv2 wrapper
   resizes by 14/16 for that).
 - Every random draw comes from one `torch.Generator` seeded by `seed`, so a run is reproducible,
-  and goes through the small deterministic functions below (`logit_normal_time`, `time_shift`,
-  `drop_labels`, `interpolate`), which mirror `deco.reference.flow` and are tested against it.
+  and goes through the small deterministic functions of `deco.optimized.flow` (`logit_normal_time`,
+  `time_shift`, `drop_labels`, `interpolate`), which mirror `deco.reference.flow`.
 """
 
 from __future__ import annotations
@@ -35,8 +36,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import (
+    FieldError,
+    check_batch,
+    field_finite,
+    field_int,
+    field_non_negative,
+    field_positive,
+    field_probability,
+)
+from .flow import (
+    drop_labels,
+    flow_matching_loss,
+    interpolate,
+    logit_normal_time,
+    target_velocity,
+    time_shift,
+    uniform_time,
+)
+from .frequency import frequency_aware_loss
 from .gemm import Linear
-from .loss import flow_matching_loss, frequency_aware_loss
 from .model import DiffusionTransformer
 
 TimeSampling = Literal["logit_normal", "uniform"]
@@ -49,7 +68,8 @@ class NonFiniteLossError(ValueError):
 # ----------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of training. Defaults are the release's, except `grad_clip` (see above)."""
+    """Hyper-parameters of the training step, validated once, here. Defaults are the release's
+    class-to-image recipe, except `grad_clip` (see above). `deco.job.RunConfig` contains one."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's defaults: the release passes none
@@ -63,8 +83,8 @@ class TrainConfig:
     time_std: float = 1.0
     timeshift: float = 1.0  # s > 1 moves training times towards noise
     freq_weight: float = 1.0  # lambda of the frequency-aware loss
-    freq_quality: int = 85
-    freq_gamma: float = 1.0
+    quality: int = 85  # JPEG quality of the frequency weights
+    gamma: float = 1.0  # exponent of the frequency weights
     repa_weight: float = 0.5  # used only when the Trainer is given an encoder
     repa_layer: int = 8  # 1-based index of the DiT block whose output tokens are aligned
     repa_encoder_dim: int = 768  # feature width of the encoder (768: DINOv2-B)
@@ -73,92 +93,35 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "lr", "eps", "time_std", "timeshift")
-        _non_negative(self, "weight_decay", "freq_weight", "repa_weight")
+        field_positive(self, "lr", "eps", "time_std", "timeshift")
+        field_non_negative(self, "weight_decay", "freq_weight", "repa_weight")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas: expected two floats in [0, 1), got {self.betas!r}")
+            raise FieldError("betas", f"expected two floats in [0, 1), got {self.betas!r}")
         if self.grad_clip is not None:
-            _positive(self, "grad_clip")
-        for name in ("ema_decay", "label_dropout"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}: expected a float in [0, 1], got {value!r}")
+            field_positive(self, "grad_clip")
+        field_probability(self, "ema_decay", "label_dropout")
         if self.time_sampling not in ("logit_normal", "uniform"):
-            raise ValueError(
-                f"time_sampling: expected 'logit_normal' or 'uniform', got {self.time_sampling!r}"
-            )
-        if not isinstance(self.time_mean, (int, float)) or not math.isfinite(self.time_mean):
-            raise ValueError(f"time_mean: expected a finite float, got {self.time_mean!r}")
-        if not isinstance(self.freq_gamma, (int, float)) or not math.isfinite(self.freq_gamma):
-            raise ValueError(f"freq_gamma: expected a finite float, got {self.freq_gamma!r}")
-        _int_at_least(self, "freq_quality", 1)
-        if self.freq_quality > 100:
-            raise ValueError(f"freq_quality: expected an int in [1, 100], got {self.freq_quality}")
-        _int_at_least(self, "repa_layer", 1)
-        _int_at_least(self, "repa_encoder_dim", 1)
+            raise FieldError("time_sampling",
+                             f"expected 'logit_normal' or 'uniform', got {self.time_sampling!r}")
+        field_finite(self, "time_mean", "gamma")
+        field_int(self, "quality", 1, 100)
+        field_int(self, "repa_layer", 1)
+        field_int(self, "repa_encoder_dim", 1)
         if self.repa_hidden is not None:
-            _int_at_least(self, "repa_hidden", 1)
-        _int_at_least(self, "seed", 0)
+            field_int(self, "repa_hidden", 1)
+        field_int(self, "seed", 0)
 
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        return data
 
-def _positive(cfg: TrainConfig, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-            raise ValueError(f"{name}: expected a positive finite float, got {value!r}")
-
-
-def _non_negative(cfg: TrainConfig, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
-            raise ValueError(f"{name}: expected a finite float >= 0, got {value!r}")
-
-
-def _int_at_least(cfg: TrainConfig, name: str, low: int) -> None:
-    value = getattr(cfg, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-
-
-# ------------------------------------------------------- the deterministic parts of a step
-def logit_normal_time(normal: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
-    """t = sigmoid(mean + std n) for standard normal draws n."""
-    return torch.sigmoid(mean + std * normal)
-
-
-def uniform_time(uniform: Tensor) -> Tensor:
-    """t = u for draws u ~ U[0, 1)."""
-    return uniform
-
-
-def time_shift(t: Tensor, shift: float = 1.0) -> Tensor:
-    """t / (t + (1 - t) s): s > 1 moves times towards noise (t = 0); s = 1 is the identity."""
-    if not shift > 0:
-        raise ValueError(f"shift: expected > 0, got {shift!r}")
-    return t / (t + (1.0 - t) * shift)
-
-
-def drop_labels(labels: Tensor, uniform: Tensor, p: float, null_class: int) -> Tensor:
-    """Replace label i by the null class where uniform[i] < p (for classifier-free guidance)."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p: expected a probability in [0, 1], got {p!r}")
-    if labels.is_floating_point() or labels.ndim != 1:
-        raise TypeError(f"labels: expected a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
-    if uniform.shape != labels.shape:
-        raise ValueError(f"uniform: expected shape {tuple(labels.shape)}, got {tuple(uniform.shape)}")
-    return torch.where(uniform < p, torch.full_like(labels, null_class), labels)
-
-
-def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """x_t = t x + (1 - t) noise, t (B,) broadcast over the other axes."""
-    t = t.view(-1, *([1] * (x.ndim - 1)))
-    return t * x + (1.0 - t) * noise
-
-
-def target_velocity(x: Tensor, noise: Tensor) -> Tensor:
-    """v = d x_t / d t = x - noise."""
-    return x - noise
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        return cls(**data)
 
 
 @dataclass
@@ -212,22 +175,23 @@ class Trainer:
     parameters' device is the run's, and their dtype too (at least float32: the draws and the
     loss arithmetic). encoder: optional frozen module mapping the clean images (B, 3, H, W) in
     [-1, 1] to features (B, N, repa_encoder_dim), doing its own normalisation and resizing (the
-    release feeds DINOv2 ImageNet-normalised [0, 1] images); given, REPA is on.
+    release feeds DINOv2 ImageNet-normalised [0, 1] images); given, REPA is on. net: what the
+    forward pass calls, default the model itself; a wrapper of it such as DistributedDataParallel
+    (which all-reduces the gradients in backward). Hooks, EMA and state_dict use the bare model.
     """
 
     def __init__(self, model: DiffusionTransformer, config: TrainConfig | None = None,
-                 encoder: nn.Module | None = None) -> None:
+                 encoder: nn.Module | None = None, net: nn.Module | None = None) -> None:
         config = TrainConfig() if config is None else config
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"model: expected a DeCo or BaselineDiT module, got {type(model).__name__}")
+        if net is not None and not isinstance(net, nn.Module):
+            raise TypeError(f"net: expected an nn.Module wrapping the model, got {type(net).__name__}")
         self.config = config
         self.model = model.train()
-        # What the forward pass calls: the model itself, or a wrapper of it such as
-        # DistributedDataParallel (set by the distributed training loop). Hooks, EMA and
-        # state_dict always use the bare `model`.
-        self.net: nn.Module = self.model
+        self.net: nn.Module = self.model if net is None else net
         first = next(model.parameters())
         self.device = first.device
         self.dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
@@ -264,16 +228,26 @@ class Trainer:
         self.step_count = 0
 
     # ---------------------------------------------------------------------------- pieces
-    def draw(self, x: Tensor) -> Draws:
-        """Fresh draws for a batch shaped like x, from the trainer's generator."""
-        b, g, device, dtype = x.shape[0], self.generator, self.device, self.dtype
+    def draw(self, x: Tensor, shard: tuple[int, int] = (0, 1)) -> Draws:
+        """Fresh draws for the batch x, from the trainer's generator.
+
+        shard (rank, world): x is this process's share of a global batch of world * len(x)
+        samples, rows rank, rank + world, ... (how deco.data.BatchStream splits a batch). Every
+        process draws the whole global batch's randoms from the same generator and keeps its
+        rows, so N processes follow the trajectory of one process on the global batch."""
+        rank, world = shard
+        if not (isinstance(rank, int) and isinstance(world, int) and 0 <= rank < world):
+            raise ValueError(f"shard: expected (rank, world) with 0 <= rank < world, got {shard!r}")
+        b, g, device, dtype = x.shape[0] * world, self.generator, self.device, self.dtype
         label_uniform = torch.rand(b, generator=g, device=device, dtype=dtype)
         if self.config.time_sampling == "logit_normal":
             time = torch.randn(b, generator=g, device=device, dtype=dtype)
         else:
             time = torch.rand(b, generator=g, device=device, dtype=dtype)
-        noise = torch.randn(x.shape, generator=g, device=device, dtype=dtype)
-        return Draws(label_uniform, time, noise)
+        noise = torch.randn((b, *x.shape[1:]), generator=g, device=device, dtype=dtype)
+        if world == 1:
+            return Draws(label_uniform, time, noise)
+        return Draws(label_uniform[rank::world], time[rank::world], noise[rank::world])
 
     def times(self, draw: Tensor) -> Tensor:
         """Training times t (B,) from the time draws: logit-normal or uniform, then shifted."""
@@ -313,7 +287,7 @@ class Trainer:
             if handle is not None:
                 handle.remove()
         fm = flow_matching_loss(pred, v)
-        freq = frequency_aware_loss(pred, v, cfg.freq_quality, cfg.freq_gamma)
+        freq = frequency_aware_loss(pred, v, cfg.quality, cfg.gamma)
         loss = fm + cfg.freq_weight * freq
         repa = torch.zeros_like(loss)
         if self.projector is not None:
@@ -341,12 +315,7 @@ class Trainer:
         return (1.0 - cos).mean()
 
     def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 4:
-            raise TypeError(f"x: expected a floating-point (B, C, H, W) tensor, got {_describe(x)}")
-        if not isinstance(y, Tensor) or y.is_floating_point() or y.dtype == torch.bool:
-            raise TypeError(f"y: expected an integer tensor of labels, got {_describe(y)}")
-        if tuple(y.shape) != (x.shape[0],):
-            raise ValueError(f"y: expected shape ({x.shape[0]},), got {tuple(y.shape)}")
+        check_batch(x, y)
         return x.to(self.device, self.dtype), y.to(self.device)
 
     # ------------------------------------------------------------------------------ step
@@ -393,7 +362,7 @@ class Trainer:
             "projector": None if self.projector is None else self.projector.state_dict(),
             "step": self.step_count,
             "generator": self.generator.get_state(),
-            "train_config": dataclasses.asdict(self.config),  # informational, not loaded
+            "train_config": self.config.to_dict(),  # informational, not loaded
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -414,8 +383,3 @@ class Trainer:
 def _at_least_float32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
-
-def _describe(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__

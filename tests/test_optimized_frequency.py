@@ -1,4 +1,4 @@
-"""`deco.optimized.loss` against independent oracles: the float64 NumPy reference, central finite
+"""`deco.optimized.frequency` against independent oracles: the float64 NumPy reference, central finite
 differences of the reference loss, `torch.autograd.gradcheck`, and the release's fixture values."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deco import reference as R
-from deco.optimized import loss as L
+from deco.optimized import flow
+from deco.optimized import frequency as L
 
 SETTINGS = settings(max_examples=25, deadline=None)
 F64_RTOL = 1e-10
@@ -106,18 +107,6 @@ def test_bf16_inputs_and_autocast_compute_in_float32() -> None:
     assert rel_err(got16.item(), expected16) <= F32_RTOL
 
 
-@SETTINGS
-@given(seed=st.integers(0, 2**31), b=BATCH, h=SIDES, w=SIDES)
-def test_flow_matching_loss_matches_reference(seed: int, b: int, h: int, w: int) -> None:
-    pred, target = random_pair(seed, (b, 3, h, w))
-    expected = R.flow_matching_loss(pred, target)
-    p, t = as_torch(pred, target)
-    assert rel_err(L.flow_matching_loss(p, t).item(), expected) <= F64_RTOL
-    p32, t32 = as_torch(pred, target, dtype=torch.float32)
-    expected32 = R.flow_matching_loss(p32.double().numpy(), t32.double().numpy())
-    assert rel_err(L.flow_matching_loss(p32, t32).item(), expected32) <= F32_RTOL
-
-
 # -------------------------------------------------------------------------------- gradients
 def reference_gradient(pred: np.ndarray, target: np.ndarray, step: float) -> np.ndarray:
     """Central finite differences of the reference loss, one coordinate at a time."""
@@ -202,7 +191,7 @@ def test_fixture_losses_float32(fixtures_dir: Path, j: int) -> None:
         assert rel_err(got.item(), a[f"loss{j}_freq_q{quality}"]) <= FIXTURE_RTOL, quality
         weights = L.frequency_weights(quality)
         assert rel_err(weights.numpy(), a[f"freq_weight_q{quality}"].reshape(3, 8, 8)) <= FIXTURE_RTOL
-    assert rel_err(L.flow_matching_loss(pred, target).item(), a[f"loss{j}_fm"]) <= FIXTURE_RTOL
+    assert rel_err(flow.flow_matching_loss(pred, target).item(), a[f"loss{j}_fm"]) <= FIXTURE_RTOL
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -229,13 +218,6 @@ GOOD = torch.zeros(1, 3, 8, 8)
 def test_bad_input_names_the_argument(args: tuple[object, ...], error: type[Exception], name: str) -> None:
     with pytest.raises(error, match=f"^{name}"):
         L.frequency_aware_loss(*args)  # type: ignore[arg-type]
-
-
-def test_flow_matching_loss_validates() -> None:
-    with pytest.raises(ValueError, match=r"^target"):
-        L.flow_matching_loss(torch.zeros(2, 3), torch.zeros(3, 2))
-    with pytest.raises(TypeError, match=r"^pred"):
-        L.flow_matching_loss([1.0], torch.zeros(1))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------- compile and devices

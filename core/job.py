@@ -1,0 +1,468 @@
+"""The training job behind `deco train`: data, Trainer, logging, checkpoints, samples, DDP.
+
+    run = RunConfig(steps=2000)          # the built-in digits, DeCo-tiny/4
+    summary = train(run)                 # writes run.out/{checkpoint,model}.safetensors, ...
+
+One config: `RunConfig` holds what the job needs (data, model, batch, steps, files) and
+*contains* the training step's `TrainConfig` (`run.train`) and the final grid's `SampleSettings`
+(`run.sample`), each validated once, by its own class, with errors naming the field. A field
+left `None` takes the dataset's default (`DIGITS_DEFAULTS`, `FOLDER_DEFAULTS`; `run.train` None:
+that dataset's whole TrainConfig).
+
+Launched by `torchrun --nproc-per-node N`, every process trains on its shard of each global
+batch under DistributedDataParallel and rank 0 alone writes files. Multi-node works the same way
+(torchrun's --nnodes/--rdzv-*; the run folder must be on a shared filesystem for `--resume`).
+FSDP (sharded weights for models that do not fit one GPU) is future work: DeCo-XL/16 (~680M
+parameters) trains comfortably with plain DDP on 80 GB GPUs.
+
+Reproducibility: the model initialisation, the data order (`deco.data.BatchStream`) and the
+training draws (noise, times, label dropout: the Trainer's generator) all derive from
+`run.train.seed`. Every rank draws the whole global batch's randoms and keeps its shard
+(`Trainer.draw(x, shard=(rank, world))`), so a run on N processes follows the same trajectory as
+one process on the same global batch (up to the order of floating-point reductions), and rank
+0's generator state, saved in the checkpoint, is every rank's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from deco.optimized.checks import FieldError, field_int
+from deco.optimized.sampling import SampleSettings
+from deco.optimized.trainer import TrainConfig
+
+from .checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_checkpoint
+from .config import PRESETS, DeCoConfig, parameter_count
+from .data import BatchStream, TrainDataset, open_dataset
+from .distributed import Dist, all_ok, broadcast_object, setup_distributed
+from .evaluation import class_labels, generate
+from .memory import check_memory
+from .outputs import grid_image, plot_loss, save_png, to_uint8, write_json
+
+LOG_NAME = "log.jsonl"
+METRICS_NAME = "metrics.json"
+SAMPLES_NAME = "samples.png"
+LOSS_CURVE_NAME = "loss.png"
+
+__all__ = ["Dist", "Job", "RunConfig", "TrainingError", "setup_distributed", "train"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); the message says why and where."""
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run. `None` fields take the dataset's defaults (`resolve`)."""
+
+    out: Path | None = None  # default runs/<timestamp>
+    data: Path | None = None  # None: the built-in digits
+    resolution: int | None = None
+    model: str | None = None  # a preset of deco.config.PRESETS or a .json file of DeCoConfig fields
+    batch_size: int | None = None  # global batch (split over processes)
+    steps: int | None = None
+    checkpoint_every: int | None = None
+    log_every: int = 10
+    compile: bool = False
+    num_workers: int = 0
+    device: str = "auto"
+    grid_columns: int = 10
+    resume: bool = False
+    train: TrainConfig | None = None  # the training step's settings (lr, EMA, losses, seed, ...)
+    sample: SampleSettings | None = None  # the final sample grid
+
+    def __post_init__(self) -> None:
+        for name in ("resolution", "batch_size", "steps", "checkpoint_every"):
+            if getattr(self, name) is not None:
+                field_int(self, name, 1)
+        field_int(self, "log_every", 1)
+        field_int(self, "grid_columns", 1)
+        field_int(self, "num_workers", 0)
+        if self.model is not None and self.model not in PRESETS and not str(self.model).endswith(".json"):
+            raise FieldError("model", f"unknown preset {self.model!r}; expected one of {sorted(PRESETS)} "
+                                      f"or a .json file of DeCoConfig fields")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise FieldError("device", f"expected auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise FieldError("device", "cuda requested but torch sees no CUDA device")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in ("out", "data"):
+            data[key] = None if data[key] is None else str(data[key])
+        for key in ("train", "sample"):
+            data[key] = None if data[key] is None else data[key].to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        data = dict(data)
+        for key in ("out", "data"):
+            data[key] = None if data.get(key) is None else Path(data[key])
+        if data.get("train") is not None:
+            data["train"] = TrainConfig.from_dict(data["train"])
+        if data.get("sample") is not None:
+            data["sample"] = SampleSettings.from_dict(data["sample"])
+        return cls(**data)
+
+
+#: Defaults for the built-in digits, chosen by short sweeps (bench/RESULTS_training.md) so that the
+#: default run reaches >= 90% class accuracy on its own samples in under 10 minutes on 2 CPU cores.
+#: The time shift 2 matters most: the class of a digit is decided at high noise, and training
+#: there more often raised the 2000-step accuracy from 36% to 98% in our sweep (same lr and batch).
+DIGITS_DEFAULTS: dict[str, Any] = {
+    "model": "DeCo-tiny/4", "batch_size": 64, "steps": 2000, "checkpoint_every": 500, "resolution": 32,
+    "train": TrainConfig(lr=1e-3, ema_decay=0.995, timeshift=2.0),
+    "sample": SampleSettings(steps=25, guidance=3.0, interval=(0.0, 1.0), timeshift=1.0, solver="euler"),
+}
+#: Defaults for an image folder: the release's recipe (AdamW 1e-4, EMA 0.9999, batch 32/GPU x 8).
+FOLDER_DEFAULTS: dict[str, Any] = {
+    "model": "DeCo-XL/16", "batch_size": 256, "steps": 400_000, "checkpoint_every": 5000, "resolution": 256,
+    "train": TrainConfig(),
+    "sample": SampleSettings(steps=100, guidance=3.2, interval=(0.1, 1.0), timeshift=1.0, solver="euler"),
+}
+
+#: Fields that change the training trajectory (every field of `train` does): a resumed run must
+#: keep the checkpoint's values of these.
+TRAJECTORY_FIELDS = ("data", "resolution", "model", "batch_size", "train")
+
+
+def defaults(data: Path | None) -> dict[str, Any]:
+    """The dataset's defaults: the built-in digits' or an image folder's."""
+    return DIGITS_DEFAULTS if data is None else FOLDER_DEFAULTS
+
+
+def resolve(run: RunConfig) -> RunConfig:
+    """`run` with every `None` replaced by its dataset's default."""
+    updates = {k: v for k, v in defaults(run.data).items() if getattr(run, k) is None}
+    return dataclasses.replace(run, **updates)
+
+
+def with_overrides(run: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """`run` with fields replaced; "train.x" and "sample.x" name a field of `run.train` or
+    `run.sample` (an unset one starts from the dataset's default). A FieldError names the field
+    with its section ("train.lr")."""
+    top = {k: v for k, v in overrides.items() if "." not in k}
+    for section in ("train", "sample"):
+        fields = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(section + ".")}
+        if fields:
+            base = getattr(run, section) or defaults(top.get("data", run.data))[section]
+            try:
+                top[section] = dataclasses.replace(base, **fields)
+            except FieldError as exc:
+                raise FieldError(f"{section}.{exc.field}", exc.message) from None
+    return dataclasses.replace(run, **top)
+
+
+def changed_fields(given: RunConfig, stored: RunConfig, explicit: set[str]) -> dict[str, Any]:
+    """The explicitly given settings as overrides of the stored run, refusing a trajectory
+    setting that differs: the resumed run would not continue the interrupted one."""
+    given = dataclasses.replace(given, **{k: defaults(stored.data)[k] for k in ("train", "sample")
+                                          if getattr(given, k) is None})
+    overrides: dict[str, Any] = {}
+    for name in sorted(explicit):
+        section, _, field = name.rpartition(".")
+        new, old = (getattr(getattr(r, section) if section else r, field) for r in (given, stored))
+        if (section == "train" or name in TRAJECTORY_FIELDS) and new != old:
+            raise FieldError(name, f"{new!r} differs from the checkpoint's {old!r}; a resumed run "
+                                   f"keeps its settings")
+        overrides[name] = new
+    return overrides
+
+
+def model_config(model: str, num_classes: int) -> DeCoConfig:
+    """The DeCoConfig of a preset name or a .json file of DeCoConfig fields (an omitted field takes
+    DeCoConfig's default, i.e. DeCo-XL/16's), for `num_classes` classes."""
+    if model in PRESETS:
+        return DeCoConfig.preset(model, num_classes=num_classes)
+    path = Path(model)
+    if not path.is_file():
+        raise FieldError("model", f"no such preset or .json file: {model}")
+    try:
+        config = DeCoConfig.from_json(path.read_text())
+    except (ValueError, TypeError) as exc:
+        raise FieldError("model", f"{path}: {exc}") from None
+    return dataclasses.replace(config, num_classes=num_classes)
+
+
+# ----------------------------------------------------------------------------- logs
+def read_log(path: Path, up_to_step: int | None = None) -> list[dict[str, float]]:
+    """The records of log.jsonl (step <= up_to_step); a torn last line (killed run) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and (up_to_step is None or record.get("step", 0) <= up_to_step):
+            records.append(record)
+    return records
+
+
+def write_log(path: Path, records: list[dict[str, float]]) -> None:
+    from .atomic import atomic_write
+
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# ----------------------------------------------------------------------------- the run
+class Job:
+    """A training run: resume or start (`_start`), build data, model and trainer (`_build`),
+    wrap the model for DDP (`_wrap`); then `fit` trains and `finish` writes the outputs."""
+
+    def __init__(self, run: RunConfig, dist_env: Dist, dataset: TrainDataset | None = None,
+                 explicit: set[str] | None = None) -> None:
+        self.d = dist_env
+        resume_state = self._start(run, explicit or set())
+        self._build(dataset, resume_state)
+        self._wrap()
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # ---------------------------------------------------------------------------- set-up
+    def _start(self, run: RunConfig, explicit: set[str]) -> dict[str, Any] | None:
+        """Choose the run folder and settings: a fresh run's, or the checkpoint's on --resume."""
+        out = run.out
+        if out is None:
+            out = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+            out = Path(broadcast_object(str(out), self.d))
+        self.out = out
+        state = None
+        if run.resume:
+            ckpt = out / CHECKPOINT_NAME
+            if not ckpt.is_file():
+                raise FieldError("resume", f"no checkpoint {ckpt} (give the run folder with --out)")
+            state = load_checkpoint(ckpt)
+            stored = resolve(RunConfig.from_dict(state["run"]))
+            run = with_overrides(stored, changed_fields(run, stored, explicit))
+            run = dataclasses.replace(run, resume=True)
+        elif (out / CHECKPOINT_NAME).exists():
+            raise FieldError("out", f"{out} already holds a run; continue it with --resume or choose "
+                                    f"another folder")
+        self.run = resolve(dataclasses.replace(run, out=out))
+        return state
+
+    def _build(self, dataset: TrainDataset | None, state: dict[str, Any] | None) -> None:
+        """Dataset, model (checked against the memory it will need), Trainer and data stream."""
+        from deco.optimized import Trainer, build_model
+
+        run = self.run
+        assert run.batch_size is not None and run.model is not None and run.train is not None
+        self.dataset = dataset if dataset is not None else open_dataset(run.data, run.resolution)
+        if run.batch_size % self.d.world_size:
+            raise FieldError("batch_size", f"the global batch {run.batch_size} must be divisible by "
+                                           f"the number of processes {self.d.world_size}")
+        self.local_batch = run.batch_size // self.d.world_size
+        if state is not None:  # the checkpoint's config: an edited .json file cannot change it
+            self.config = DeCoConfig.from_dict(state["config"])
+        else:
+            self.config = model_config(run.model, self.dataset.num_classes)
+        if self.config.num_classes != self.dataset.num_classes:
+            raise FieldError("data", f"{self.dataset.num_classes} classes, but the checkpoint's model "
+                                     f"has {self.config.num_classes}")
+        if self.dataset.resolution % self.config.patch_size:
+            raise FieldError("resolution", f"{self.dataset.resolution} is not a multiple of the patch "
+                                           f"size {self.config.patch_size} of {run.model}")
+        check_memory(self.config, self.local_batch, self.dataset.resolution, self.d.device)
+        torch.manual_seed(run.train.seed)  # identical initial weights on every rank
+        self.model = build_model(self.config).to(self.d.device)
+        if run.compile:
+            self.model.compile()  # in place: parameter names (checkpoints) stay unprefixed
+        self.net: torch.nn.Module = self.model
+        self.stream = BatchStream(self.dataset, self.local_batch, seed=run.train.seed, rank=self.d.rank,
+                                  world_size=self.d.world_size, num_workers=run.num_workers)
+        self.trainer_class = Trainer
+
+    def _wrap(self) -> None:
+        """Under torchrun, the Trainer's forward goes through DistributedDataParallel, which
+        all-reduces the gradients in backward; checkpoints, EMA and REPA hooks use the bare model."""
+        if self.d.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.d.local_rank] if self.d.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        assert self.run.train is not None
+        self.trainer = self.trainer_class(self.model, self.run.train, net=self.net)
+        self.records: list[dict[str, float]] = []
+        self.elapsed = 0.0
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: weights, optimizer, generator, data position, logs."""
+        self.trainer.load_state_dict(state["trainer"])
+        self.stream.load_state(state["data"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        # Records written after the checkpoint belong to steps that will be redone.
+        self.records = read_log(self.out / LOG_NAME, self.trainer.step_count)
+        if self.d.is_main:
+            write_log(self.out / LOG_NAME, self.records)
+            for stale in self.out.glob(".*.tmp"):  # temporaries of a write cut short by a kill
+                stale.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        trainer_state = self.trainer.state_dict()
+        trainer_state["model"] = self.model.state_dict()  # without DDP's "module." prefix
+        return {
+            "trainer": trainer_state,
+            "data": self.stream.state(),
+            "run": self.run.to_dict(),
+            "config": self.config.to_dict(),
+            "elapsed": self.elapsed,
+        }
+
+    def save(self) -> None:
+        if self.d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(self.out / CHECKPOINT_NAME, self.state())
+
+    def append_log(self, record: dict[str, float]) -> None:
+        self.records.append(record)
+        if self.d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / LOG_NAME, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------------------- steps
+    def reduce_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """Loss terms averaged over ranks: the global batch's losses (equal shard sizes)."""
+        if self.d.world_size == 1:
+            return logs
+        keys = ["loss", "fm", "freq", "repa"]
+        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        return {**logs, **dict(zip(keys, (values / self.d.world_size).tolist(), strict=True))}
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.stream:
+            yield x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True)
+
+    def fit(self) -> None:
+        from tqdm import tqdm
+
+        from deco.optimized import NonFiniteLossError
+
+        run = self.run
+        assert run.steps is not None and run.checkpoint_every is not None
+        start = self.trainer.step_count
+        if start >= run.steps:
+            return
+        bar = tqdm(total=run.steps, initial=start, desc="train", unit="step", file=sys.stderr,
+                   disable=not self.d.is_main, dynamic_ncols=True, mininterval=0.5)
+        window: list[dict[str, float]] = []
+        batches = self.batches()
+        shard = (self.d.rank, self.d.world_size)
+        began = time.perf_counter() - self.elapsed
+        try:
+            for step in range(start + 1, run.steps + 1):
+                x, y = next(batches)
+                try:
+                    logs = self.trainer.step(x, y, self.trainer.draw(x, shard=shard))
+                    failure = None
+                except NonFiniteLossError as exc:
+                    logs, failure = {}, str(exc)
+                if not all_ok(failure is None, self.d):
+                    # The Trainer's message starts with its own 0-based count; keep the detail.
+                    detail = failure.split(": ", 1)[-1] if failure else "on another process"
+                    last = self.out / CHECKPOINT_NAME
+                    where = f"last checkpoint: {last}" if last.is_file() else "no checkpoint was written"
+                    raise TrainingError(f"step {step}: {detail}; training stopped, nothing saved for this "
+                                        f"step ({where})")
+                logs = self.reduce_logs(logs)
+                window.append(logs)
+                # Also log at checkpoints, so a resumed run's records match an uninterrupted one's.
+                if step % run.log_every == 0 or step % run.checkpoint_every == 0 or step == run.steps:
+                    record = {"step": step, **{k: sum(w[k] for w in window) / len(window)
+                                               for k in ("loss", "fm", "freq", "repa", "grad_norm")}}
+                    record["time"] = round(time.perf_counter() - began, 3)
+                    self.append_log(record)
+                    window.clear()
+                    bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "fm", "freq")}, refresh=False)
+                bar.update(1)
+                if step % run.checkpoint_every == 0 or step == run.steps:
+                    self.elapsed = time.perf_counter() - began
+                    self.save()
+        finally:
+            bar.close()
+
+    # ---------------------------------------------------------------------------- outputs
+    def finish(self) -> dict[str, Any]:
+        """Sample grid, loss curve, portable EMA weights and metrics.json (rank 0)."""
+        from deco.optimized import cpu_gemm
+
+        run = self.run
+        assert run.sample is not None and run.steps is not None and run.train is not None
+        summary: dict[str, Any] = {}
+        if not self.d.is_main:
+            return summary
+        ema: Any = self.trainer.ema
+        ema.save(self.out / MODEL_NAME)
+        rows = min(self.config.num_classes, 10)
+        labels = class_labels(rows, run.grid_columns)
+        t0 = time.perf_counter()
+        images = generate(ema, labels, run.sample, seed=run.train.seed, resolution=self.dataset.resolution)
+        sample_seconds = time.perf_counter() - t0
+        save_png(grid_image(to_uint8(images), run.grid_columns), self.out / SAMPLES_NAME)
+        if self.records:
+            plot_loss(self.records, self.out / LOSS_CURVE_NAME)
+        last = self.records[-max(1, min(len(self.records), 10)) :]
+        summary = {
+            "steps": self.trainer.step_count,
+            "train_seconds": round(self.elapsed, 2),
+            "steps_per_second": round(self.trainer.step_count / self.elapsed, 3) if self.elapsed else None,
+            "sample_seconds": round(sample_seconds, 2),
+            "final_loss": {k: sum(r[k] for r in last) / len(last) for k in ("loss", "fm", "freq")}
+            if last else None,
+            "model": run.model,
+            "config": self.config.to_dict(),
+            "parameters": parameter_count(self.config),
+            "dataset": self.dataset.description,
+            "run": run.to_dict(),
+            "world_size": self.d.world_size,
+            "device": str(self.d.device),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_gemm": cpu_gemm(),
+            "files": {"checkpoint": CHECKPOINT_NAME, "model": MODEL_NAME, "samples": SAMPLES_NAME,
+                      "loss_curve": LOSS_CURVE_NAME, "log": LOG_NAME},
+        }
+        write_json(self.out / METRICS_NAME, summary)  # replaces any earlier evaluation: the weights changed
+        return summary
+
+
+def train(run: RunConfig, dataset: TrainDataset | None = None,
+          explicit: set[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) a training job and return the metrics summary (empty on ranks > 0).
+
+    dataset: overrides the one `run` names (tests inject small or faulty datasets). explicit:
+    on --resume, the fields the user set ("steps", "train.lr", "sample"): they override the
+    checkpoint's, and a differing trajectory field is refused."""
+    d = setup_distributed(run.device)
+    try:
+        job = Job(run, d, dataset, explicit)
+        if d.is_main:
+            job.out.mkdir(parents=True, exist_ok=True)
+            mode = f"resuming at step {job.trainer.step_count}" if job.run.resume else "training"
+            print(f"deco train: {mode} {job.run.model} ({parameter_count(job.config):,} parameters) on "
+                  f"{job.dataset.description}, {d.world_size} process(es) on {d.device}, "
+                  f"writing to {job.out}", file=sys.stderr)
+        job.fit()
+        return job.finish()
+    finally:
+        if d.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

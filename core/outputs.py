@@ -1,0 +1,127 @@
+"""What the commands write: sample grids and files, JSON, loss curves (all written atomically).
+
+Images arrive as (N, C, H, W) tensors in [-1, 1] and are stored as uint8 NHWC, the layout of
+ADM's sample batches and FID tools.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+
+from .atomic import atomic_write
+
+
+def to_uint8(images: Tensor) -> NDArray[np.uint8]:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, as ADM's FID tools expect."""
+    x = ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return np.ascontiguousarray(x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+
+
+def grid_image(images: NDArray[np.uint8], columns: int, pad: int = 2) -> NDArray[np.uint8]:
+    """(N, H, W, C) uint8 -> one (rows·(H+pad)+pad, columns·(W+pad)+pad, C) image, row-major."""
+    n, h, w, c = images.shape
+    rows = max(1, -(-n // columns))
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = images[i]
+    return grid
+
+
+def save_png(array: NDArray[np.uint8], path: Path) -> None:
+    from PIL import Image
+
+    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_samples(images: Tensor, labels: Sequence[int], out: Path, columns: int) -> str:
+    """Write samples as a PNG grid (`.png`), an ADM-style `.npz` (uint8 NHWC `arr_0`, labels in
+    `arr_1`) or a folder of PNGs (any other path). Returns a description of what was written."""
+    arrays = to_uint8(images)
+    suffix = out.suffix.lower()
+    if suffix in (".png", ".npz") and not out.parent.is_dir():
+        raise FileNotFoundError(f"--out: folder {out.parent} does not exist")
+    if suffix == ".png":
+        save_png(grid_image(arrays, columns), out)
+        return f"a {len(arrays)}-image grid {out}"
+    if suffix == ".npz":
+        atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), arr_0=arrays,
+                                               arr_1=np.asarray(labels, dtype=np.int64)))
+        return f"{out} (arr_0 {arrays.shape} uint8)"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} is a file; use a .png, a .npz or a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (image, label) in enumerate(zip(arrays, labels, strict=True)):
+        save_png(image, out / f"{i:06d}_class{int(label)}.png")
+    return f"{len(arrays)} PNGs in {out}/"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+
+def merge_json(path: Path, update: dict[str, Any]) -> None:
+    """Write `update`'s keys into the JSON object at `path` (created if absent)."""
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            loaded = None
+        if isinstance(loaded, dict):
+            data = loaded
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--out: folder {path.parent} does not exist")
+    write_json(path, {**data, **update})
+
+
+
+
+def plot_loss(records: list[dict[str, float]], path: Path) -> None:
+    """Loss terms against step (log scale), raw and smoothed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    steps = np.array([r["step"] for r in records])
+    for key, colour in (("loss", "C0"), ("fm", "C1"), ("freq", "C2"), ("repa", "C3")):
+        values = np.array([r.get(key, np.nan) for r in records], dtype=np.float64)
+        if len(values) == 0 or not np.any(values > 0):
+            continue
+        ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+        width = max(1, len(values) // 50)
+        smooth = np.convolve(values, np.ones(width) / width, mode="valid")
+        ax.plot(steps[width - 1 :], smooth, color=colour, label=key)
+    ax.set_yscale("log")
+    finish_axis(ax, "step", "loss")
+    save_figure(fig, path)
+
+
+def finish_axis(ax: Any, xlabel: str, ylabel: str) -> None:
+    """The house style of a plot's axis: labels, a light grid, a legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as a PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

@@ -1,0 +1,30 @@
+"""The portable weight file's header (spec/05-weights.md §2), shared by both implementations.
+
+A DeCo `.safetensors` file carries `deco_format` = "1" and the model's `config` JSON in its
+header metadata. Reading the header needs neither NumPy nor torch arrays, so
+`deco.reference.weights` and `deco.optimized.weights` both use this one reader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+FORMAT_KEY = "deco_format"
+FORMAT_VERSION = "1"
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors header metadata of a DeCo weight file; ValueError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no such file: {path}")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"path: {path} is not a readable safetensors file ({exc})") from None
+    if meta.get(FORMAT_KEY) != FORMAT_VERSION or "config" not in meta:
+        raise ValueError(f"path: {path} is a safetensors file without DeCo metadata")
+    return meta

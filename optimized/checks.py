@@ -1,0 +1,141 @@
+"""Argument validation of deco.optimized (spec/00-conventions.md §3, §4), in one place.
+
+Every public entry point validates what it is given and raises TypeError (wrong kind of value) or
+ValueError (right kind, wrong value) with a message that starts with the argument's name, as the
+reference does (`deco.reference.checks`). `FieldError` is the ValueError of a configuration field:
+it carries the field's name so that the command line can name the flag instead (deco.cli_train).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class FieldError(ValueError):
+    """An invalid configuration field: `str(e)` is "<field>: <message>"."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def describe(value: Any) -> str:
+    """A short description of a value for error messages."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+# ------------------------------------------------------------------------------ numbers
+def as_int(name: str, value: Any, low: int = 1) -> int:
+    """An int >= low (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name}: expected >= {low}, got {value}")
+    return int(value)
+
+
+def as_float(name: str, value: Any) -> float:
+    """A finite real number as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return float(value)
+
+
+def check_quality(quality: object) -> int:
+    """A JPEG quality: an int in [1, 100] (the release clamps silently; we refuse)."""
+    if not isinstance(quality, numbers.Integral) or isinstance(quality, bool):
+        raise TypeError(f"quality: expected an int, got {type(quality).__name__}")
+    q = int(quality)
+    if not 1 <= q <= 100:
+        raise ValueError(f"quality: expected an int in [1, 100], got {q}")
+    return q
+
+
+def check_gamma(gamma: object) -> float:
+    """The frequency weights' exponent: any finite float."""
+    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool):
+        raise TypeError(f"gamma: expected a float, got {type(gamma).__name__}")
+    if not math.isfinite(gamma):
+        raise ValueError(f"gamma: expected a finite float, got {gamma}")
+    return float(gamma)
+
+
+# ------------------------------------------------------------------------------ fields
+def field_positive(obj: Any, *names: str) -> None:
+    """Each field is a positive finite number."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise FieldError(name, f"expected a positive finite float, got {value!r}")
+
+
+def field_non_negative(obj: Any, *names: str) -> None:
+    """Each field is a finite number >= 0."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise FieldError(name, f"expected a finite float >= 0, got {value!r}")
+
+
+def field_probability(obj: Any, *names: str) -> None:
+    """Each field is a number in [0, 1]."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+            raise FieldError(name, f"expected a float in [0, 1], got {value!r}")
+
+
+def field_int(obj: Any, name: str, low: int, high: int | None = None) -> None:
+    """The field is an int in [low, high]."""
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (
+        high is not None and value > high
+    ):
+        expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise FieldError(name, f"expected {expected}, got {value!r}")
+
+
+def field_finite(obj: Any, *names: str) -> None:
+    """Each field is a finite number."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise FieldError(name, f"expected a finite float, got {value!r}")
+
+
+# ------------------------------------------------------------------------------ tensors
+def check_pair(pred: object, target: object, *, images: bool) -> tuple[Tensor, Tensor]:
+    """Two floating-point tensors of one shape; (B, 3, H, W) images if `images`."""
+    for name, value in (("pred", pred), ("target", target)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+        if images and (value.ndim != 4 or value.shape[1] != 3):
+            raise ValueError(f"{name}: expected a (B, 3, H, W) tensor, got shape {tuple(value.shape)}")
+    assert isinstance(pred, Tensor) and isinstance(target, Tensor)
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"target: expected the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}"
+        )
+    return pred, target
+
+
+def check_batch(x: Any, y: Any) -> None:
+    """A training batch: floating-point images (B, C, H, W) and integer labels (B,)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 4:
+        raise TypeError(f"x: expected a floating-point (B, C, H, W) tensor, got {describe(x)}")
+    if not isinstance(y, Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+        raise TypeError(f"y: expected an integer tensor of labels, got {describe(y)}")
+    if tuple(y.shape) != (x.shape[0],):
+        raise ValueError(f"y: expected shape ({x.shape[0]},), got {tuple(y.shape)}")

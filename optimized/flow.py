@@ -1,0 +1,60 @@
+"""Flow matching (spec/01-flow-matching.md) in PyTorch: times, their shift, label dropout, the
+interpolation, the target velocity and the plain loss (mirrors deco.reference.flow).
+
+Random draws are arguments, never drawn here: the Trainer draws them from its generator, and the
+tests feed the same draws to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .checks import check_pair
+from .frequency import compute_dtype
+
+
+def logit_normal_time(normal: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
+    """t = sigmoid(mean + std n) for standard normal draws n (01 §2)."""
+    return torch.sigmoid(mean + std * normal)
+
+
+def uniform_time(uniform: Tensor) -> Tensor:
+    """t = u for draws u ~ U[0, 1) (01 §2)."""
+    return uniform
+
+
+def time_shift(t: Tensor, shift: float = 1.0) -> Tensor:
+    """t / (t + (1 - t) s): s > 1 moves times towards noise (t = 0); s = 1 is the identity (01 §3)."""
+    if not shift > 0:
+        raise ValueError(f"shift: expected > 0, got {shift!r}")
+    return t / (t + (1.0 - t) * shift)
+
+
+def drop_labels(labels: Tensor, uniform: Tensor, p: float, null_class: int) -> Tensor:
+    """Replace label i by the null class where uniform[i] < p, for classifier-free guidance (01 §4)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p: expected a probability in [0, 1], got {p!r}")
+    if labels.is_floating_point() or labels.ndim != 1:
+        raise TypeError(f"labels: expected a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
+    if uniform.shape != labels.shape:
+        raise ValueError(f"uniform: expected shape {tuple(labels.shape)}, got {tuple(uniform.shape)}")
+    return torch.where(uniform < p, torch.full_like(labels, null_class), labels)
+
+
+def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = t x + (1 - t) noise, t (B,) broadcast over the other axes (01 §1)."""
+    t = t.view(-1, *([1] * (x.ndim - 1)))
+    return t * x + (1.0 - t) * noise
+
+
+def target_velocity(x: Tensor, noise: Tensor) -> Tensor:
+    """v = d x_t / d t = x - noise (01 §1)."""
+    return x - noise
+
+
+def flow_matching_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """mean((pred - target)^2) over every element, in float32 at least (01 §5)."""
+    pred, target = check_pair(pred, target, images=False)
+    dtype = compute_dtype(pred, target)
+    return (pred.to(dtype) - target.to(dtype)).square().mean()
