@@ -34,14 +34,17 @@ from deco import reference as ref
 from deco.config import DeCoConfig, parameter_shapes
 from deco.fixtures import error_measure
 from deco.reference import model as ref_model
-from deco.reference import sampling as ref_sampling
+
+from .conformance_ports import OnnxPort, OptimizedPort, OptimizedPort32, Precision, ReferencePort
+
+__all__ = ["OnnxPort", "OptimizedPort", "OptimizedPort32", "ReferencePort", "Vector", "load_vectors",
+           "run_port", "write_vectors"]
 
 Array = NDArray[Any]
 FORMAT_KEY = "deco_vectors"
 FORMAT_VERSION = "1"
 #: spec/00-conventions.md §5: the bound on max|got - exp| / max|exp| for each port precision.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
-Precision = Literal["float64", "float32"]
 Status = Literal["pass", "FAIL", "ERROR", "skipped"]
 
 
@@ -159,210 +162,7 @@ def comparable(component: str, value: Array) -> Array:
     return value
 
 
-# ------------------------------------------------------------------------------------- ports
-class ReferencePort:
-    """The protocol implemented by `deco.reference` (float64): the source of every vector."""
-
-    precision: Precision = "float64"
-
-    rgb_to_ycbcr = staticmethod(ref.rgb_to_ycbcr)
-    block_dct = staticmethod(ref.block_dct)
-    frequency_weights = staticmethod(ref.frequency_weights)
-    frequency_aware_loss = staticmethod(ref.frequency_aware_loss)
-    timestep_features = staticmethod(ref_model.timestep_features)
-    rope_angles = staticmethod(ref_model.rope_angles)
-    apply_rope = staticmethod(ref_model.apply_rope)
-    dct_position_features = staticmethod(ref_model.dct_position_features)
-    time_grid = staticmethod(ref.time_grid)
-
-    @staticmethod
-    def dit_block(x: Array, c: Array, weights: Mapping[str, Array], num_heads: int,
-                  angles: Array) -> Array:
-        prefixed = {f"blocks.0.{k}": np.asarray(w, np.float64) for k, w in weights.items()}
-        return ref_model.dit_block(x, c, prefixed, 0, num_heads, angles)
-
-    @staticmethod
-    def decoder_block(x: Array, cond: Array, weights: Mapping[str, Array]) -> Array:
-        prefixed = {f"decoder.blocks.0.{k}": np.asarray(w, np.float64) for k, w in weights.items()}
-        return ref_model.decoder_block(x, cond, prefixed, 0)
-
-    @staticmethod
-    def forward(config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
-                y: Array) -> Array:
-        return ref.Model(DeCoConfig.from_dict(config), weights).forward(x, t, y)
-
-    @staticmethod
-    def euler(model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
-              guidance: float, interval: tuple[float, float]) -> Array:
-        grid = ref.time_grid(steps, timeshift)
-        return ref_sampling.euler(model, noise, labels, grid, guidance, interval)
-
-    @staticmethod
-    def heun(model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
-             guidance: float, interval: tuple[float, float], exact: bool) -> Array:
-        grid = ref.time_grid(steps, timeshift)
-        return ref_sampling.heun(model, noise, labels, grid, guidance, interval, exact=exact)
-
-
-class OnnxPort:
-    """`forward` only, by an exported graph (`deco.onnx_runtime.OnnxVelocityModel`). The graph
-    must hold the vector's weights (`deco conformance --export-vector-model`); vectors of another
-    config are skipped."""
-
-    precision: Precision = "float32"
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def forward(self, config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
-                y: Array) -> Array:
-        if DeCoConfig.from_dict(config) != self.model.config:
-            raise NotImplementedError(
-                f"the graph is a {self.model.config.architecture} model of another config")
-        return np.asarray(self.model.forward(x, t, y))
-
-
-class OptimizedPort:
-    """The protocol implemented by `deco.optimized` (PyTorch, CPU) in float64; `OptimizedPort32`
-    runs it in float32. Each function calls the optimized module that does the work in the
-    model (layers, loss, sampling), so the kit checks the code that trains and samples."""
-
-    precision: Precision = "float64"
-
-    def __init__(self) -> None:
-        import torch
-
-        self.torch = torch
-        self.dtype = torch.float64 if self.precision == "float64" else torch.float32
-
-    def _t(self, a: Any) -> Any:
-        return self.torch.as_tensor(np.asarray(a), dtype=self.dtype)
-
-    def _np(self, x: Any) -> Array:
-        return np.asarray(x.detach().double().numpy())
-
-    def _load(self, module: Any, weights: Mapping[str, Array]) -> Any:
-        state = {k: self._t(v) for k, v in weights.items()}
-        module.to(self.dtype).load_state_dict(state, strict=True)
-        return module.eval()
-
-    def rgb_to_ycbcr(self, x: Array) -> Array:
-        from deco.optimized.frequency import rgb_to_ycbcr
-
-        return self._np(rgb_to_ycbcr(self._t(x)))
-
-    def block_dct(self, x: Array) -> Array:
-        from deco.optimized.frequency import block_dct
-
-        return self._np(block_dct(self._t(x)))
-
-    def frequency_weights(self, quality: int, gamma: float) -> Array:
-        from deco.optimized.frequency import frequency_weights
-
-        return self._np(frequency_weights(quality, gamma, dtype=self.dtype))
-
-    def frequency_aware_loss(self, pred: Array, target: Array, quality: int, gamma: float) -> float:
-        from deco.optimized.frequency import frequency_aware_loss
-
-        return float(frequency_aware_loss(self._t(pred), self._t(target), quality, gamma))
-
-    def timestep_features(self, t: Array) -> Array:
-        from deco.optimized.layers import TimestepEmbedder
-
-        # The features are internal to the embedder: capture what its first linear receives.
-        embedder = TimestepEmbedder(8).to(self.dtype)
-        seen: list[Any] = []
-        embedder.fc1.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
-        with self.torch.no_grad():
-            embedder(self._t(t))
-        return self._np(seen[0])
-
-    def rope_angles(self, grid_h: int, grid_w: int, head_dim: int) -> Array:
-        from deco.optimized.layers import rope_tables
-
-        # The model keeps (cos, sin); the angle they define is compared modulo 2 pi.
-        cos, sin = rope_tables(grid_h, grid_w, head_dim, self.torch.device("cpu"), self.dtype)
-        return self._np(self.torch.atan2(sin, cos)[:, 0, :])
-
-    def apply_rope(self, x: Array, angles: Array) -> Array:
-        from deco.optimized.layers import apply_rope
-
-        a = self._t(angles)[:, None, :]
-        return self._np(apply_rope(self._t(x), self.torch.cos(a), self.torch.sin(a)))
-
-    def dit_block(self, x: Array, c: Array, weights: Mapping[str, Array], num_heads: int,
-                  angles: Array) -> Array:
-        from deco.optimized.layers import DiTBlock
-
-        width, mlp_hidden = weights["mlp.w1.weight"].shape[1], weights["mlp.w1.weight"].shape[0]
-        block = self._load(DiTBlock(width, num_heads, mlp_hidden), weights)
-        a = self._t(angles)[:, None, :]
-        with self.torch.no_grad():
-            return self._np(block(self._t(x), self._t(c), self.torch.cos(a), self.torch.sin(a)))
-
-    def dct_position_features(self, patch_size: int) -> Array:
-        from deco.optimized.layers import dct_features
-
-        return self._np(dct_features(patch_size, self.torch.device("cpu"), self.dtype))
-
-    def decoder_block(self, x: Array, cond: Array, weights: Mapping[str, Array]) -> Array:
-        from deco.optimized.layers import DecoderBlock
-
-        width = x.shape[-1]
-        block = self._load(DecoderBlock(width), weights)
-        f = self.torch.nn.functional
-        with self.torch.no_grad():
-            # The pixel decoder applies SiLU to the condition once and the block's adaln (with
-            # the LayerNorm affine folded in) to the result; the spec's block does both.
-            mod = f.linear(f.silu(self._t(cond).reshape(-1, width)), *block.modulation_weights())
-            return self._np(block(self._t(x).reshape(-1, width), mod).reshape(x.shape))
-
-    def forward(self, config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
-                y: Array) -> Array:
-        from deco.optimized.model import build_model
-
-        model = self._load(build_model(DeCoConfig.from_dict(config)), weights)
-        with self.torch.no_grad():
-            return self._np(model(self._t(x), self._t(t), self.torch.as_tensor(y)))
-
-
-    def time_grid(self, steps: int, timeshift: float) -> Array:
-        from deco.optimized.sampling import time_grid
-
-        return np.asarray(time_grid(steps, timeshift))
-
-    def _sample(self, model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
-                guidance: float, interval: tuple[float, float], solver: str, exact: bool) -> Array:
-        from deco.optimized.sampling import sample
-
-        out = sample(_TorchVelocity(model, self.torch), self._t(noise), self.torch.as_tensor(labels),
-                     steps=steps, guidance=guidance, interval=interval, timeshift=timeshift,
-                     solver=solver, exact_heun=exact)
-        assert isinstance(out, self.torch.Tensor)
-        return self._np(out)
-
-    def euler(self, model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
-              guidance: float, interval: tuple[float, float]) -> Array:
-        return self._sample(model, noise, labels, steps, timeshift, guidance, interval, "euler", False)
-
-    def heun(self, model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
-             guidance: float, interval: tuple[float, float], exact: bool) -> Array:
-        return self._sample(model, noise, labels, steps, timeshift, guidance, interval, "heun", exact)
-
-
-class _TorchVelocity:
-    """The kit's NumPy sampler model seen as a torch model (config + __call__ on tensors)."""
-
-    def __init__(self, model: Any, torch: Any) -> None:
-        self.model, self.torch, self.config = model, torch, model.config
-
-    def __call__(self, x: Any, t: Any, y: Any) -> Any:
-        v = self.model.forward(x.double().numpy(), t.double().numpy(), y.numpy())
-        return self.torch.as_tensor(v, dtype=x.dtype)
-
-
-class OptimizedPort32(OptimizedPort):
-    precision: Precision = "float32"
+# ports: deco.conformance_ports (re-exported here, so "deco.conformance:ReferencePort" works)
 
 
 # ------------------------------------------------------------------------------------ runner

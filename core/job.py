@@ -49,7 +49,7 @@ from .data import BatchStream, TrainDataset, open_dataset
 from .distributed import Dist, all_ok, broadcast_object, setup_distributed
 from .evaluation import class_labels, generate
 from .memory import check_memory
-from .outputs import grid_image, plot_loss, save_png, to_uint8, write_json
+from .outputs import grid_image, plot_loss, read_log, save_png, to_uint8, write_json, write_log
 
 LOG_NAME = "log.jsonl"
 METRICS_NAME = "metrics.json"
@@ -196,29 +196,6 @@ def model_config(model: str, num_classes: int) -> DeCoConfig:
     except (ValueError, TypeError) as exc:
         raise FieldError("model", f"{path}: {exc}") from None
     return dataclasses.replace(config, num_classes=num_classes)
-
-
-# ----------------------------------------------------------------------------- logs
-def read_log(path: Path, up_to_step: int | None = None) -> list[dict[str, float]]:
-    """The records of log.jsonl (step <= up_to_step); a torn last line (killed run) is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and (up_to_step is None or record.get("step", 0) <= up_to_step):
-            records.append(record)
-    return records
-
-
-def write_log(path: Path, records: list[dict[str, float]]) -> None:
-    from .atomic import atomic_write
-
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ----------------------------------------------------------------------------- the run

@@ -125,3 +125,24 @@ def save_figure(fig: Any, path: Path) -> None:
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- logs
+def read_log(path: Path, up_to_step: int | None = None) -> list[dict[str, float]]:
+    """The records of log.jsonl (step <= up_to_step); a torn last line (killed run) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and (up_to_step is None or record.get("step", 0) <= up_to_step):
+            records.append(record)
+    return records
+
+
+def write_log(path: Path, records: list[dict[str, float]]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

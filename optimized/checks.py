@@ -42,7 +42,7 @@ def as_int(name: str, value: Any, low: int = 1) -> int:
     return int(value)
 
 
-def as_float(name: str, value: Any) -> float:
+def as_finite_float(name: str, value: Any) -> float:
     """A finite real number as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")

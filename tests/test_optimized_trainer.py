@@ -358,3 +358,41 @@ def test_cuda_bf16_step_reduces_the_loss() -> None:
         trainer.step(x, y)
     assert trainer.losses(x, y, draws)["loss"].item() < 0.7 * before
     assert next(trainer.ema.parameters()).dtype == torch.float32
+
+
+# ------------------------------------------------------------------- the wrapped net and shards
+class CountingWrapper(nn.Module):
+    """Stands in for DistributedDataParallel: forwards to the model and counts the calls."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model
+        self.calls = 0
+
+    def forward(self, *args: Any) -> Any:
+        self.calls += 1
+        return self.module(*args)
+
+
+def test_the_forward_pass_goes_through_the_given_net() -> None:
+    model = tiny_model()
+    net = CountingWrapper(model)
+    trainer = T.Trainer(model, T.TrainConfig(), net=net)
+    x, y = batch(0)
+    trainer.step(x, y)
+    assert net.calls == 1 and trainer.model is model
+    assert set(trainer.state_dict()["model"]) == set(model.state_dict())  # no wrapper prefix
+    with pytest.raises(TypeError, match="^net"):
+        T.Trainer(model, T.TrainConfig(), net="ddp")  # type: ignore[arg-type]
+
+
+def test_shard_draws_are_the_rows_of_the_global_batch() -> None:
+    """Rank r of w keeps rows r, r + w, ... of what one process draws for the global batch."""
+    x, _ = batch(1, b=6)
+    whole = T.Trainer(tiny_model(), T.TrainConfig(seed=5)).draw(x)
+    for rank in range(3):
+        part = T.Trainer(tiny_model(), T.TrainConfig(seed=5)).draw(x[:2], shard=(rank, 3))
+        for name in ("label_uniform", "time", "noise"):
+            assert torch.equal(getattr(part, name), getattr(whole, name)[rank::3]), (rank, name)
+    with pytest.raises(ValueError, match="^shard"):
+        T.Trainer(tiny_model(), T.TrainConfig()).draw(x, shard=(3, 3))

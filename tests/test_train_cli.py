@@ -272,6 +272,11 @@ def test_spectrum_writes_plot_and_numbers(run_dir: Path, tmp_path: Path) -> None
 
 
 # ----------------------------------------------------------------------------- user errors
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def _image_folder(root: Path, corrupt: bool = False) -> Path:
     for cls in ("a", "b"):
         (root / cls).mkdir(parents=True)
@@ -296,9 +301,15 @@ def _image_folder(root: Path, corrupt: bool = False) -> Path:
     ("bad_lr", ["--lr"]),
     ("bad_grid_interval", ["--interval"]),
     ("bad_grid_steps", ["--sample-steps"]),
+    ("bad_train_timeshift", ["--train-timeshift", "positive"]),
+    ("bad_quality", ["--quality", "[1, 100]"]),
+    ("bad_log_every", ["--log-every"]),
+    ("json_of_defaults_too_big", ["--model", "GiB", "free"]),
 ])
 def test_train_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str,
-                                        needles: list[str]) -> None:
+                                        needles: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if the machine had 8 GiB free, whatever this one has: {} means DeCo-XL/16, which needs more.
+    monkeypatch.setattr("deco.memory.free_bytes", lambda device: 8 * 1024**3)
     out = ["--out", str(tmp_path / "run")]
     data = tmp_path / "data"
     if case == "empty_folder":
@@ -320,6 +331,10 @@ def test_train_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFi
         "bad_lr": lambda: ["--lr", "-1"],
         "bad_grid_interval": lambda: ["--interval", "0.9", "0.1"],
         "bad_grid_steps": lambda: ["--sample-steps", "0"],
+        "bad_train_timeshift": lambda: ["--train-timeshift", "0"],
+        "bad_quality": lambda: ["--quality", "101"],
+        "bad_log_every": lambda: ["--log-every", "0"],
+        "json_of_defaults_too_big": lambda: ["--model", str(_write(tmp_path / "all.json", "{}"))],
     }[case]()
     if "--out" not in args and case != "resume_without_out":
         args += out
