@@ -315,8 +315,10 @@ class Model:
         from .text_to_image import t2i_forward
 
         x, t, y = self.check_inputs(x, t, y)
-        fns = {"deco": deco_forward, "baseline": baseline_forward, "t2i": t2i_forward}
-        return fns[self.config.architecture](x, t, y, self.config, self.weights)
+        if self.config.is_text:
+            return t2i_forward(x, t, y, self.config, self.weights)
+        fn = deco_forward if self.config.architecture == "deco" else baseline_forward
+        return fn(x, t, y, self.config, self.weights)
 
     __call__ = forward
 
