@@ -1,8 +1,8 @@
 """Conformance of `deco.reference` with the release's outputs in `shared/fixtures/` (A.npz, T.npz).
 
 `reference_checks(folder)` recomputes every stored release output with the float64 reference and
-returns one `Check` per key (the text-to-image outputs of T.npz prefixed `T.`, when present); `deco check-fixtures` prints them as a table and the test-suite
-asserts them. The release ran in float32, so the tolerance is 1e-5 relative to the largest
+returns one `Check` per key (the text-to-image outputs of T.npz prefixed `T.`, when present);
+`deco check-fixtures` prints them as a table and the test-suite asserts them. The release ran in float32, so the tolerance is 1e-5 relative to the largest
 magnitude of the expected array (spec/00-conventions.md §5).
 """
 
