@@ -2,8 +2,9 @@
 
 `reference_checks(folder)` recomputes every stored release output with the float64 reference and
 returns one `Check` per key (the text-to-image outputs of T.npz prefixed `T.`, when present);
-`deco check-fixtures` prints them as a table and the test-suite asserts them. The release ran in float32, so the tolerance is 1e-5 relative to the largest
-magnitude of the expected array (spec/00-conventions.md §5).
+`deco check-fixtures` prints them as a table and the test-suite asserts them. The release ran in
+float32, so the tolerance is 1e-5 relative to the largest magnitude of the expected array
+(spec/00-conventions.md §5).
 """
 
 from __future__ import annotations
