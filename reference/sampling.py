@@ -172,10 +172,9 @@ def check_conditions(model: VelocityModel, cond: Any, null: Any, batch: int) -> 
     cfg = model.config
     text = as_text("text", cond, batch, cfg.text_length, cfg.text_dim)
     if null is not None:
-        arr = as_float_array("null", null)
-        if arr.shape == (cfg.text_length, cfg.text_dim):
-            arr = np.broadcast_to(arr, text.shape)
-        null = as_text("null", arr, batch, cfg.text_length, cfg.text_dim)
+        if np.ndim(null) == 2:  # one null text for every sample
+            null = np.broadcast_to(np.asarray(null), (batch, *np.shape(null)))
+        null = as_text("null", null, batch, cfg.text_length, cfg.text_dim)
     return text, null
 
 
