@@ -62,6 +62,18 @@ def as_text(name: str, text: Any, batch: int, length: int, width: int) -> Array:
     return out
 
 
+def as_condition(name: str, y: Any, config: Any, batch: int) -> Any:
+    """The model's condition: labels (batch,) for a class model, text (batch, T, E) float64 for a
+    text model (`config.is_text`). Text given to a class model is a TypeError, not a label error."""
+    if getattr(config, "is_text", False):
+        return as_text(name, y, batch, config.text_length, config.text_dim)
+    arr = np.asarray(y) if not isinstance(y, (str, bytes)) and y is not None else None
+    if arr is not None and arr.ndim == 3 and np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"{name}: the class model takes integer labels ({batch},), got a float array "
+                        f"of shape {arr.shape} (text embeddings need a 't2i' model)")
+    return as_labels(name, y, batch=batch, num_classes=config.num_classes)
+
+
 def as_int(name: str, value: Any, *, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")

@@ -24,7 +24,7 @@ from deco.config import (
     DeCoConfig,
 )
 
-from .checks import Array, as_float_array, as_labels, as_text
+from .checks import Array, as_condition, as_float_array
 
 Weights = Mapping[str, Array]
 
@@ -158,7 +158,7 @@ def attention(
 
 def swiglu(x: Array, weights: Weights, prefix: str) -> Array:
     """w2(silu(w1 x) * w3 x), no biases. The text model stores the two input projections
-    stacked as one `w12` = [w1; w3] and calls the output projection `w3` (spec/06 §5)."""
+    stacked as one `w12` = [w1; w3] and calls the output projection `w3` (spec/06 §4)."""
     if prefix + "w12.weight" in weights:
         gate, up = np.split(linear(x, weights, prefix + "w12"), 2, axis=-1)
         return linear(silu(gate) * up, weights, prefix + "w3")
@@ -215,7 +215,7 @@ def pixel_decoder(
     """x: (B, C, H, W) noisy image; s: (B, L, D) DiT output -> velocity (B, C, H, W).
 
     `features` (P, 64): the per-pixel position features; default `dct_position_features(p)`
-    (the text model passes its own, spec/06 §6)."""
+    (the text model passes its own, spec/06 §5)."""
     b, c, h, w = x.shape
     p, wd = config.patch_size, config.decoder_width
     pixels = patchify(x, p).reshape(b * s.shape[1], c, p * p).transpose(0, 2, 1)  # (N, P, C)
@@ -283,7 +283,7 @@ class Model:
         self.weights: dict[str, Array] = check_weights(config, weights)
 
     def check_inputs(self, x: Any, t: Any, y: Any) -> tuple[Array, Array, Any]:
-        """Validated (x, t, condition); the condition is checked by `check_condition`."""
+        """Validated (x, t, condition): labels (B,) or, for the text model, text (B, T, E)."""
         cfg = self.config
         x = as_float_array("x", x, ndim=4, channels=cfg.in_channels)
         h, w = x.shape[2], x.shape[3]
@@ -296,18 +296,7 @@ class Model:
         t = np.broadcast_to(t, (x.shape[0],)).copy() if t.ndim == 0 else t
         if t.shape != (x.shape[0],):
             raise ValueError(f"t: expected shape ({x.shape[0]},), got {t.shape}")
-        return x, t, self.check_condition(y, x.shape[0])
-
-    def check_condition(self, y: Any, batch: int, name: str | None = None) -> Any:
-        """Labels (batch,) for a class model, text (batch, T, E) float64 for the text model."""
-        cfg = self.config
-        if cfg.is_text:
-            return as_text(name or "text", y, batch, cfg.text_length, cfg.text_dim)
-        arr = np.asarray(y) if not isinstance(y, (str, bytes)) and y is not None else None
-        if arr is not None and arr.ndim == 3 and np.issubdtype(arr.dtype, np.floating):
-            raise TypeError(f"{name or 'y'}: the class model takes integer labels (B,), got a "
-                            f"float array of shape {arr.shape} (text embeddings need a 't2i' model)")
-        return as_labels(name or "y", y, batch=batch, num_classes=cfg.num_classes)
+        return x, t, as_condition("text" if cfg.is_text else "y", y, cfg, x.shape[0])
 
     def forward(self, x: Any, t: Any, y: Any) -> Array:
         """Velocity for noisy images x (B, C, H, W), times t (B,) and condition y: labels (B,)

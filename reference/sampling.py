@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.polynomial import Polynomial
 
-from .checks import Array, as_finite_float, as_float_array, as_int, as_labels, as_text
+from .checks import Array, as_condition, as_finite_float, as_float_array, as_int
 from .flow import time_shift
 
 
@@ -99,7 +99,7 @@ def heun(
 
 
 def adams_weights(grid: Array, order: int = 2) -> list[Array]:
-    """Step i's weights of the velocities it combines, oldest first, each row summing to 1 (§5).
+    """Step i's weights of the velocities it combines, oldest first, each row summing to 1 (§6).
 
     Step i (from t_i to t_{i+1}) uses the last k = min(order, i + 1) velocities, at the nodes
     t_{i-k+1..i}. Weight j is the integral over [t_i, t_{i+1}] of the Lagrange basis polynomial
@@ -127,7 +127,7 @@ def adams(
     interval: tuple[float, float], order: int = 2, trajectory: list[Array] | None = None,
     null: Any = None,
 ) -> Array:
-    """The release's Adams-Bashforth (linear multistep) sampler (§5).
+    """The release's Adams-Bashforth (linear multistep) sampler (§6).
 
     x_{i+1} = x_i + (t_{i+1} - t_i) sum_j w_ij v_j over the last k guided velocities
     (`adams_weights`). Like the release, the model's time is the running sum of the steps (not
@@ -164,18 +164,13 @@ def check_conditions(model: VelocityModel, cond: Any, null: Any, batch: int) -> 
     """(condition, null) validated for the model: labels (B,) for the class models (null: labels
     (B,), default None = the null class); text (B, T, E) for the text model (null: (T, E), used
     for every sample, or (B, T, E); None only without guidance)."""
-    if not getattr(model.config, "is_text", False):
-        labels = as_labels("labels", cond, batch=batch, num_classes=model.config.num_classes)
-        if null is not None:
-            null = as_labels("null", null, batch=batch, num_classes=model.config.num_classes)
-        return labels, null
-    cfg = model.config
-    text = as_text("text", cond, batch, cfg.text_length, cfg.text_dim)
+    is_text = getattr(model.config, "is_text", False)
+    cond = as_condition("text" if is_text else "labels", cond, model.config, batch)
     if null is not None:
-        if np.ndim(null) == 2:  # one null text for every sample
+        if is_text and np.ndim(null) == 2:  # one null text for every sample
             null = np.broadcast_to(np.asarray(null), (batch, *np.shape(null)))
-        null = as_text("null", null, batch, cfg.text_length, cfg.text_dim)
-    return text, null
+        null = as_condition("null", null, model.config, batch)
+    return cond, null
 
 
 SOLVERS = ("euler", "heun", "adams")

@@ -37,7 +37,7 @@ def text_rope_angles(grid_h: int, grid_w: int, head_dim: int) -> Array:
 
 
 def text_position_features(p: int) -> Array:
-    """(P, 64) position features of the pixels of a p x p patch for the text model's decoder (§6).
+    """(P, 64) position features of the pixels of a p x p patch for the text model's decoder (§5).
 
     The cosines of the RoPE angles `text_rope_angles(p, p, 128)`: feature 2k is
     cos(x_j f_k), feature 2k+1 is cos(y_i f_k), f_k = 10000^(-k/32), x_j = y_j = linspace(0, p, p)[j],
@@ -83,7 +83,7 @@ def t2i_trunk(
 
 
 def t2i_semantic(x: Array, t: Array, text: Array, config: DeCoConfig, weights: Weights) -> Array:
-    """s = silu(t_emb + DiT tokens): (B, L, D), the condition of the pixel decoder (§6)."""
+    """s = silu(t_emb + DiT tokens): (B, L, D), the condition of the pixel decoder (§5)."""
     tokens, t_emb = t2i_trunk(x, t, text, config, weights)
     return silu(t_emb[:, None, :] + tokens)
 
