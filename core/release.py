@@ -20,6 +20,8 @@ class HasShape(Protocol):
     @property
     def shape(self) -> Any: ...
 
+    def reshape(self, *shape: Any) -> Any: ...
+
 
 T = TypeVar("T", bound=HasShape)
 WeightSet = Literal["ema", "online"]
@@ -29,6 +31,15 @@ _RENAMES: list[tuple[str, str]] = [
     (r"t_embedder\.mlp\.0\.", "t_embed.fc1."),
     (r"t_embedder\.mlp\.2\.", "t_embed.fc2."),
     (r"y_embedder\.embedding_table\.", "y_embed."),
+    # The text-to-image model (spec/06-text-to-image.md). Its DiT blocks' fused image QKV is
+    # `qkv_x` and their text key/value projection `kv_y`; the refine blocks' QKV is `qkv`.
+    (r"y_embedder\.proj\.", "text_embed."),
+    (r"y_embedder\.norm\.", "text_embed.norm."),
+    (r"y_pos_embedding$", "text_pos_embed"),
+    (r"text_refine_blocks\.(\d+)\.adaLN_modulation\.0\.", r"text_blocks.\1.adaln."),
+    (r"text_refine_blocks\.(\d+)\.", r"text_blocks.\1."),
+    (r"blocks\.(\d+)\.attn\.qkv_x\.", r"blocks.\1.attn.qkv."),
+    (r"blocks\.(\d+)\.attn\.kv_y\.", r"blocks.\1.attn.kv_text."),
     (r"s_embedder\.proj\.", "patch_embed."),  # DeCo's DiT patch embedding
     (r"x_embedder\.proj\.", "patch_embed."),  # the baseline's patch embedding
     (r"x_embedder\.embedder\.0\.", "decoder.pixel_embed."),  # DeCo's per-pixel embedding
@@ -62,6 +73,10 @@ def select_weights(state_dict: Mapping[str, T], weights: WeightSet = "ema") -> d
         raise ValueError(f"weights: expected 'ema' or 'online', got {weights!r}")
     prefix = _PREFIX[weights]
     out = {portable_name(k[len(prefix):]): v for k, v in state_dict.items() if k.startswith(prefix)}
+    pos = out.get("text_pos_embed")
+    if pos is not None and len(pos.shape) == 3 and pos.shape[0] == 1:
+        # The release keeps its learned text position table as (1, T, D), broadcast over the batch.
+        out["text_pos_embed"] = pos.reshape(*pos.shape[1:])
     if not out:
         raise ValueError(
             f"checkpoint: no '{prefix}*' entries in its state_dict: not a DeCo release checkpoint"
@@ -83,10 +98,46 @@ def _mlp_ratio(hidden: int, mlp_hidden: int) -> float:
     raise ValueError(f"checkpoint: cannot infer mlp_ratio from SwiGLU width {mlp_hidden}")
 
 
+def _text_mlp_ratio(hidden: int, mlp_hidden: int) -> float:
+    # The text model's SwiGLU width is int(hidden * ratio), with no 2/3 factor.
+    for ratio in (4.0, mlp_hidden / hidden, (mlp_hidden + 0.5) / hidden):
+        if int(hidden * ratio) == mlp_hidden:
+            return ratio
+    raise ValueError(f"checkpoint: cannot infer mlp_ratio from SwiGLU width {mlp_hidden}")
+
+
+def _infer_text_config(shapes: Mapping[str, tuple[int, ...]]) -> DeCoConfig:
+    """infer_config for the text-to-image model (its weights have `text_embed.*`)."""
+    try:
+        hidden, text_dim = shapes["text_embed.weight"]
+        text_length = shapes["text_pos_embed"][0]
+        head_dim = shapes["blocks.0.attn.q_norm.weight"][0]
+        mlp_ratio = _text_mlp_ratio(hidden, shapes["blocks.0.mlp.w12.weight"][0] // 2)
+        channels = shapes["decoder.final.weight"][0]
+        patch_features = shapes["patch_embed.weight"][1]
+        width = shapes["decoder.pixel_embed.weight"][0]
+    except (KeyError, IndexError, ValueError):
+        raise ValueError("checkpoint: missing core text-to-image DeCo parameters: not a DeCo "
+                         "checkpoint") from None
+    config = DeCoConfig(
+        architecture="t2i", in_channels=channels,
+        patch_size=round((patch_features / channels) ** 0.5), hidden_size=hidden,
+        num_heads=hidden // head_dim, depth=_count(shapes, r"blocks\.(\d+)\."),
+        decoder_depth=_count(shapes, r"decoder\.blocks\.(\d+)\."), decoder_width=width,
+        num_classes=0, mlp_ratio=mlp_ratio, text_depth=_count(shapes, r"text_blocks\.(\d+)\."),
+        text_dim=text_dim, text_length=text_length,
+    )
+    check_shapes(config, shapes)
+    return config
+
+
 def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> DeCoConfig:
     """The config whose `parameter_shapes` equals `shapes` exactly, or a ValueError saying why.
 
-    The baseline's head only records C*p*p; it is read as 3 channels (RGB) like the release."""
+    The baseline's head only records C*p*p; it is read as 3 channels (RGB) like the release.
+    Weights with `text_embed.*` are the text-to-image model's."""
+    if "text_embed.weight" in shapes:
+        return _infer_text_config(shapes)
     try:
         hidden = shapes["y_embed.weight"][1]
         num_classes = shapes["y_embed.weight"][0] - 1

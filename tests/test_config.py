@@ -32,7 +32,7 @@ def test_parameter_count_is_the_sum_of_shapes() -> None:
 
 def test_presets_are_valid_and_named_consistently() -> None:
     for name, cfg in PRESETS.items():
-        assert cfg.architecture == ("deco" if name.startswith("DeCo") else "baseline")
+        assert cfg.architecture in (("deco", "t2i") if name.startswith("DeCo") else ("baseline",))
         assert name.endswith(f"/{cfg.patch_size}")
         assert infer_config(parameter_shapes(cfg)) == cfg
     assert DeCoConfig.preset("DeCo-S/16", num_classes=10).num_classes == 10
@@ -118,3 +118,33 @@ def test_check_shapes_errors() -> None:
         check_shapes(PRESETS["DiT-tiny/4"], parameter_shapes(cfg))
     with pytest.raises(ValueError, match=r"^checkpoint:"):
         infer_config({"something.weight": (3, 3)})
+
+
+TEXT_CONFIGS = st.builds(
+    lambda c, p, heads, hd, depth, dd, dw, ratio, td, te, tl: DeCoConfig(
+        "t2i", c, p, heads * hd, heads, depth, dd, dw, 0, ratio, td, te, tl),
+    st.integers(1, 4), st.integers(1, 8), st.integers(1, 6), st.sampled_from([4, 8, 12, 16]),
+    st.integers(1, 4), st.integers(1, 3), st.integers(1, 40), st.sampled_from([4.0, 2.0, 3.0, 2.5]),
+    st.integers(1, 4), st.integers(1, 100), st.integers(1, 130),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cfg=TEXT_CONFIGS)
+def test_infer_text_config_from_shapes(cfg: DeCoConfig) -> None:
+    # The text model's SwiGLU width int(h r) has no 2/3 factor, so the inferred ratio gives the
+    # same shapes; for the release's ratio 4 the whole config is recovered.
+    inferred = infer_config(parameter_shapes(cfg))
+    assert parameter_shapes(inferred) == parameter_shapes(cfg)
+    assert dataclasses.replace(inferred, mlp_ratio=cfg.mlp_ratio) == cfg
+
+
+def test_infer_text_config_errors() -> None:
+    shapes = dict(parameter_shapes(PRESETS["DeCo-T2I-tiny/4"]))
+    del shapes["text_pos_embed"]
+    with pytest.raises(ValueError, match=r"^checkpoint: missing core text-to-image"):
+        infer_config(shapes)
+    shapes = dict(parameter_shapes(PRESETS["DeCo-T2I-tiny/4"]))
+    shapes["blocks.1.attn.kv_text.weight"] = (64, 64)
+    with pytest.raises(ValueError, match=r"^weights: blocks\.1\.attn\.kv_text\.weight"):
+        infer_config(shapes)
