@@ -154,7 +154,14 @@ def read_shard(shard: Path, members: tuple[str, ...] | None = None) -> Iterator[
     except CaptionDataError:
         raise
     except Exception as exc:  # tarfile.ReadError, EOFError, OSError, ...: all mean a bad shard
-        raise CaptionDataError(f"data: corrupt shard {shard} ({type(exc).__name__}: {exc})") from None
+        reason = f"{type(exc).__name__}: {tar_reason(exc)}"
+        raise CaptionDataError(f"data: corrupt shard {shard} ({reason})") from None
+
+
+def tar_reason(exc: Exception) -> str:
+    """The reason of a tar error, without the stream and url webdataset appends to its args."""
+    reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+    return reason.split(" @ <", 1)[0]
 
 
 def split_shards(shards: Sequence[Path], part: int, parts: int) -> list[Path]:

@@ -167,7 +167,8 @@ def embed_captions(captions: Iterable[str], encoder: TextEncoder, out: str | Pat
         log(f"resuming: {len(plans) - len(todo)} of {len(plans)} shards already done")
     store_dtype = DTYPES[dtype]
     if not shard_done(out, ShardPlan(NULL_FILE, 0, 1, caption_digests([""]))):
-        write_tensors(out / NULL_FILE, {"embeddings": encoder.null("")[None].to("cpu", store_dtype),
+        null = check_embeddings(encoder.null("")[None], 1, encoder)
+        write_tensors(out / NULL_FILE, {"embeddings": null.to("cpu", store_dtype),
                                         "caption_sha256": caption_digests([""])})
     rows = sum(p.stop - p.start for p in todo)
     from tqdm import tqdm

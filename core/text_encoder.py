@@ -21,9 +21,10 @@ optional extra `deco-diffusion[text]`; they are imported only when an encoder is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -185,6 +186,24 @@ class Qwen3TextEncoder:
         return self._null[negative]
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or load reports from transformers (the unused `lm_head` of a causal-LM
+    checkpoint is reported as unexpected): a command's stderr stays one line on error."""
+    from transformers.utils import logging as hf_logging
+
+    logging: Any = hf_logging  # partly untyped
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def load_tokenizer(folder: Path) -> Any:
     """The folder's tokenizer, offline, right padding; a tokenizer without a pad token is an
     error (padding to T needs one; Qwen's is <|endoftext|>)."""
@@ -209,9 +228,10 @@ def load_qwen3(folder: Path, dtype: torch.dtype) -> Any:
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != "qwen3":
         raise ValueError(f"text_encoder: {folder} holds a {config.get('model_type')!r} model, expected qwen3")
-    # Typed as the model alone by transformers; with output_loading_info it is a pair.
-    loaded: Any = Qwen3Model.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
-                                             output_loading_info=True)
+    with quiet_transformers():
+        # Typed as the model alone by transformers; with output_loading_info it is a pair.
+        loaded: Any = Qwen3Model.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
+                                                 output_loading_info=True)
     model, info = loaded
     if info["missing_keys"] or info["mismatched_keys"]:
         bad = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])

@@ -18,13 +18,13 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("webdataset")
 
-from deco.captions import (  # noqa: E402
+from deco.captions import (
     CaptionDataError,
     CaptionFolderDataset,
     WebDatasetCaptions,
     open_caption_dataset,
 )
-from deco.data import center_crop, to_tensor  # noqa: E402
+from deco.data import center_crop, to_tensor
 
 R = 16
 
@@ -88,10 +88,10 @@ def test_caption_folder(tmp_path: Path) -> None:
 
 
 def test_caption_folder_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="^data: no such folder"):
+    with pytest.raises(FileNotFoundError, match=r"^data: no such folder"):
         CaptionFolderDataset(tmp_path / "nope", R)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="^data: .* contains no images"):
+    with pytest.raises(ValueError, match=r"^data: .* contains no images"):
         CaptionFolderDataset(tmp_path / "empty", R)
     root = write_folder(tmp_path / "a", {"x": (jpeg_bytes(0), "ok")})
     (root / "y.jpg").write_bytes(jpeg_bytes(1))
@@ -108,7 +108,7 @@ def test_caption_folder_errors(tmp_path: Path) -> None:
     ds = CaptionFolderDataset(root, R)
     with pytest.raises(CaptionDataError, match=r"^data: unreadable image .*x\.jpg"):
         ds[0]
-    with pytest.raises(ValueError, match="^resolution:"):
+    with pytest.raises(ValueError, match=r"^resolution:"):
         CaptionFolderDataset(root, 0)
 
 
@@ -167,18 +167,18 @@ def test_sharding_over_ranks_and_workers(tmp_path: Path) -> None:
 
 
 def test_webdataset_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="^data: no such file or folder"):
+    with pytest.raises(FileNotFoundError, match=r"^data: no such file or folder"):
         WebDatasetCaptions(tmp_path / "nope.tar", R)
     (tmp_path / "none").mkdir()
-    with pytest.raises(ValueError, match="^data: .* contains no .tar shards"):
+    with pytest.raises(ValueError, match=r"^data: .* contains no .tar shards"):
         WebDatasetCaptions(tmp_path / "none", R)
     shard = write_shard(tmp_path / "one.tar", pair("a", 0, "x"))
-    with pytest.raises(ValueError, match="^data: 1 shards cannot be split over 2 ranks"):
+    with pytest.raises(ValueError, match=r"^data: 1 shards cannot be split over 2 ranks"):
         WebDatasetCaptions(shard, R, rank=0, world_size=2)
-    with pytest.raises(ValueError, match="^rank:"):
+    with pytest.raises(ValueError, match=r"^rank:"):
         WebDatasetCaptions(shard, R, rank=2, world_size=2)
 
-    no_caption = write_shard(tmp_path / "nc.tar", pair("a", 0, "x") + [("b.jpg", jpeg_bytes(1))])
+    no_caption = write_shard(tmp_path / "nc.tar", [*pair("a", 0, "x"), ("b.jpg", jpeg_bytes(1))])
     for read in (lambda d: list(d), lambda d: list(d.iter_captions())):
         with pytest.raises(CaptionDataError, match=r"^data: sample 'b' in shard .*nc\.tar has no caption"):
             read(WebDatasetCaptions(no_caption, R))
@@ -213,5 +213,5 @@ def test_open_caption_dataset(tmp_path: Path) -> None:
     assert isinstance(open_caption_dataset(folder, R), CaptionFolderDataset)
     assert isinstance(open_caption_dataset(shards, R), WebDatasetCaptions)
     assert isinstance(open_caption_dataset(shards / "a.tar", R), WebDatasetCaptions)
-    with pytest.raises(FileNotFoundError, match="^data:"):
+    with pytest.raises(FileNotFoundError, match=r"^data:"):
         open_caption_dataset(tmp_path / "nope", R)

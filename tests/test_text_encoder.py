@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from deco.text_encoder import Qwen3TextEncoder, TextEncoder, build_tiny_qwen3, fit_width  # noqa: E402
+from deco.text_encoder import Qwen3TextEncoder, TextEncoder, build_tiny_qwen3, fit_width
 
 HIDDEN = 32  # the tiny model's width D
 PAD_ID = 0  # <|endoftext|>, the first special token of the tiny tokenizer
@@ -116,7 +116,7 @@ def test_null_is_the_cached_empty_prompt(tiny: Path, oracle_model: torch.nn.Modu
     negative = enc.null("blurry")
     assert not torch.allclose(negative, null)
     torch.testing.assert_close(negative, enc.encode(["blurry"])[0])
-    with pytest.raises(TypeError, match="^negative:"):
+    with pytest.raises(TypeError, match=r"^negative:"):
         enc.null(None)  # type: ignore[arg-type]
 
 
@@ -134,7 +134,7 @@ def test_fit_width() -> None:
     assert torch.equal(fit_width(x, 5), x[..., :5])
     padded = fit_width(x, 15)
     assert torch.equal(padded[..., :12], x) and torch.equal(padded[..., 12:], torch.zeros(1, 2, 3))
-    with pytest.raises(ValueError, match="^width:"):
+    with pytest.raises(ValueError, match=r"^width:"):
         fit_width(x, 0)
 
 
@@ -176,9 +176,9 @@ def copy_folder(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
 
 
 def test_missing_folder_and_files(tiny: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="^text_encoder: no such folder"):
+    with pytest.raises(FileNotFoundError, match=r"^text_encoder: no such folder"):
         Qwen3TextEncoder(tmp_path / "nope", 8, 48)
-    with pytest.raises(ValueError, match="^text_encoder: .* is not a folder"):
+    with pytest.raises(ValueError, match=r"^text_encoder: .* is not a folder"):
         Qwen3TextEncoder(tiny / "config.json", 8, 48)
     for missing, what in (("config.json", "config.json"), ("model.safetensors", "safetensors"),
                           ("tokenizer.json", "tokenizer files")):
@@ -195,7 +195,7 @@ def test_missing_weights_are_an_error(tiny: Path, tmp_path: Path) -> None:
     state = load_file(str(folder / "model.safetensors"))
     del state[next(k for k in state if "layers.1." in k)]
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="^text_encoder: .* lacks weights"):
+    with pytest.raises(ValueError, match=r"^text_encoder: .* lacks weights"):
         Qwen3TextEncoder(folder, 8, 48)
 
 
@@ -204,18 +204,18 @@ def test_wrong_model_type(tiny: Path, tmp_path: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "llama"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="^text_encoder: .*'llama'.*expected qwen3"):
+    with pytest.raises(ValueError, match=r"^text_encoder: .*'llama'.*expected qwen3"):
         Qwen3TextEncoder(folder, 8, 48)
 
 
 def test_bad_arguments(tiny: Path) -> None:
-    with pytest.raises(ValueError, match="^length:"):
+    with pytest.raises(ValueError, match=r"^length:"):
         Qwen3TextEncoder(tiny, 0, 48)
-    with pytest.raises(ValueError, match="^width:"):
+    with pytest.raises(ValueError, match=r"^width:"):
         Qwen3TextEncoder(tiny, 8, 2.5)  # type: ignore[arg-type]
     enc = Qwen3TextEncoder(tiny, 8, 48, device="cpu")
-    with pytest.raises(TypeError, match="^prompts:"):
+    with pytest.raises(TypeError, match=r"^prompts:"):
         enc.encode("a cat")
-    with pytest.raises(TypeError, match="^prompts:"):
+    with pytest.raises(TypeError, match=r"^prompts:"):
         enc.encode(["a cat", 3])  # type: ignore[list-item]
     assert enc.encode([]).shape == (0, 8, 48)
