@@ -39,12 +39,13 @@ def register(sub: Any) -> None:
 def embed_text(args: argparse.Namespace) -> int:
     from .captions import open_caption_dataset
     from .embed_text import embed_captions
-    from .text_encoder import Qwen3TextEncoder
+    from .text_encoder import Qwen3TextEncoder, check_encoder_folder
 
     for name in ("length", "width", "batch_size", "shard_size"):
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive int, got {value}")
+    check_encoder_folder(args.text_encoder)  # fail fast, before a long pass over the captions
     # The resolution is irrelevant here: only the captions are read, never an image.
     dataset = open_caption_dataset(args.dataset, resolution=1)
     captions = list(dataset.iter_captions())

@@ -34,6 +34,13 @@ from torch import Tensor
 #: Files a tokenizer folder may provide; one of the two sets must be complete.
 _TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
+#: Qwen2/Qwen3's pre-tokenization pattern (contractions, letter runs, single digits, symbols,
+#: new lines, spaces), as in their published tokenizer.json.
+QWEN_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                      r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+#: Qwen's end-of-text token, also its pad token.
+QWEN_PAD_TOKEN = "<|endoftext|>"
+
 #: A small fixed corpus for the tiny tokenizer (its merges only need to be deterministic).
 _TINY_CORPUS = (
     "a photo of a cat sitting on a red sofa",
@@ -42,6 +49,7 @@ _TINY_CORPUS = (
     "the quick brown fox jumps over the lazy dog",
     "an image of a handwritten digit zero one two three four five six seven eight nine",
     "a scene of a city street at night with yellow lights",
+    "it's 12 o'clock; we'll see 3 cats.\nNew line, café and naïve words",
 )
 
 
@@ -240,33 +248,51 @@ def load_qwen3(folder: Path, dtype: torch.dtype) -> Any:
     return model
 
 
-def build_tiny_qwen3(folder: str | Path, seed: int = 0, *, hidden: int = 32, layers: int = 2,
-                     vocab_size: int = 320) -> Path:
-    """Write a tiny random Qwen3 causal LM and a byte-level BPE tokenizer to `folder`.
+def write_tiny_tokenizer(out: Path, vocab_size: int) -> int:
+    """Train a byte-level BPE tokenizer with Qwen2's pipeline (NFC, Qwen's split pattern, bytes;
+    no BOS or EOS added) on a fixed corpus and write it as Qwen checkpoints ship theirs
+    (tokenizer.json, vocab.json + merges.txt, tokenizer_config.json naming Qwen2Tokenizer).
+    Returns the vocabulary size."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    The folder has the layout of a downloaded Qwen3 checkpoint (config.json, model.safetensors,
-    tokenizer files; tied input/output embeddings like Qwen3-1.7B, and <|endoftext|> as pad and
-    eos token), so it loads through the same code path. The same arguments give byte-identical
-    files. The global torch RNG is left untouched."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[QWEN_PAD_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     bpe.train_from_iterator(list(_TINY_CORPUS), trainer=trainer)
     fast: Any = PreTrainedTokenizerFast  # untyped constructor
-    tokenizer = fast(tokenizer_object=bpe, eos_token="<|endoftext|>",
-                     pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(str(out))
+    fast(tokenizer_object=bpe, eos_token=QWEN_PAD_TOKEN, pad_token=QWEN_PAD_TOKEN).save_pretrained(str(out))
+    bpe.model.save(str(out))  # vocab.json + merges.txt, which Qwen2Tokenizer reads
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "Qwen2Tokenizer"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return int(bpe.get_vocab_size())
+
+
+def build_tiny_qwen3(folder: str | Path, seed: int = 0, *, hidden: int = 32, layers: int = 2,
+                     vocab_size: int = 320) -> Path:
+    """Write a tiny random Qwen3 causal LM and its byte-level BPE tokenizer to `folder`.
+
+    The folder has the layout of a downloaded Qwen3 checkpoint (config.json, model.safetensors,
+    the tokenizer files of `write_tiny_tokenizer`; tied input/output embeddings like Qwen3-1.7B,
+    <|endoftext|> as pad token), so it loads through the same code path. The same arguments
+    give byte-identical files. The global torch RNG is left untouched."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = write_tiny_tokenizer(out, vocab_size)
     heads = max(1, hidden // 8)
     config = Qwen3Config(
-        vocab_size=bpe.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         head_dim=hidden // heads, max_position_embeddings=512, tie_word_embeddings=True,
         # Larger than Qwen's 0.02 so that a tiny random model's states vary visibly per token.

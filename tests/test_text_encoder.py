@@ -54,7 +54,7 @@ def oracle(folder: Path, model: torch.nn.Module, prompts: list[str], length: int
 
 
 PROMPTS = ["a photo of a cat", "", "the quick brown fox jumps over the lazy dog at sunset near the sea",
-           "a dog"]
+           "a dog", "it's 12 o'clock;\nCafé"]
 
 
 def test_is_a_text_encoder(tiny: Path) -> None:
@@ -73,6 +73,22 @@ def test_matches_transformers(tiny: Path, oracle_model: torch.nn.Module, length:
     d = min(width, HIDDEN)
     torch.testing.assert_close(got[..., :d], want[..., :d], rtol=1e-5, atol=1e-5)
     assert torch.all(got[..., d:] == 0)
+
+
+TRICKY = ["it's 2024: 12 cats!\n\nCafé NAÏVE", "  spaces   and\ttabs ", "a", "ＡＢＣ ﬁ", "<|endoftext|> x"]
+
+
+def test_tokenizer_is_the_releases(tiny: Path) -> None:
+    """Ids and mask as the release's tokenizer class (Qwen2Tokenizer), loaded and called with
+    the release's arguments, gives them; digits split one by one (Qwen's pattern, not GPT-2's)."""
+    from transformers import Qwen2Tokenizer
+
+    release = Qwen2Tokenizer.from_pretrained(str(tiny), max_length=12, padding_side="right")
+    want = release(TRICKY, truncation=True, max_length=12, padding="max_length", return_tensors="pt")
+    got = Qwen3TextEncoder(tiny, 12, 32, device="cpu").tokenize(TRICKY)
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert torch.equal(got["attention_mask"], want["attention_mask"])
+    assert release("2024").input_ids == [release.convert_tokens_to_ids(c) for c in "2024"]
 
 
 def test_truncation_and_padding_are_real(tiny: Path) -> None:
@@ -144,7 +160,8 @@ def test_builder_is_deterministic(tmp_path: Path) -> None:
     c = build_tiny_qwen3(tmp_path / "c", seed=4)
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(names)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+            "merges.txt"} <= set(names)
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
@@ -180,11 +197,19 @@ def test_missing_folder_and_files(tiny: Path, tmp_path: Path) -> None:
         Qwen3TextEncoder(tmp_path / "nope", 8, 48)
     with pytest.raises(ValueError, match=r"^text_encoder: .* is not a folder"):
         Qwen3TextEncoder(tiny / "config.json", 8, 48)
-    for missing, what in (("config.json", "config.json"), ("model.safetensors", "safetensors"),
-                          ("tokenizer.json", "tokenizer files")):
-        folder = copy_folder(tiny, tmp_path / f"no-{missing}", skip=(missing,))
+    for missing, what in ((("config.json",), "config.json"), (("model.safetensors",), "safetensors"),
+                          (("tokenizer.json", "merges.txt"), "tokenizer files")):
+        folder = copy_folder(tiny, tmp_path / f"no-{missing[0]}", skip=missing)
         with pytest.raises(FileNotFoundError, match=f"^text_encoder: .*{what}"):
             Qwen3TextEncoder(folder, 8, 48)
+
+
+def test_vocab_and_merges_suffice(tiny: Path, tmp_path: Path) -> None:
+    """Without tokenizer.json (older Qwen folders), vocab.json + merges.txt give the same ids."""
+    folder = copy_folder(tiny, tmp_path / "no-tokenizer-json", skip=("tokenizer.json",))
+    got = Qwen3TextEncoder(folder, 12, 32, device="cpu").tokenize(TRICKY)
+    want = Qwen3TextEncoder(tiny, 12, 32, device="cpu").tokenize(TRICKY)
+    assert torch.equal(got["input_ids"], want["input_ids"])
 
 
 def test_missing_weights_are_an_error(tiny: Path, tmp_path: Path) -> None:
