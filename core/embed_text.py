@@ -43,8 +43,11 @@ _HEADER_FIELDS = ("format", "version", "encoder", "length", "width", "dtype", "s
 
 def caption_digests(captions: Sequence[str]) -> Tensor:
     """(n, 32) uint8: the sha256 of each caption's UTF-8 bytes."""
-    rows = [list(hashlib.sha256(c.encode("utf-8")).digest()) for c in captions]
-    return torch.tensor(rows, dtype=torch.uint8).reshape(len(captions), 32)
+    if not captions:
+        return torch.zeros(0, 32, dtype=torch.uint8)
+    # One bytes buffer, not nested lists: pre-training sets have tens of millions of captions.
+    joined = b"".join(hashlib.sha256(c.encode("utf-8")).digest() for c in captions)
+    return torch.frombuffer(bytearray(joined), dtype=torch.uint8).reshape(len(captions), 32)
 
 
 def digest_of(digests: Tensor) -> str:
@@ -229,6 +232,7 @@ class EmbeddingStore:
             raise ValueError(f"embeddings: {self.out / INDEX} lists {total} rows in its shards, "
                              f"expected {self.index['count']}")
         self._handles: dict[int, Any] = {}
+        self._rows: dict[bytes, int] | None = None
 
     def check(self, length: int | None = None, width: int | None = None) -> None:
         """A ValueError unless the embeddings have T = `length` and E = `width` (when given),
@@ -278,6 +282,27 @@ class EmbeddingStore:
         stored = self._shard(k).get_slice("caption_sha256")[row]
         return bool(torch.equal(stored, caption_digests([caption])[0]))
 
+    def row_of(self, caption: str) -> int:
+        """The row of `caption` (the first, if it occurs more than once): for datasets whose
+        order is not the store's (shuffled WebDataset streams). A ValueError if it is absent."""
+        if not isinstance(caption, str):
+            raise TypeError(f"caption: expected a str, got {type(caption).__name__}")
+        if self._rows is None:
+            rows: dict[bytes, int] = {}
+            for k, start in enumerate(self.starts):
+                digests = self._shard(k).get_tensor("caption_sha256").numpy()
+                for j, digest in enumerate(digests):
+                    rows.setdefault(digest.tobytes(), start + j)
+            self._rows = rows
+        key = hashlib.sha256(caption.encode("utf-8")).digest()
+        if key not in self._rows:
+            raise ValueError(f"caption: {caption[:60]!r} is not among the embeddings in {self.out}")
+        return self._rows[key]
+
+    def embedding_of(self, caption: str) -> Tensor:
+        """The embedding (T, E) of `caption`, looked up by its sha256."""
+        return self[self.row_of(caption)]
+
     @property
     def null(self) -> Tensor:
         """The null embedding (T, E) of the empty negative prompt."""
@@ -288,5 +313,6 @@ class EmbeddingStore:
         return emb[0]
 
     def __getstate__(self) -> dict[str, Any]:
-        # safetensors handles do not pickle: data-loader workers open their own.
-        return {**self.__dict__, "_handles": {}}
+        # safetensors handles do not pickle: data-loader workers open their own (and rebuild
+        # the caption lookup if they need it, rather than receive a copy of a large dict).
+        return {**self.__dict__, "_handles": {}, "_rows": None}

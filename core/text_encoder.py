@@ -22,6 +22,7 @@ optional extra `deco-diffusion[text]`; they are imported only when an encoder is
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
@@ -61,9 +62,14 @@ class TextEncoder(Protocol):
     model's config (`text_length`, `text_dim`); `identity` is a short string that changes when the
     encoder, T, E or the computation dtype change (stored with precomputed embeddings)."""
 
-    length: int
-    width: int
-    identity: str
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def identity(self) -> str: ...
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
         """prompts (B strings) -> (B, T, E) float tensor."""
@@ -166,9 +172,14 @@ class Qwen3TextEncoder:
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = load_tokenizer(self.folder)
         self.model = load_qwen3(self.folder, self.dtype).to(self.device)
-        self.identity = (f"qwen3:{folder_fingerprint(self.folder)}:T{length}:E{width}:"
-                         f"{str(self.dtype).removeprefix('torch.')}")
         self._null: dict[str, Tensor] = {}
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """Weights and tokenizer fingerprint, T, E and dtype. Computed on first use: hashing the
+        3.4 GB of Qwen3-1.7B takes seconds, which only `embed-text`'s resume check needs."""
+        return (f"qwen3:{folder_fingerprint(self.folder)}:T{self.length}:E{self.width}:"
+                f"{str(self.dtype).removeprefix('torch.')}")
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         """input_ids and attention_mask, both (B, T): right-padded to T, truncated to T."""
@@ -176,14 +187,19 @@ class Qwen3TextEncoder:
                                padding="max_length", return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the embeddings feed a model being trained, and autograd
+    # refuses to save inference tensors for backward.
+    @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:
         """prompts (B strings) -> (B, T, E) last hidden states, width fitted to E."""
         if len(prompts) == 0:
             return torch.zeros(0, self.length, self.width, dtype=self.dtype, device=self.device)
         tokens = {k: v.to(self.device) for k, v in self.tokenize(prompts).items()}
-        hidden = self.model(**tokens).last_hidden_state  # (B, T, D)
-        return fit_width(hidden, self.width)  # (B, T, E)
+        # The release also runs its encoder under CUDA bf16 autocast (on top of bf16 weights).
+        autocast = self.device.type == "cuda" and self.dtype == torch.bfloat16
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            hidden = self.model(**tokens).last_hidden_state  # (B, T, D)
+        return fit_width(hidden.to(self.dtype), self.width)  # (B, T, E)
 
     def null(self, negative: str = "") -> Tensor:
         """The unconditional embedding (T, E) of `negative`, computed once per string."""

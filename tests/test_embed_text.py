@@ -98,6 +98,21 @@ def test_store_checks_the_model_shape(tmp_path: Path) -> None:
         EmbeddingStore(tmp_path, width=48)
 
 
+def test_lookup_by_caption(tmp_path: Path) -> None:
+    captions = [*CAPTIONS, CAPTIONS[2]]  # a repeated caption
+    enc = FakeEncoder()
+    embed_captions(captions, enc, tmp_path, dtype="float32", shard_size=3, progress=False)
+    store = EmbeddingStore(tmp_path)
+    for i, caption in enumerate(CAPTIONS):
+        assert store.row_of(caption) == i
+        assert torch.equal(store.embedding_of(caption), enc.row(caption))
+    assert torch.equal(store[7], store[2])
+    with pytest.raises(ValueError, match=r"^caption: 'missing' is not among the embeddings"):
+        store.row_of("missing")
+    with pytest.raises(TypeError, match=r"^caption:"):
+        store.row_of(3)  # type: ignore[arg-type]
+
+
 def test_store_pickles_for_workers(tmp_path: Path) -> None:
     embed_captions(CAPTIONS, FakeEncoder(), tmp_path, shard_size=2, progress=False)
     store = EmbeddingStore(tmp_path)

@@ -136,6 +136,15 @@ def test_null_is_the_cached_empty_prompt(tiny: Path, oracle_model: torch.nn.Modu
         enc.null(None)  # type: ignore[arg-type]
 
 
+def test_embeddings_can_feed_a_trained_model(tiny: Path) -> None:
+    """Not inference tensors: autograd may save them for the backward of a trained layer."""
+    text = Qwen3TextEncoder(tiny, 8, 48, device="cpu").encode(PROMPTS)
+    assert not text.requires_grad
+    layer = torch.nn.Linear(48, 4)
+    layer(text).square().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
 def test_bfloat16_on_request(tiny: Path) -> None:
     """The release's bf16 path (CUDA default) computes in bf16; it stays close to float32."""
     f32 = Qwen3TextEncoder(tiny, 8, 48, device="cpu").encode(PROMPTS)
