@@ -72,12 +72,12 @@ class ShardPlan:
         return {"file": self.file, "rows": self.stop - self.start, "captions_sha256": digest_of(self.digests)}
 
 
-def plan_shards(captions: Sequence[str], shard_size: int) -> list[ShardPlan]:
-    """Consecutive shards of `shard_size` rows (the last may be shorter)."""
-    digests = caption_digests(captions)
-    return [ShardPlan(shard_name(i), start, min(start + shard_size, len(captions)),
-                      digests[start : start + shard_size])
-            for i, start in enumerate(range(0, len(captions), shard_size))]
+def plan_shards(digests: Tensor, shard_size: int) -> list[ShardPlan]:
+    """Consecutive shards of `shard_size` rows (the last may be shorter), from the (n, 32)
+    caption digests of the whole dataset."""
+    n = digests.shape[0]
+    return [ShardPlan(shard_name(i), start, min(start + shard_size, n), digests[start : start + shard_size])
+            for i, start in enumerate(range(0, n, shard_size))]
 
 
 def read_index(out: Path) -> dict[str, Any]:
@@ -154,13 +154,13 @@ def embed_captions(captions: Iterable[str], encoder: TextEncoder, out: str | Pat
     texts = list(captions)
     if not texts:
         raise ValueError("data: the dataset has no captions")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    plans = plan_shards(texts, shard_size)
+    out = prepare_output(Path(out))
+    digests = caption_digests(texts)
+    plans = plan_shards(digests, shard_size)
     index = {"format": FORMAT, "version": VERSION, "encoder": encoder.identity, "length": encoder.length,
              "width": encoder.width, "dtype": dtype, "shard_size": shard_size, "count": len(texts),
-             "captions_sha256": digest_of(caption_digests(texts)),
-             "shards": [p.entry() for p in plans], "complete": False}
+             "captions_sha256": digest_of(digests), "shards": [p.entry() for p in plans],
+             "complete": False}
     if (out / INDEX).exists():
         check_resume(out, read_index(out), index)
     write_json(out / INDEX, index)
@@ -168,26 +168,44 @@ def embed_captions(captions: Iterable[str], encoder: TextEncoder, out: str | Pat
     todo = [p for p in plans if not shard_done(out, p)]
     if len(todo) < len(plans):
         log(f"resuming: {len(plans) - len(todo)} of {len(plans)} shards already done")
-    store_dtype = DTYPES[dtype]
-    if not shard_done(out, ShardPlan(NULL_FILE, 0, 1, caption_digests([""]))):
-        null = check_embeddings(encoder.null("")[None], 1, encoder)
-        write_tensors(out / NULL_FILE, {"embeddings": null.to("cpu", store_dtype),
-                                        "caption_sha256": caption_digests([""])})
-    rows = sum(p.stop - p.start for p in todo)
+    null_plan = ShardPlan(NULL_FILE, 0, 1, caption_digests([""]))
+    if not shard_done(out, null_plan):
+        null = check_embeddings(encoder.null("")[None], 1, encoder)  # (1, T, E)
+        write_tensors(out / NULL_FILE, {"embeddings": null.to("cpu", DTYPES[dtype]),
+                                        "caption_sha256": null_plan.digests})
     from tqdm import tqdm
 
-    with tqdm(total=rows, unit="caption", disable=not progress, desc="embed-text") as bar:
+    with tqdm(total=sum(p.stop - p.start for p in todo), unit="caption", disable=not progress,
+              desc="embed-text") as bar:
         for plan in todo:
-            parts = []
-            for start in range(plan.start, plan.stop, batch_size):
-                batch = texts[start : min(start + batch_size, plan.stop)]
-                emb = check_embeddings(encoder.encode(batch), len(batch), encoder)
-                parts.append(emb.to("cpu", store_dtype))
-                bar.update(len(batch))
-            write_tensors(out / plan.file, {"embeddings": torch.cat(parts), "caption_sha256": plan.digests})
+            rows = encode_rows(texts[plan.start : plan.stop], encoder, batch_size, DTYPES[dtype], bar.update)
+            write_tensors(out / plan.file, {"embeddings": rows, "caption_sha256": plan.digests})
     index["complete"] = True
     write_json(out / INDEX, index)
     return index
+
+
+def prepare_output(out: Path) -> Path:
+    """`out`, created if needed; an existing file, or a non-empty folder that is not an
+    embedding folder, is an error (so a mistyped path never fills an unrelated folder)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} is a file, expected a folder")
+    if out.is_dir() and not (out / INDEX).exists() and any(out.iterdir()):
+        raise ValueError(f"out: {out} is not empty and has no {INDEX}; expected a new folder or one "
+                         "made by deco embed-text")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def encode_rows(texts: Sequence[str], encoder: TextEncoder, batch_size: int, dtype: torch.dtype,
+                advance: Callable[[int], object]) -> Tensor:
+    """(n, T, E) embeddings of `texts` on the CPU in `dtype`, in batches of `batch_size`."""
+    parts = []
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        parts.append(check_embeddings(encoder.encode(batch), len(batch), encoder).to("cpu", dtype))
+        advance(len(batch))
+    return torch.cat(parts)
 
 
 def check_embeddings(x: Tensor, batch: int, encoder: TextEncoder) -> Tensor:
@@ -203,7 +221,7 @@ def check_resume(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     for field in _HEADER_FIELDS:
         if old.get(field) != new[field]:
             what = "the captions" if field in ("count", "captions_sha256") else field
-            raise ValueError(f"{out}: holds embeddings made with a different {what} "
+            raise ValueError(f"out: {out} holds embeddings made with a different {what} "
                              f"({old.get(field)!r}, now {new[field]!r}); use a new output folder")
 
 

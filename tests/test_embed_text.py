@@ -181,7 +181,7 @@ def test_a_changed_run_is_an_error(tmp_path: Path, captions: list[str], encoder:
                                    shard_size: int, what: str) -> None:
     embed_captions(CAPTIONS, FakeEncoder(), tmp_path, shard_size=3, progress=False)
     before = folder_bytes(tmp_path)
-    with pytest.raises(ValueError, match=f"holds embeddings made with a different {what} "):
+    with pytest.raises(ValueError, match=f"^out: .* holds embeddings made with a different {what} "):
         embed_captions(captions, encoder, tmp_path, dtype=dtype, shard_size=shard_size, progress=False)
     assert folder_bytes(tmp_path) == before
 
@@ -224,6 +224,11 @@ def test_bad_arguments(tmp_path: Path) -> None:
         embed_captions(CAPTIONS, enc, tmp_path, batch_size=-1)
     with pytest.raises(ValueError, match=r"^data: the dataset has no captions"):
         embed_captions([], enc, tmp_path)
+    (tmp_path / "unrelated.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"^out: .* is not empty and has no index.json"):
+        embed_captions(CAPTIONS, enc, tmp_path)
+    with pytest.raises(ValueError, match=r"^out: .*unrelated.txt is a file"):
+        embed_captions(CAPTIONS, enc, tmp_path / "unrelated.txt")
 
     class Liar(FakeEncoder):
         """Claims E = 3 and returns E = 2."""

@@ -153,6 +153,17 @@ def test_bfloat16_on_request(tiny: Path) -> None:
     torch.testing.assert_close(bf16.float(), f32, rtol=0.1, atol=0.1)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_defaults_to_the_releases_bfloat16(tiny: Path, oracle_model: torch.nn.Module) -> None:
+    enc = Qwen3TextEncoder(tiny, 8, 48)
+    assert enc.device.type == "cuda" and enc.dtype == torch.bfloat16
+    got = enc.encode(PROMPTS)
+    assert got.dtype == torch.bfloat16 and got.device.type == "cuda"
+    want = oracle(tiny, oracle_model, PROMPTS, 8)  # float32 on the CPU
+    torch.testing.assert_close(got[..., :HIDDEN].float().cpu(), want, rtol=0.1, atol=0.1)
+
+
 def test_fit_width() -> None:
     x = torch.arange(24.0).reshape(1, 2, 12)
     assert torch.equal(fit_width(x, 12), x)
