@@ -4,7 +4,7 @@ Two layouts, those of the release:
 
 * a caption folder (fine-tuning): every image `x.jpg` has its caption in `x.txt` beside it, at any
   depth below the root; items in sorted path order;
-* WebDataset shards (pre-training): `.tar` files of `key.jpg` + `key.txt` pairs, read with the
+* WebDataset shards (pre-training): `.tar` (or `.tar.gz`) files of `key.jpg` + `key.txt` pairs, read with the
   `webdataset` package and split shard-wise over ranks (rank, world_size) and data-loader
   workers, so that every sample is read by exactly one (rank, worker).
 
@@ -31,6 +31,8 @@ from .data import IMAGE_SUFFIXES, center_crop, to_tensor
 #: Extensions of a WebDataset sample's image member, in order of preference.
 SHARD_IMAGE_KEYS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
 IMAGE_KEYS_TEXT = ", ".join(SHARD_IMAGE_KEYS)
+#: File endings of WebDataset shards (the release globs .tar and .tar.gz).
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 #: Extension of the caption member of a WebDataset sample.
 SHARD_CAPTION_KEY = "txt"
 
@@ -116,14 +118,14 @@ class CaptionFolderDataset(Dataset[tuple[Tensor, str]]):
 
 # ------------------------------------------------------------------------------ webdataset
 def list_shards(source: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The `.tar` shards of a folder (recursively, sorted), a single `.tar` file, or a list."""
+    """The shards of a folder (recursively, sorted), a single shard file, or a list."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"data: no such file or folder: {path}")
-        shards = sorted(path.rglob("*.tar")) if path.is_dir() else [path]
+        shards = find_shards(path) if path.is_dir() else [path]
         if not shards:
-            raise ValueError(f"data: {path} contains no .tar shards")
+            raise ValueError(f"data: {path} contains no shards ({', '.join(SHARD_SUFFIXES)})")
         return shards
     shards = [Path(s) for s in source]
     if not shards:
@@ -132,6 +134,11 @@ def list_shards(source: str | Path | Sequence[str | Path]) -> list[Path]:
     if missing:
         raise FileNotFoundError(f"data: no such shard: {missing[0]}")
     return shards
+
+
+def find_shards(folder: Path) -> list[Path]:
+    """The shard files below `folder`, sorted by path."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(SHARD_SUFFIXES))
 
 
 def read_shard(shard: Path, members: tuple[str, ...] | None = None) -> Iterator[dict[str, Any]]:
@@ -219,11 +226,11 @@ CaptionDataset = CaptionFolderDataset | WebDatasetCaptions
 
 def open_caption_dataset(source: str | Path, resolution: int, *, rank: int = 0,
                          world_size: int = 1) -> CaptionDataset:
-    """WebDataset shards when `source` is a `.tar` file or a folder holding `.tar` files, else a
+    """WebDataset shards when `source` is a shard file or a folder holding shards, else a
     caption folder."""
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"data: no such file or folder: {path}")
-    if path.is_file() or any(path.rglob("*.tar")):
+    if path.is_file() or find_shards(path):
         return WebDatasetCaptions(path, resolution, rank=rank, world_size=world_size)
     return CaptionFolderDataset(path, resolution)

@@ -6,6 +6,7 @@ tests/test_data.py checks on its own."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 from pathlib import Path
@@ -170,7 +171,7 @@ def test_webdataset_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"^data: no such file or folder"):
         WebDatasetCaptions(tmp_path / "nope.tar", R)
     (tmp_path / "none").mkdir()
-    with pytest.raises(ValueError, match=r"^data: .* contains no .tar shards"):
+    with pytest.raises(ValueError, match=r"^data: .* contains no shards \(\.tar, "):
         WebDatasetCaptions(tmp_path / "none", R)
     shard = write_shard(tmp_path / "one.tar", pair("a", 0, "x"))
     with pytest.raises(ValueError, match=r"^data: 1 shards cannot be split over 2 ranks"):
@@ -204,6 +205,24 @@ def test_corrupt_shard(tmp_path: Path, damage: str) -> None:
     for read in (lambda d: list(d), lambda d: list(d.iter_captions())):
         with pytest.raises(CaptionDataError, match=r"^data: corrupt shard .*bad\.tar \("):
             read(WebDatasetCaptions(bad, R))
+
+
+def test_gzipped_shards(tmp_path: Path) -> None:
+    plain = write_shard(tmp_path / "p.tar", pair("a", 1, "one") + pair("b", 2, "two"))
+    gz = tmp_path / "gz" / "p.tar.gz"
+    gz.parent.mkdir()
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    got = list(WebDatasetCaptions(gz.parent, R))
+    want = list(WebDatasetCaptions(plain, R))
+    assert [c for _, c in got] == ["one", "two"]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, want, strict=True))
+
+
+def test_worker_errors_name_the_shard(tmp_path: Path) -> None:
+    (tmp_path / "bad.tar").write_bytes(b"\x00garbage" * 200)
+    loader = DataLoader(WebDatasetCaptions(tmp_path, R), batch_size=None, num_workers=1)
+    with pytest.raises(CaptionDataError, match=r"data: corrupt shard .*bad\.tar"):
+        list(loader)
 
 
 def test_open_caption_dataset(tmp_path: Path) -> None:
