@@ -155,8 +155,9 @@ def read_shard(shard: Path, members: tuple[str, ...] | None = None) -> Iterator[
         for sample in samples:
             sample = {k.lower() if not k.startswith("__") else k: v for k, v in sample.items()}
             if SHARD_CAPTION_KEY not in sample:
-                raise CaptionDataError(f"data: sample {sample['__key__']!r} in shard {shard} has no caption "
-                                       f"({sample['__key__']}.{SHARD_CAPTION_KEY})")
+                key = sample["__key__"]
+                raise CaptionDataError(f"data: sample {key} in shard {shard} has no caption "
+                                       f"({key}.{SHARD_CAPTION_KEY})")
             yield sample
     except CaptionDataError:
         raise
@@ -171,17 +172,21 @@ def tar_reason(exc: Exception) -> str:
     return reason.split(" @ <", 1)[0]
 
 
-def split_shards(shards: Sequence[Path], part: int, parts: int) -> list[Path]:
-    """Shard `part` of `parts`: every `parts`-th shard from `part` on (disjoint, covering)."""
-    return list(shards[part::parts])
+def split_shards(shards: Sequence[Path], rank: int, world_size: int, worker: int,
+                 workers: int) -> list[Path]:
+    """The shards of data-loader worker `worker` (of `workers`) on rank `rank` (of `world_size`):
+    every `world_size`-th shard from `rank` on goes to the rank, and the rank's shards are dealt
+    out to its workers the same way. Disjoint and covering; every rank has a shard when there
+    are at least `world_size` of them (even with more workers than shards)."""
+    return list(shards[rank::world_size][worker::workers])
 
 
 class WebDatasetCaptions(IterableDataset[tuple[Tensor, str]]):
     """WebDataset tar shards of image/caption pairs, split over ranks and data-loader workers.
 
-    Rank r of W with worker w of K reads shards r*K + w, r*K + w + W*K, ... (in sorted order),
-    so the (rank, worker) pairs together read every sample exactly once. Each rank needs at
-    least one shard; a worker without one yields nothing."""
+    Shards are dealt out (in sorted order) to the ranks, then each rank's to its data-loader
+    workers (`split_shards`), so the (rank, worker) pairs together read every sample exactly
+    once. Each rank needs at least one shard; a worker without one yields nothing."""
 
     def __init__(self, source: str | Path | Sequence[str | Path], resolution: int, *,
                  rank: int = 0, world_size: int = 1) -> None:
@@ -199,7 +204,7 @@ class WebDatasetCaptions(IterableDataset[tuple[Tensor, str]]):
         """The shards this (rank, data-loader worker) reads."""
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return split_shards(self.shards, self.rank * workers + worker, self.world_size * workers)
+        return split_shards(self.shards, self.rank, self.world_size, worker, workers)
 
     def __iter__(self) -> Iterator[tuple[Tensor, str]]:
         for shard in self.my_shards():

@@ -24,6 +24,7 @@ from deco.captions import (
     CaptionFolderDataset,
     WebDatasetCaptions,
     open_caption_dataset,
+    split_shards,
 )
 from deco.data import center_crop, to_tensor
 
@@ -167,6 +168,16 @@ def test_sharding_over_ranks_and_workers(tmp_path: Path) -> None:
     assert list(WebDatasetCaptions(tmp_path, R, rank=1, world_size=2).iter_captions()) == everything
 
 
+@pytest.mark.parametrize(("shards", "world", "workers"), [(5, 2, 2), (2, 2, 3), (7, 3, 2), (1, 1, 4)])
+def test_split_shards(shards: int, world: int, workers: int) -> None:
+    names = [Path(f"{i}.tar") for i in range(shards)]
+    parts = {(r, w): split_shards(names, r, world, w, workers) for r in range(world) for w in range(workers)}
+    dealt = [s for part in parts.values() for s in part]
+    assert sorted(dealt) == sorted(names)  # each shard exactly once
+    for r in range(world):
+        assert any(parts[r, w] for w in range(workers))  # no rank without data
+
+
 def test_webdataset_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"^data: no such file or folder"):
         WebDatasetCaptions(tmp_path / "nope.tar", R)
@@ -180,8 +191,9 @@ def test_webdataset_errors(tmp_path: Path) -> None:
         WebDatasetCaptions(shard, R, rank=2, world_size=2)
 
     no_caption = write_shard(tmp_path / "nc.tar", [*pair("a", 0, "x"), ("b.jpg", jpeg_bytes(1))])
+    message = r"^data: sample b in shard .*nc\.tar has no caption \(b\.txt\)"
     for read in (lambda d: list(d), lambda d: list(d.iter_captions())):
-        with pytest.raises(CaptionDataError, match=r"^data: sample 'b' in shard .*nc\.tar has no caption"):
+        with pytest.raises(CaptionDataError, match=message):
             read(WebDatasetCaptions(no_caption, R))
     no_image = write_shard(tmp_path / "ni.tar", [("a.txt", b"lonely")])
     with pytest.raises(CaptionDataError, match=r"^data: sample a in shard .*ni\.tar has no image"):
