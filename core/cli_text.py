@@ -38,18 +38,25 @@ def register(sub: Any) -> None:
 
 def embed_text(args: argparse.Namespace) -> int:
     from .captions import open_caption_dataset
+    from .cli import UsageError
     from .embed_text import embed_captions
-    from .text_encoder import Qwen3TextEncoder, check_encoder_folder
+    from .text_encoder import Qwen3TextEncoder, check_encoder_folder, parse_device, require_text_packages
 
     for name in ("length", "width", "batch_size", "shard_size"):
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive int, got {value}")
-    check_encoder_folder(args.text_encoder)  # fail fast, before a long pass over the captions
+    # Fail fast, before a long pass over the captions.
+    try:
+        require_text_packages()
+    except ModuleNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    check_encoder_folder(args.text_encoder)
+    device = parse_device(args.device)
     # The resolution is irrelevant here: only the captions are read, never an image.
     dataset = open_caption_dataset(args.dataset, resolution=1)
     captions = list(dataset.iter_captions())
-    encoder = Qwen3TextEncoder(args.text_encoder, args.length, args.width, device=args.device)
+    encoder = Qwen3TextEncoder(args.text_encoder, args.length, args.width, device=device)
     index = embed_captions(captions, encoder, args.out, dtype=args.dtype, shard_size=args.shard_size,
                            batch_size=args.batch_size, progress=not args.no_progress)
     print(f"wrote {index['count']} embeddings ({args.length} x {args.width}, {args.dtype}) in "

@@ -10,7 +10,9 @@ The release conditions its text-to-image DeCo on the last hidden states of Qwen3
 * the LM runs in bfloat16 on CUDA (the release casts the whole LM to bf16); on a CPU this module
   uses float32, where bf16 matmuls are slow and buy nothing;
 * the null (unconditional) embedding is the encoding of the negative prompt, "" by default,
-  computed once and cached.
+  computed once and cached. "" has no tokens (Qwen adds no BOS), so every position is padding
+  and fully masked: its states are whatever transformers' attention (sdpa by default) returns
+  for fully masked rows, as in the release.
 
 Everything is read from a local folder in Hugging Face layout (config.json, *.safetensors,
 tokenizer files): nothing is downloaded. `build_tiny_qwen3` writes such a folder for a tiny,
@@ -105,6 +107,16 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
     return list(prompts)
 
 
+def require_text_packages() -> None:
+    """A ModuleNotFoundError with the install command when the `text` extra is missing."""
+    import importlib.util
+
+    missing = [m for m in ("transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(f"text_encoder: needs {' and '.join(missing)}: "
+                                  "pip install 'deco-diffusion[text]'")
+
+
 def check_encoder_folder(folder: str | Path) -> Path:
     """The folder as a Path, after checking it holds a config, weights and tokenizer files.
 
@@ -147,9 +159,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch.device (None: CUDA when available, else the CPU); an unknown device
+    or CUDA without a CUDA build/GPU is a ValueError naming the argument."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: not a torch device: {device!r} ({exc})") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested, but CUDA is not available")
+    return parsed
 
 
 class Qwen3TextEncoder:
@@ -165,9 +186,10 @@ class Qwen3TextEncoder:
         for name, value in (("length", length), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        require_text_packages()
         self.folder = check_encoder_folder(folder)
         self.length, self.width = length, width
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = parse_device(device)
         self.dtype = dtype if dtype is not None else (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = load_tokenizer(self.folder)

@@ -322,6 +322,20 @@ def test_cli_user_errors(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
                        "data: no such file or folder", capsys)
     expect_usage_error(["embed-text", str(data), out, "--text-encoder", str(tiny), "--length", "0",
                         "--width", "40"], "--length: expected a positive int", capsys)
+    expect_usage_error(["embed-text", str(data), out, "--text-encoder", str(tiny), *shape,
+                        "--device", "gpu0"], "device: not a torch device", capsys)
     (data / "001.txt").unlink()
     expect_usage_error(["embed-text", str(data), out, "--text-encoder", str(tiny), *shape],
                        "has no caption file 001.txt", capsys)
+
+
+def test_cli_without_the_text_extra(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else find_spec(name, *a))
+    data = write_caption_folder(tmp_path / "data", CAPTIONS[:1])
+    expect_usage_error(["embed-text", str(data), str(tmp_path / "o"), "--text-encoder", str(tmp_path),
+                        "--length", "8", "--width", "40"], "pip install 'deco-diffusion[text]'", capsys)

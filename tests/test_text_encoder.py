@@ -258,6 +258,11 @@ def test_bad_arguments(tiny: Path) -> None:
         Qwen3TextEncoder(tiny, 0, 48)
     with pytest.raises(ValueError, match=r"^width:"):
         Qwen3TextEncoder(tiny, 8, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^device: not a torch device: 'gpu0'"):
+        Qwen3TextEncoder(tiny, 8, 48, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device: 'cuda' requested, but CUDA is not available"):
+            Qwen3TextEncoder(tiny, 8, 48, device="cuda")
     enc = Qwen3TextEncoder(tiny, 8, 48, device="cpu")
     with pytest.raises(TypeError, match=r"^prompts:"):
         enc.encode("a cat")
