@@ -59,7 +59,7 @@ def guided_velocity(model: VelocityModel, x: Tensor, t: float, cond: Tensor, nul
     return uncond + scale * (conditional - uncond)
 
 
-def adams_coefficients(grid: Sequence[float], order: int = 2) -> list[list[float]]:
+def adams_weights(grid: Sequence[float], order: int = 2) -> list[list[float]]:
     """Row i: the weights of the Adams-Bashforth step from grid[i] to grid[i+1] (the release's
     AdamLMSampler), for the last k = min(order, i + 1) velocities, oldest first.
 
@@ -67,8 +67,6 @@ def adams_coefficients(grid: Sequence[float], order: int = 2) -> list[list[float
     one of the nodes grid[i+1-k..i], divided by the sum of the k integrals (that sum is the step
     length, so the weights sum to 1 and the step is x + dt * sum_j w_j v_j)."""
     order = _as_int("order", order)
-    if order > 4:
-        raise ValueError(f"order: the release's Adams sampler has orders 1..4, got {order}")
     rows = []
     for i in range(len(grid) - 1):
         nodes = [float(t) for t in grid[max(0, i + 1 - order): i + 1]]
@@ -95,16 +93,17 @@ def sample(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Integrate dx/dt = v from t = 0 (noise (B, C, H, W)) to t = 1 (images).
 
-    cond: class labels (B,) for the class models (their null branch is label num_classes, so
-    `null` stays None); text embeddings (B, T, E) for the text model, whose `null` is the null
-    text embedding, (T, E) or (B, T, E), required when guidance != 1.
+    cond: class labels (B,) for the class models, whose `null` is labels (B,) too, by default
+    the null class num_classes; text embeddings (B, T, E) for the text model, whose `null` is the
+    null text embedding, (T, E) (for every sample) or (B, T, E), required when guidance != 1.
 
     Euler: x_{i+1} = x_i + dt v(x_i, t_i). Heun: predictor x^ = x_i + dt v, corrector
     x_{i+1} = x_i + dt (v + v(x^, t_{i+1})) / 2, a plain Euler last step; the predictor velocity
     is the previous corrector's (the release's default, one model call per step) unless
     `exact_heun`. Both evaluations of a step use the guidance scale in force at its start, with
     the interval low < t <= high. Adams (the release's AdamLMSampler, `order` 1..4, default 2):
-    x_{i+1} = x_i + dt sum_j w_ij v_j over the last velocities (`adams_coefficients`); like the
+    x_{i+1} = x_i + dt sum_j w_ij v_j over the last velocities (`adams_weights`; the release
+    has orders 1..4, any order >= 1 works here); like the
     release, it evaluates the model at the accumulated time t_0 + dt_0 + ... + dt_{i-1} and
     guides where low < t < high (strict at both ends: never at t = 0).
     With `return_trajectory`, also returns every state (steps + 1, B, C, H, W)."""
@@ -158,7 +157,7 @@ def euler_heun(model: VelocityModel, noise: Tensor, cond: Tensor, null: Tensor, 
 def adams(model: VelocityModel, noise: Tensor, cond: Tensor, null: Tensor, grid: list[float],
           guidance: float, interval: tuple[float, float], order: int = 2) -> list[Tensor]:
     """Every state of the release's Adams multistep sampler (see `sample`)."""
-    coeffs = adams_coefficients(grid, order)
+    coeffs = adams_weights(grid, order)
     x = noise
     states = [x]
     history: list[Tensor] = []
@@ -200,12 +199,10 @@ def _as_condition(config: Any, cond: Any, null: Any, noise: Tensor,
     models, text embeddings and the null text embedding for the text model."""
     batch = noise.shape[0]
     if not getattr(config, "is_text", False):
-        if null is not None:
-            raise ValueError(f"null: the class model's unconditional branch is the null label "
-                             f"{config.num_classes}; pass null=None (null text is for a "
-                             f"text-to-image model)")
-        labels = _as_labels(cond, batch, config.num_classes, noise.device)
-        return labels, torch.full_like(labels, config.num_classes)
+        labels = _as_labels("labels", cond, batch, config.num_classes, noise.device)
+        if null is None:
+            return labels, torch.full_like(labels, config.num_classes)
+        return labels, _as_labels("null", null, batch, config.num_classes, noise.device)
     text_shape = (config.text_length, config.text_dim)
     text = _as_text("cond", cond, noise, (batch, *text_shape))
     if null is None:
@@ -230,18 +227,19 @@ def _as_text(name: str, value: Any, noise: Tensor, shape: tuple[int, ...]) -> Te
     return value.to(noise.device, noise.dtype)
 
 
-def _as_labels(labels: Any, batch: int, num_classes: int, device: torch.device) -> Tensor:
+def _as_labels(name: str, labels: Any, batch: int, num_classes: int, device: torch.device) -> Tensor:
     try:
         y = torch.as_tensor(labels, device=device)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"labels: expected integer class labels, got {type(labels).__name__}") from None
+        raise TypeError(f"{name}: expected integer class labels, got {type(labels).__name__}") from None
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"labels: expected integer class labels, got dtype {y.dtype}")
+        hint = " (text embeddings are for a text-to-image model)" if y.ndim == 3 else ""
+        raise TypeError(f"{name}: expected integer class labels, got dtype {y.dtype}{hint}")
     if tuple(y.shape) != (batch,):
-        raise ValueError(f"labels: expected shape ({batch},), got {tuple(y.shape)}")
+        raise ValueError(f"{name}: expected shape ({batch},), got {tuple(y.shape)}")
     if batch and (int(y.min()) < 0 or int(y.max()) > num_classes):
         raise ValueError(
-            f"labels: labels must lie in 0..{num_classes} ({num_classes} is the null class), "
+            f"{name}: labels must lie in 0..{num_classes} ({num_classes} is the null class), "
             f"got values in {int(y.min())}..{int(y.max())}"
         )
     return y.long()
