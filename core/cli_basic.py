@@ -28,7 +28,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "check-fixtures",
         help="check the NumPy reference against the release's outputs and print a table",
-        description="Recompute every output stored in the release fixture (A.npz) with the "
+        description="Recompute every output stored in the release fixtures (A.npz, and T.npz "
+        "where present, as rows T.*) with the "
         "float64 reference and compare. Exit status 1 when any comparison fails.",
     )
     p.add_argument("--fixtures", type=Path, default=None,

@@ -1,9 +1,10 @@
-"""Conformance of `deco.reference` with the release's outputs in `shared/fixtures/` (A.npz).
+"""Conformance of `deco.reference` with the release's outputs in `shared/fixtures/` (A.npz, T.npz).
 
 `reference_checks(folder)` recomputes every stored release output with the float64 reference and
-returns one `Check` per key; `deco check-fixtures` prints them as a table and the test-suite
-asserts them. The release ran in float32, so the tolerance is 1e-5 relative to the largest
-magnitude of the expected array (spec/00-conventions.md §5).
+returns one `Check` per key (the text-to-image outputs of T.npz prefixed `T.`, when present);
+`deco check-fixtures` prints them as a table and the test-suite asserts them. The release ran in
+float32, so the tolerance is 1e-5 relative to the largest magnitude of the expected array
+(spec/00-conventions.md §5).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def compare(name: str, got: Any, expected: Any, tolerance: float = FIXTURE_TOLER
     return Check(name, *error_measure(got, expected), tolerance)
 
 
-def _load(folder: Path) -> tuple[Any, dict[str, Any]]:
-    npz = folder / "A.npz"
+def _load(folder: Path, name: str = "A.npz") -> tuple[Any, dict[str, Any]]:
+    npz = folder / name
     if not npz.is_file():
         raise FileNotFoundError(f"fixtures: {npz} not found (set DECO_FIXTURES or --fixtures)")
     data = np.load(npz)
@@ -112,6 +113,47 @@ def _iter_checks(folder: Path) -> Iterator[Check]:
             euler(deco, noise.astype(np.float64), labels, grid, s["guidance"],
                   kwargs["interval"], traj)
             yield compare("euler_traj", np.stack(traj), a["euler_traj"])
+    if (folder / "T.npz").is_file():
+        yield from _text_checks(folder)
+
+
+def _text_checks(folder: Path) -> Iterator[Check]:
+    """The text-to-image outputs of T.npz (spec/06), named `T.<key>`."""
+    from deco import reference as R
+    from deco.reference.sampling import adams, adams_weights, time_grid
+    from deco.release import read_release_checkpoint
+
+    a, cfg = _load(folder, "T.npz")
+
+    def model(weights: Any) -> R.Model:
+        config, state = read_release_checkpoint(folder / "T.ckpt", weights)
+        return R.Model(config, {k: v.numpy() for k, v in state.items()})
+
+    ema = model("ema")
+    x, t, text = a["forward_x"], a["forward_t"], a["forward_text"]
+    yield compare("T.forward_out", ema.forward(x, t, text), a["forward_out"])
+    yield compare("T.forward_out_online", model("online").forward(x, t, text), a["forward_out_online"])
+    noise, prompt, null = a["sample_noise"], a["sample_text"], a["sample_null_text"]
+    for solver, key in (("euler", "euler"), ("adams", "adam")):
+        s = cfg[key]
+        interval = (s["guidance_interval_min"], s["guidance_interval_max"])
+        grid = time_grid(s["num_steps"], s["timeshift"])
+        yield compare(f"T.{key}_timesteps", grid, a[f"{key}_timesteps"])
+        got = R.sample(ema, noise, prompt, null, steps=s["num_steps"], guidance=s["guidance"],
+                       interval=interval, timeshift=s["timeshift"], solver=solver,
+                       order=s.get("order", 2))
+        yield compare(f"T.{key}_out", got, a[f"{key}_out"])
+    s = cfg["adam"]
+    weights = adams_weights(time_grid(s["num_steps"], s["timeshift"]), s["order"])
+    coeffs = np.zeros(a["adam_coeffs"].shape)
+    for i, w in enumerate(weights):
+        coeffs[i, : len(w)] = w
+    yield compare("T.adam_coeffs", coeffs, a["adam_coeffs"])
+    traj: list[Any] = []
+    adams(ema, noise.astype(np.float64), prompt.astype(np.float64), time_grid(s["num_steps"],
+          s["timeshift"]), s["guidance"], (s["guidance_interval_min"], s["guidance_interval_max"]),
+          s["order"], traj, null.astype(np.float64))
+    yield compare("T.adam_traj", np.stack(traj), a["adam_traj"])
 
 
 def format_table(checks: list[Check]) -> str:

@@ -50,6 +50,18 @@ def as_labels(name: str, y: Any, *, batch: int, num_classes: int) -> NDArray[np.
     return arr.astype(np.int64)
 
 
+def as_text(name: str, text: Any, batch: int, length: int, width: int) -> Array:
+    """Text-encoder hidden states as float64 (batch, length, width); integer labels are refused."""
+    arr = np.asarray(text) if not isinstance(text, (str, bytes)) and text is not None else None
+    if arr is not None and np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name}: the text-to-image model takes text embeddings ({batch}, {length}, "
+                        f"{width}), got integers of shape {arr.shape} (class labels?)")
+    out = as_float_array(name, text)
+    if out.shape != (batch, length, width):
+        raise ValueError(f"{name}: expected ({batch}, {length}, {width}), got {out.shape}")
+    return out
+
+
 def as_int(name: str, value: Any, *, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")

@@ -24,7 +24,7 @@ from deco.config import (
     DeCoConfig,
 )
 
-from .checks import Array, as_float_array, as_labels
+from .checks import Array, as_float_array, as_labels, as_text
 
 Weights = Mapping[str, Array]
 
@@ -100,13 +100,16 @@ def unpatchify(tokens: Array, c: int, h: int, w: int, p: int) -> Array:
 
 
 # ----------------------------------------------------------------------------------- RoPE
-def rope_angles(grid_h: int, grid_w: int, head_dim: int) -> Array:
+def rope_angles(
+    grid_h: int, grid_w: int, head_dim: int, span_x: float = ROPE_SPAN, span_y: float = ROPE_SPAN
+) -> Array:
     """(L, head_dim/2) rotation angles. Pair k of a head rotates by pos_x * f_{k//2} for even k
-    and pos_y * f_{k//2} for odd k, f_j = 10000^(-4j/head_dim); pos_x = linspace(0, 16, grid_w),
-    pos_y = linspace(0, 16, grid_h) whatever the grid size."""
+    and pos_y * f_{k//2} for odd k, f_j = 10000^(-4j/head_dim); pos_x = linspace(0, span_x,
+    grid_w), pos_y = linspace(0, span_y, grid_h). The class models use span 16 on both axes
+    whatever the grid size; the text model other spans (spec/06 §3)."""
     freqs = ROPE_THETA ** (-np.arange(0, head_dim, 4)[: head_dim // 4] / head_dim)
     py, px = np.meshgrid(
-        np.linspace(0, ROPE_SPAN, grid_h), np.linspace(0, ROPE_SPAN, grid_w), indexing="ij"
+        np.linspace(0, span_y, grid_h), np.linspace(0, span_x, grid_w), indexing="ij"
     )
     ax = px.reshape(-1, 1) * freqs[None, :]  # (L, head_dim/4)
     ay = py.reshape(-1, 1) * freqs[None, :]
@@ -124,15 +127,27 @@ def apply_rope(x: Array, angles: Array) -> Array:
 
 
 # ------------------------------------------------------------------------------- DiT block
-def attention(x: Array, weights: Weights, prefix: str, heads: int, angles: Array) -> Array:
-    """Multi-head self-attention with RMS qk-norm and 2-D RoPE: (B, L, D) -> (B, L, D)."""
+def attention(
+    x: Array, weights: Weights, prefix: str, heads: int, angles: Array | None,
+    text: Array | None = None,
+) -> Array:
+    """Multi-head self-attention with RMS qk-norm and 2-D RoPE: (B, L, D) -> (B, L, D).
+
+    `angles=None` skips RoPE (the text refine blocks). With `text` (B, T, D) the keys and values
+    are [image tokens; text tokens]: the text goes through its own `kv_text` projection and the
+    shared k_norm, without RoPE; queries come from x only (the text-to-image DiT, spec/06 §4)."""
     b, n, d = x.shape
     hd = d // heads
     qkv = linear(x, weights, prefix + "qkv").reshape(b, n, 3, heads, hd)
     q = rms_norm(qkv[:, :, 0], weights[prefix + "q_norm.weight"])  # (B, L, heads, hd)
     k = rms_norm(qkv[:, :, 1], weights[prefix + "k_norm.weight"])
     v = qkv[:, :, 2]
-    q, k = apply_rope(q, angles), apply_rope(k, angles)
+    if angles is not None:
+        q, k = apply_rope(q, angles), apply_rope(k, angles)
+    if text is not None:
+        kv = linear(text, weights, prefix + "kv_text").reshape(b, text.shape[1], 2, heads, hd)
+        k = np.concatenate([k, rms_norm(kv[:, :, 0], weights[prefix + "k_norm.weight"])], axis=1)
+        v = np.concatenate([v, kv[:, :, 1]], axis=1)  # (B, L + T, heads, hd)
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
     logits -= logits.max(axis=-1, keepdims=True)
     attn = np.exp(logits)
@@ -142,23 +157,28 @@ def attention(x: Array, weights: Weights, prefix: str, heads: int, angles: Array
 
 
 def swiglu(x: Array, weights: Weights, prefix: str) -> Array:
-    """w2(silu(w1 x) * w3 x), no biases."""
+    """w2(silu(w1 x) * w3 x), no biases. The text model stores the two input projections
+    stacked as one `w12` = [w1; w3] and calls the output projection `w3` (spec/06 §5)."""
+    if prefix + "w12.weight" in weights:
+        gate, up = np.split(linear(x, weights, prefix + "w12"), 2, axis=-1)
+        return linear(silu(gate) * up, weights, prefix + "w3")
     return linear(silu(linear(x, weights, prefix + "w1")) * linear(x, weights, prefix + "w3"),
                   weights, prefix + "w2")
 
 
 def dit_block(
-    x: Array, c: Array, weights: Weights, index: int, heads: int, angles: Array
+    x: Array, c: Array, weights: Weights, index: int, heads: int, angles: Array | None,
+    *, group: str = "blocks", text: Array | None = None,
 ) -> Array:
-    """AdaLN-Zero block: (B, L, D), condition c (B, D) -> (B, L, D).
+    """AdaLN-Zero block `{group}.{index}`: (B, L, D), condition c (B, D) -> (B, L, D).
 
     (shift1, scale1, gate1, shift2, scale2, gate2) = chunk6(adaln(c)); no SiLU here because c
-    is already silu(t_emb + y_emb)."""
-    p = f"blocks.{index}."
+    is already silu(t_emb + y_emb). `angles` and `text` go to `attention`."""
+    p = f"{group}.{index}."
     mod = linear(c, weights, p + "adaln")[:, None, :]  # (B, 1, 6D)
     shift1, scale1, gate1, shift2, scale2, gate2 = np.split(mod, 6, axis=-1)
     h = modulate(rms_norm(x, weights[p + "norm1.weight"]), shift1, scale1)
-    x = x + gate1 * attention(h, weights, p + "attn.", heads, angles)
+    x = x + gate1 * attention(h, weights, p + "attn.", heads, angles, text)
     h = modulate(rms_norm(x, weights[p + "norm2.weight"]), shift2, scale2)
     return x + gate2 * swiglu(h, weights, p + "mlp.")
 
@@ -189,12 +209,18 @@ def decoder_block(x: Array, cond: Array, weights: Weights, index: int) -> Array:
     return x + gate * h
 
 
-def pixel_decoder(x: Array, s: Array, config: DeCoConfig, weights: Weights) -> Array:
-    """x: (B, C, H, W) noisy image; s: (B, L, D) DiT output -> velocity (B, C, H, W)."""
+def pixel_decoder(
+    x: Array, s: Array, config: DeCoConfig, weights: Weights, features: Array | None = None
+) -> Array:
+    """x: (B, C, H, W) noisy image; s: (B, L, D) DiT output -> velocity (B, C, H, W).
+
+    `features` (P, 64): the per-pixel position features; default `dct_position_features(p)`
+    (the text model passes its own, spec/06 §6)."""
     b, c, h, w = x.shape
     p, wd = config.patch_size, config.decoder_width
     pixels = patchify(x, p).reshape(b * s.shape[1], c, p * p).transpose(0, 2, 1)  # (N, P, C)
-    pos = np.broadcast_to(dct_position_features(p), (*pixels.shape[:2], DCT_FREQS**2))
+    features = dct_position_features(p) if features is None else features
+    pos = np.broadcast_to(features, (*pixels.shape[:2], DCT_FREQS**2))
     z = linear(np.concatenate([pixels, pos], axis=-1), weights, "decoder.pixel_embed")  # (N,P,w)
     cond = linear(s.reshape(-1, s.shape[-1]), weights, "decoder.cond_proj")  # (N, P*w)
     cond = cond.reshape(-1, p * p, wd)  # (N, P, w)
@@ -245,7 +271,10 @@ def baseline_forward(x: Array, t: Array, y: Labels, config: DeCoConfig, weights:
 
 
 class Model:
-    """A DeCo or baseline model: a config plus float64 weights. `forward(x, t, y)` -> velocity."""
+    """A DeCo, baseline or text-to-image model: a config plus float64 weights.
+
+    `forward(x, t, y)` -> velocity, where y is the condition: class labels (B,) for the class
+    models, text-encoder hidden states (B, T, E) for architecture "t2i" (spec/06)."""
 
     def __init__(self, config: DeCoConfig, weights: Mapping[str, Any]) -> None:
         from .weights import check_weights
@@ -253,7 +282,8 @@ class Model:
         self.config = config
         self.weights: dict[str, Array] = check_weights(config, weights)
 
-    def check_inputs(self, x: Any, t: Any, y: Any) -> tuple[Array, Array, Labels]:
+    def check_inputs(self, x: Any, t: Any, y: Any) -> tuple[Array, Array, Any]:
+        """Validated (x, t, condition); the condition is checked by `check_condition`."""
         cfg = self.config
         x = as_float_array("x", x, ndim=4, channels=cfg.in_channels)
         h, w = x.shape[2], x.shape[3]
@@ -266,22 +296,40 @@ class Model:
         t = np.broadcast_to(t, (x.shape[0],)).copy() if t.ndim == 0 else t
         if t.shape != (x.shape[0],):
             raise ValueError(f"t: expected shape ({x.shape[0]},), got {t.shape}")
-        y = as_labels("y", y, batch=x.shape[0], num_classes=cfg.num_classes)
-        return x, t, y
+        return x, t, self.check_condition(y, x.shape[0])
+
+    def check_condition(self, y: Any, batch: int, name: str | None = None) -> Any:
+        """Labels (batch,) for a class model, text (batch, T, E) float64 for the text model."""
+        cfg = self.config
+        if cfg.is_text:
+            return as_text(name or "text", y, batch, cfg.text_length, cfg.text_dim)
+        arr = np.asarray(y) if not isinstance(y, (str, bytes)) and y is not None else None
+        if arr is not None and arr.ndim == 3 and np.issubdtype(arr.dtype, np.floating):
+            raise TypeError(f"{name or 'y'}: the class model takes integer labels (B,), got a "
+                            f"float array of shape {arr.shape} (text embeddings need a 't2i' model)")
+        return as_labels(name or "y", y, batch=batch, num_classes=cfg.num_classes)
 
     def forward(self, x: Any, t: Any, y: Any) -> Array:
-        """Velocity for noisy images x (B, C, H, W), times t (B,) and labels y (B,)."""
+        """Velocity for noisy images x (B, C, H, W), times t (B,) and condition y: labels (B,)
+        or, for the text model, text embeddings (B, T, E)."""
+        from .text_to_image import t2i_forward
+
         x, t, y = self.check_inputs(x, t, y)
+        if self.config.is_text:
+            return t2i_forward(x, t, y, self.config, self.weights)
         fn = deco_forward if self.config.architecture == "deco" else baseline_forward
         return fn(x, t, y, self.config, self.weights)
 
     __call__ = forward
 
     def semantic(self, x: Any, t: Any, y: Any) -> Array:
-        """DeCo only: the decoder's condition silu(t_emb + s) as (B, D, H/p, W/p)."""
-        if self.config.architecture != "deco":
-            raise ValueError("semantic: only defined for architecture='deco'")
+        """DeCo and text DeCo: the decoder's condition silu(t_emb + s) as (B, D, H/p, W/p)."""
+        from .text_to_image import t2i_semantic
+
+        if self.config.architecture == "baseline":
+            raise ValueError("semantic: only defined for architectures 'deco' and 't2i'")
         x, t, y = self.check_inputs(x, t, y)
-        s = deco_semantic(x, t, y, self.config, self.weights)
+        fn = t2i_semantic if self.config.is_text else deco_semantic
+        s = fn(x, t, y, self.config, self.weights)
         p = self.config.patch_size
         return s.reshape(x.shape[0], x.shape[2] // p, x.shape[3] // p, s.shape[-1]).transpose(0, 3, 1, 2)

@@ -22,16 +22,23 @@ from deco.reference.sampling import euler, time_grid
 
 #: Inputs stored in A.npz; every other key is an output of the release the reference must reproduce.
 INPUT_KEYS = {"config", "forward_x", "forward_t", "forward_y", "sample_noise", "sample_cond"}
+#: Inputs of T.npz (text-to-image); its outputs are checked as `T.<key>`.
+T_INPUT_KEYS = {"config", "forward_x", "forward_t", "forward_text", "sample_noise", "sample_text",
+                "sample_null_text"}
 
 
 def _output_keys() -> list[str]:
-    """Output keys of A.npz, read at collection time (a placeholder when the fixtures are absent:
-    the test then skips or, under CI, fails through the `fixtures_dir` fixture)."""
+    """Output keys of A.npz and, prefixed `T.`, of T.npz, read at collection time (a placeholder
+    when the fixtures are absent: the test then skips or, under CI, fails through `fixtures_dir`)."""
     npz = fixtures_folder() / "A.npz"
     if not npz.is_file():
         return ["fixtures-missing"]
     with np.load(npz) as a:
-        return sorted(k for k in a.files if k not in INPUT_KEYS and not k.endswith(("_pred", "_target")))
+        keys = sorted(k for k in a.files if k not in INPUT_KEYS and not k.endswith(("_pred", "_target")))
+    if (fixtures_folder() / "T.npz").is_file():
+        with np.load(fixtures_folder() / "T.npz") as t:
+            keys += sorted("T." + k for k in t.files if k not in T_INPUT_KEYS)
+    return keys
 
 
 @pytest.fixture(scope="module")

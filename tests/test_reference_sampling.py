@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deco import reference as R
-from deco.reference.sampling import euler
+from deco.reference.sampling import adams, adams_weights, euler
 
 NUM_CLASSES = 3
 
@@ -207,6 +207,104 @@ def test_model_call_counts(steps: int) -> None:
         assert model.calls == [2 * len(labels)] * expected  # CFG: one batched call [null; cond]
 
 
+# ------------------------------------------------------------------------------------ Adams
+class LinearODE:
+    """dx/dt = cos(3t) x + t, whatever the label: a time-dependent linear ODE whose solution at
+    t = 1 comes from SciPy's DOP853 at tolerance 1e-13 (the oracle)."""
+
+    config = SimpleNamespace(num_classes=NUM_CLASSES)
+
+    def forward(self, x: Any, t: Any, y: Any) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64).reshape(-1, 1, 1, 1)
+        return np.cos(3 * t) * np.asarray(x) + t
+
+    @staticmethod
+    def exact(x0: np.ndarray) -> np.ndarray:
+        from scipy.integrate import solve_ivp
+
+        sol = solve_ivp(lambda t, x: np.cos(3 * t) * x + t, (0.0, 1.0), x0.ravel(), method="DOP853",
+                        rtol=1e-13, atol=1e-13)
+        return np.asarray(sol.y[:, -1]).reshape(x0.shape)
+
+
+@pytest.mark.parametrize("timeshift", [1.0, 3.0])
+def test_adams_converges_at_second_order(timeshift: float) -> None:
+    # Two-step Adams-Bashforth (its first step is Euler, a single O(h^2) local error) is second
+    # order overall: the error against the ODE's solution quarters when the step halves.
+    model, noise, labels = LinearODE(), _setup()[1], np.array([0, 1])
+    target = LinearODE.exact(noise)
+    err = np.array([np.max(np.abs(R.sample(model, noise, labels, steps=n, solver="adams",
+                                           timeshift=timeshift) - target)) for n in (16, 32, 64, 128)])
+    orders = np.log2(err[:-1] / err[1:])
+    assert np.all((orders > 1.7) & (orders < 2.3)), orders
+    # order 1 is Euler exactly
+    np.testing.assert_allclose(R.sample(model, noise, labels, steps=7, solver="adams", order=1,
+                                        timeshift=timeshift),
+                               R.sample(model, noise, labels, steps=7, timeshift=timeshift),
+                               rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(gaps=st.lists(st.floats(0.05, 1.0), min_size=1, max_size=8), order=st.integers(1, 4))
+def test_adams_weights_integrate_polynomials_exactly(gaps: list[float], order: int) -> None:
+    grid = np.concatenate([[0.0], np.cumsum(gaps)])
+    weights = adams_weights(grid, order)
+    assert len(weights) == len(gaps)
+    for i, w in enumerate(weights):
+        k = min(order, i + 1)
+        nodes, a, b = grid[i + 1 - k: i + 1], grid[i], grid[i + 1]
+        assert w.shape == (k,)
+        # times the step, the weights integrate every polynomial of degree < k over [a, b]
+        # exactly (degree 0: they sum to 1, i.e. to the step after multiplying)
+        for m in range(k):
+            np.testing.assert_allclose((b - a) * np.sum(w * nodes**m), (b**(m + 1) - a**(m + 1)) / (m + 1),
+                                       rtol=1e-9, atol=1e-12)
+
+
+def test_adams_weights_order_two_closed_form() -> None:
+    # nodes t_{i-1}, t_i, step h to t_{i+1} after a gap g: weights (-h/(2g), 1 + h/(2g))
+    grid = np.array([0.0, 0.1, 0.35, 0.5, 1.0])
+    weights = adams_weights(grid, 2)
+    np.testing.assert_array_equal(weights[0], [1.0])
+    for i in range(1, 4):
+        g, h = grid[i] - grid[i - 1], grid[i + 1] - grid[i]
+        np.testing.assert_allclose(weights[i], [-h / (2 * g), 1 + h / (2 * g)], rtol=1e-13)
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.0, 1.0), (0.25, 0.75), (0.0, 0.5)])
+def test_adams_by_hand(low: float, high: float) -> None:
+    # Two-step Adams over guided velocities; guidance only where low < t < high (strict at BOTH
+    # ends, unlike Euler/Heun): on the grid 0, 0.25, 0.5, 0.75 with (0, 1) the step at t = 0 is
+    # unguided; with (0.25, 0.75) only t = 0.5 is guided.
+    model, noise, labels, cond, null = _branches(4)
+    g, steps = 2.5, 4
+    x, history, expected = noise, [], [noise]
+    for i in range(steps):
+        t = i / steps
+        c, u = cond(x, t), null(x, t)
+        history.append(u + g * (c - u) if low < t < high else c)
+        v = history[-1] if i == 0 else -0.5 * history[-2] + 1.5 * history[-1]  # uniform steps
+        x = x + v / steps
+        expected.append(x)
+    traj: list[np.ndarray] = []
+    out = adams(model, noise, labels, R.time_grid(steps), g, (low, high), 2, traj)
+    for got, exp in zip(traj, expected, strict=True):
+        np.testing.assert_allclose(got, exp, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(R.sample(model, noise, labels, steps=steps, guidance=g, interval=(low, high),
+                                        solver="adams"), out, rtol=1e-12, atol=1e-12)
+
+
+def test_adams_calls_and_null_labels() -> None:
+    model, noise, labels = _setup()
+    R.sample(model, noise, labels, steps=5, guidance=2.0, solver="adams")
+    assert model.calls == [2 * len(labels)] * 5  # one batched [null; cond] call per step
+    # an explicit null equal to the null class is the default
+    default = R.sample(model, noise, labels, steps=3, guidance=2.0, solver="adams")
+    explicit = R.sample(model, noise, labels, np.full(2, NUM_CLASSES), steps=3, guidance=2.0,
+                        solver="adams")
+    np.testing.assert_array_equal(default, explicit)
+
+
 # ------------------------------------------------------------------------------------ time grid
 @settings(max_examples=30, deadline=None)
 @given(steps=st.integers(1, 60), shift=st.floats(0.1, 10.0))
@@ -245,6 +343,10 @@ BAD_INPUTS = [
     ("labels-float", lambda: _sample(labels=np.array([0.0, 1.0])), TypeError, "labels"),
     ("labels-shape", lambda: _sample(labels=np.array([0])), ValueError, "labels"),
     ("time-grid-steps", lambda: R.time_grid(-1), ValueError, "steps"),
+    ("adams-order", lambda: _sample(solver="adams", order=0), ValueError, "order"),
+    ("adams-order-float", lambda: _sample(solver="adams", order=2.0), TypeError, "order"),
+    ("null-range", lambda: _sample(null=np.array([0, NUM_CLASSES + 1])), ValueError, "null"),
+    ("adams-weights-grid", lambda: adams_weights(np.array([0.0, 1.0, 0.5])), ValueError, "grid"),
 ]
 
 
