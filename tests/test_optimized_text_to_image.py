@@ -1,9 +1,10 @@
 """`deco.optimized.TextDeCo` (spec/06-text-to-image.md) against the release's own outputs.
 
 Oracles: T.npz, computed by the release's text-to-image PixNerDiT and its Euler / AdamLMSampler
-from T.ckpt (float32; agreement ~1e-5 relative is what float32 allows); closed-form
-Adams-Bashforth weights; exact integrals of polynomial velocities; the release's parameter count
-of DeCo-XXL/16 (1,133,759,395, counted from its model class).
+from T.ckpt (float32; agreement ~1e-5 relative is what float32 allows); the float64 reference
+`deco.reference` over random tiny configs and non-square grids (1e-10 in float64, 1e-5 in
+float32); closed-form Adams-Bashforth weights; exact integrals of polynomial velocities; the
+release's parameter count of DeCo-XXL/16 (1,133,759,395, counted from its model class).
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import FIXTURE_RTOL, fixtures_folder, rel_err, tiny_config
+from helpers import FIXTURE_RTOL, fixtures_folder, random_weights, rel_err, tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deco import cli
+from deco import reference as R
 from deco.config import PRESETS, DeCoConfig, parameter_count
 from deco.optimized import build_model, load_model, sample, save_model, time_grid
 from deco.optimized.sampling import adams_weights
@@ -296,3 +300,66 @@ def test_unguided_text_sampling_needs_no_null(text_model: TextDeCo) -> None:
     noise, text = torch.randn(2, 3, 8, 8), torch.randn(2, 8, 48)
     out = sample(text_model, noise, text, steps=2, solver="adams")
     assert isinstance(out, torch.Tensor) and out.shape == noise.shape
+
+
+# ------------------------------------------------------------------ optimized vs the reference
+TEXT_CONFIGS = st.builds(
+    lambda c, p, heads, hd, depth, dd, dw, ratio, td, te, tl: DeCoConfig(
+        "t2i", c, p, heads * hd, heads, depth, dd, dw, 0, ratio, td, te, tl),
+    st.integers(1, 3), st.integers(1, 4), st.integers(2, 3), st.sampled_from([4, 8]),
+    st.integers(1, 2), st.integers(1, 2), st.integers(4, 12), st.sampled_from([4.0, 2.0, 2.5]),
+    st.integers(1, 2), st.integers(1, 12), st.integers(1, 6),
+)
+# Widths of at least 4 (decoder) and 8 (hidden): a LayerNorm over 2 channels is a near sign
+# function of their difference, which turns float32 rounding into O(1e-4) output changes.
+
+
+def _pair(config: DeCoConfig, seed: int) -> tuple[R.Model, TextDeCo]:
+    weights = random_weights(config, seed)
+    model = build_model(config).double()
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
+    assert isinstance(model, TextDeCo)
+    return R.Model(config, weights), model.eval()
+
+
+@settings(max_examples=20, deadline=None)
+@given(config=TEXT_CONFIGS, grid=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+       batch=st.integers(1, 2), seed=st.integers(0, 2**31))
+def test_forward_matches_the_reference(config: DeCoConfig, grid: tuple[int, int], batch: int,
+                                       seed: int) -> None:
+    # Non-square grids included: the crossed RoPE spans and the decoder layout show there.
+    ref, model = _pair(config, seed)
+    rng = np.random.default_rng(seed + 1)
+    p = config.patch_size
+    x = rng.standard_normal((batch, config.in_channels, grid[0] * p, grid[1] * p))
+    t = rng.uniform(0, 1, batch)
+    text = rng.standard_normal((batch, config.text_length, config.text_dim))
+    expected = ref.forward(x, t, text)
+    with torch.no_grad():
+        got64 = model(*(torch.as_tensor(a) for a in (x, t, text)))
+        semantic = model.semantic(*(torch.as_tensor(a) for a in (x, t, text)))
+        got32 = model.float()(*(torch.as_tensor(a, dtype=torch.float32) for a in (x, t, text)))
+    assert rel_err(got64, expected) < 1e-10
+    assert rel_err(semantic, ref.semantic(x, t, text)) < 1e-10
+    assert rel_err(got32, expected) < 1e-5
+
+
+@settings(max_examples=15, deadline=None)
+@given(solver=st.sampled_from(["euler", "heun", "adams"]), order=st.integers(1, 4),
+       steps=st.integers(1, 4), guidance=st.one_of(st.just(1.0), st.floats(0.0, 4.0)),
+       bounds=st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)).map(sorted),
+       timeshift=st.floats(0.25, 4.0), shared_null=st.booleans(), seed=st.integers(0, 2**31))
+def test_text_sampling_matches_the_reference(solver: str, order: int, steps: int, guidance: float,
+                                             bounds: list[float], timeshift: float,
+                                             shared_null: bool, seed: int) -> None:
+    config = DeCoConfig("t2i", 3, 2, 16, 2, 1, 1, 4, 0, 4.0, 1, 6, 3)
+    ref, model = _pair(config, seed)
+    rng = np.random.default_rng(seed + 1)
+    noise = rng.standard_normal((2, 3, 4, 6))
+    text = rng.standard_normal((2, 3, 6))
+    null = rng.standard_normal((3, 6) if shared_null else (2, 3, 6))
+    kwargs: dict[str, Any] = dict(steps=steps, guidance=guidance, interval=tuple(bounds),
+                                  timeshift=timeshift, solver=solver, order=order)
+    expected = R.sample(ref, noise, text, null, **kwargs)
+    got = sample(model, torch.as_tensor(noise), torch.as_tensor(text), torch.as_tensor(null), **kwargs)
+    assert rel_err(got, expected) < 1e-10
