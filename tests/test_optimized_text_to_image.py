@@ -363,3 +363,12 @@ def test_text_sampling_matches_the_reference(solver: str, order: int, steps: int
     expected = R.sample(ref, noise, text, null, **kwargs)
     got = sample(model, torch.as_tensor(noise), torch.as_tensor(text), torch.as_tensor(null), **kwargs)
     assert rel_err(got, expected) < 1e-10
+
+
+@pytest.mark.parametrize("command", [["sample", "--steps", "1"], ["spectrum"]])
+def test_class_only_commands_refuse_a_text_model(t_dir: Path, command: list[str],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main([command[0], str(t_dir / "T.ckpt"), *command[1:]])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "text-to-image" in err and "Traceback" not in err
