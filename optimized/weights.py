@@ -62,7 +62,8 @@ def read_state(path: str | Path, weights: str = "ema") -> tuple[DeCoConfig, dict
 def load_model(
     path: str | Path, *, weights: str = "ema", device: Any = None, dtype: torch.dtype | None = None
 ) -> DeCo | BaselineDiT:
-    """A `DeCo` or `BaselineDiT` (by the file's parameters) in eval mode.
+    """A `DeCo`, `TextDeCo` (text-to-image, a `DeCo`) or `BaselineDiT` (by the file's
+    parameters) in eval mode.
 
     weights: "ema" (default) or "online", for release checkpoints. dtype: default the stored
     dtype (float32 for release checkpoints). device: default CPU."""
@@ -85,7 +86,7 @@ def save_model(model: DiffusionTransformer, path: str | Path, dtype: torch.dtype
     from .model import DiffusionTransformer
 
     if not isinstance(model, DiffusionTransformer):
-        raise TypeError(f"model: expected a DeCo or BaselineDiT, got {type(model).__name__}")
+        raise TypeError(f"model: expected a DeCo, TextDeCo or BaselineDiT, got {type(model).__name__}")
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"path: folder {path.parent} does not exist")
