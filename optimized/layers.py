@@ -40,8 +40,19 @@ def layer_norm(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ embeddings
+def timestep_features(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t (B,) -> (B, 256) [cos(t f_k), sin(t f_k)], f_k = 10^(-k/128), computed in at least
+    float32 and returned in `dtype`."""
+    half = TIME_FREQ_DIM // 2
+    tdt = table_dtype(dtype)
+    k = torch.arange(half, device=t.device, dtype=tdt)
+    freqs = torch.exp(k * (-math.log(TIME_MAX_PERIOD) / half))  # (128,)
+    args = t.to(tdt)[:, None] * freqs[None, :]  # (B, 128)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype)
+
+
 class TimestepEmbedder(nn.Module):
-    """t (B,) in [0, 1] -> (B, D): fc2(silu(fc1([cos(t f_k), sin(t f_k)]))), f_k = 10^(-k/128)."""
+    """t (B,) in [0, 1] -> (B, D): fc2(silu(fc1(timestep_features(t))))."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -49,21 +60,17 @@ class TimestepEmbedder(nn.Module):
         self.fc2 = Linear(hidden_size, hidden_size)
 
     def forward(self, t: Tensor) -> Tensor:
-        half = TIME_FREQ_DIM // 2
-        dtype = table_dtype(self.fc1.weight.dtype)
-        k = torch.arange(half, device=t.device, dtype=dtype)
-        freqs = torch.exp(k * (-math.log(TIME_MAX_PERIOD) / half))  # (128,)
-        args = t.to(dtype)[:, None] * freqs[None, :]  # (B, 128)
-        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.fc1.weight.dtype)
+        feats = timestep_features(t, self.fc1.weight.dtype)  # (B, 256)
         out: Tensor = self.fc2(F.silu(self.fc1(feats)))  # (B, D)
         return out
 
 
 # ------------------------------------------------------------------------------------------ RoPE
-def rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
+def rope_angles(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
                 dtype: torch.dtype, spans: tuple[float, float] = (ROPE_SPAN, ROPE_SPAN)
                 ) -> tuple[Tensor, Tensor]:
-    """(cos, sin), each (L, 1, head_dim/2): pair k rotates by pos_x f_{k//2} (even k) or pos_y
+    """The RoPE angles of spec/03 §6 as the tables the model uses: (cos, sin), each
+    (L, 1, head_dim/2) (the reference returns the angles themselves). Pair k rotates by pos_x f_{k//2} (even k) or pos_y
     f_{k//2} (odd k), f_j = 10000^(-4j/head_dim), positions pos_x = linspace(0, spans[0], grid_w)
     and pos_y = linspace(0, spans[1], grid_h) (the class models: both spans 16)."""
     tdt = table_dtype(dtype)
@@ -78,11 +85,11 @@ def rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
     return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
 
-def text_rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
+def text_rope_angles(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
                      dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The text-to-image model's RoPE (spec/06-text-to-image.md): the span of each axis is a grid
     size, crossed as in the release: x positions (along a row) run to grid_h, y positions to grid_w."""
-    return rope_tables(grid_h, grid_w, head_dim, device, dtype, spans=(grid_h, grid_w))
+    return rope_angles(grid_h, grid_w, head_dim, device, dtype, spans=(grid_h, grid_w))
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -217,7 +224,7 @@ class LinearHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------- pixel decoder
-def dct_features(p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+def dct_position_features(p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(P, 64) DCT position features of the pixels of a p x p patch, row-major: feature a*8 + b
     of pixel (i, j) is cos(pi x_j f_a) cos(pi y_i f_b) / (1 + f_a f_b), f = linspace(0, 8, 8)."""
     tdt = table_dtype(dtype)
@@ -232,9 +239,9 @@ def dct_features(p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
 def text_position_features(p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(P, 64) position features of the text model's pixel decoder: the real part of the
     release's complex RoPE table over the p x p patch with dim 128, i.e. the cosines of
-    `text_rope_tables(p, p, 128)`: feature 2k is cos(x_j f_k), 2k+1 cos(y_i f_k) for pixel (i, j),
+    `text_rope_angles(p, p, 128)`: feature 2k is cos(x_j f_k), 2k+1 cos(y_i f_k) for pixel (i, j),
     f_k = 10000^(-k/32), x_j, y_i in linspace(0, p, p)."""
-    cos, _ = text_rope_tables(p, p, 2 * DCT_FREQS * DCT_FREQS, device, dtype)  # (P, 1, 64)
+    cos, _ = text_rope_angles(p, p, 2 * DCT_FREQS * DCT_FREQS, device, dtype)  # (P, 1, 64)
     return cos.reshape(p * p, DCT_FREQS * DCT_FREQS)
 
 
@@ -282,7 +289,7 @@ class PixelDecoder(nn.Module):
     for every op, which makes the decoder several times faster. Elsewhere, and while tracing or
     compiling (the loop would be unrolled for one shape), it is one chunk.
 
-    positions: the 64 per-pixel position features, "dct" (`dct_features`, the class models) or
+    positions: the 64 per-pixel position features, "dct" (`dct_position_features`, the class models) or
     "rope" (`text_position_features`, the text model).
     """
 
@@ -308,7 +315,7 @@ class PixelDecoder(nn.Module):
         c = self.final.out_features
         w_pix, w_pos = self.pixel_embed.weight[:, :c], self.pixel_embed.weight[:, c:]
         # Looked up at call time (not stored) so that tests can substitute the table function.
-        features = dct_features if self.positions == "dct" else text_position_features
+        features = dct_position_features if self.positions == "dct" else text_position_features
         pos = features(self.patch_size, w_pos.device, dtype)  # (P, 64)
         bias = self.input_proj(F.linear(pos, w_pos, self.pixel_embed.bias))  # (P, w)
         return self.input_proj.weight @ w_pix, bias

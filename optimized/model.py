@@ -25,7 +25,7 @@ from .layers import (
     LinearHead,
     PixelDecoder,
     TimestepEmbedder,
-    rope_tables,
+    rope_angles,
 )
 from .weights import load_model, save_model
 
@@ -70,7 +70,7 @@ class DiffusionTransformer(nn.Module):
 
     def rope(self, grid_h: int, grid_w: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """The DiT's RoPE tables (L, 1, hd/2) for a grid_h x grid_w token grid."""
-        return rope_tables(grid_h, grid_w, self.config.head_dim, like.device, like.dtype)
+        return rope_angles(grid_h, grid_w, self.config.head_dim, like.device, like.dtype)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:

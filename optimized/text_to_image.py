@@ -8,7 +8,7 @@ It is `DeCo` with a different condition: no label, c = silu(t_emb) alone, and te
 (linear + RMSNorm + a learned position table, refined by `text_depth` AdaLN self-attention
 blocks without RoPE) that every DiT block also attends to as extra keys/values. The trunk loop,
 blocks, attention, decoder and checks are the class model's, parametrised (`layers.DiTBlock`
-joint/fused_mlp, `layers.text_rope_tables`, `PixelDecoder(positions="rope")`).
+joint/fused_mlp, `layers.text_rope_angles`, `PixelDecoder(positions="rope")`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gemm import Linear
-from .layers import DiTBlock, RMSNorm, text_rope_tables
+from .layers import DiTBlock, RMSNorm, text_rope_angles
 from .model import DeCo, check_image_and_time
 
 
@@ -67,7 +67,7 @@ class TextDeCo(DeCo):
         return c, tokens
 
     def rope(self, grid_h: int, grid_w: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        return text_rope_tables(grid_h, grid_w, self.config.head_dim, like.device, like.dtype)
+        return text_rope_angles(grid_h, grid_w, self.config.head_dim, like.device, like.dtype)
 
     def check_inputs(self, x: Any, t: Any, text: Any) -> tuple[Tensor, Tensor, Tensor]:
         """Validate (x, t, text) and return them in the model's dtype; a 0-d t is broadcast over

@@ -31,7 +31,7 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def read_state(path: str | Path, weights: str = "ema") -> tuple[DeCoConfig, dict[str, torch.Tensor]]:
+def load_weights(path: str | Path, weights: str = "ema") -> tuple[DeCoConfig, dict[str, torch.Tensor]]:
     """(config, portable name -> CPU tensor) from a DeCo `.safetensors` or a release `.ckpt`."""
     if weights not in ("ema", "online"):
         raise ValueError(f"weights: expected 'ema' or 'online', got {weights!r}")
@@ -69,7 +69,7 @@ def load_model(
     dtype (float32 for release checkpoints). device: default CPU."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
-    config, state = read_state(path, weights)
+    config, state = load_weights(path, weights)
     from .model import build_model
 
     stored = next(iter(state.values())).dtype
