@@ -69,7 +69,7 @@ class TimestepEmbedder(nn.Module):
 def rope_angles(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
                 dtype: torch.dtype, spans: tuple[float, float] = (ROPE_SPAN, ROPE_SPAN)
                 ) -> tuple[Tensor, Tensor]:
-    """The RoPE angles of spec/03 §6 as the tables the model uses: (cos, sin), each
+    """The RoPE angles of spec/03 §4 as the tables the model uses: (cos, sin), each
     (L, 1, head_dim/2) (the reference returns the angles themselves). Pair k rotates by
     pos_x f_{k//2} (even k) or pos_y f_{k//2} (odd k), f_j = 10000^(-4j/head_dim), positions
     pos_x = linspace(0, spans[0], grid_w) and pos_y = linspace(0, spans[1], grid_h) (the class
