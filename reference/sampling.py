@@ -23,6 +23,7 @@ class VelocityModel(Protocol):
 def time_grid(steps: int, timeshift: float = 1.0) -> Array:
     """(steps + 1,) times from noise to data: shift(i / steps), i = 0..steps (§1)."""
     steps = as_int("steps", steps, low=1)
+    timeshift = as_finite_float("timeshift", timeshift, positive=True)  # named as the caller knows it
     return time_shift(np.arange(steps + 1) / steps, timeshift)
 
 
