@@ -76,6 +76,8 @@ def sample(
     low, high = (_as_float("interval", v) for v in interval)
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"interval: expected 0 <= low <= high <= 1, got {tuple(interval)}")
+    if not isinstance(solver, str):
+        raise TypeError(f"solver: expected 'euler' or 'heun', got {type(solver).__name__}")
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver: expected 'euler' or 'heun', got {solver!r}")
     grid = time_grid(steps, timeshift)

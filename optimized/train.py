@@ -152,6 +152,8 @@ def drop_labels(labels: Tensor, uniform: Tensor, p: float, null_class: int) -> T
 
 def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """x_t = t x + (1 - t) noise, t (B,) broadcast over the other axes."""
+    if noise.shape != x.shape:  # a broadcastable noise would otherwise pass silently
+        raise ValueError(f"noise: expected the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
     t = t.view(-1, *([1] * (x.ndim - 1)))
     return t * x + (1.0 - t) * noise
 
