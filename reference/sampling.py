@@ -108,7 +108,7 @@ def sample(
                        num_classes=model.config.num_classes)
     guidance = as_finite_float("guidance", guidance)
     low, high = check_interval(interval)
-    grid = time_grid(steps, as_finite_float("timeshift", timeshift, positive=True))
+    grid = time_grid(steps, timeshift)
     if not isinstance(solver, str):
         raise TypeError(f"solver: expected 'euler' or 'heun', got {type(solver).__name__}")
     if solver == "euler":

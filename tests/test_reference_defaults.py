@@ -160,6 +160,13 @@ def test_drop_labels_rejects_non_1d_labels(labels: Any) -> None:
         R.drop_labels(labels, np.zeros(np.shape(labels)), 0.5, 10)
 
 
+def test_uniform_time_accepts_the_closed_interval() -> None:
+    np.testing.assert_array_equal(R.uniform_time([0.0, 1.0]), [0.0, 1.0])
+    for bad in (-np.nextafter(0.0, 1.0), np.nextafter(1.0, 2.0)):
+        with pytest.raises(ValueError, match=r"^uniform:"):
+            R.uniform_time([0.5, bad])
+
+
 def test_time_shift_rejects_t_just_above_1() -> None:
     assert R.time_shift(1.0, 3.0) == 1.0
     with pytest.raises(ValueError, match=r"^t:"):
