@@ -19,7 +19,7 @@ from helpers import FIXTURE_RTOL, random_weights, rel_err, tiny_config
 from scipy.special import expit
 
 from deco import reference as R
-from deco.reference.frequency import reflect_pad
+from deco.reference.frequency import JPEG_CHROMINANCE, JPEG_LUMINANCE, reflect_pad
 from deco.reference.sampling import guidance_at
 
 
@@ -40,6 +40,19 @@ def release_model(fixtures_dir: Path) -> R.Model:
 def test_frequency_weights_default_is_quality_85_gamma_1(npz: Any) -> None:
     assert rel_err(R.frequency_weights(), npz["freq_weight_q85"]) <= FIXTURE_RTOL
     assert rel_err(R.frequency_weights(), npz["freq_weight_q50"]) > 100 * FIXTURE_RTOL  # tells q apart
+
+
+def test_every_base_table_entry_matches_the_release(npz: Any) -> None:
+    """At quality 50 the quantisation table is the base table T and w = (mean Q / Q) / mean, so the
+    release's q50 weights give T = T[0, 0] w[0, 0] / w entry by entry (T[0, 0] = 16 luminance,
+    17 chrominance, Annex K). Quality 85 alone cannot see every entry: floor((30 T + 50) / 100)
+    maps neighbouring integers to the same step."""
+    w50 = npz["freq_weight_q50"].astype(np.float64)
+    tables = [(JPEG_LUMINANCE, 16), (JPEG_CHROMINANCE, 17), (JPEG_CHROMINANCE, 17)]  # Y, Cb, Cr
+    for c, (base, corner) in enumerate(tables):
+        recovered = corner * w50[c, 0, 0] / w50[c]
+        np.testing.assert_allclose(recovered, np.round(recovered), atol=1e-3)  # integers, up to float32
+        np.testing.assert_array_equal(np.round(recovered), base)
 
 
 @pytest.mark.parametrize("j", [0, 1])
