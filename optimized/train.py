@@ -147,6 +147,10 @@ def drop_labels(labels: Tensor, uniform: Tensor, p: float, null_class: int) -> T
         raise TypeError(f"labels: expected a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
     if uniform.shape != labels.shape:
         raise ValueError(f"uniform: expected shape {tuple(labels.shape)}, got {tuple(uniform.shape)}")
+    # checked here, not left to the embedding: on CUDA an out-of-range index is a device-side assert
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > null_class):
+        raise ValueError(f"labels: labels must lie in 0..{null_class} ({null_class} is the null class), "
+                         f"got values in {int(labels.min())}..{int(labels.max())}")
     return torch.where(uniform < p, torch.full_like(labels, null_class), labels)
 
 

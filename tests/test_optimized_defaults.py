@@ -96,7 +96,8 @@ def test_drop_labels_uniform_draws_at_exactly_0_and_1() -> None:
     assert drop_labels(labels, u, 0.0, 9).tolist() == [3, 4, 5]
     assert drop_labels(labels, u, 0.5, 9).tolist() == [9, 4, 5]
     assert drop_labels(labels, u, 1.0, 9).tolist() == [9, 9, 5]
-    assert drop_labels(labels, u, 1.0, 1).dtype == labels.dtype
+    assert drop_labels(labels, u, 1.0, 9).dtype == labels.dtype
+    assert drop_labels(torch.tensor([0, 1]), u[1:], 0.6, 1).tolist() == [1, 1]  # null_class = 1
 
 
 def test_interpolate_endpoints() -> None:
@@ -198,6 +199,8 @@ BAD_INPUTS: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("drop-labels-float", lambda: drop_labels(L2.double(), U2, 0.5, 10), TypeError, "labels"),
     ("drop-labels-2d", lambda: drop_labels(L2[None], U2[None], 0.5, 10), TypeError, "labels"),
     ("drop-uniform-shape", lambda: drop_labels(L2, U2[:1], 0.5, 10), ValueError, "uniform"),
+    ("drop-labels-above-null", lambda: drop_labels(L2, U2, 0.5, 1), ValueError, "labels"),
+    ("drop-labels-negative", lambda: drop_labels(-L2, U2, 0.5, 10), ValueError, "labels"),
     ("interpolate-noise-broadcast", lambda: interpolate(X4, X4[..., :1], torch.ones(2)), ValueError, "noise"),
     ("interpolate-noise-batch", lambda: interpolate(X4, X4[:1], torch.ones(2)), ValueError, "noise"),
 ]
