@@ -55,6 +55,13 @@ def test_every_base_table_entry_matches_the_release(npz: Any) -> None:
         np.testing.assert_array_equal(np.round(recovered), base)
 
 
+def test_quantisation_rounds_half_up() -> None:
+    """Q = floor((T scale + 50) / 100): at quality 50 (scale 100) a step of 1.49 rounds to 1 and
+    1.5 to 2. The JPEG tables are integers and never reach such a tie, so only a non-table base
+    pins the offset 50."""
+    np.testing.assert_array_equal(R.quantisation_table(np.array([[1.49, 1.5, 2.5]]), 50), [[1, 2, 3]])
+
+
 @pytest.mark.parametrize("j", [0, 1])
 def test_frequency_aware_loss_default_is_quality_85(npz: Any, j: int) -> None:
     pred, target = npz[f"loss{j}_pred"], npz[f"loss{j}_target"]
