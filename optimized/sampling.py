@@ -90,14 +90,15 @@ def adams_weights(grid: Sequence[float], order: int = 2) -> list[list[float]]:
 
 @torch.inference_mode()
 def sample(
-    model: VelocityModel, noise: Tensor, cond: Any, null: Any = None, *, steps: int,
+    model: VelocityModel, noise: Tensor, labels: Any, null: Any = None, *, steps: int,
     guidance: float = 1.0, interval: tuple[float, float] = (0.0, 1.0), timeshift: float = 1.0,
     solver: str = "euler", exact_heun: bool = False, order: int = 2,
     return_trajectory: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Integrate dx/dt = v from t = 0 (noise (B, C, H, W)) to t = 1 (images).
 
-    cond: class labels (B,) for the class models, whose `null` is labels (B,) too, by default
+    labels: the condition (as in the reference): class labels (B,) for the class models, whose
+    `null` is labels (B,) too, by default
     the null class num_classes; text embeddings (B, T, E) for the text model, whose `null` is the
     null text embedding, (T, E) (for every sample) or (B, T, E), required when guidance != 1.
 
@@ -116,12 +117,14 @@ def sample(
     if noise.ndim != 4:
         raise ValueError(f"noise: expected a 4-D tensor (B, C, H, W), got shape {tuple(noise.shape)}")
     guidance = _as_float("guidance", guidance)
-    cond, null = _as_condition(model.config, cond, null, noise, guidance)
+    cond, null = _as_condition(model.config, labels, null, noise, guidance)
     if not isinstance(interval, (tuple, list)) or len(interval) != 2:
         raise TypeError(f"interval: expected a pair (low, high), got {interval!r}")
     low, high = (_as_float("interval", v) for v in interval)
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"interval: expected 0 <= low <= high <= 1, got {tuple(interval)}")
+    if not isinstance(solver, str):
+        raise TypeError(f"solver: expected one of {SOLVERS}, got {type(solver).__name__}")
     if solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
     grid = time_grid(steps, timeshift)
@@ -208,7 +211,7 @@ def _as_condition(config: Any, cond: Any, null: Any, noise: Tensor,
             return labels, torch.full_like(labels, config.num_classes)
         return labels, _as_labels("null", null, batch, config.num_classes, noise.device)
     text_shape = (config.text_length, config.text_dim)
-    text = _as_text("cond", cond, noise, (batch, *text_shape))
+    text = _as_text("labels", cond, noise, (batch, *text_shape))
     if null is None:
         if guidance != 1.0:
             raise ValueError(f"null: guidance {guidance} needs the null text embedding "
@@ -222,7 +225,7 @@ def _as_condition(config: Any, cond: Any, null: Any, noise: Tensor,
 def _as_text(name: str, value: Any, noise: Tensor, shape: tuple[int, ...]) -> Tensor:
     if not isinstance(value, Tensor) or not value.is_floating_point():
         what = f"a tensor of dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
-        hint = " (class labels are for a class-to-image model)" if name == "cond" else ""
+        hint = " (class labels are for a class-to-image model)" if name == "labels" else ""
         raise TypeError(f"{name}: expected a floating-point torch.Tensor of text-encoder hidden "
                         f"states {shape}, got {what}{hint}")
     if tuple(value.shape) != shape:
