@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "deco.cli_basic",
     "deco.cli_deploy",
     "deco.cli_train",
+    "deco.cli_metrics",
 ]
 
 

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import first_line
+
 if TYPE_CHECKING:
     from transformers import Dinov2Config, Dinov2Model
 
@@ -54,12 +56,6 @@ def _require_transformers() -> Any:
         raise ImportError("REPA's DINOv2 encoder needs transformers: "
                           "pip install 'deco-diffusion[repa]'") from exc
     return transformers
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (user errors are reported on one line)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 # ------------------------------------------------------------------- preprocessing
@@ -271,7 +267,7 @@ def _load_original(path: Path) -> Dinov2Model:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several kinds (pickle, zip, runtime) on a bad file
-        raise ValueError(f"path: cannot read {path} as a DINOv2 state dict: {_first_line(exc)}") from exc
+        raise ValueError(f"path: cannot read {path} as a DINOv2 state dict: {first_line(exc)}") from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # some exports wrap the weights
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -307,7 +303,7 @@ def _load_hf_folder(path: Path) -> Dinov2Model:
     try:
         model: Dinov2Model = transformers.Dinov2Model.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"path: cannot load the DINOv2 folder {path}: {_first_line(exc)}") from exc
+        raise ValueError(f"path: cannot load the DINOv2 folder {path}: {first_line(exc)}") from exc
     return model
 
 
