@@ -300,9 +300,11 @@ def _load_hf_folder(path: Path) -> Dinov2Model:
         raise ValueError(f"path: unreadable {config_file}: {exc}") from exc
     if model_type != "dinov2":
         raise ValueError(f"path: {config_file} is model_type {model_type!r}, expected 'dinov2'")
+    from safetensors import SafetensorError
+
     try:
         model: Dinov2Model = transformers.Dinov2Model.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise ValueError(f"path: cannot load the DINOv2 folder {path}: {first_line(exc)}") from exc
     return model
 

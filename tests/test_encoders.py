@@ -224,6 +224,13 @@ def test_bad_paths_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"^path: .* has no config.json"):
         load_repa_encoder(tmp_path / "empty")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "config.json").write_text('{"model_type": "dinov2"}')
+    with pytest.raises(ValueError, match=r"^path: cannot load the DINOv2 folder .* no file named"):
+        load_repa_encoder(tmp_path / "torn")
+    (tmp_path / "torn" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"^path: cannot load the DINOv2 folder"):
+        load_repa_encoder(tmp_path / "torn")
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "config.json").write_text('{"model_type": "clip"}')
     with pytest.raises(ValueError, match=r"^path: .* model_type 'clip'"):
@@ -233,3 +240,37 @@ def test_bad_paths_are_one_line_errors(tmp_path: Path) -> None:
 def test_bad_images() -> None:
     with pytest.raises(ValueError, match=r"^x: expected a floating-point \(B, 3, H, W\)"):
         repa_preprocess(torch.zeros(2, 1, 8, 8))
+
+
+def vitb14_original_shapes() -> dict[str, tuple[int, ...]]:
+    """dinov2_vitb14_pretrain.pth as DinoVisionTransformer(img_size=518, patch_size=14, embed_dim=768,
+    depth=12, mlp_ratio=4, init_values=1e-5, block_chunks=0) defines it."""
+    d = 768
+    shapes: dict[str, tuple[int, ...]] = {
+        "cls_token": (1, 1, d), "pos_embed": (1, 1 + 37 * 37, d), "mask_token": (1, d),
+        "patch_embed.proj.weight": (d, 3, 14, 14), "patch_embed.proj.bias": (d,),
+        "norm.weight": (d,), "norm.bias": (d,)}
+    for i in range(12):
+        for name, shape in {"norm1.weight": (d,), "norm1.bias": (d,), "attn.qkv.weight": (3 * d, d),
+                            "attn.qkv.bias": (3 * d,), "attn.proj.weight": (d, d), "attn.proj.bias": (d,),
+                            "ls1.gamma": (d,), "norm2.weight": (d,), "norm2.bias": (d,),
+                            "mlp.fc1.weight": (4 * d, d), "mlp.fc1.bias": (4 * d,),
+                            "mlp.fc2.weight": (d, 4 * d), "mlp.fc2.bias": (d,), "ls2.gamma": (d,)}.items():
+            shapes[f"blocks.{i}.{name}"] = shape
+    return shapes
+
+
+def test_vitb14_layout_converts_to_dinov2_base() -> None:
+    """The full-size original layout (no weights: meta tensors) gives facebook/dinov2-base's
+    config, and its converted names and shapes are exactly that model's."""
+    from deco.encoders import config_from_original
+
+    state = {k: torch.empty(s, device="meta") for k, s in vitb14_original_shapes().items()}
+    config = config_from_original(state)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
+    assert (config.patch_size, config.image_size, config.mlp_ratio) == (14, 518, 4)
+    with torch.device("meta"):
+        target = transformers.Dinov2Model(config)
+    expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    converted = original_to_hf(state, expected.keys())
+    assert {k: tuple(v.shape) for k, v in converted.items()} == expected
