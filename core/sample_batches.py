@@ -163,6 +163,9 @@ def generate_shards(generate: Generate, folder: str | Path, plan: ShardPlan, *,
                         f"got {type(generate).__name__}")
     if not isinstance(plan, ShardPlan):
         raise TypeError(f"plan: expected a ShardPlan, got {type(plan).__name__}")
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"rank: give both rank and world_size or neither, got rank={rank}, "
+                         f"world_size={world_size}")
     if rank is None or world_size is None:
         rank, world_size = _distributed_rank_world()
     folder = Path(folder)
@@ -191,7 +194,8 @@ def _write_npy_member(archive: zipfile.ZipFile, name: str, dtype: np.dtype[Any],
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
     member: IO[bytes]
     with archive.open(name, "w", force_zip64=True) as member:
-        np.lib.format.write_array_header_2_0(member, header)
+        # format 1.0: the oldest, read by every numpy and by ADM's own streaming reader
+        np.lib.format.write_array_header_1_0(member, header)
         for chunk in chunks():
             member.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
 

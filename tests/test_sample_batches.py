@@ -100,6 +100,8 @@ def test_resume_skips_finished_shards(tmp_path: Path) -> None:
     rest = Counting()
     assert generate_shards(rest, tmp_path, plan, rank=0, world_size=1, progress=False) == [1, 2, 3]
     assert rest.seeds == [101, 102, 103]
+    with pytest.raises(ValueError, match=r"^rank: give both"):
+        generate_shards(rest, tmp_path, plan, rank=0, progress=False)
     assert shard_indices(tmp_path) == [0, 1, 2, 3, 4]
 
 
@@ -115,6 +117,12 @@ def test_assembled_file_is_the_concatenation(tmp_path: Path) -> None:
         np.testing.assert_array_equal(data["arr_0"], expected)
         np.testing.assert_array_equal(data["arr_1"], balanced_labels(23, 4))
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (23, 4, 5, 3)
+    # and `deco fid`'s streaming reader sees the same images
+    from deco.metrics import image_batches
+
+    n, batches = image_batches(out, 10)
+    assert n == 23
+    np.testing.assert_array_equal(np.concatenate(list(batches)), expected)
 
 
 def test_assemble_refuses_missing_or_foreign_shards(tmp_path: Path) -> None:
