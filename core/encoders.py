@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +98,15 @@ def dinov2_position_embeddings(pos_embed: Tensor, grid_h: int, grid_w: int,
     return torch.cat([cls, patches], dim=1)
 
 
+def _original_interpolate_pos_encoding(embeddings: Any, tokens: Tensor, height: int,
+                                       width: int) -> Tensor:
+    """Dinov2Embeddings.interpolate_pos_encoding, the original DINOv2's way."""
+    patch = embeddings.patch_embeddings.patch_size
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    position: Tensor = embeddings.position_embeddings
+    return dinov2_position_embeddings(position, height // ph, width // pw)
+
+
 # ------------------------------------------------------------------- the encoder
 class RepaEncoder(nn.Module):
     """Frozen DINOv2 (transformers' Dinov2Model) as REPA's target: images in [-1, 1] -> patch tokens.
@@ -112,14 +122,11 @@ class RepaEncoder(nn.Module):
         self.patch_size = int(patch if isinstance(patch, int) else patch[0])
         self.dim = int(model.config.hidden_size)
         # The original DINOv2's position-embedding resize instead of transformers' (see the module
-        # docstring): the one method of Dinov2Embeddings that differs.
+        # docstring): the one method of Dinov2Embeddings that differs, overridden on this instance
+        # (a bound method, so that a deep copy rebinds it to the copied embeddings).
         embeddings = model.embeddings
-
-        def interpolate(tokens: Tensor, height: int, width: int) -> Tensor:
-            grid = (height // self.patch_size, width // self.patch_size)
-            return dinov2_position_embeddings(embeddings.position_embeddings, *grid)
-
-        setattr(embeddings, "interpolate_pos_encoding", interpolate)  # noqa: B010 (an instance override)
+        setattr(embeddings, "interpolate_pos_encoding",  # noqa: B010
+                types.MethodType(_original_interpolate_pos_encoding, embeddings))
         self.requires_grad_(False)
         self.eval()
 

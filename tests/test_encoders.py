@@ -7,6 +7,7 @@ DINOv2 parameter names as its public vision_transformer.py/layers define them.""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,11 @@ def test_features_on_another_grid(model: transformers.Dinov2Model, saved: dict[s
     with torch.no_grad():
         expected = small(pixel_values=repa_preprocess(x)).last_hidden_state[:, 1:]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    twin = copy.deepcopy(encoder)  # the override follows the copy's own weights
+    with torch.no_grad():
+        twin.model.embeddings.position_embeddings.mul_(0.0)
+    assert not torch.allclose(twin(x), got, atol=1e-3)
+    torch.testing.assert_close(encoder(x), got, rtol=0, atol=0)
 
 
 def test_position_embeddings_against_numpy() -> None:
