@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import random_weights, tiny_config
+from helpers import random_weights, require_module, tiny_config
 from numpy.typing import NDArray
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 from deco.encoders import (  # noqa: E402
     IMAGENET_MEAN,

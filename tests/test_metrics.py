@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from helpers import missing_extra
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
@@ -177,6 +178,15 @@ def test_image_batches_refuses_non_images(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ Inception and `deco fid`
+@pytest.fixture(scope="module")
+def fidelity() -> Any:
+    """torch-fidelity's Inception (the `metrics` extra), which the tests below need."""
+    try:
+        return _fidelity_inception_class()
+    except ImportError as exc:
+        missing_extra(f"torch-fidelity is not installed ({exc}); pip install 'deco-diffusion[metrics]'")
+
+
 def random_extractor(seed: int = 0) -> nn.Module:
     """torch-fidelity's Inception-v3 with random weights that keep activations O(1) (He init)."""
     cls = _fidelity_inception_class()
@@ -199,7 +209,7 @@ def random_extractor(seed: int = 0) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def inception_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def inception_file(tmp_path_factory: pytest.TempPathFactory, fidelity: Any) -> Path:
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
     torch.save(random_extractor().state_dict(), path)
     return path
