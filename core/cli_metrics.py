@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,9 @@ def fid(args: argparse.Namespace) -> int:
     for name, value in (("Precision", result.precision), ("Recall", result.recall)):
         print(f"{name}: {'n/a (no reference images)' if value is None else f'{value:.6g}'}")
     print(f"({result.num_samples} samples, reference statistics {result.reference_stats})")
+    if not result.standard_inception:
+        print(f"warning: {args.inception_weights} (sha256 {result.inception_sha256[:12]}...) is not the "
+              "standard Inception weights file: not comparable to published numbers", file=sys.stderr)
     if args.json is not None:
         write_json(args.json, result.to_dict())
     return 0

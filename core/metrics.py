@@ -1,6 +1,6 @@
 """FID, sFID, Inception Score, precision and recall, as the ADM evaluation suite computes them.
 
-    inception = load_inception("pt_inception-2015-12-05.pth", device)
+    inception = load_inception("weights-inception-2015-12-05-6726825d.pth", device)
     result = evaluate_sample_batches("samples.npz", "VIRTUAL_imagenet256_labeled.npz", inception)
 
 Inputs are ADM's sample batches: `.npz` files with `arr_0`, (N, H, W, 3) uint8 images; a reference
@@ -35,6 +35,7 @@ from TensorFlow, so mixing them with our sample statistics adds that round-off d
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import io
@@ -60,6 +61,8 @@ Array = NDArray[np.float64]
 SPATIAL_CHANNELS = 7
 IS_SPLIT_SIZE = 5000
 PR_NEIGHBOURS = 3
+#: torch-fidelity's weights-inception-2015-12-05-6726825d.pth (the TensorFlow graph's weights).
+STANDARD_WEIGHTS_SHA256_PREFIX = "6726825d"
 
 
 # ------------------------------------------------------------------------- Inception
@@ -103,9 +106,10 @@ class InceptionFeatures:
 class Inception(nn.Module):
     """torch-fidelity's Inception-v3 returning ADM's three feature sets for uint8 images."""
 
-    def __init__(self, extractor: nn.Module) -> None:
+    def __init__(self, extractor: nn.Module, sha256: str = "") -> None:
         super().__init__()
         self.extractor = extractor
+        self.sha256 = sha256  # of the weights file
         self._spatial: list[Tensor] = []
         # mixed_6/conv of the TensorFlow graph = Mixed_6d.branch1x1 (conv, batch norm, ReLU).
         branch = extractor.get_submodule("Mixed_6d.branch1x1")
@@ -124,10 +128,12 @@ class Inception(nn.Module):
 
 
 def load_inception(weights: str | Path, device: str | torch.device = "cpu") -> Inception:
-    """Inception-v3 from a local torch-fidelity weights file (pt_inception-2015-12-05-6726825d.pth).
+    """Inception-v3 from a local torch-fidelity weights file (weights-inception-2015-12-05-6726825d.pth).
 
     The file is read once with weights_only=True (a plain state dict of tensors, nothing else is
-    unpickled); torch-fidelity then builds the network from those same bytes."""
+    unpickled); torch-fidelity then builds the network from those same bytes. Its SHA-256 is kept
+    (`Inception.sha256`): published FIDs need the standard file, whose SHA-256 begins with
+    STANDARD_WEIGHTS_SHA256_PREFIX (the hash suffix of its name, torch.hub's convention)."""
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"inception_weights: no such file: {path}")
@@ -144,7 +150,8 @@ def load_inception(weights: str | Path, device: str | torch.device = "cpu") -> I
                         feature_extractor_weights_path=io.BytesIO(data))
     except RuntimeError as exc:  # load_state_dict: missing keys or wrong shapes
         raise ValueError(f"inception_weights: {path} does not fit Inception-v3: {first_line(exc)}") from exc
-    return Inception(extractor).to(torch.device(device))
+    inception = Inception(extractor, hashlib.sha256(data).hexdigest())
+    return inception.to(torch.device(device))
 
 
 def inception_features(inception: Inception, batches: Iterator[NDArray[np.uint8]],
@@ -288,6 +295,11 @@ class Metrics:
     num_samples: int
     num_reference: int | None
     reference_stats: str  # "precomputed" or "computed"
+    inception_sha256: str  # of the weights file: comparable to published numbers if standard
+
+    @property
+    def standard_inception(self) -> bool:
+        return self.inception_sha256.startswith(STANDARD_WEIGHTS_SHA256_PREFIX)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -346,5 +358,5 @@ def evaluate_sample_batches(samples: str | Path, reference: str | Path, inceptio
     return Metrics(
         inception_score=inception_score(gen.logits), fid=fid, sfid=sfid, precision=precision,
         recall=recall, num_samples=n_gen, num_reference=n_ref,
-        reference_stats=stats_source,
+        reference_stats=stats_source, inception_sha256=inception.sha256,
     )

@@ -7,6 +7,7 @@ extractor (the wrapped library) on a randomly initialised Inception-v3 saved to 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -292,7 +293,9 @@ def test_deco_fid_end_to_end(inception_file: Path, tmp_path: Path,
                  "--inception-weights", str(inception_file), "--batch-size", "4", "--device", "cpu",
                  "--json", str(out)])
     assert code == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "is not the standard Inception weights file" in captured.err  # random weights
     assert all(f"{name}:" in printed for name in ("Inception Score", "FID", "sFID", "Precision", "Recall"))
     got = json.loads(out.read_text())
 
@@ -304,6 +307,7 @@ def test_deco_fid_end_to_end(inception_file: Path, tmp_path: Path,
     precision, recall = brute_force_pr(ref["pool"], gen["pool"])
     assert got["num_samples"] == 6 and got["num_reference"] == 5
     assert got["reference_stats"] == "precomputed"
+    assert got["inception_sha256"] == hashlib.sha256(inception_file.read_bytes()).hexdigest()
     assert got["fid"] == pytest.approx(fid, rel=1e-4) and fid > 0
     assert got["sfid"] == pytest.approx(sfid, rel=1e-4)
     assert sfid > frechet_low_rank(gen["spatial"], ref["spatial"])  # the doubled sigma_s counted
