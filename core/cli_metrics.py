@@ -35,7 +35,7 @@ def register(sub: Any) -> None:
 def fid(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluation import write_json
+    from .outputs import write_json
     from .metrics import evaluate_sample_batches, load_inception
 
     if args.batch_size < 1:

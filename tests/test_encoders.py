@@ -27,7 +27,7 @@ from deco.encoders import (  # noqa: E402
     original_to_hf,
     repa_preprocess,
 )
-from deco.optimized import train as T  # noqa: E402
+from deco.optimized import trainer as T  # noqa: E402
 from deco.optimized.model import build_model  # noqa: E402
 
 DIM, DEPTH, PATCH, GRID = 128, 2, 14, 4  # pretraining grid 4x4 at 56 px (ViT-B/14: 37x37 at 518)
