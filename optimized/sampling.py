@@ -118,17 +118,30 @@ def _as_float(name: str, value: Any) -> float:
 
 
 def _as_labels(labels: Any, batch: int, num_classes: int, device: torch.device) -> Tensor:
+    """The labels as a (batch,) int64 tensor on `device`, range-checked once per `sample` call
+    (the model's forward checks no values, to stay free of device syncs)."""
     try:
-        y = torch.as_tensor(labels, device=device)
+        y = torch.as_tensor(labels)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"labels: expected integer class labels, got {type(labels).__name__}") from None
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"labels: expected integer class labels, got dtype {y.dtype}")
     if tuple(y.shape) != (batch,):
         raise ValueError(f"labels: expected shape ({batch},), got {tuple(y.shape)}")
-    if batch and (int(y.min()) < 0 or int(y.max()) > num_classes):
+    check_label_range("labels", y, num_classes)
+    return y.to(device=device, dtype=torch.long)
+
+
+def check_label_range(name: str, y: Tensor, num_classes: int) -> None:
+    """ValueError naming `name` unless every label lies in 0..num_classes (the null class).
+
+    One host transfer (a device sync for a CUDA tensor): call it once per batch or sampling
+    run, never inside a model's forward."""
+    if y.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(y.detach())).tolist()  # one transfer, not two
+    if low < 0 or high > num_classes:
         raise ValueError(
-            f"labels: labels must lie in 0..{num_classes} ({num_classes} is the null class), "
-            f"got values in {int(y.min())}..{int(y.max())}"
+            f"{name}: labels must lie in 0..{num_classes} ({num_classes} is the null class), "
+            f"got values in {low}..{high}"
         )
-    return y.long()

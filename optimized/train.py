@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .gemm import Linear
 from .loss import flow_matching_loss, frequency_aware_loss
 from .model import DiffusionTransformer
+from .sampling import check_label_range
 
 TimeSampling = Literal["logit_normal", "uniform"]
 
@@ -347,6 +348,9 @@ class Trainer:
             raise TypeError(f"y: expected an integer tensor of labels, got {_describe(y)}")
         if tuple(y.shape) != (x.shape[0],):
             raise ValueError(f"y: expected shape ({x.shape[0]},), got {tuple(y.shape)}")
+        # Checked here, on the batch as given (usually still on the CPU: no device sync), since
+        # the model's forward checks no values.
+        check_label_range("y", y, self.null_class)
         return x.to(self.device, self.dtype), y.to(self.device)
 
     # ------------------------------------------------------------------------------ step
