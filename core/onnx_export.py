@@ -15,8 +15,14 @@ We use the TorchScript exporter (`dynamo=False`): the torch.export-based one nee
 which is not a dependency of this project. It has no symbolic for `aten::rms_norm`, and its
 `layer_norm` symbolic needs a normalized shape known at trace time, whereas the model passes
 `(x.shape[-1],)`, which tracing records as a graph value; its `linspace` returns NaN for one
-step. `_symbolics` supplies replacements, written for the case the model uses (normalisation over
-the last axis).
+step; its `addcmul` multiplies by a float32 constant, which promotes a float16/bfloat16 graph to
+float32 from the first AdaLN modulation on. `_symbolics` supplies replacements, written for the
+case the model uses (normalisation over the last axis).
+
+Weights above `EXTERNAL_DATA_THRESHOLD` (1 GiB) go to ONE external data file `<graph>.data`
+beside the graph (protobuf cannot hold 2 GiB; DeCo-XL/16 has 2.7 GB of float32 weights), found by
+onnxruntime relative to the graph's path. `dtype="float16"|"bfloat16"` stores and computes in that
+type behind a float32 interface (`RTOL_BY_DTYPE` states the agreement).
 
 The file carries `metadata_props`: `deco_format`, `config` (JSON), `deco_graph`, and the
 SHA-256 and path of the weight file it came from, so `deco onnx-check` can rebuild the float64
@@ -249,8 +255,9 @@ def export_onnx(
     Everything is built in a temporary folder beside `path` and moved into place only after the
     graph passes `onnx.checker.check_model(full_check=True)` and matches torch in onnxruntime at a
     shape other than the traced one (ValueError otherwise); on any failure, KeyboardInterrupt
-    included, the folder is removed and nothing is left. The data file is moved first and the
-    graph last, so a graph is never visible without its data.
+    included, the folder is removed and nothing is left (an earlier export at `path` is left as
+    it was). The data file is moved first and the graph last, so a graph is never visible
+    without its own data (see `_install`).
     """
     config = getattr(model, "config", None)
     if not isinstance(config, DeCoConfig):
@@ -317,13 +324,19 @@ def data_file(path: str | Path) -> Path:
 
 
 def _install(staged: Path, path: Path, external: bool) -> None:
-    """Move the staged graph (and its data file) to `path`, data first, graph last; a stale data
-    file of an earlier external export at `path` is removed when the new graph has none."""
+    """Move the staged graph (and its data file) to `path`.
+
+    Two files cannot be renamed at once, so the order is chosen to fail cleanly: an earlier graph
+    whose data file is about to be replaced is removed first (a reader then finds no graph,
+    never an old graph reading offsets into new data), the data goes next and the graph last. A
+    stale data file of an earlier external export goes when the new graph has none."""
     staged_data, target_data = data_file(staged), data_file(path)
     moves = [(staged_data, target_data)] if external else []
     for src, _ in [*moves, (staged, path)]:
         with open(src, "rb") as f:
             os.fsync(f.fileno())
+    if external and target_data.exists():
+        path.unlink(missing_ok=True)
     for src, dst in [*moves, (staged, path)]:
         os.replace(src, dst)
     if not external:
@@ -419,7 +432,7 @@ def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: boo
         got, reason = None, str(exc).splitlines()[0][:200]
     if got is not None:
         err = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
-        reason = f"relative error {err:.1e} vs torch"
+        reason = f"relative error {err:.1e} vs torch (bound {rtol:g})"
         if err <= rtol:
             return
     shape = tuple(inputs[0].shape)

@@ -19,6 +19,7 @@ from deco import onnx_export
 from deco.cli import main
 from deco.onnx_export import RTOL_BY_DTYPE, data_file, export_onnx
 from deco.onnx_runtime import OnnxVelocityModel
+from deco.onnx_runtime import sample as onnx_sample
 from deco.optimized.model import build_model
 from deco.reference import Model, save_weights
 
@@ -73,6 +74,21 @@ def test_forced_external_data_is_one_file_beside_the_graph(architecture: str, tm
     assert rel_err(got, Model(model.config, weights).forward(x, t, y)) <= 1e-5  # type: ignore[arg-type]
 
 
+def test_onnxruntime_sampler_on_an_external_data_graph(tmp_path: Path) -> None:
+    from deco.optimized.sampling import sample
+
+    model, _ = tiny()
+    graph = OnnxVelocityModel(export_onnx(model, tmp_path / "m.onnx", external_data=True))
+    noise = np.random.default_rng(2).standard_normal((2, 3, 8, 12)).astype(np.float32)
+    labels = np.array([4, 10])
+    options: dict[str, Any] = {"steps": 4, "guidance": 2.0, "interval": (0.1, 1.0)}
+    got = onnx_sample(graph, noise, labels, **options)
+    with torch.no_grad():
+        expected = sample(model, torch.from_numpy(noise), torch.from_numpy(labels), **options)
+    assert isinstance(expected, torch.Tensor)
+    assert rel_err(got, expected.double().numpy()) <= 1e-4
+
+
 def test_the_pair_moves_together(tmp_path: Path) -> None:
     """The data file is found relative to the graph, wherever the pair is moved."""
     model, _ = tiny()
@@ -99,6 +115,16 @@ def test_threshold_chooses_external_data(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1 << 30)
     export_onnx(model, big)  # re-exported as one file: the stale data file goes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "small.onnx"]
+
+
+def test_overwriting_a_pair_gives_the_new_pair(tmp_path: Path) -> None:
+    old, _ = tiny()
+    new, _ = tiny(seed=11)
+    export_onnx(old, tmp_path / "m.onnx", external_data=True)
+    path = export_onnx(new, tmp_path / "m.onnx", external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    x, t, y = inputs()
+    assert rel_err(OnnxVelocityModel(path).forward(x, t, y), torch_forward(new, x, t, y)) <= 1e-4
 
 
 class FrozenBatch(torch.nn.Module):
