@@ -332,6 +332,8 @@ def _install(staged: Path, path: Path, external: bool) -> None:
     stale data file of an earlier external export goes when the new graph has none."""
     staged_data, target_data = data_file(staged), data_file(path)
     moves = [(staged_data, target_data)] if external else []
+    if external:  # onnx creates the data file as 0600; give it the graph's normal permissions
+        shutil.copymode(staged, staged_data)
     for src, _ in [*moves, (staged, path)]:
         with open(src, "rb") as f:
             os.fsync(f.fileno())

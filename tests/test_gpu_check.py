@@ -14,9 +14,9 @@ import torch
 from helpers import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "bench" / "gpu_check.py"
-KEYS = ["cuda-tests/pytest -m cuda", "sampling/eager", "sampling/cuda-graphs", "training/ours-trainer",
-        "training/ours", "training/release", "sampling/compile", "onnxruntime/float32",
-        "sampling/compile-reduce-overhead", "onnxruntime/float16"]
+KEYS = ["cuda-tests/pytest", "sampling/eager", "sampling/cuda-graphs", "training/ours-trainer",
+        "training/ours", "training/release", "sampling/compile", "sampling/compile-reduce-overhead",
+        "onnxruntime/float32", "onnxruntime/float16"]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -41,7 +41,7 @@ def test_dry_run_runs_every_section(tmp_path: Path) -> None:
     assert "needs CUDA" in results["sampling/cuda-graphs"]["note"]
     assert "DECO_RELEASE_SRC" in results["training/release"]["note"]
     assert all(r["status"] == "ok" for k, r in results.items() if k not in skipped)
-    assert results["cuda-tests/pytest -m cuda"]["skipped"] > 0  # collected, skipped without CUDA
+    assert results["cuda-tests/pytest"]["skipped"] > 0  # collected, skipped without CUDA
     for key in ("sampling/eager", "training/ours", "onnxruntime/float32"):
         assert 0 < results[key]["median_s"] < 60
     assert results["onnxruntime/float32"]["external_data"] is True
@@ -94,3 +94,11 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_sections_past_the_budget_are_skipped_with_the_reason(tmp_path: Path) -> None:
+    proc = run("--dry-run", "--out", str(tmp_path), "--budget-s", "0.001")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
+    assert [f"{r['section']}/{r['name']}" for r in results] == KEYS
+    assert all(r["status"] == "skip" and r["note"].startswith("time budget") for r in results)

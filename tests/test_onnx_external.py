@@ -68,6 +68,7 @@ def test_forced_external_data_is_one_file_beside_the_graph(architecture: str, tm
     onnx.checker.check_model(str(path), full_check=True)
     # The graph alone holds no weights: it is far smaller than the data file.
     assert path.stat().st_size < data_file(path).stat().st_size
+    assert data_file(path).stat().st_mode == path.stat().st_mode  # readable like the graph
     x, t, y = inputs()
     got = OnnxVelocityModel(path).forward(x, t, y)
     assert rel_err(got, torch_forward(model, x, t, y)) <= 1e-4
