@@ -1,12 +1,14 @@
 """Opt-in: DeCo-XL/16 (682M parameters, 2.7 GB of float32 weights, over protobuf's 2 GiB limit)
 through `export_onnx` with random weights: one external data file, onnx.checker on the path, one
-onnxruntime forward at 256x256, batch 1, against torch (<= 1e-4 relative). Needs ~15 GB of RAM
+onnxruntime forward at 256x256, batch 1, against torch (<= 1e-4 relative). Needs ~6 GB of RAM
 and minutes of CPU, so it runs only with DECO_FULL_SIZE=1 (and is marked slow):
 
     DECO_FULL_SIZE=1 python -m pytest -s -m slow tests/test_onnx_full_size.py
 
 It prints (and writes to $DECO_FULL_SIZE_REPORT, if set, as JSON) the times, the peak resident
-memory of the process and the file sizes.
+memory of the process and the file sizes. One run on 2 shared CPU cores (torch 2.13, onnx 1.23,
+onnxruntime 1.32): export 64 s, graph 1.15 MB + data 2.73 GB, session 2.2 s, one forward 0.81 s
+(onnxruntime) / 0.83 s (torch), relative error 3.5e-7, peak RSS 5.5 GiB.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from deco.optimized.model import build_model
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("DECO_FULL_SIZE") != "1",
-                       reason="full-size ONNX export: set DECO_FULL_SIZE=1 (needs ~15 GB RAM)"),
+                       reason="full-size ONNX export: set DECO_FULL_SIZE=1 (needs ~6 GB RAM)"),
 ]
 
 PRESET = "DeCo-XL/16"
