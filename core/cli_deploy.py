@@ -27,8 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="weight and compute dtype; inputs and output stay float32. float16/bfloat16 "
                    "are for GPU runtimes (onnxruntime-gpu, TensorRT) and agree with the float32 "
-                   "model to a relative 1e-2 / 5e-2 (float32: 1e-4). A bfloat16 graph is not run "
-                   "by the export's own check: onnxruntime's CPU provider cannot run it")
+                   "model to a relative 1e-2 / 5e-2 (float32: 1e-4). onnxruntime's CPU provider "
+                   "cannot run bfloat16, so the export checks such a graph with onnx's reference "
+                   "evaluator, and onnx-check needs a GPU provider for it")
     p.add_argument("--external-data", action="store_true", default=None,
                    help="always write the weights to one external file OUTPUT.data beside the "
                    "graph (default: only when they exceed 1 GiB, as protobuf cannot hold 2 GiB)")

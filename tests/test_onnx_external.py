@@ -222,17 +222,29 @@ def test_float16_graph_runs_on_the_cpu_within_its_bound(architecture: str, cfg: 
     assert 1e-5 < err <= RTOL_BY_DTYPE["float16"]
 
 
-def test_bfloat16_graph_is_checked_for_structure_and_weight_type(tmp_path: Path) -> None:
-    """onnxruntime's CPU provider has no bfloat16 Gemm/MatMul, so the graph is not run here:
-    only the checker (inside export and here), the weights' type and the float32 interface."""
-    model, _ = tiny()
+@pytest.mark.parametrize("architecture", ["deco", "baseline"])
+def test_bfloat16_graph_within_its_bound_in_the_onnx_reference_evaluator(architecture: str,
+                                                                         tmp_path: Path) -> None:
+    """onnxruntime's CPU provider has no bfloat16 Gemm/MatMul, so the graph runs in onnx's own
+    reference evaluator (NumPy, an executor independent of torch and onnxruntime)."""
+    from onnx.reference import ReferenceEvaluator
+
+    model, _ = tiny(architecture)
     path = export_onnx(model, tmp_path / "m.onnx", dtype="bfloat16", external_data=True)
     onnx.checker.check_model(str(path), full_check=True)
     assert initializer_types(path) == {ONNX_BFLOAT16}
     proto = onnx.load(str(path))
     assert proto.graph.output[0].type.tensor_type.elem_type == ONNX_FLOAT
-    meta = {p.key: p.value for p in proto.metadata_props}
-    assert meta["deco_dtype"] == "bfloat16"
+    assert {p.key: p.value for p in proto.metadata_props}["deco_dtype"] == "bfloat16"
+    x, t, y = inputs(2, 16, 8)
+    got = ReferenceEvaluator(str(path)).run(["v"], {"x": x, "t": t, "y": y})[0]
+    err = rel_err(got, torch_forward(model, x, t, y))
+    assert 1e-3 < err <= RTOL_BY_DTYPE["bfloat16"]  # bfloat16 really in use, and within the bound
+
+
+def test_bfloat16_weights_are_the_models_own(tmp_path: Path) -> None:
+    model, _ = tiny()
+    proto = onnx.load(str(export_onnx(model, tmp_path / "m.onnx", dtype="bfloat16")))
     # The DiT blocks' weight matrices are the model's own, rounded to bfloat16 (constant folding
     # renames and may transpose them, so look for each by value; the decoder's input weights are
     # folded with its DCT tables, so they cannot be found like this).
@@ -247,3 +259,22 @@ def test_bfloat16_graph_is_checked_for_structure_and_weight_type(tmp_path: Path)
         assert any(np.array_equal(a, rounded) or np.array_equal(a, rounded.T) for a in stored), name
         checked += 1
     assert checked == 6 * model.config.depth  # adaln, qkv, proj, w1, w2, w3 per block
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_export_still_refuses_a_frozen_graph(dtype: str, tmp_path: Path) -> None:
+    model, _ = tiny("baseline")
+    with pytest.raises(ValueError, match=r"^model: the exported graph does not run correctly"):
+        export_onnx(FrozenBatch(model), tmp_path / "m.onnx", dtype=dtype)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_float16_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, weights = tiny()
+    checkpoint = tmp_path / "w.safetensors"
+    save_weights(checkpoint, model.config, weights)  # type: ignore[arg-type]
+    out = tmp_path / "m.onnx"
+    assert main(["export-onnx", str(checkpoint), str(out), "--dtype", "float16"]) == 0
+    assert main(["onnx-check", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "float16" in text and "1e-02" in text and "PASS" in text
