@@ -319,7 +319,8 @@ def _run_on_cpu(path: Path, feed: dict[str, Any], dtype: str) -> Any:
     if dtype == "bfloat16":
         from onnx.reference import ReferenceEvaluator
 
-        return ReferenceEvaluator(str(path)).run(["v"], feed)[0]
+        outputs: Any = ReferenceEvaluator(str(path)).run(["v"], feed)  # typed as list or dict
+        return outputs[0]
     from .onnx_runtime import OnnxVelocityModel
 
     return OnnxVelocityModel(path, providers=["CPUExecutionProvider"]).session.run(["v"], feed)[0]
