@@ -93,11 +93,9 @@ def _batch(text: str) -> int | None:
 
 
 def export_onnx(args: argparse.Namespace) -> int:
-    from .onnx_export import export_checkpoint
+    from .onnx_export import data_file, export_checkpoint
 
     resolution = tuple(args.resolution) if args.resolution else None
-    from .onnx_export import data_file
-
     path = export_checkpoint(args.checkpoint, args.output, opset=args.opset,
                              batch=_batch(args.batch), resolution=resolution, cfg=args.cfg,
                              dtype=args.dtype, external_data=args.external_data)

@@ -255,8 +255,9 @@ def export_onnx(
     metadata_props.
 
     Everything is built in a temporary folder beside `path` and moved into place only after the
-    graph passes `onnx.checker.check_model(full_check=True)` and matches torch in onnxruntime at a
-    shape other than the traced one (ValueError otherwise); on any failure, KeyboardInterrupt
+    graph passes `onnx.checker.check_model(full_check=True)` and matches the float32 torch model,
+    to the dtype's bound, in onnxruntime (bfloat16: onnx's reference evaluator) at a shape other
+    than the traced one (ValueError otherwise); on any failure, KeyboardInterrupt
     included, the folder is removed and nothing is left (an earlier export at `path` is left as
     it was). The data file is moved first and the graph last, so a graph is never visible
     without its own data (see `_install`).
