@@ -6,9 +6,10 @@ and minutes of CPU, so it runs only with DECO_FULL_SIZE=1 (and is marked slow):
     DECO_FULL_SIZE=1 python -m pytest -s -m slow tests/test_onnx_full_size.py
 
 It prints (and writes to $DECO_FULL_SIZE_REPORT, if set, as JSON) the times, the peak resident
-memory of the process and the file sizes. One run on 2 shared CPU cores (torch 2.13, onnx 1.23,
-onnxruntime 1.32): export 64 s, graph 1.15 MB + data 2.73 GB, session 2.2 s, one forward 0.81 s
-(onnxruntime) / 0.83 s (torch), relative error 3.5e-7, peak RSS 5.5 GiB.
+memory of the process and the file sizes. Two runs on 2 CPU cores shared with other jobs (torch
+2.13, onnx 1.23, onnxruntime 1.32; times vary with the load): export 64 s / 46 s, graph 1.1 MB +
+data 2.73 GB, session 2.2 s / 2.8 s, one forward 0.8 s / 2.7 s (onnxruntime) and 0.8 s / 8.6 s
+(torch), relative error 3.5e-7, peak RSS 5.5 GiB.
 """
 
 from __future__ import annotations
