@@ -79,3 +79,18 @@ def train(session: nox.Session) -> None:
     CPU, under 10 minutes; then `deco evaluate runs/<timestamp>` scores its samples)."""
     install(session, "test")
     session.run("deco", "train", *session.posargs)
+
+
+@nox.session(python=False)
+def gpu(session: nox.Session) -> None:
+    """The one-command GPU check (bench/gpu_check.py) on the machine's own Python and CUDA torch.
+
+    Nothing is installed: a GPU machine's torch is its own CUDA build, which a fresh virtual
+    environment would replace, and the script runs from the checkout. $DECO_GPU_PYTHON chooses
+    the interpreter (default `python3`); `-- --dry-run` runs the code paths on the CPU; results go
+    to gpu-check/ unless `-- --out DIR`."""
+    args = list(session.posargs)
+    if "--out" not in args:
+        args = ["--out", "gpu-check", *args]
+    python = os.environ.get("DECO_GPU_PYTHON", "python3")
+    session.run(python, "bench/gpu_check.py", *args, external=True)

@@ -35,8 +35,8 @@ def register(sub: Any) -> None:
 def fid(args: argparse.Namespace) -> int:
     import torch
 
-    from .outputs import write_json
     from .metrics import evaluate_sample_batches, load_inception
+    from .outputs import write_json
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size: expected a positive int, got {args.batch_size}")

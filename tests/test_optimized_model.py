@@ -272,6 +272,7 @@ def test_cuda_float32_matches_reference() -> None:
 
 # ------------------------------------------------------------------------------ bad input
 def _bad_inputs() -> list[Any]:
+    # Label values are not checked by forward (kept sync-free): tests/test_sync_free.py.
     x = torch.zeros(2, 3, 8, 8)
     t = torch.full((2,), 0.5)
     y = torch.tensor([0, 10])
@@ -285,8 +286,6 @@ def _bad_inputs() -> list[Any]:
         pytest.param(x, torch.full((3,), 0.5), y, ValueError, "^t", id="t-shape"),
         pytest.param(x, torch.full((2, 1), 0.5), y, ValueError, "^t", id="t-rank"),
         pytest.param(x, "0.5", y, TypeError, "^t", id="t-str"),
-        pytest.param(x, t, torch.tensor([0, 11]), ValueError, "^y", id="y-above-null"),
-        pytest.param(x, t, torch.tensor([-1, 0]), ValueError, "^y", id="y-negative"),
         pytest.param(x, t, torch.tensor([0.0, 1.0]), TypeError, "^y", id="y-float"),
         pytest.param(x, t, torch.tensor([0]), ValueError, "^y", id="y-shape"),
         pytest.param(x, t, [0, 1], TypeError, "^y", id="y-list"),
