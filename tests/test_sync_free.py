@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import random_weights, rel_err, tiny_config
 
-from deco.optimized.model import build_model
 from deco.optimized.checks import check_label_range
+from deco.optimized.model import build_model
 from deco.optimized.sampling import sample
 from deco.optimized.trainer import Trainer
 
