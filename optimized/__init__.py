@@ -1,4 +1,5 @@
-"""`deco.optimized`: the fast PyTorch implementation of DeCo (spec/), tested against `deco.reference`.
+"""`deco.optimized`: the fast PyTorch implementation of DeCo (spec/), tested against the float64 reference
+(`reference/`; the two meet only in the tests).
 
 One module per spec chapter, with the reference's module and function names: `checks` (00),
 `flow` (01), `frequency` (02), `model` (03; its building blocks in `layers`, the CPU matrix
@@ -20,7 +21,8 @@ from .flow import (
 from .frequency import block_dct, frequency_aware_loss, frequency_weights, rgb_to_ycbcr
 from .gemm import cpu_gemm, cpu_gemm_backend, onednn_available, set_cpu_gemm
 from .model import BaselineDiT, DeCo, DiffusionTransformer, build_model
-from .sampling import sample, time_grid
+from .sampling import SampleSettings, adams_weights, sample, time_grid
+from .text_to_image import TextDeCo
 from .trainer import Draws, NonFiniteLossError, TrainConfig, Trainer
 from .weights import load_model, save_model
 
@@ -32,8 +34,11 @@ __all__ = [
     "Draws",
     "FieldError",
     "NonFiniteLossError",
+    "SampleSettings",
+    "TextDeCo",
     "TrainConfig",
     "Trainer",
+    "adams_weights",
     "block_dct",
     "build_model",
     "cpu_gemm",

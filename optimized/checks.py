@@ -2,7 +2,7 @@
 
 Every public entry point validates what it is given and raises TypeError (wrong kind of value) or
 ValueError (right kind, wrong value) with a message that starts with the argument's name, as the
-reference does (`deco.reference.checks`). `FieldError` is the ValueError of a configuration field:
+reference does (`reference/checks.py`). `FieldError` is the ValueError of a configuration field:
 it carries the field's name so that the command line can name the flag instead (deco.cli_train).
 """
 

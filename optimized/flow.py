@@ -1,5 +1,5 @@
 """Flow matching (spec/01-flow-matching.md) in PyTorch: times, their shift, label dropout, the
-interpolation, the target velocity and the plain loss (mirrors deco.reference.flow).
+interpolation, the target velocity and the plain loss (mirrors reference/flow.py).
 
 Random draws are arguments, never drawn here: the Trainer draws them from its generator, and the
 tests feed the same draws to the reference.

@@ -1,5 +1,5 @@
 """The frequency-aware loss of spec/02-frequency-loss.md in PyTorch: YCbCr, 8x8 block DCT, JPEG
-weights (mirrors deco.reference.frequency).
+weights (mirrors reference/frequency.py).
 
 The frequency-aware loss is mean(w[c, u, v] (D(pred) - D(target))^2) with D = 8x8 block DCT of
 the YCbCr image. D is linear, so D(pred) - D(target) = D(pred - target): we transform the

@@ -1,6 +1,6 @@
 """Samplers (spec/04-sampling.md) for the torch models: time grid, classifier-free guidance,
 Euler, Heun and the release's Adams multistep sampler, with the semantics of
-`deco.reference.sampling`.
+the reference (`reference/sampling.py`).
 
 The condition is class labels (B,) for the class models, text-encoder hidden states (B, T, E)
 for the text-to-image model, whose unconditional branch takes a null text embedding instead of

@@ -21,7 +21,7 @@ from a copy of the initial weights, label dropout 0.1, logit-normal(0, 1) times,
   resizes by 14/16 for that).
 - Every random draw comes from one `torch.Generator` seeded by `seed`, so a run is reproducible,
   and goes through the small deterministic functions of `deco.optimized.flow` (`logit_normal_time`,
-  `time_shift`, `drop_labels`, `interpolate`), which mirror `deco.reference.flow`.
+  `time_shift`, `drop_labels`, `interpolate`), which mirror `reference/flow.py`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Loading and saving models (spec/05-weights.md; mirrors deco.reference.weights).
+"""Loading and saving models (spec/05-weights.md; mirrors reference/weights.py).
 
 `load_model` reads either a DeCo `.safetensors` file (portable names, config JSON in the header
 metadata, deco.portable) or a public

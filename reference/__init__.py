@@ -26,12 +26,13 @@ from .frequency import (
     ycbcr_to_rgb,
 )
 from .model import Model
-from .sampling import sample, time_grid
+from .sampling import adams_weights, sample, time_grid
 from .weights import load_model, load_weights, save_weights
 
 __all__ = [
     "DeCoConfig",
     "Model",
+    "adams_weights",
     "block_dct",
     "block_idct",
     "dct_matrix",
