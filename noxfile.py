@@ -27,7 +27,7 @@ def install(session: nox.Session, extras: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The test-suite (pytest + hypothesis), against the installed package."""
-    install(session, "test,onnx")
+    install(session, "test,onnx,diffusers")
     # bench/ runs once as a smoke test (tiny sizes, no timing): every benchmark's code path works.
     default = ["tests", "bench", "--benchmark-disable"]
     session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or default))
