@@ -27,7 +27,7 @@ def install(session: nox.Session, extras: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The test-suite (pytest + hypothesis), against the installed package."""
-    install(session, "test,onnx,diffusers")
+    install(session, "test,onnx,text,diffusers")
     # bench/ runs once as a smoke test (tiny sizes, no timing): every benchmark's code path works.
     default = ["tests", "bench", "--benchmark-disable"]
     session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or default))
@@ -36,7 +36,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over deco, deco.reference and deco.optimized (the installed package)."""
-    install(session, "test,onnx")
+    install(session, "test,onnx,text")
     session.install("mypy>=1.10")
     config = os.path.abspath("pyproject.toml")
     # Check the installed package (the folders are mapped onto `deco.*` only at install time), from

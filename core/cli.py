@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "deco.cli_deploy",
     "deco.cli_train",
     "deco.cli_sample",
+    "deco.cli_text",
 ]
 
 

@@ -382,7 +382,7 @@ def test_the_forward_pass_goes_through_the_given_net() -> None:
     trainer.step(x, y)
     assert net.calls == 1 and trainer.model is model
     assert set(trainer.state_dict()["model"]) == set(model.state_dict())  # no wrapper prefix
-    with pytest.raises(TypeError, match="^net"):
+    with pytest.raises(TypeError, match=r"^net"):
         T.Trainer(model, T.TrainConfig(), net="ddp")  # type: ignore[arg-type]
 
 
@@ -394,5 +394,5 @@ def test_shard_draws_are_the_rows_of_the_global_batch() -> None:
         part = T.Trainer(tiny_model(), T.TrainConfig(seed=5)).draw(x[:2], shard=(rank, 3))
         for name in ("label_uniform", "time", "noise"):
             assert torch.equal(getattr(part, name), getattr(whole, name)[rank::3]), (rank, name)
-    with pytest.raises(ValueError, match="^shard"):
+    with pytest.raises(ValueError, match=r"^shard"):
         T.Trainer(tiny_model(), T.TrainConfig()).draw(x, shard=(3, 3))
