@@ -48,6 +48,11 @@ def build_pipeline(checkpoint: str | Path, *, weights: str = "ema", text_encoder
                    id2label: dict[str, str] | None = None, sample_size: int = 256) -> DeCoPipelineBase:
     """The pipeline of a release `.ckpt` or a DeCo `.safetensors` file (either model kind)."""
     config, state = read_state(checkpoint, weights)
+    if config.is_text and text_encoder is None:
+        raise ValueError("text_encoder: a text-to-image checkpoint needs the folder of its text "
+                         "encoder and tokenizer (the release: Qwen3-1.7B), e.g. --text-encoder DIR")
+    if not config.is_text and text_encoder is not None:
+        raise ValueError("text_encoder: only a text-to-image checkpoint takes a text encoder")
     if id2label is None and not config.is_text and config.num_classes == 1000:
         id2label = imagenet_id2label()
     with torch.device("meta"):  # every parameter is assigned from the file below
@@ -55,13 +60,8 @@ def build_pipeline(checkpoint: str | Path, *, weights: str = "ema", text_encoder
                                              sample_size=sample_size)
     transformer.model.load_state_dict(state, strict=True, assign=True)
     transformer.eval()
-    if not config.is_text:
-        if text_encoder is not None:
-            raise ValueError("text_encoder: only a text-to-image checkpoint takes a text encoder")
-        return DeCoPipeline(transformer, FlowMatchEulerDiscreteScheduler())
     if text_encoder is None:
-        raise ValueError("text_encoder: a text-to-image checkpoint needs the folder of its text "
-                         "encoder and tokenizer (the release: Qwen3-1.7B), e.g. --text-encoder DIR")
+        return DeCoPipeline(transformer, FlowMatchEulerDiscreteScheduler())
     tokenizer, encoder = load_text_encoder(text_encoder)
     return DeCoTextPipeline(tokenizer, encoder, transformer, DeCoAdamsScheduler(order=2))
 

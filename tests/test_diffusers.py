@@ -1,0 +1,363 @@
+"""deco.diffusers: the diffusers transformer, pipelines and schedulers.
+
+Oracles: `deco.optimized.sample` with the same noise (float32, 1e-5 of the output's size), the
+release's own samples in the fixtures (A.npz, T.npz), closed-form ODE solutions for the
+schedulers, the spec's guidance-interval rules written out by hand, and bit-for-bit equality for
+save/load round trips.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from helpers import FIXTURE_RTOL, rel_err
+
+pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler  # noqa: E402
+
+from deco import optimized  # noqa: E402
+from deco.cli import main as cli_main  # noqa: E402
+from deco.diffusers import (  # noqa: E402
+    DeCoAdamsScheduler,
+    DeCoHeunScheduler,
+    DeCoPipeline,
+    DeCoTextPipeline,
+    DeCoTransformer2DModel,
+    imagenet_id2label,
+    write_pipeline,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+#: (id, scheduler factory, the deco.optimized.sample options it must reproduce)
+SOLVERS = [
+    ("euler", FlowMatchEulerDiscreteScheduler, {"solver": "euler"}),
+    ("heun", DeCoHeunScheduler, {"solver": "heun"}),
+    ("heun-exact", lambda: DeCoHeunScheduler(exact=True), {"solver": "heun", "exact_heun": True}),
+    ("adams", DeCoAdamsScheduler, {"solver": "adams"}),
+    ("adams-3", lambda: DeCoAdamsScheduler(order=3), {"solver": "adams", "order": 3}),
+]
+#: Bounds on grid points of a 10-step grid (i / 10): the interval rules' edge cases matter.
+SETTINGS = {"steps": 10, "guidance": 2.5, "interval": (0.2, 0.7), "timeshift": 1.0}
+
+
+def rel(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return rel_err(got.detach().numpy(), expected.detach().numpy())
+
+
+def public(config: Any) -> dict[str, Any]:
+    """A diffusers config without its bookkeeping entries (_name_or_path, ...)."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def quiet(pipe: Any) -> Any:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe: Any, cond: Any, settings: dict[str, Any], **kwargs: Any) -> torch.Tensor:
+    """The pipeline's raw output ("latent": the sampler's result, unclamped)."""
+    key = "prompt_embeds" if isinstance(pipe, DeCoTextPipeline) else "class_labels"
+    out: torch.Tensor = pipe(**{key: cond}, guidance_scale=settings["guidance"],
+                             guidance_interval=settings["interval"],
+                             num_inference_steps=settings["steps"], timeshift=settings["timeshift"],
+                             output_type="latent", **kwargs).images
+    return out
+
+
+@pytest.fixture(scope="module")
+def class_model(fixtures_dir: Path) -> optimized.DeCo:
+    """A.ckpt's DeCo with its label table scaled by 20: the fixture's random labels barely move
+    the output (guidance changes a sample by ~1e-4), too little to tell the interval rules apart
+    at 1e-5; here guiding one step more or less changes it by ~5e-4."""
+    model = optimized.load_model(fixtures_dir / "A.ckpt")
+    assert isinstance(model, optimized.DeCo)
+    with torch.no_grad():
+        model.y_embed.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def npz(fixtures_dir: Path) -> Any:
+    return np.load(fixtures_dir / "A.npz")
+
+
+@pytest.fixture(scope="module")
+def class_pipe(class_model: optimized.DeCo) -> DeCoPipeline:
+    return quiet(DeCoPipeline(DeCoTransformer2DModel.from_deco(class_model, sample_size=16),
+                              FlowMatchEulerDiscreteScheduler()))
+
+
+# ------------------------------------------------------------------------ schedulers alone
+def drive(scheduler: Any, velocity: Any, x: torch.Tensor, steps: int, timeshift: float) -> torch.Tensor:
+    """Run a scheduler on dx/dt = velocity(x, t) as a pipeline does (model_output = -v)."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        grid = optimized.time_grid(steps, timeshift)
+        scheduler.set_timesteps(sigmas=[1.0 - t for t in grid[:-1]])
+        times = grid[:-1]
+    else:
+        scheduler.set_timesteps(steps, timeshift=timeshift)
+        times = scheduler.model_times
+    for timestep, t in zip(scheduler.timesteps, times, strict=True):
+        x = scheduler.step(-velocity(x, t), timestep, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize(("make", "steps"), [(f, n) for _, f, _ in SOLVERS for n in (1, 2, 5)])
+def test_schedulers_integrate_constant_velocity_exactly(make: Any, steps: int) -> None:
+    """dx/dt = c: every solver lands on x0 + c at t = 1 (the steps sum to 1); a sign error in
+    the model_output convention would give x0 - c."""
+    x0, c = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    out = drive(make(), lambda x, t: c, x0, steps, timeshift=2.0)
+    assert rel(out, x0 + c) < 1e-6
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_heun_is_exact_for_a_velocity_linear_in_time(exact: bool) -> None:
+    """dx/dt = a + b t: the trapezoidal corrector is exact per step, the plain Euler last step
+    misses b dt^2 / 2 (closed form: x0 + a + b / 2 - b dt_last^2 / 2)."""
+    x0, a, b = torch.randn(3, 3, 4, 4).double().unbind(0)
+    steps = 4
+    out = drive(DeCoHeunScheduler(exact=exact), lambda x, t: a + b * t, x0, steps, timeshift=1.0)
+    dt = 1.0 / steps
+    assert rel(out, x0 + a + b / 2 - b * dt**2 / 2) < 1e-12
+
+
+def test_adams_weights_match_the_release_fixture(fixtures_dir: Path) -> None:
+    """The release's AdamLMSampler coefficients (T.npz adam_coeffs, row i zero-padded)."""
+    t = np.load(fixtures_dir / "T.npz")
+    config = json.loads(bytes(t["config"]))["adam"]
+    scheduler = DeCoAdamsScheduler(order=int(config.get("order", 2)))
+    scheduler.set_timesteps(int(config["num_steps"]), timeshift=float(config["timeshift"]))
+    expected = t["adam_coeffs"]
+    for i, row in enumerate(scheduler.weights):
+        np.testing.assert_allclose(row, expected[i, : len(row)], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scheduler.model_times, t["adam_timesteps"][:-1], atol=1e-6)
+
+
+def test_guidance_plans_follow_the_spec_interval_rules() -> None:
+    """Which evaluations are guided for the grid 0, .2, .4, .6, .8 and interval (0.2, 0.6),
+    written out from spec/04: Euler low < t_i <= high; Heun both evaluations of step i by t_i
+    (reused predictor = previous corrector); Adams low < t < high, strict."""
+    g, interval = 3.0, (0.2, 0.6)
+    heun = DeCoHeunScheduler()
+    heun.set_timesteps(5)  # grid 0 .. 1; evaluations at 0, then correctors at .2, .4, .6, .8
+    # decided at step starts 0, 0, .2, .4, .6: 0.2 < 0.2 is false, 0.6 <= 0.6 is true
+    assert [heun.guidance_scale(i, g, interval) for i in range(5)] == [1, 1, 1, g, g]
+    exact = DeCoHeunScheduler(exact=True)
+    exact.set_timesteps(5)  # (0, .2) (.2, .4) (.4, .6) (.6, .8) (.8): pairs share step i's scale
+    assert [exact.guidance_scale(i, g, interval) for i in range(9)] == [1, 1, 1, 1, g, g, g, g, 1]
+    adams = DeCoAdamsScheduler()
+    adams.set_timesteps(5)
+    # times 0, .2, .4, .6, .8 (the running sum is exact here): strict at both bounds
+    assert [adams.guidance_scale(i, g, interval) for i in range(5)] == [1, 1, g, 1, 1]
+
+
+def test_scheduler_save_load_round_trip(tmp_path: Path) -> None:
+    for scheduler in (DeCoHeunScheduler(exact=True), DeCoAdamsScheduler(order=3)):
+        scheduler.save_pretrained(tmp_path / type(scheduler).__name__)
+        loaded = type(scheduler).from_pretrained(tmp_path / type(scheduler).__name__)
+        assert public(loaded.config) == public(scheduler.config)
+        scheduler.set_timesteps(7, timeshift=2.0)
+        loaded.set_timesteps(7, timeshift=2.0)
+        assert loaded.model_times == scheduler.model_times
+        assert torch.equal(loaded.timesteps, scheduler.timesteps)
+
+
+def test_scheduler_errors() -> None:
+    with pytest.raises(ValueError, match=r"^order: "):
+        DeCoAdamsScheduler(order=0)
+    scheduler = DeCoHeunScheduler()
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        scheduler.step(torch.zeros(1), 0.0, torch.zeros(1))
+    scheduler.set_timesteps(1)
+    scheduler.step(torch.zeros(1), scheduler.timesteps[0], torch.zeros(1))
+    with pytest.raises(RuntimeError, match="evaluations of the plan are done"):
+        scheduler.step(torch.zeros(1), scheduler.timesteps[0], torch.zeros(1))
+
+
+# --------------------------------------------------------------------- class-to-image
+@pytest.mark.parametrize(("make", "options"), [pytest.param(f, o, id=i) for i, f, o in SOLVERS])
+def test_class_pipeline_equals_optimized_sample(class_model: optimized.DeCo, class_pipe: DeCoPipeline,
+                                                make: Any, options: dict[str, Any]) -> None:
+    noise, labels = torch.randn(2, 3, 16, 16), torch.tensor([3, 7])
+    class_pipe.scheduler = make()
+    got = run(class_pipe, labels, SETTINGS, latents=noise)
+    expected = optimized.sample(class_model, noise, labels, steps=SETTINGS["steps"],
+                                guidance=SETTINGS["guidance"], interval=SETTINGS["interval"],
+                                timeshift=SETTINGS["timeshift"], **options)
+    assert isinstance(expected, torch.Tensor)
+    assert rel(got, expected) < 1e-5
+    # The interval's bounds are grid times: guiding one step more or less is visible at 1e-5.
+    later = optimized.sample(class_model, noise, labels, steps=SETTINGS["steps"],
+                             guidance=SETTINGS["guidance"], interval=(0.3, 0.7), **options)
+    assert rel(later, expected) > 1e-4
+
+
+def test_class_pipeline_reproduces_release_samples(tmp_path: Path, fixtures_dir: Path, npz: Any) -> None:
+    """`deco convert A.ckpt DIR --to diffusers`, loaded back, reproduces the release's Euler and
+    Heun samples (A.npz euler_out, heun_out) from the same noise."""
+    out = tmp_path / "A"
+    assert cli_main(["convert", str(fixtures_dir / "A.ckpt"), str(out), "--to", "diffusers",
+                     "--sample-size", "16"]) == 0
+    pipe = quiet(DeCoPipeline.from_pretrained(out))
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    config = json.loads(bytes(npz["config"]))
+    noise, labels = torch.from_numpy(npz["sample_noise"]).float(), npz["sample_cond"].tolist()
+    for key, scheduler in (("euler", pipe.scheduler), ("heun", DeCoHeunScheduler())):
+        c = config[key]
+        pipe.scheduler = scheduler
+        got = pipe(labels, guidance_scale=c["guidance"], num_inference_steps=c["num_steps"],
+                   guidance_interval=(c["guidance_interval_min"], c["guidance_interval_max"]),
+                   timeshift=c["timeshift"], latents=noise, output_type="latent").images
+        assert rel_err(got.numpy(), npz[f"{key}_out"]) < FIXTURE_RTOL, key
+
+
+def test_null_class_comes_from_the_config(class_model: optimized.DeCo, class_pipe: DeCoPipeline) -> None:
+    """Guidance 0 is the unconditional sample: the labels of the null class num_classes (10 here,
+    not ImageNet's 1000); that label is accepted, one above it is refused."""
+    class_pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    noise = torch.randn(2, 3, 16, 16)
+    settings = {**SETTINGS, "guidance": 0.0, "interval": (0.0, 1.0)}
+    got = run(class_pipe, [1, 2], settings, latents=noise)
+    grid = optimized.time_grid(settings["steps"])
+    # t = 0 is never guided: the first step uses labels 1, 2; every later one the null class.
+    x = noise + (grid[1] - grid[0]) * class_model(noise, torch.zeros(2), torch.tensor([1, 2]))
+    expected = x
+    for i in range(1, settings["steps"]):
+        v = class_model(expected, torch.full((2,), grid[i]), torch.tensor([10, 10]))
+        expected = expected + (grid[i + 1] - grid[i]) * v
+    assert rel(got, expected) < 1e-5
+    assert class_pipe.null_class == 10
+    run(class_pipe, [10], SETTINGS, latents=noise[:1])  # an unconditional sample
+    with pytest.raises(ValueError, match=r"^class_labels: ids must lie in 0\.\.10"):
+        run(class_pipe, [11], SETTINGS, latents=noise[:1])
+
+
+def test_label_names(class_model: optimized.DeCo) -> None:
+    """ImageNet names -> ids (the converter's default id2label for 1000 classes) and names from
+    a model's own id2label."""
+    names = imagenet_id2label()
+    assert len(names) == 1000 and names["0"] == "tench" and names["1"] == "goldfish"
+    assert names["207"] == "golden retriever" and names["999"] == "toilet tissue"
+    digits = {str(i): f"digit {i}" for i in range(10)}
+    pipe = DeCoPipeline(DeCoTransformer2DModel.from_deco(class_model, id2label=digits, sample_size=16),
+                        FlowMatchEulerDiscreteScheduler())
+    assert pipe.get_label_ids(["digit 3", "digit 0"]) == [3, 0]
+    assert pipe.class_ids(["digit 7", 2], torch.device("cpu")).tolist() == [7, 2]
+    with pytest.raises(ValueError, match=r"^label: 'tench' is not a class name"):
+        pipe.get_label_ids("tench")
+    with pytest.raises(ValueError, match=r"^id2label: expected the ids 0\.\.9"):
+        DeCoTransformer2DModel(**class_model.config.to_dict(), id2label=names)
+
+
+def test_output_types_and_generator(class_pipe: DeCoPipeline) -> None:
+    """"np" / "pt" are the raw sample mapped from [-1, 1] to [0, 1] (clamped), "pil" its 8-bit
+    images; without latents the noise is torch.randn from the generator."""
+    class_pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    settings = {**SETTINGS, "steps": 2}
+    raw = run(class_pipe, [1, 2], settings, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(raw, run(class_pipe, [1, 2], settings, latents=noise))
+    expected = (raw / 2 + 0.5).clamp(0, 1)
+    common = {"guidance_scale": 2.5, "num_inference_steps": 2, "latents": noise}
+    pt = class_pipe([1, 2], output_type="pt", **common).images
+    assert torch.allclose(pt, expected, atol=1e-7)
+    arr = class_pipe([1, 2], output_type="np", **common).images
+    assert arr.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(arr, expected.permute(0, 2, 3, 1).numpy(), atol=1e-7)
+    images = class_pipe([1, 2], output_type="pil", **common).images
+    assert [im.size for im in images] == [(16, 16), (16, 16)]
+    assert np.abs(np.asarray(images[1], dtype=np.float64) - arr[1] * 255).max() <= 1.0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_inference_steps": 0}, r"^num_inference_steps: "),
+    ({"guidance_scale": float("nan")}, r"^guidance_scale: "),
+    ({"guidance_interval": (0.5, 0.2)}, r"^guidance_interval: "),
+    ({"guidance_interval": 0.5}, r"^guidance_interval: "),
+    ({"timeshift": 0.0}, r"^timeshift: "),
+    ({"output_type": "jpg"}, r"^output_type: "),
+    ({"height": 15}, r"^height: "),
+    ({"latents": torch.zeros(1, 3, 16, 16)}, r"^latents: "),
+])
+def test_pipeline_bad_arguments(class_pipe: DeCoPipeline, kwargs: dict[str, Any], message: str) -> None:
+    class_pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    with pytest.raises((ValueError, TypeError), match=message):
+        class_pipe([1, 2], num_inference_steps=kwargs.pop("num_inference_steps", 1), **kwargs)
+
+
+def test_pipeline_refuses_a_shifted_euler_scheduler(class_pipe: DeCoPipeline) -> None:
+    class_pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    with pytest.raises(ValueError, match=r"^scheduler: .*shift"):
+        class_pipe([1], num_inference_steps=1)
+    class_pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    with pytest.raises(TypeError, match=r"^class_labels: "):
+        class_pipe([1.5], num_inference_steps=1)
+
+
+def test_transformer_round_trip_is_exact(class_model: optimized.DeCo, tmp_path: Path) -> None:
+    transformer = DeCoTransformer2DModel.from_deco(class_model, sample_size=16)
+    transformer.save_pretrained(tmp_path / "t")
+    loaded = DeCoTransformer2DModel.from_pretrained(tmp_path / "t")
+    assert public(loaded.config) == public(transformer.config)
+    a, b = transformer.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert {k.removeprefix("model.") for k in a} == set(class_model.state_dict())
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 10])
+    assert torch.equal(loaded(x, t, class_labels=y).sample, class_model(x, t, y))
+
+
+def test_pipeline_round_trip_and_fresh_process(class_pipe: DeCoPipeline, tmp_path: Path) -> None:
+    """save_pretrained -> from_pretrained gives the same samples bit for bit, in this process
+    (DeCoPipeline) and in a new one through diffusers' generic DiffusionPipeline."""
+    class_pipe.scheduler = DeCoHeunScheduler()
+    noise = torch.randn(2, 3, 16, 16)
+    np.save(tmp_path / "noise.npy", noise.numpy())
+    expected = run(class_pipe, [3, 4], SETTINGS, latents=noise)
+    class_pipe.save_pretrained(tmp_path / "pipe")
+    loaded = quiet(DeCoPipeline.from_pretrained(tmp_path / "pipe"))
+    assert torch.equal(run(loaded, [3, 4], SETTINGS, latents=noise), expected)
+    script = f"""
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "pipe")!r}, trust_remote_code=True)
+print(type(pipe).__module__, type(pipe).__name__, type(pipe.scheduler).__name__)
+noise = torch.from_numpy(np.load({str(tmp_path / "noise.npy")!r}))
+out = pipe([3, 4], guidance_scale={SETTINGS["guidance"]}, guidance_interval={SETTINGS["interval"]},
+           num_inference_steps={SETTINGS["steps"]}, latents=noise, output_type="latent").images
+np.save({str(tmp_path / "out.npy")!r}, out.numpy())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "deco.diffusers.pipelines DeCoPipeline DeCoHeunScheduler" in done.stdout
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected.numpy())
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+
+
+def test_convert_cli_errors(tmp_path: Path, fixtures_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "taken").mkdir()
+    assert cli_main(["convert", str(fixtures_dir / "A.ckpt"), str(tmp_path / "taken"),
+                     "--to", "diffusers"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    assert cli_main(["convert", str(fixtures_dir / "T.ckpt"), str(tmp_path / "t"),
+                     "--to", "diffusers"]) == 2
+    assert "--text-encoder" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(FileExistsError, match=r"^output: "):
+        write_pipeline(fixtures_dir / "A.ckpt", tmp_path / "taken")
