@@ -128,21 +128,15 @@ class OptimizedPort:
         return float(frequency_aware_loss(self._t(pred), self._t(target), quality, gamma))
 
     def timestep_features(self, t: Array) -> Array:
-        from deco.optimized.layers import TimestepEmbedder
+        from deco.optimized.layers import timestep_features
 
-        # The features are internal to the embedder: capture what its first linear receives.
-        embedder = TimestepEmbedder(8).to(self.dtype)
-        seen: list[Any] = []
-        embedder.fc1.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
-        with self.torch.no_grad():
-            embedder(self._t(t))
-        return self._np(seen[0])
+        return self._np(timestep_features(self._t(t), self.dtype))
 
     def rope_angles(self, grid_h: int, grid_w: int, head_dim: int) -> Array:
-        from deco.optimized.layers import rope_tables
+        from deco.optimized.layers import rope_angles
 
         # The model keeps (cos, sin); the angle they define is compared modulo 2 pi.
-        cos, sin = rope_tables(grid_h, grid_w, head_dim, self.torch.device("cpu"), self.dtype)
+        cos, sin = rope_angles(grid_h, grid_w, head_dim, self.torch.device("cpu"), self.dtype)
         return self._np(self.torch.atan2(sin, cos)[:, 0, :])
 
     def apply_rope(self, x: Array, angles: Array) -> Array:
@@ -162,9 +156,9 @@ class OptimizedPort:
             return self._np(block(self._t(x), self._t(c), self.torch.cos(a), self.torch.sin(a)))
 
     def dct_position_features(self, patch_size: int) -> Array:
-        from deco.optimized.layers import dct_features
+        from deco.optimized.layers import dct_position_features
 
-        return self._np(dct_features(patch_size, self.torch.device("cpu"), self.dtype))
+        return self._np(dct_position_features(patch_size, self.torch.device("cpu"), self.dtype))
 
     def decoder_block(self, x: Array, cond: Array, weights: Mapping[str, Array]) -> Array:
         from deco.optimized.layers import DecoderBlock

@@ -299,6 +299,10 @@ def load_for_sampling(path: Path, device: torch.device) -> Loaded:
         settings = None if sample is None else SampleSettings.from_dict(sample)
         return Loaded(model.to(device).eval(), settings, int(run["resolution"]), str(file))
     model = load_model(file, device=device)
+    if model.config.is_text:
+        raise ValueError(f"checkpoint: {file} holds a text-to-image model; these commands take "
+                         f"class-conditional ones (sample it with deco.optimized.sample(model, "
+                         f"noise, text, null, ...))")
     return Loaded(model, None, 32 if model.config.patch_size <= 8 else 256, str(file))
 
 

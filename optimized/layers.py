@@ -40,8 +40,19 @@ def layer_norm(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ embeddings
+def timestep_features(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t (B,) -> (B, 256) [cos(t f_k), sin(t f_k)], f_k = 10^(-k/128), computed in at least
+    float32 and returned in `dtype`."""
+    half = TIME_FREQ_DIM // 2
+    tdt = table_dtype(dtype)
+    k = torch.arange(half, device=t.device, dtype=tdt)
+    freqs = torch.exp(k * (-math.log(TIME_MAX_PERIOD) / half))  # (128,)
+    args = t.to(tdt)[:, None] * freqs[None, :]  # (B, 128)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype)
+
+
 class TimestepEmbedder(nn.Module):
-    """t (B,) in [0, 1] -> (B, D): fc2(silu(fc1([cos(t f_k), sin(t f_k)]))), f_k = 10^(-k/128)."""
+    """t (B,) in [0, 1] -> (B, D): fc2(silu(fc1(timestep_features(t))))."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -49,31 +60,37 @@ class TimestepEmbedder(nn.Module):
         self.fc2 = Linear(hidden_size, hidden_size)
 
     def forward(self, t: Tensor) -> Tensor:
-        half = TIME_FREQ_DIM // 2
-        dtype = table_dtype(self.fc1.weight.dtype)
-        k = torch.arange(half, device=t.device, dtype=dtype)
-        freqs = torch.exp(k * (-math.log(TIME_MAX_PERIOD) / half))  # (128,)
-        args = t.to(dtype)[:, None] * freqs[None, :]  # (B, 128)
-        feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.fc1.weight.dtype)
+        feats = timestep_features(t, self.fc1.weight.dtype)  # (B, 256)
         out: Tensor = self.fc2(F.silu(self.fc1(feats)))  # (B, D)
         return out
 
 
 # ------------------------------------------------------------------------------------------ RoPE
-def rope_tables(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
-                dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(cos, sin), each (L, 1, head_dim/2): pair k rotates by pos_x f_{k//2} (even k) or pos_y
-    f_{k//2} (odd k), f_j = 10000^(-4j/head_dim), positions linspace(0, 16, n) on each axis."""
+def rope_angles(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
+                dtype: torch.dtype, spans: tuple[float, float] = (ROPE_SPAN, ROPE_SPAN)
+                ) -> tuple[Tensor, Tensor]:
+    """The RoPE angles of spec/03 §4 as the tables the model uses: (cos, sin), each
+    (L, 1, head_dim/2) (the reference returns the angles themselves). Pair k rotates by
+    pos_x f_{k//2} (even k) or pos_y f_{k//2} (odd k), f_j = 10000^(-4j/head_dim), positions
+    pos_x = linspace(0, spans[0], grid_w) and pos_y = linspace(0, spans[1], grid_h) (the class
+    models: both spans 16)."""
     tdt = table_dtype(dtype)
     freqs = ROPE_THETA ** (-torch.arange(0, head_dim, 4, device=device, dtype=tdt) / head_dim)
-    pos_y = torch.linspace(0, ROPE_SPAN, grid_h, device=device, dtype=tdt)
-    pos_x = torch.linspace(0, ROPE_SPAN, grid_w, device=device, dtype=tdt)
+    pos_y = torch.linspace(0, spans[1], grid_h, device=device, dtype=tdt)
+    pos_x = torch.linspace(0, spans[0], grid_w, device=device, dtype=tdt)
     ax = pos_x[None, :, None] * freqs  # (1, gw, hd/4): varies along a row
     ay = pos_y[:, None, None] * freqs  # (gh, 1, hd/4)
     shape = (grid_h, grid_w, head_dim // 4)
     angles = torch.stack([ax.expand(shape), ay.expand(shape)], dim=-1)  # (gh, gw, hd/4, 2)
     angles = angles.reshape(grid_h * grid_w, 1, head_dim // 2)  # (L, 1, hd/2)
     return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
+def text_rope_angles(grid_h: int, grid_w: int, head_dim: int, device: torch.device,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The text-to-image model's RoPE (spec/06-text-to-image.md): the span of each axis is a grid
+    size, crossed as in the release: x positions (along a row) run to grid_h, y positions to grid_w."""
+    return rope_angles(grid_h, grid_w, head_dim, device, dtype, spans=(grid_h, grid_w))
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -98,22 +115,36 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, fused QKV (no bias), RMS qk-norm and 2-D RoPE."""
+    """Multi-head self-attention, fused QKV (no bias), RMS qk-norm and 2-D RoPE.
 
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
+    joint: also attend to text tokens (the text-to-image DiT blocks): they are projected by
+    `kv_text` (no bias) to extra keys and values, their keys normalised by the same k_norm and
+    not rotated. Without RoPE tables (cos = sin = None: the text refine blocks) nothing rotates."""
+
+    def __init__(self, hidden_size: int, num_heads: int, joint: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
         head_dim = hidden_size // num_heads
         self.qkv = Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.kv_text = Linear(hidden_size, 2 * hidden_size, bias=False) if joint else None
         self.q_norm = RMSNorm(head_dim)
         self.k_norm = RMSNorm(head_dim)
         self.proj = Linear(hidden_size, hidden_size)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor | None, sin: Tensor | None,
+                text: Tensor | None = None) -> Tensor:
+        """x (B, L, D), text (B, T, D) for a joint block -> (B, L, D)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).unbind(2)  # (B, L, h, hd)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None and sin is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_text is not None:
+            if text is None:
+                raise ValueError("text: a joint attention block needs the text tokens")
+            k_text, v_text = self.kv_text(text).view(b, text.shape[1], 2, self.num_heads, -1).unbind(2)
+            k = torch.cat([k, self.k_norm(k_text)], dim=1)  # (B, L + T, h, hd)
+            v = torch.cat([v, v_text], dim=1)
         # SDPA wants (B, h, L, hd); its default scale is 1/sqrt(hd), as in the spec.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         proj: Tensor = self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, L, D)
@@ -134,23 +165,47 @@ class SwiGLU(nn.Module):
         return out
 
 
-class DiTBlock(nn.Module):
-    """AdaLN block (attention + SwiGLU) conditioned on c = silu(t_emb + y_emb) (B, D)."""
+class FusedSwiGLU(nn.Module):
+    """The text-to-image model's SwiGLU: (a, b) = halves of w12 x; w3(silu(a) * b), no biases.
+    The same function as `SwiGLU` with w12 = [w1; w3] and w3 in the place of w2; kept apart
+    because the weight files name and stack the matrices differently."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int) -> None:
+    def __init__(self, hidden_size: int, inner: int) -> None:
+        super().__init__()
+        self.w12 = Linear(hidden_size, 2 * inner, bias=False)
+        self.w3 = Linear(inner, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)  # each (..., F)
+        out: Tensor = self.w3(F.silu(a) * b)
+        return out
+
+
+class DiTBlock(nn.Module):
+    """AdaLN block (attention + SwiGLU) conditioned on c (B, D): silu(t_emb + y_emb) in the class
+    models, silu(t_emb) in the text model.
+
+    fused_mlp: the text model's `FusedSwiGLU`. joint: the attention also reads text tokens
+    (`Attention(joint=True)`): the text-to-image DiT blocks; its refine blocks are not joint."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_hidden: int, joint: bool = False,
+                 fused_mlp: bool = False) -> None:
         super().__init__()
         self.norm1 = RMSNorm(hidden_size)
-        self.attn = Attention(hidden_size, num_heads)
+        self.attn = Attention(hidden_size, num_heads, joint=joint)
         self.norm2 = RMSNorm(hidden_size)
-        self.mlp = SwiGLU(hidden_size, mlp_hidden)
+        mlp = FusedSwiGLU if fused_mlp else SwiGLU
+        self.mlp: nn.Module = mlp(hidden_size, mlp_hidden)
         self.adaln = Linear(hidden_size, 6 * hidden_size)
 
-    def forward(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, cos: Tensor | None, sin: Tensor | None,
+                text: Tensor | None = None) -> Tensor:
+        """x (B, L, D), c (B, D), RoPE tables or None, text (B, T, D) for a joint block."""
         # c is already silu(...): the adaln linear takes it directly.
         mod = self.adaln(c).unsqueeze(1)  # (B, 1, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         h = torch.addcmul(shift1, self.norm1(x), 1 + scale1)  # modulate, one pass
-        x = torch.addcmul(x, gate1, self.attn(h, cos, sin))
+        x = torch.addcmul(x, gate1, self.attn(h, cos, sin, text))
         h = torch.addcmul(shift2, self.norm2(x), 1 + scale2)
         return torch.addcmul(x, gate2, self.mlp(h))  # (B, L, D)
 
@@ -170,7 +225,7 @@ class LinearHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------- pixel decoder
-def dct_features(p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+def dct_position_features(p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(P, 64) DCT position features of the pixels of a p x p patch, row-major: feature a*8 + b
     of pixel (i, j) is cos(pi x_j f_a) cos(pi y_i f_b) / (1 + f_a f_b), f = linspace(0, 8, 8)."""
     tdt = table_dtype(dtype)
@@ -180,6 +235,15 @@ def dct_features(p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     cy = torch.cos(math.pi * pos[:, None, None, None] * f)  # (p_i, 1, 1, 8_b)
     scale = 1.0 / (1.0 + f[:, None] * f)  # (8_a, 8_b)
     return (cx * cy * scale).reshape(p * p, DCT_FREQS * DCT_FREQS).to(dtype)
+
+
+def text_position_features(p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(P, 64) position features of the text model's pixel decoder: the real part of the
+    release's complex RoPE table over the p x p patch with dim 128, i.e. the cosines of
+    `text_rope_angles(p, p, 128)`: feature 2k is cos(x_j f_k), 2k+1 cos(y_i f_k) for pixel (i, j),
+    f_k = 10000^(-k/32), x_j, y_i in linspace(0, p, p)."""
+    cos, _ = text_rope_angles(p, p, 2 * DCT_FREQS * DCT_FREQS, device, dtype)  # (P, 1, 64)
+    return cos.reshape(p * p, DCT_FREQS * DCT_FREQS)
 
 
 class DecoderBlock(nn.Module):
@@ -225,14 +289,20 @@ class PixelDecoder(nn.Module):
     MB stay in cache and are recycled by malloc instead of being mapped and page-faulted afresh
     for every op, which makes the decoder several times faster. Elsewhere, and while tracing or
     compiling (the loop would be unrolled for one shape), it is one chunk.
+
+    positions: the 64 per-pixel position features, "dct" (`dct_position_features`, the class models) or
+    "rope" (`text_position_features`, the text model).
     """
 
     chunk_rows = 8192
 
     def __init__(self, in_channels: int, patch_size: int, hidden_size: int, width: int,
-                 depth: int) -> None:
+                 depth: int, positions: str = "dct") -> None:
         super().__init__()
+        if positions not in ("dct", "rope"):
+            raise ValueError(f"positions: expected 'dct' or 'rope', got {positions!r}")
         self.patch_size = patch_size
+        self.positions = positions
         self.pixel_embed = Linear(in_channels + DCT_FREQS * DCT_FREQS, width)
         self.cond_proj = Linear(hidden_size, patch_size * patch_size * width)
         self.input_proj = Linear(width, width)
@@ -240,13 +310,15 @@ class PixelDecoder(nn.Module):
         self.final = Linear(width, in_channels)
 
     def embed_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(w, C) weight and (P, w) bias with input_proj(pixel_embed([pixel, dct])) = pixel @ W.T
-        + bias. The DCT features are the same for every patch, so their share of pixel_embed is a
+        """(w, C) weight and (P, w) bias with input_proj(pixel_embed([pixel, pos])) = pixel @ W.T
+        + bias. The position features are the same for every patch, so their share of pixel_embed is a
         per-pixel bias computed once; input_proj is affine too, so it is composed in."""
         c = self.final.out_features
         w_pix, w_pos = self.pixel_embed.weight[:, :c], self.pixel_embed.weight[:, c:]
-        dct = dct_features(self.patch_size, w_pos.device, dtype)  # (P, 64)
-        bias = self.input_proj(F.linear(dct, w_pos, self.pixel_embed.bias))  # (P, w)
+        # Looked up at call time (not stored) so that tests can substitute the table function.
+        features = dct_position_features if self.positions == "dct" else text_position_features
+        pos = features(self.patch_size, w_pos.device, dtype)  # (P, 64)
+        bias = self.input_proj(F.linear(pos, w_pos, self.pixel_embed.bias))  # (P, w)
         return self.input_proj.weight @ w_pix, bias
 
     def forward(self, x: Tensor, s: Tensor) -> Tensor:

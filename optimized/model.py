@@ -25,7 +25,7 @@ from .layers import (
     LinearHead,
     PixelDecoder,
     TimestepEmbedder,
-    rope_tables,
+    rope_angles,
 )
 from .weights import load_model, save_model
 
@@ -47,11 +47,30 @@ class DiffusionTransformer(nn.Module):
         self.config = config
         h = config.hidden_size
         self.t_embed = TimestepEmbedder(h)
-        self.y_embed = nn.Embedding(config.num_classes + 1, h)
+        self.build_condition()
         self.patch_embed = Linear(config.in_channels * config.patch_size**2, h)
-        self.blocks = nn.ModuleList(
-            [DiTBlock(h, config.num_heads, config.mlp_hidden) for _ in range(config.depth)]
-        )
+        # The text model's blocks also attend to its text tokens, with the fused SwiGLU layout.
+        text = config.is_text
+        self.blocks = nn.ModuleList([
+            DiTBlock(h, config.num_heads, config.mlp_hidden, joint=text, fused_mlp=text)
+            for _ in range(config.depth)
+        ])
+
+    def build_condition(self) -> None:
+        """Create the condition's embedding: the label table (the text model overrides this)."""
+        self.y_embed = nn.Embedding(self.config.num_classes + 1, self.config.hidden_size)
+
+    def init_condition(self) -> None:
+        """Initialise what `build_condition` made, after the generic linear init."""
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+
+    def condition(self, t_emb: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(c (B, D) for every AdaLN, extra tokens the DiT blocks attend to or None)."""
+        return F.silu(t_emb + self.y_embed(y)), None
+
+    def rope(self, grid_h: int, grid_w: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The DiT's RoPE tables (L, 1, hd/2) for a grid_h x grid_w token grid."""
+        return rope_angles(grid_h, grid_w, self.config.head_dim, like.device, like.dtype)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -60,7 +79,7 @@ class DiffusionTransformer(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.normal_(self.y_embed.weight, std=0.02)
+        self.init_condition()
         nn.init.normal_(self.t_embed.fc1.weight, std=0.02)
         nn.init.normal_(self.t_embed.fc2.weight, std=0.02)
 
@@ -69,25 +88,11 @@ class DiffusionTransformer(nn.Module):
         """Validate (x, t, y) and return them as (x, t (B,), y) in the model's dtype; a 0-d t is
         broadcast over the batch. Errors name the argument."""
         cfg = self.config
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point torch.Tensor, got {_describe(x)}")
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x: expected shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        p = cfg.patch_size
-        if x.shape[2] % p or x.shape[3] % p or x.shape[2] == 0 or x.shape[3] == 0:
-            raise ValueError(
-                f"x: height and width must be positive multiples of patch_size={p}, "
-                f"got {x.shape[2]}x{x.shape[3]}"
-            )
+        x, t = check_image_and_time(cfg, x, t)
         b = x.shape[0]
-        if isinstance(t, (int, float)) and not isinstance(t, bool):
-            t = torch.tensor(float(t), dtype=torch.float64, device=x.device)
-        if not isinstance(t, Tensor) or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"t: expected a real torch.Tensor or number, got {_describe(t)}")
-        if t.ndim == 0:
-            t = t.expand(b)
-        if tuple(t.shape) != (b,):
-            raise ValueError(f"t: expected shape ({b},), got {tuple(t.shape)}")
+        if isinstance(y, Tensor) and y.is_floating_point() and y.ndim == 3:
+            raise TypeError(f"y: expected an integer torch.Tensor of class labels, got a float tensor "
+                            f"of shape {tuple(y.shape)} (text embeddings are for a text-to-image model)")
         if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise TypeError(f"y: expected an integer torch.Tensor of labels, got {_describe(y)}")
         if tuple(y.shape) != (b,):
@@ -105,22 +110,52 @@ class DiffusionTransformer(nn.Module):
     # -------------------------------------------------------------------------------- trunk
     def trunk(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Checked inputs -> (tokens after the blocks (B, L, D), t_emb (B, D), c (B, D))."""
-        b, ch, h, w = x.shape
         p = self.config.patch_size
-        gh, gw = h // p, w // p
+        gh, gw = x.shape[2] // p, x.shape[3] // p
         t_emb = self.t_embed(t)  # (B, D)
-        c = F.silu(t_emb + self.y_embed(y))  # (B, D)
-        # Patchify with a view + permute (no unfold): feature index c*p*p + i*p + j.
-        patches = x.reshape(b, ch, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, ch * p * p)
-        tokens = self.patch_embed(patches)  # (B, L, D)
-        cos, sin = rope_tables(gh, gw, self.config.head_dim, x.device, tokens.dtype)  # (L, 1, hd/2)
+        c, context = self.condition(t_emb, y)  # (B, D), text tokens (B, T, D) or None
+        tokens = self.patch_embed(patchify(x, p))  # (B, L, D)
+        cos, sin = self.rope(gh, gw, tokens)  # (L, 1, hd/2)
         for block in self.blocks:
-            tokens = block(tokens, c, cos, sin)
+            tokens = block(tokens, c, cos, sin, context)
         return tokens, t_emb, c
 
     def save(self, path: str | Path) -> None:
         """Write the weights and config to a DeCo `.safetensors` file, atomically."""
         save_model(self, path)
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (B, L, C*p*p) patches, row-major, with a view + permute (no unfold):
+    feature index c*p*p + i*p + j, as the release's unfold."""
+    b, ch, h, w = x.shape
+    gh, gw = h // p, w // p
+    return x.reshape(b, ch, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, ch * p * p)
+
+
+def check_image_and_time(cfg: DeCoConfig, x: Any, t: Any) -> tuple[Tensor, Tensor]:
+    """Validate the image batch x (B, C, H, W) and times t ((B,), 0-d or a number); returns
+    (x, t (B,)) unconverted. Shared by every model kind; errors name the argument."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point torch.Tensor, got {_describe(x)}")
+    if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+        raise ValueError(f"x: expected shape (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+    p = cfg.patch_size
+    if x.shape[2] % p or x.shape[3] % p or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(
+            f"x: height and width must be positive multiples of patch_size={p}, "
+            f"got {x.shape[2]}x{x.shape[3]}"
+        )
+    b = x.shape[0]
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        t = torch.tensor(float(t), dtype=torch.float64, device=x.device)
+    if not isinstance(t, Tensor) or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"t: expected a real torch.Tensor or number, got {_describe(t)}")
+    if t.ndim == 0:
+        t = t.expand(b)
+    if tuple(t.shape) != (b,):
+        raise ValueError(f"t: expected shape ({b},), got {tuple(t.shape)}")
+    return x, t
 
 
 class DeCo(DiffusionTransformer):
@@ -130,12 +165,17 @@ class DeCo(DiffusionTransformer):
     The decoder's adaln and final linear are zero-initialised (as in the release), so a fresh
     model predicts zero velocity."""
 
+    architecture = "deco"  # the config's architecture this class builds (`TextDeCo`: "t2i")
+
     def __init__(self, config: DeCoConfig) -> None:
+        if isinstance(config, DeCoConfig) and config.architecture != self.architecture:
+            raise ValueError(f"config: {type(self).__name__} needs architecture="
+                             f"{self.architecture!r}, got {config.architecture!r}")
         super().__init__(config)
-        if config.architecture != "deco":
-            raise ValueError(f"config: DeCo needs architecture='deco', got {config.architecture!r}")
+        # The text model's decoder takes RoPE-style position features instead of the DCT ones.
         self.decoder = PixelDecoder(config.in_channels, config.patch_size, config.hidden_size,
-                                    config.decoder_width, config.decoder_depth)
+                                    config.decoder_width, config.decoder_depth,
+                                    positions="rope" if config.is_text else "dct")
         self.initialize_weights()
 
     @torch.no_grad()
@@ -201,9 +241,13 @@ __all__ = ["BaselineDiT", "DeCo", "DiffusionTransformer", "build_model", "load_m
 
 
 def build_model(config: DeCoConfig) -> DeCo | BaselineDiT:
-    """`DeCo` or `BaselineDiT` according to `config.architecture`."""
+    """`DeCo`, `TextDeCo` (a `DeCo`) or `BaselineDiT` according to `config.architecture`."""
     if not isinstance(config, DeCoConfig):
         raise TypeError(f"config: expected a DeCoConfig, got {type(config).__name__}")
+    if config.architecture == "t2i":
+        from .text_to_image import TextDeCo  # it subclasses DeCo: imported here, not at the top
+
+        return TextDeCo(config)
     return DeCo(config) if config.architecture == "deco" else BaselineDiT(config)
 
 

@@ -1,9 +1,12 @@
 """Samplers (spec/04-sampling.md) for the torch models: time grid, classifier-free guidance,
-Euler and Heun, with the semantics of `deco.reference.sampling`.
+Euler, Heun and the release's Adams multistep sampler, with the semantics of
+`deco.reference.sampling`.
 
-Guidance evaluates both branches as one batch [null; labels] like the reference and the release.
-On steps where the scale in force is 1 the null branch is skipped (half the batch): u + 1 (c - u)
-equals c up to one rounding.
+The condition is class labels (B,) for the class models, text-encoder hidden states (B, T, E)
+for the text-to-image model, whose unconditional branch takes a null text embedding instead of
+the null label. Guidance evaluates both branches as one batch [null; cond] like the reference
+and the release. On steps where the scale in force is 1 the null branch is skipped (half the
+batch): u + 1 (c - u) equals c up to one rounding.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,6 +22,8 @@ import torch
 from torch import Tensor
 
 from .checks import FieldError, field_finite, field_int, field_positive
+
+SOLVERS = ("euler", "heun", "adams")
 
 
 class VelocityModel(Protocol):
@@ -45,64 +51,134 @@ def guidance_at(t: float, guidance: float, interval: tuple[float, float]) -> flo
     return guidance if interval[0] < t <= interval[1] else 1.0
 
 
-def guided_velocity(model: VelocityModel, x: Tensor, t: float, labels: Tensor, scale: float) -> Tensor:
-    """u + scale (c - u): c the velocity for `labels`, u for the null class."""
+def guided_velocity(model: VelocityModel, x: Tensor, t: float, cond: Tensor, null: Tensor,
+                    scale: float) -> Tensor:
+    """u + scale (c - u): c the velocity for `cond`, u for `null` (the null class's labels or
+    the null text embedding, batched like cond)."""
     b = x.shape[0]
     if scale == 1.0:
-        return model(x, torch.full((b,), t, dtype=x.dtype, device=x.device), labels)
-    null = torch.full_like(labels, model.config.num_classes)
+        return model(x, torch.full((b,), t, dtype=x.dtype, device=x.device), cond)
     times = torch.full((2 * b,), t, dtype=x.dtype, device=x.device)
-    uncond, cond = model(torch.cat([x, x]), times, torch.cat([null, labels])).chunk(2)
-    return uncond + scale * (cond - uncond)
+    uncond, conditional = model(torch.cat([x, x]), times, torch.cat([null, cond])).chunk(2)
+    return uncond + scale * (conditional - uncond)
+
+
+def adams_weights(grid: Sequence[float], order: int = 2) -> list[list[float]]:
+    """Row i: the weights of the Adams-Bashforth step from grid[i] to grid[i+1] (the release's
+    AdamLMSampler), for the last k = min(order, i + 1) velocities, oldest first.
+
+    Each weight is the integral over [grid[i], grid[i+1]] of the Lagrange basis polynomial of
+    one of the nodes grid[i+1-k..i], divided by the sum of the k integrals (that sum is the step
+    length, so the weights sum to 1 and the step is x + dt * sum_j w_j v_j)."""
+    order = _as_int("order", order)
+    rows = []
+    for i in range(len(grid) - 1):
+        nodes = [float(t) for t in grid[max(0, i + 1 - order): i + 1]]
+        start, end = float(grid[i]), float(grid[i + 1])
+        integrals = []
+        for j, node in enumerate(nodes):
+            basis = [1.0]  # power-series coefficients of prod_{m != j} (t - t_m) / (t_j - t_m)
+            for m in nodes[:j] + nodes[j + 1:]:
+                shifted = [0.0, *basis]  # t * basis
+                basis = [(a - m * b) / (node - m) for a, b in zip(shifted, [*basis, 0.0], strict=True)]
+            integrals.append(sum(c * (end ** (k + 1) - start ** (k + 1)) / (k + 1)
+                                 for k, c in enumerate(basis)))
+        total = sum(integrals)
+        rows.append([v / total for v in integrals])
+    return rows
 
 
 @torch.inference_mode()
 def sample(
-    model: VelocityModel, noise: Tensor, labels: Any, *, steps: int, guidance: float = 1.0,
-    interval: tuple[float, float] = (0.0, 1.0), timeshift: float = 1.0, solver: str = "euler",
-    exact_heun: bool = False, return_trajectory: bool = False,
+    model: VelocityModel, noise: Tensor, cond: Any, null: Any = None, *, steps: int,
+    guidance: float = 1.0, interval: tuple[float, float] = (0.0, 1.0), timeshift: float = 1.0,
+    solver: str = "euler", exact_heun: bool = False, order: int = 2,
+    return_trajectory: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Integrate dx/dt = v from t = 0 (noise (B, C, H, W)) to t = 1 (images).
+
+    cond: class labels (B,) for the class models, whose `null` is labels (B,) too, by default
+    the null class num_classes; text embeddings (B, T, E) for the text model, whose `null` is the
+    null text embedding, (T, E) (for every sample) or (B, T, E), required when guidance != 1.
 
     Euler: x_{i+1} = x_i + dt v(x_i, t_i). Heun: predictor x^ = x_i + dt v, corrector
     x_{i+1} = x_i + dt (v + v(x^, t_{i+1})) / 2, a plain Euler last step; the predictor velocity
     is the previous corrector's (the release's default, one model call per step) unless
-    `exact_heun`. Both evaluations of a step use the guidance scale in force at its start.
+    `exact_heun`. Both evaluations of a step use the guidance scale in force at its start, with
+    the interval low < t <= high. Adams (the release's AdamLMSampler, `order` 1..4, default 2):
+    x_{i+1} = x_i + dt sum_j w_ij v_j over the last velocities (`adams_weights`; the release
+    has orders 1..4, any order >= 1 works here); like the
+    release, it evaluates the model at the accumulated time t_0 + dt_0 + ... + dt_{i-1} and
+    guides where low < t < high (strict at both ends: never at t = 0).
     With `return_trajectory`, also returns every state (steps + 1, B, C, H, W)."""
     if not isinstance(noise, Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise: expected a floating-point torch.Tensor, got {type(noise).__name__}")
     if noise.ndim != 4:
         raise ValueError(f"noise: expected a 4-D tensor (B, C, H, W), got shape {tuple(noise.shape)}")
-    labels = _as_labels(labels, noise.shape[0], model.config.num_classes, noise.device)
     guidance = _as_float("guidance", guidance)
+    cond, null = _as_condition(model.config, cond, null, noise, guidance)
     if not isinstance(interval, (tuple, list)) or len(interval) != 2:
         raise TypeError(f"interval: expected a pair (low, high), got {interval!r}")
     low, high = (_as_float("interval", v) for v in interval)
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"interval: expected 0 <= low <= high <= 1, got {tuple(interval)}")
-    if solver not in ("euler", "heun"):
-        raise ValueError(f"solver: expected 'euler' or 'heun', got {solver!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
     grid = time_grid(steps, timeshift)
+    if solver == "adams":
+        states = adams(model, noise, cond, null, grid, guidance, (low, high), order)
+    else:
+        states = euler_heun(model, noise, cond, null, grid, guidance, (low, high),
+                            heun=solver == "heun", exact=exact_heun)
+    return (states[-1], torch.stack(states)) if return_trajectory else states[-1]
 
+
+def euler_heun(model: VelocityModel, noise: Tensor, cond: Tensor, null: Tensor, grid: list[float],
+               guidance: float, interval: tuple[float, float], heun: bool,
+               exact: bool) -> list[Tensor]:
+    """Every state of the Euler (heun=False) or Heun sampler (see `sample`)."""
     x = noise
     states = [x]
     v_reuse: Tensor | None = None
     for i in range(len(grid) - 1):
         t_cur, t_next = grid[i], grid[i + 1]
-        scale = guidance_at(t_cur, guidance, (low, high))
+        scale = guidance_at(t_cur, guidance, interval)
         dt = t_next - t_cur
-        if solver == "euler" or v_reuse is None or exact_heun:
-            v = guided_velocity(model, x, t_cur, labels, scale)
+        if not heun or v_reuse is None or exact:
+            v = guided_velocity(model, x, t_cur, cond, null, scale)
         else:
             v = v_reuse
         x_hat = x + dt * v
-        if solver == "euler" or i == len(grid) - 2:
+        if not heun or i == len(grid) - 2:
             x = x_hat
         else:
-            v_reuse = guided_velocity(model, x_hat, t_next, labels, scale)
+            v_reuse = guided_velocity(model, x_hat, t_next, cond, null, scale)
             x = x + dt * 0.5 * (v + v_reuse)
         states.append(x)
-    return (x, torch.stack(states)) if return_trajectory else x
+    return states
+
+
+def adams(model: VelocityModel, noise: Tensor, cond: Tensor, null: Tensor, grid: list[float],
+          guidance: float, interval: tuple[float, float], order: int = 2) -> list[Tensor]:
+    """Every state of the release's Adams multistep sampler (see `sample`)."""
+    coeffs = adams_weights(grid, order)
+    x = noise
+    states = [x]
+    history: list[Tensor] = []
+    t = 0.0  # accumulated like the release's t_cur (equal to grid[i] up to rounding)
+    for i in range(len(grid) - 1):
+        dt = grid[i + 1] - grid[i]
+        scale = guidance if interval[0] < t < interval[1] else 1.0
+        history = [*history, guided_velocity(model, x, t, cond, null, scale)][-order:]
+        weights = coeffs[i]  # min(order, i + 1) of them, oldest first
+        recent = history[-len(weights):]
+        v = weights[0] * recent[0]
+        for w, velocity in zip(weights[1:], recent[1:], strict=True):
+            v = v + w * velocity
+        x = x + dt * v
+        t += dt
+        states.append(x)
+    return states
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -121,25 +197,59 @@ def _as_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def _as_labels(labels: Any, batch: int, num_classes: int, device: torch.device) -> Tensor:
+def _as_condition(config: Any, cond: Any, null: Any, noise: Tensor,
+                  guidance: float) -> tuple[Tensor, Tensor]:
+    """(cond, null) as tensors batched like the noise: labels and null labels for the class
+    models, text embeddings and the null text embedding for the text model."""
+    batch = noise.shape[0]
+    if not getattr(config, "is_text", False):
+        labels = _as_labels("labels", cond, batch, config.num_classes, noise.device)
+        if null is None:
+            return labels, torch.full_like(labels, config.num_classes)
+        return labels, _as_labels("null", null, batch, config.num_classes, noise.device)
+    text_shape = (config.text_length, config.text_dim)
+    text = _as_text("cond", cond, noise, (batch, *text_shape))
+    if null is None:
+        if guidance != 1.0:
+            raise ValueError(f"null: guidance {guidance} needs the null text embedding "
+                             f"{text_shape} or {(batch, *text_shape)}")
+        return text, text  # never evaluated: the scale in force is always 1
+    if isinstance(null, Tensor) and tuple(null.shape) == text_shape:
+        null = null.expand(batch, *text_shape)
+    return text, _as_text("null", null, noise, (batch, *text_shape))
+
+
+def _as_text(name: str, value: Any, noise: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        what = f"a tensor of dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+        hint = " (class labels are for a class-to-image model)" if name == "cond" else ""
+        raise TypeError(f"{name}: expected a floating-point torch.Tensor of text-encoder hidden "
+                        f"states {shape}, got {what}{hint}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape} (batch, text_length, text_dim), "
+                         f"got {tuple(value.shape)}")
+    return value.to(noise.device, noise.dtype)
+
+
+def _as_labels(name: str, labels: Any, batch: int, num_classes: int, device: torch.device) -> Tensor:
     try:
         y = torch.as_tensor(labels, device=device)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"labels: expected integer class labels, got {type(labels).__name__}") from None
+        raise TypeError(f"{name}: expected integer class labels, got {type(labels).__name__}") from None
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"labels: expected integer class labels, got dtype {y.dtype}")
+        hint = " (text embeddings are for a text-to-image model)" if y.ndim == 3 else ""
+        raise TypeError(f"{name}: expected integer class labels, got dtype {y.dtype}{hint}")
     if tuple(y.shape) != (batch,):
-        raise ValueError(f"labels: expected shape ({batch},), got {tuple(y.shape)}")
+        raise ValueError(f"{name}: expected shape ({batch},), got {tuple(y.shape)}")
     if batch and (int(y.min()) < 0 or int(y.max()) > num_classes):
         raise ValueError(
-            f"labels: labels must lie in 0..{num_classes} ({num_classes} is the null class), "
+            f"{name}: labels must lie in 0..{num_classes} ({num_classes} is the null class), "
             f"got values in {int(y.min())}..{int(y.max())}"
         )
     return y.long()
 
 
 # ------------------------------------------------------------------------------ settings
-SOLVERS = ("euler", "heun")
 
 
 @dataclass(frozen=True)

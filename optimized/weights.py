@@ -31,7 +31,7 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def read_state(path: str | Path, weights: str = "ema") -> tuple[DeCoConfig, dict[str, torch.Tensor]]:
+def load_weights(path: str | Path, weights: str = "ema") -> tuple[DeCoConfig, dict[str, torch.Tensor]]:
     """(config, portable name -> CPU tensor) from a DeCo `.safetensors` or a release `.ckpt`."""
     if weights not in ("ema", "online"):
         raise ValueError(f"weights: expected 'ema' or 'online', got {weights!r}")
@@ -62,13 +62,14 @@ def read_state(path: str | Path, weights: str = "ema") -> tuple[DeCoConfig, dict
 def load_model(
     path: str | Path, *, weights: str = "ema", device: Any = None, dtype: torch.dtype | None = None
 ) -> DeCo | BaselineDiT:
-    """A `DeCo` or `BaselineDiT` (by the file's parameters) in eval mode.
+    """A `DeCo`, `TextDeCo` (text-to-image, a `DeCo`) or `BaselineDiT` (by the file's
+    parameters) in eval mode.
 
     weights: "ema" (default) or "online", for release checkpoints. dtype: default the stored
     dtype (float32 for release checkpoints). device: default CPU."""
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
-    config, state = read_state(path, weights)
+    config, state = load_weights(path, weights)
     from .model import build_model
 
     stored = next(iter(state.values())).dtype
@@ -85,7 +86,7 @@ def save_model(model: DiffusionTransformer, path: str | Path, dtype: torch.dtype
     from .model import DiffusionTransformer
 
     if not isinstance(model, DiffusionTransformer):
-        raise TypeError(f"model: expected a DeCo or BaselineDiT, got {type(model).__name__}")
+        raise TypeError(f"model: expected a DeCo, TextDeCo or BaselineDiT, got {type(model).__name__}")
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"path: folder {path.parent} does not exist")

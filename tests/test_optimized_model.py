@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from deco import reference as R
 from deco.config import PRESETS, DeCoConfig, parameter_count, parameter_shapes
 from deco.optimized import BaselineDiT, DeCo, build_model
+from deco.optimized.text_to_image import TextDeCo
 
 SETTINGS = settings(max_examples=20, deadline=None)
 F64_RTOL = 1e-10
@@ -71,7 +72,7 @@ def test_every_preset_has_the_portable_parameter_layout(name: str) -> None:
     config = DeCoConfig.preset(name)
     with torch.device("meta"):  # XL costs nothing
         model = build_model(config)
-    assert isinstance(model, DeCo if config.architecture == "deco" else BaselineDiT)
+    assert isinstance(model, {"deco": DeCo, "t2i": TextDeCo, "baseline": BaselineDiT}[config.architecture])
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == parameter_shapes(config)
     assert sum(p.numel() for p in model.parameters()) == parameter_count(config)

@@ -40,7 +40,7 @@ def draws(batch: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, np.
 @SETTINGS
 @given(
     architecture=st.sampled_from(["deco", "baseline"]),
-    solver=st.sampled_from(["euler", "heun"]),
+    solver=st.sampled_from(["euler", "heun", "adams"]),
     exact_heun=st.booleans(),
     steps=st.integers(1, 4),
     guidance=st.one_of(st.just(1.0), st.floats(0.0, 4.0)),
@@ -156,3 +156,22 @@ def test_bad_input_names_the_argument(noise: Any, labels: Any, kwargs: dict[str,
     _, model = models("deco", 0)
     with pytest.raises(error, match=match):
         sample(model, noise, labels, **kwargs)
+
+
+@settings(max_examples=10, deadline=None)
+@given(order=st.integers(1, 4), steps=st.integers(1, 5), guidance=st.floats(0.0, 4.0),
+       seed=st.integers(0, 2**31))
+def test_adams_and_null_labels_match_reference(order: int, steps: int, guidance: float,
+                                               seed: int) -> None:
+    # The class models' unconditional branch may be given as labels (default: the null class).
+    ref, model = models("deco", seed)
+    noise, labels = draws(2, seed + 1)
+    null = np.array([10, 3])
+    kwargs: dict[str, Any] = dict(steps=steps, guidance=guidance, solver="adams", order=order)
+    expected = R.sample(ref, noise, labels, null, **kwargs)
+    got = sample(model, torch.as_tensor(noise), torch.as_tensor(labels), torch.as_tensor(null), **kwargs)
+    assert rel_err(got, expected) < F64_RTOL
+    default = sample(model, torch.as_tensor(noise), torch.as_tensor(labels), **kwargs)
+    explicit = sample(model, torch.as_tensor(noise), torch.as_tensor(labels), torch.full((2,), 10),
+                      **kwargs)
+    assert torch.equal(default, explicit)

@@ -131,13 +131,13 @@ def no_dct_scale(p: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return ORIGINAL_DCT_FEATURES(p, device, torch.float64) * (1.0 + f[:, None] * f).reshape(1, 64)
 
 
-ORIGINAL_DCT_FEATURES = layers.dct_features
+ORIGINAL_DCT_FEATURES = layers.dct_position_features
 
 
 @pytest.mark.parametrize(
     ("module", "name", "broken"),
     [
-        (layers, "dct_features", no_dct_scale),  # decoder without the 1/(1 + fa fb) scale
+        (layers, "dct_position_features", no_dct_scale),  # decoder without the 1/(1 + fa fb) scale
         (T, "time_shift", lambda t, shift=1.0: t),  # time shift forgotten
         (T, "drop_labels", lambda labels, uniform, p, null: labels),  # no label dropout
     ],

@@ -259,3 +259,21 @@ def test_cli_convert_reports_success(tmp_path: Path, fixtures_dir: Path,
                                 capsys)
     assert code == 0 and err == ""
     assert "online" in stdout and out.is_file()
+
+
+@pytest.mark.parametrize(("weights", "prefix"), [("ema", "ema_denoiser."), ("online", "denoiser.")])
+def test_convert_text_model_takes_exactly_the_chosen_weight_set(fixtures_dir: Path, tmp_path: Path,
+                                                                weights: str, prefix: str) -> None:
+    ckpt = fixtures_dir / "T.ckpt"
+    if not ckpt.is_file():
+        pytest.skip(f"release fixture {ckpt} not found")
+    out = tmp_path / "T.safetensors"
+    assert cli.main(["convert", str(ckpt), str(out), "--weights", weights]) == 0
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    chosen = {k: v.numpy() for k, v in state.items() if k.startswith(prefix)}
+    got = load_file(out)
+    # The same values whatever the names (the (1, T, D) position table is stored as (T, D)).
+    assert sorted(v.tobytes() for v in got.values()) == sorted(v.tobytes() for v in chosen.values())
+    config, _ = R.load_weights(out)
+    assert config.architecture == "t2i"
+    assert {k: v.shape for k, v in got.items()} == parameter_shapes(config)
