@@ -20,7 +20,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from deco.atomic import fsync_dir
-from deco.optimized.weights import read_state
+from deco.optimized.weights import load_weights
 
 from .pipelines import DeCoPipeline, DeCoPipelineBase, DeCoTextPipeline
 from .schedulers import DeCoAdamsScheduler
@@ -47,7 +47,7 @@ def read_id2label(path: str | Path) -> dict[str, str]:
 def build_pipeline(checkpoint: str | Path, *, weights: str = "ema", text_encoder: str | Path | None = None,
                    id2label: dict[str, str] | None = None, sample_size: int = 256) -> DeCoPipelineBase:
     """The pipeline of a release `.ckpt` or a DeCo `.safetensors` file (either model kind)."""
-    config, state = read_state(checkpoint, weights)
+    config, state = load_weights(checkpoint, weights)
     if config.is_text and text_encoder is None:
         raise ValueError("text_encoder: a text-to-image checkpoint needs the folder of its text "
                          "encoder and tokenizer (the release: Qwen3-1.7B), e.g. --text-encoder DIR")

@@ -21,7 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from torch import Tensor
 
-from deco.optimized.sampling import guidance_at, time_grid
+from deco.optimized.sampling import adams_weights, guidance_at, time_grid
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,6 @@ class DeCoAdamsScheduler(DeCoScheduler):
         self._history: list[Tensor] = []
 
     def build_plan(self, grid: list[float]) -> list[Evaluation]:
-        from deco.optimized.sampling import adams_weights
-
         self.weights = adams_weights(grid, self.config.order)
         plan, t = [], 0.0
         for i in range(len(grid) - 1):
