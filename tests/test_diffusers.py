@@ -22,7 +22,7 @@ from helpers import FIXTURE_RTOL, rel_err
 pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler  # noqa: E402
+from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from deco import optimized  # noqa: E402
 from deco.cli import main as cli_main  # noqa: E402
@@ -361,3 +361,151 @@ def test_convert_cli_errors(tmp_path: Path, fixtures_dir: Path, capsys: pytest.C
     assert not (tmp_path / "t").exists()
     with pytest.raises(FileExistsError, match=r"^output: "):
         write_pipeline(fixtures_dir / "A.ckpt", tmp_path / "taken")
+
+
+# ---------------------------------------------------------------------- text-to-image
+CORPUS = ["a photo of a cat", "a painting of a red fox in the snow", "an astronaut riding a horse",
+          "a bowl of fruit on a wooden table", "the city at night, long exposure"]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3 (hidden 32, narrower than T.ckpt's text width 48, so the states are
+    zero-padded) and a BPE tokenizer trained here with `tokenizers`, saved as one folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120,
+                                                              special_tokens=["<pad>", "<unk>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
+                                                unk_token="<unk>")
+    folder = tmp_path_factory.mktemp("qwen3")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+        pad_token_id=fast.pad_token_id)
+    transformers.Qwen3Model(config).eval().save_pretrained(folder)
+    return folder
+
+
+def reference_encoding(folder: Path, prompts: list[str], length: int, width: int) -> torch.Tensor:
+    """The release's text condition built by hand: each prompt's token ids, truncated to
+    `length` and right-padded with the pad id (mask 0 there), through the encoder; every
+    position's last hidden state, zero-padded to `width`."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    encoder = transformers.Qwen3Model.from_pretrained(folder).eval()
+    ids = [tokenizer(p)["input_ids"][:length] for p in prompts]
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([row + [pad] * (length - len(row)) for row in ids])
+    mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in ids])
+    with torch.no_grad():
+        states = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    return torch.cat([states, states.new_zeros(*states.shape[:2], width - states.shape[2])], dim=-1)
+
+
+@pytest.fixture(scope="module")
+def text_model(fixtures_dir: Path) -> Any:
+    """T.ckpt's text model with its text values scaled by 300: with the fixture's weights the
+    text moves the output by ~1e-5 of its size (spec/06 §9), here by ~4e-3."""
+    model = optimized.load_model(fixtures_dir / "T.ckpt")
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.kv_text.weight.mul_(300.0)
+    return model
+
+
+TEXT_SOLVERS = [s for s in SOLVERS if s[0] in ("euler", "heun", "adams")]
+
+
+@pytest.mark.parametrize(("make", "options"), [pytest.param(f, o, id=i) for i, f, o in TEXT_SOLVERS])
+def test_text_pipeline_equals_optimized_sample(text_model: Any, encoder_dir: Path, make: Any,
+                                               options: dict[str, Any]) -> None:
+    """Prompts through the tokenizer and encoder (one longer than the 8 text tokens), the
+    negative prompt as the null text; the same noise through deco.optimized.sample."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(encoder_dir)
+    encoder = transformers.AutoModel.from_pretrained(encoder_dir).eval()
+    pipe = quiet(DeCoTextPipeline(tokenizer, encoder, DeCoTransformer2DModel.from_deco(
+        text_model, sample_size=16), make()))
+    prompts = ["a photo of a cat", "a painting of a red fox in the snow at night, long exposure"]
+    cond = reference_encoding(encoder_dir, prompts, 8, 48)
+    null = reference_encoding(encoder_dir, ["a bowl"], 8, 48)[0]
+    assert torch.allclose(pipe.encode_prompt(prompts), cond, atol=1e-6)
+    noise = torch.randn(2, 3, 16, 16)
+    settings = {**SETTINGS, "timeshift": 3.0}
+    got = pipe(prompts, negative_prompt="a bowl", guidance_scale=settings["guidance"],
+               guidance_interval=settings["interval"], num_inference_steps=settings["steps"],
+               timeshift=settings["timeshift"], latents=noise, output_type="latent").images
+    expected = optimized.sample(text_model, noise, cond, null, steps=settings["steps"],
+                                guidance=settings["guidance"], interval=settings["interval"],
+                                timeshift=settings["timeshift"], **options)
+    assert rel(got, expected) < 1e-5
+    unguided = optimized.sample(text_model, noise, cond, steps=settings["steps"],
+                                timeshift=settings["timeshift"], **options)
+    assert rel(unguided, expected) > 1e-4  # the guidance (and the null text) is exercised
+
+
+def test_text_pipeline_reproduces_release_samples(tmp_path: Path, fixtures_dir: Path,
+                                                  encoder_dir: Path) -> None:
+    """`deco convert T.ckpt DIR --to diffusers --text-encoder ENC`, loaded back (Adams of order 2,
+    as the release's text config), reproduces T.npz's Euler and Adams samples from the release's
+    text embeddings, and loads in a fresh process through DiffusionPipeline."""
+    out = tmp_path / "T"
+    assert cli_main(["convert", str(fixtures_dir / "T.ckpt"), str(out), "--to", "diffusers",
+                     "--text-encoder", str(encoder_dir), "--sample-size", "16"]) == 0
+    pipe = quiet(DeCoTextPipeline.from_pretrained(out))
+    assert isinstance(pipe.scheduler, DeCoAdamsScheduler) and pipe.scheduler.config.order == 2
+    t = np.load(fixtures_dir / "T.npz")
+    config = json.loads(bytes(t["config"]))
+    noise = torch.from_numpy(t["sample_noise"]).float()
+    for key, scheduler in (("adam", pipe.scheduler), ("euler", FlowMatchEulerDiscreteScheduler())):
+        c = config[key]
+        pipe.scheduler = scheduler
+        got = pipe(prompt_embeds=torch.from_numpy(t["sample_text"]).float(),
+                   negative_prompt_embeds=torch.from_numpy(t["sample_null_text"]).float(),
+                   guidance_scale=c["guidance"], num_inference_steps=c["num_steps"],
+                   guidance_interval=(c["guidance_interval_min"], c["guidance_interval_max"]),
+                   timeshift=c["timeshift"], latents=noise, output_type="latent").images
+        assert rel_err(got.numpy(), t[f"{key}_out"]) < FIXTURE_RTOL, key
+
+    pipe.scheduler = DeCoAdamsScheduler()
+    expected = pipe("a photo of a cat", latents=noise[:1], num_inference_steps=3,
+                    output_type="latent").images
+    np.save(tmp_path / "noise.npy", noise[:1].numpy())
+    script = f"""
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)
+print(type(pipe).__name__, type(pipe.text_encoder).__name__, type(pipe.scheduler).__name__)
+noise = torch.from_numpy(np.load({str(tmp_path / "noise.npy")!r}))
+out = pipe("a photo of a cat", latents=noise, num_inference_steps=3, output_type="latent").images
+np.save({str(tmp_path / "out.npy")!r}, out.numpy())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "DeCoTextPipeline Qwen3Model DeCoAdamsScheduler" in done.stdout
+    assert np.array_equal(np.load(tmp_path / "out.npy"), expected.numpy())
+
+
+def test_text_pipeline_bad_arguments(text_model: Any, encoder_dir: Path, class_pipe: DeCoPipeline) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(encoder_dir)
+    encoder = transformers.AutoModel.from_pretrained(encoder_dir).eval()
+    transformer = DeCoTransformer2DModel.from_deco(text_model, sample_size=16)
+    pipe = quiet(DeCoTextPipeline(tokenizer, encoder, transformer, DeCoAdamsScheduler()))
+    with pytest.raises(ValueError, match=r"^prompt: pass exactly one"):
+        pipe(num_inference_steps=1)
+    with pytest.raises(TypeError, match=r"^prompt: "):
+        pipe([3], num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"^prompt_embeds: expected shape \(B, 8, 48\)"):
+        pipe(prompt_embeds=torch.zeros(1, 8, 32), num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"^negative_prompt_embeds: expected shape \(2, 8, 48\)"):
+        pipe(prompt_embeds=torch.zeros(2, 8, 48), negative_prompt_embeds=torch.zeros(3, 8, 48),
+             num_inference_steps=1)
+    with pytest.raises(TypeError, match=r"^transformer: DeCoPipeline needs a class-to-image"):
+        DeCoPipeline(transformer, DeCoAdamsScheduler())([1], num_inference_steps=1)
+    with pytest.raises(TypeError, match=r"^transformer: DeCoTextPipeline needs a text-to-image"):
+        DeCoTextPipeline(tokenizer, encoder, class_pipe.transformer, DeCoAdamsScheduler())(
+            "a cat", num_inference_steps=1)

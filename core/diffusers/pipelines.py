@@ -204,14 +204,16 @@ class DeCoPipeline(DeCoPipelineBase):
 
     def class_ids(self, class_labels: Any, device: torch.device) -> Tensor:
         """class_labels (ids, names, or a mix; a tensor of ids) -> (B,) ids in 0..null_class."""
-        if isinstance(class_labels, (int, str, Tensor)) and not isinstance(class_labels, bool):
-            items = class_labels.reshape(-1).tolist() if isinstance(class_labels, Tensor) else [class_labels]
+        if isinstance(class_labels, Tensor):
+            if class_labels.is_floating_point() or class_labels.is_complex():
+                raise TypeError(f"class_labels: expected integer ids, got dtype {class_labels.dtype}")
+            items = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (int, str)) and not isinstance(class_labels, bool):
+            items = [class_labels]
         elif isinstance(class_labels, Sequence):
             items = list(class_labels)
         else:
             raise TypeError(f"class_labels: expected class ids or names, got {type(class_labels).__name__}")
-        if isinstance(class_labels, Tensor) and (class_labels.is_floating_point() or class_labels.is_complex()):
-            raise TypeError(f"class_labels: expected integer ids, got dtype {class_labels.dtype}")
         ids = []
         for item in items:
             if isinstance(item, str):
@@ -286,6 +288,22 @@ class DeCoTextPipeline(DeCoPipelineBase):
             states = torch.cat([states, pad], dim=-1)
         return states[..., : cfg.text_dim].to(self.transformer.dtype)
 
+    def check_text(self, name: str, states: Any, batch: int | None) -> Tensor:
+        """Text-encoder states (B, T, E) (`batch` None: any B >= 1; else (T, E), (1, T, E) or
+        (batch, T, E)) on the execution device, in the transformer's dtype."""
+        cfg = self.transformer.deco_config
+        shape = (cfg.text_length, cfg.text_dim)
+        if not isinstance(states, Tensor) or not states.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor (B, {shape[0]}, {shape[1]}), "
+                            f"got {type(states).__name__}")
+        if batch is not None and states.ndim == 2:
+            states = states.unsqueeze(0)
+        ok = states.ndim == 3 and tuple(states.shape[1:]) == shape and states.shape[0] >= 1
+        if not ok or (batch is not None and states.shape[0] not in (1, batch)):
+            raise ValueError(f"{name}: expected shape ({'B' if batch is None else batch}, "
+                             f"{shape[0]}, {shape[1]}), got {tuple(states.shape)}")
+        return states.to(device=self._execution_device, dtype=self.transformer.dtype)
+
     @torch.no_grad()
     def __call__(
         self, prompt: str | Sequence[str] | None = None, negative_prompt: str | None = None,
@@ -316,8 +334,8 @@ class DeCoTextPipeline(DeCoPipelineBase):
         null = negative_prompt_embeds
         if null is None:
             null = self.encode_prompt(negative_prompt or "", device)
-        cond = cond.to(device=device, dtype=self.transformer.dtype)
-        null = null.to(device=device, dtype=self.transformer.dtype).expand_as(cond)
+        cond = self.check_text("prompt_embeds", cond, None)
+        null = self.check_text("negative_prompt_embeds", null, cond.shape[0]).expand_as(cond)
         x = self.prepare_latents(cond.shape[0], height, width, generator, latents)
         images = self.denoise(x, cond, null, steps, guidance, interval, timeshift)
         return self.finish(images, output_type, return_dict)

@@ -112,7 +112,7 @@ class DeCoHeunScheduler(DeCoScheduler):
     `exact=True` re-evaluates the predictor (2N - 1). Both evaluations of step i use the
     guidance scale of t_i (low < t_i <= high)."""
 
-    @register_to_config
+    @register_to_config  # type: ignore[untyped-decorator]  # diffusers is not analysed (pyproject)
     def __init__(self, num_train_timesteps: int = 1000, exact: bool = False) -> None:
         super().__init__()
         self._x: Tensor | None = None  # x_i, the state at the start of the current step
@@ -158,7 +158,7 @@ class DeCoAdamsScheduler(DeCoScheduler):
     over the last `order` guided velocities (`deco.optimized.sampling.adams_weights`). The model
     is evaluated at the accumulated time t_0 + dt_0 + ... and guided where low < t < high."""
 
-    @register_to_config
+    @register_to_config  # type: ignore[untyped-decorator]  # diffusers is not analysed (pyproject)
     def __init__(self, num_train_timesteps: int = 1000, order: int = 2) -> None:
         super().__init__()
         if isinstance(order, bool) or not isinstance(order, int) or order < 1:

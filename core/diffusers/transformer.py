@@ -34,7 +34,7 @@ class DeCoTransformer2DModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
     _supports_gradient_checkpointing = False
 
-    @register_to_config
+    @register_to_config  # type: ignore[untyped-decorator]  # diffusers is not analysed (pyproject)
     def __init__(
         self,
         architecture: str = "deco",
@@ -78,9 +78,11 @@ class DeCoTransformer2DModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
             raise TypeError(f"model: expected a deco.optimized model with a DeCoConfig, "
                             f"got {type(model).__name__}")
         with torch.device("meta"):  # every parameter is assigned from `model` below
-            wrapper = cls(**config.to_dict(), id2label=id2label, sample_size=sample_size)
+            wrapper: DeCoTransformer2DModel = cls(**config.to_dict(), id2label=id2label,
+                                                  sample_size=sample_size)
         wrapper.model.load_state_dict(model.state_dict(), strict=True, assign=True)
-        return wrapper.to(next(model.parameters()).device)
+        wrapper.train(model.training)
+        return wrapper
 
     @property
     def is_text(self) -> bool:
