@@ -509,3 +509,23 @@ def test_text_pipeline_bad_arguments(text_model: Any, encoder_dir: Path, class_p
     with pytest.raises(TypeError, match=r"^transformer: DeCoTextPipeline needs a text-to-image"):
         DeCoTextPipeline(tokenizer, encoder, class_pipe.transformer, DeCoAdamsScheduler())(
             "a cat", num_inference_steps=1)
+
+
+def test_convert_from_safetensors_with_labels(tmp_path: Path, fixtures_dir: Path) -> None:
+    """A DeCo .safetensors file (from `deco convert`) converts to the same pipeline weights as
+    the release .ckpt; --labels names the classes."""
+    assert cli_main(["convert", str(fixtures_dir / "A.ckpt"), str(tmp_path / "A.safetensors")]) == 0
+    names = [f"class {i}" for i in range(10)]
+    (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
+    assert cli_main(["convert", str(tmp_path / "A.safetensors"), str(tmp_path / "p"), "--to",
+                     "diffusers", "--labels", str(tmp_path / "labels.txt"), "--sample-size", "16"]) == 0
+    pipe = DeCoPipeline.from_pretrained(tmp_path / "p")
+    reference = optimized.load_model(fixtures_dir / "A.ckpt").state_dict()
+    state = pipe.transformer.state_dict()
+    assert state.keys() == {f"model.{k}" for k in reference}
+    assert all(torch.equal(state[f"model.{k}"], v) for k, v in reference.items())
+    assert pipe.get_label_ids(["class 9", "class 0"]) == [9, 0]
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_deco", "DeCoPipeline"]
+    assert index["transformer"] == ["deco.diffusers.transformer", "DeCoTransformer2DModel"]
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]

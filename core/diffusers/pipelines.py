@@ -302,7 +302,8 @@ class DeCoTextPipeline(DeCoPipelineBase):
         if not ok or (batch is not None and states.shape[0] not in (1, batch)):
             raise ValueError(f"{name}: expected shape ({'B' if batch is None else batch}, "
                              f"{shape[0]}, {shape[1]}), got {tuple(states.shape)}")
-        return states.to(device=self._execution_device, dtype=self.transformer.dtype)
+        out: Tensor = states.to(device=self._execution_device, dtype=self.transformer.dtype)
+        return out
 
     @torch.no_grad()
     def __call__(
