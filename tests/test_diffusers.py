@@ -499,6 +499,8 @@ def test_text_pipeline_bad_arguments(text_model: Any, encoder_dir: Path, class_p
         pipe(num_inference_steps=1)
     with pytest.raises(TypeError, match=r"^prompt: "):
         pipe([3], num_inference_steps=1)
+    with pytest.raises(TypeError, match=r"^negative_prompt: "):
+        pipe("a cat", negative_prompt=[], num_inference_steps=1)
     with pytest.raises(ValueError, match=r"^prompt_embeds: expected shape \(B, 8, 48\)"):
         pipe(prompt_embeds=torch.zeros(1, 8, 32), num_inference_steps=1)
     with pytest.raises(ValueError, match=r"^negative_prompt_embeds: expected shape \(2, 8, 48\)"):

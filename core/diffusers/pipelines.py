@@ -270,11 +270,13 @@ class DeCoTextPipeline(DeCoPipelineBase):
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder,
                               transformer=transformer, scheduler=scheduler)
 
-    def encode_prompt(self, prompt: str | Sequence[str], device: torch.device | None = None) -> Tensor:
-        """Text-encoder states (B, T, E) for the prompts, in the transformer's dtype."""
+    def encode_prompt(self, prompt: str | Sequence[str], device: torch.device | None = None,
+                      name: str = "prompt") -> Tensor:
+        """Text-encoder states (B, T, E) for the prompts, in the transformer's dtype (errors
+        name the argument `name`)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompt: expected a string or a non-empty list of strings")
+            raise TypeError(f"{name}: expected a string or a non-empty list of strings")
         cfg = self.transformer.deco_config
         device = device or self._execution_device
         tokens = self.tokenizer(prompts, padding="max_length", max_length=cfg.text_length,
@@ -307,7 +309,8 @@ class DeCoTextPipeline(DeCoPipelineBase):
 
     @torch.no_grad()
     def __call__(
-        self, prompt: str | Sequence[str] | None = None, negative_prompt: str | None = None,
+        self, prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
         guidance_scale: float = 4.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
         num_inference_steps: int = 25, timeshift: float = 3.0, height: int | None = None,
         width: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
@@ -334,7 +337,8 @@ class DeCoTextPipeline(DeCoPipelineBase):
                              "negative_prompt_embeds")
         null = negative_prompt_embeds
         if null is None:
-            null = self.encode_prompt(negative_prompt or "", device)
+            null = self.encode_prompt("" if negative_prompt is None else negative_prompt, device,
+                                      name="negative_prompt")
         cond = self.check_text("prompt_embeds", cond, None)
         null = self.check_text("negative_prompt_embeds", null, cond.shape[0]).expand_as(cond)
         x = self.prepare_latents(cond.shape[0], height, width, generator, latents)
