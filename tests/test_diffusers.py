@@ -9,6 +9,7 @@ save/load round trips.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -338,16 +339,15 @@ out = pipe([3, 4], guidance_scale={SETTINGS["guidance"]}, guidance_interval={SET
 np.save({str(tmp_path / "out.npy")!r}, out.numpy())
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"})
+                          timeout=300, env=offline_env())
     assert done.returncode == 0, done.stderr[-2000:]
     assert "deco.diffusers.pipelines DeCoPipeline DeCoHeunScheduler" in done.stdout
     assert np.array_equal(np.load(tmp_path / "out.npy"), expected.numpy())
 
 
-def _env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+def offline_env() -> dict[str, str]:
+    """The environment of a fresh process: no network, one thread."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def test_convert_cli_errors(tmp_path: Path, fixtures_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -484,7 +484,7 @@ out = pipe("a photo of a cat", latents=noise, num_inference_steps=3, output_type
 np.save({str(tmp_path / "out.npy")!r}, out.numpy())
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300, env={**_env(), "OMP_NUM_THREADS": "1"})
+                          timeout=300, env=offline_env())
     assert done.returncode == 0, done.stderr[-2000:]
     assert "DeCoTextPipeline Qwen3Model DeCoAdamsScheduler" in done.stdout
     assert np.array_equal(np.load(tmp_path / "out.npy"), expected.numpy())

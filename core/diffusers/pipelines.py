@@ -15,8 +15,8 @@ one-line module, `pipeline_deco.py`, that imports these classes from the install
 through such a module).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: diffusers reads the pipelines' __init__
+# annotations at run time (inspect.signature) to check the components it loads.
 import json
 import math
 import numbers
@@ -264,8 +264,8 @@ class DeCoTextPipeline(DeCoPipelineBase):
 
     model_cpu_offload_seq = "text_encoder->transformer"
 
-    def __init__(self, tokenizer: Any, text_encoder: Any, transformer: DeCoTransformer2DModel,
-                 scheduler: Any) -> None:
+    def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module,
+                 transformer: DeCoTransformer2DModel, scheduler: Any) -> None:
         super().__init__()
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder,
                               transformer=transformer, scheduler=scheduler)
