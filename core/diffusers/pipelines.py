@@ -2,8 +2,8 @@
 (text-to-image, with a Qwen3 text encoder and its tokenizer as components).
 
 Both integrate DeCo's ODE from t = 0 (noise) to t = 1 (images) with classifier-free guidance
-exactly as `deco.optimized.sample` does (spec/04): the guided velocity u + g (c - u) from one
-batch [null; cond], the null branch skipped where the scale is 1, and the scheduler's own rule
+exactly as `deco.optimized.sample` does (spec/04): its `guided_velocity` (u + g (c - u) from one
+batch [null; cond], the null branch skipped where the scale is 1) and the scheduler's own rule
 for which steps are guided. The scheduler is diffusers' `FlowMatchEulerDiscreteScheduler` (Euler
 on DeCo's grid, given as explicit sigmas = 1 - t) or `DeCoHeunScheduler` / `DeCoAdamsScheduler`.
 
@@ -33,7 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from deco.atomic import atomic_write
-from deco.optimized.sampling import guidance_at, time_grid
+from deco.optimized.sampling import guidance_at, guided_velocity, time_grid
 
 from .schedulers import DeCoScheduler
 from .transformer import DeCoTransformer2DModel
@@ -50,6 +50,25 @@ __all__ = ["DeCoPipeline", "DeCoTextPipeline"]
 
 #: Step = (scheduler timestep, DeCo time of the model call, guidance scale of the call).
 Step = tuple[Tensor, float, float]
+
+
+class TransformerVelocity:
+    """The transformer as deco.optimized.sampling's VelocityModel, so that the pipelines guide
+    with `deco.optimized.sampling.guided_velocity` itself. Calls go through the transformer's
+    forward, where diffusers' offload hooks are attached."""
+
+    def __init__(self, transformer: DeCoTransformer2DModel) -> None:
+        self.transformer = transformer
+        self.key = "encoder_hidden_states" if transformer.is_text else "class_labels"
+
+    @property
+    def config(self) -> Any:
+        return self.transformer.deco_config
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """Velocity (B, C, H, W) for x (B, C, H, W), t (B,) and the condition y."""
+        out: Tensor = self.transformer(x, t, **{self.key: y}, return_dict=False)[0]
+        return out
 
 
 class DeCoPipelineBase(DiffusionPipeline):  # type: ignore[misc]
@@ -84,21 +103,6 @@ class DeCoPipelineBase(DiffusionPipeline):  # type: ignore[misc]
         return out
 
     # ----------------------------------------------------------------------------- sampling
-    def velocity(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        """The transformer's velocity (through its forward, so offload hooks apply)."""
-        key = "encoder_hidden_states" if self.transformer.is_text else "class_labels"
-        out: Tensor = self.transformer(x, t, **{key: cond}, return_dict=False)[0]
-        return out
-
-    def guided_velocity(self, x: Tensor, t: float, cond: Tensor, null: Tensor, scale: float) -> Tensor:
-        """u + scale (c - u) from one batch [null; cond] (spec/04 §2), as deco.optimized.sample
-        computes it; with scale 1, c alone."""
-        b = x.shape[0]
-        if scale == 1.0:
-            return self.velocity(x, torch.full((b,), t, dtype=x.dtype, device=x.device), cond)
-        times = torch.full((2 * b,), t, dtype=x.dtype, device=x.device)
-        uncond, conditional = self.velocity(torch.cat([x, x]), times, torch.cat([null, cond])).chunk(2)
-        return uncond + scale * (conditional - uncond)
 
     def schedule(self, steps: int, timeshift: float, guidance: float,
                  interval: tuple[float, float], device: torch.device) -> list[Step]:
@@ -124,9 +128,10 @@ class DeCoPipelineBase(DiffusionPipeline):  # type: ignore[misc]
                 interval: tuple[float, float], timeshift: float) -> Tensor:
         """Integrate from the noise `latents` (B, C, H, W) to the images (t = 1)."""
         x = latents
+        model = TransformerVelocity(self.transformer)
         plan = self.schedule(steps, timeshift, guidance, interval, x.device)
         for timestep, t, scale in self.progress_bar(plan):
-            v = self.guided_velocity(x, t, cond, null, scale)  # d x / d t
+            v = guided_velocity(model, x, t, cond, null, scale)  # d x / d t, spec/04 §2
             # diffusers' flow-matching output is d x / d sigma = -v (sigma = 1 - t).
             x = self.scheduler.step(-v, timestep, x, return_dict=False)[0]
         return x
