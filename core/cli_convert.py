@@ -77,10 +77,11 @@ def convert_to_diffusers(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"--to diffusers: needs the diffusers extra (pip install "
                          f"'deco-diffusion[diffusers]'): {exc}") from None
-    if args.dtype != "float32":
-        raise UsageError("--dtype: --to diffusers keeps the stored dtype")
+    import torch
+
     try:
         pipe = write_pipeline(args.checkpoint, args.output, weights=args.weights,
+                              dtype=getattr(torch, args.dtype),
                               text_encoder=args.text_encoder, sample_size=args.sample_size,
                               id2label=read_id2label(args.labels) if args.labels else None)
     except FileExistsError as exc:

@@ -506,6 +506,10 @@ def test_text_pipeline_bad_arguments(text_model: Any, encoder_dir: Path, class_p
     with pytest.raises(ValueError, match=r"^negative_prompt_embeds: expected shape \(2, 8, 48\)"):
         pipe(prompt_embeds=torch.zeros(2, 8, 48), negative_prompt_embeds=torch.zeros(3, 8, 48),
              num_inference_steps=1)
+    with pytest.raises(TypeError, match=r"^class_labels: the text-to-image model"):
+        transformer(torch.zeros(1, 3, 16, 16), 0.5, class_labels=torch.tensor([1]))
+    with pytest.raises(TypeError, match=r"^encoder_hidden_states: the class-to-image model"):
+        class_pipe.transformer(torch.zeros(1, 3, 16, 16), 0.5, encoder_hidden_states=torch.zeros(1, 8, 48))
     with pytest.raises(TypeError, match=r"^transformer: DeCoPipeline needs a class-to-image"):
         DeCoPipeline(transformer, DeCoAdamsScheduler())([1], num_inference_steps=1)
     with pytest.raises(TypeError, match=r"^transformer: DeCoTextPipeline needs a text-to-image"):
@@ -531,3 +535,11 @@ def test_convert_from_safetensors_with_labels(tmp_path: Path, fixtures_dir: Path
     assert index["_class_name"] == ["pipeline_deco", "DeCoPipeline"]
     assert index["transformer"] == ["deco.diffusers.transformer", "DeCoTransformer2DModel"]
     assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    assert cli_main(["convert", str(tmp_path / "A.safetensors"), str(tmp_path / "p64"), "--to",
+                     "diffusers", "--dtype", "float64"]) == 0
+    from safetensors.torch import load_file
+
+    (stored,) = (tmp_path / "p64" / "transformer").glob("*.safetensors")
+    state64 = load_file(stored)  # diffusers loads it as float32 unless given torch_dtype
+    assert state64.keys() == state.keys()
+    assert all(v.dtype == torch.float64 and torch.equal(v, state[k].double()) for k, v in state64.items())

@@ -45,8 +45,10 @@ def read_id2label(path: str | Path) -> dict[str, str]:
 
 
 def build_pipeline(checkpoint: str | Path, *, weights: str = "ema", text_encoder: str | Path | None = None,
-                   id2label: dict[str, str] | None = None, sample_size: int = 256) -> DeCoPipelineBase:
-    """The pipeline of a release `.ckpt` or a DeCo `.safetensors` file (either model kind)."""
+                   id2label: dict[str, str] | None = None, sample_size: int = 256,
+                   dtype: torch.dtype | None = None) -> DeCoPipelineBase:
+    """The pipeline of a release `.ckpt` or a DeCo `.safetensors` file (either model kind);
+    the transformer in `dtype` (default: as stored)."""
     config, state = load_weights(checkpoint, weights)
     if config.is_text and text_encoder is None:
         raise ValueError("text_encoder: a text-to-image checkpoint needs the folder of its text "
@@ -60,6 +62,8 @@ def build_pipeline(checkpoint: str | Path, *, weights: str = "ema", text_encoder
                                              sample_size=sample_size)
     transformer.model.load_state_dict(state, strict=True, assign=True)
     transformer.eval()
+    if dtype is not None:
+        transformer.to(dtype)
     if text_encoder is None:
         return DeCoPipeline(transformer, FlowMatchEulerDiscreteScheduler())
     tokenizer, encoder = load_text_encoder(text_encoder)
