@@ -27,7 +27,9 @@ def install(session: nox.Session, extras: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The test-suite (pytest + hypothesis), against the installed package."""
-    install(session, "test,onnx,text,diffusers")
+    install(session, "test,onnx,text,repa,diffusers")
+    # deco fid's Inception without torchvision (see the `metrics` extra in pyproject.toml)
+    session.install("--no-deps", "torch-fidelity==0.4.0")
     # bench/ runs once as a smoke test (tiny sizes, no timing): every benchmark's code path works.
     default = ["tests", "bench", "--benchmark-disable"]
     session.run("pytest", "-p", "no:cacheprovider", *(session.posargs or default))
@@ -36,7 +38,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over deco, deco.reference and deco.optimized (the installed package)."""
-    install(session, "test,onnx,text")
+    install(session, "test,onnx,text,repa")
     session.install("mypy>=1.10")
     config = os.path.abspath("pyproject.toml")
     # Check the installed package (the folders are mapped onto `deco.*` only at install time), from
@@ -77,3 +79,18 @@ def train(session: nox.Session) -> None:
     CPU, under 10 minutes; then `deco evaluate runs/<timestamp>` scores its samples)."""
     install(session, "test")
     session.run("deco", "train", *session.posargs)
+
+
+@nox.session(python=False)
+def gpu(session: nox.Session) -> None:
+    """The one-command GPU check (bench/gpu_check.py) on the machine's own Python and CUDA torch.
+
+    Nothing is installed: a GPU machine's torch is its own CUDA build, which a fresh virtual
+    environment would replace, and the script runs from the checkout. $DECO_GPU_PYTHON chooses
+    the interpreter (default `python3`); `-- --dry-run` runs the code paths on the CPU; results go
+    to gpu-check/ unless `-- --out DIR`."""
+    args = list(session.posargs)
+    if "--out" not in args:
+        args = ["--out", "gpu-check", *args]
+    python = os.environ.get("DECO_GPU_PYTHON", "python3")
+    session.run(python, "bench/gpu_check.py", *args, external=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,9 +26,26 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+_UMASK_LOCK = threading.Lock()
+_PROC_STATUS = "/proc/self/status"  # Linux: has a "Umask:\t0022" line
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows.
+
+    Linux (>= 4.7) reports it in /proc/self/status. Elsewhere the only way is to set a mask and
+    restore it; that briefly leaves a mask of 0o077 (never 0) in force, so a file another thread
+    creates meanwhile is too private rather than world-writable."""
+    try:
+        with open(_PROC_STATUS, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
     return mask
 
 
@@ -38,7 +56,9 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask), so a
+        # checkpoint or weight file in a shared folder is as readable as one `torch.save` writes.
+        os.chmod(tmp, 0o666 & ~current_umask())
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "deco.cli_train",
     "deco.cli_sample",
     "deco.cli_text",
+    "deco.cli_metrics",
 ]
 
 

@@ -24,6 +24,15 @@ def register(sub: Any) -> None:
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="fix the image size (default: dynamic height and width)")
     p.add_argument("--cfg", action="store_true", help="export the classifier-free-guided velocity")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="weight and compute dtype; inputs and output stay float32. float16/bfloat16 "
+                   "are for GPU runtimes (onnxruntime-gpu, TensorRT) and agree with the float32 "
+                   "model to a relative 1e-2 / 5e-2 (float32: 1e-4). onnxruntime's CPU provider "
+                   "cannot run bfloat16, so the export checks such a graph with onnx's reference "
+                   "evaluator, and onnx-check needs a GPU provider for it")
+    p.add_argument("--external-data", action="store_true", default=None,
+                   help="always write the weights to one external file OUTPUT.data beside the "
+                   "graph (default: only when they exceed 1 GiB, as protobuf cannot hold 2 GiB)")
     p.set_defaults(handler=export_onnx)
 
     p = sub.add_parser(
@@ -32,7 +41,9 @@ def register(sub: Any) -> None:
         description="Run the graph on random inputs in onnxruntime (CUDA where available, else "
         "CPU), in deco.optimized (float32) and in the float64 reference, rebuilt from the weight "
         "file recorded in the graph's metadata (or --checkpoint; its SHA-256 must match). Prints "
-        "the errors; exit status 1 when any relative error exceeds 1e-4.",
+        "the errors; exit status 1 when any relative error exceeds its bound (1e-4; for a float16 / "
+        "bfloat16 graph 1e-2 / 5e-2 on the rows involving onnxruntime). A graph with external "
+        "data needs its .data file beside it.",
     )
     p.add_argument("model", type=existing_file, help=".onnx file written by deco export-onnx")
     p.add_argument("--checkpoint", type=existing_file, default=None,
@@ -82,29 +93,33 @@ def _batch(text: str) -> int | None:
 
 
 def export_onnx(args: argparse.Namespace) -> int:
-    from .onnx_export import export_checkpoint
+    from .onnx_export import data_file, export_checkpoint
 
     resolution = tuple(args.resolution) if args.resolution else None
     path = export_checkpoint(args.checkpoint, args.output, opset=args.opset,
-                             batch=_batch(args.batch), resolution=resolution, cfg=args.cfg)
+                             batch=_batch(args.batch), resolution=resolution, cfg=args.cfg,
+                             dtype=args.dtype, external_data=args.external_data)
     shape = f"batch {args.batch}, " + (f"{resolution[0]}x{resolution[1]}" if resolution else
                                        "dynamic height/width")
-    print(f"wrote {path} ({'cfg' if args.cfg else 'velocity'} graph, opset {args.opset}, {shape})")
+    data = data_file(path)
+    extra = f"; weights in {data}" if data.is_file() else ""
+    print(f"wrote {path} ({'cfg' if args.cfg else 'velocity'} graph, opset {args.opset}, {shape}, "
+          f"{args.dtype}{extra})")
     return 0
 
 
 def onnx_check(args: argparse.Namespace) -> int:
-    from .onnx_export import ONNX_CHECK_RTOL, check_onnx, format_check
+    from .onnx_export import check_onnx, format_check
 
     rows, providers = check_onnx(args.model, checkpoint=args.checkpoint, batch=args.batch,
                                  resolution=tuple(args.resolution) if args.resolution else None,
                                  guidance=args.guidance, seed=args.seed)
     print(f"onnxruntime providers: {', '.join(providers)}")
     print(format_check(rows))
-    if all(r.max_rel <= ONNX_CHECK_RTOL for r in rows):
-        print(f"PASS: every relative error <= {ONNX_CHECK_RTOL:g}")
+    if all(r.max_rel <= r.bound for r in rows):
+        print("PASS: every relative error within its bound")
         return 0
-    print(f"FAIL: a relative error exceeds {ONNX_CHECK_RTOL:g}")
+    print("FAIL: a relative error exceeds its bound")
     return 1
 
 

@@ -15,8 +15,14 @@ We use the TorchScript exporter (`dynamo=False`): the torch.export-based one nee
 which is not a dependency of this project. It has no symbolic for `aten::rms_norm`, and its
 `layer_norm` symbolic needs a normalized shape known at trace time, whereas the model passes
 `(x.shape[-1],)`, which tracing records as a graph value; its `linspace` returns NaN for one
-step. `_symbolics` supplies replacements, written for the case the model uses (normalisation over
-the last axis).
+step; its `addcmul` multiplies by a float32 constant, which promotes a float16/bfloat16 graph to
+float32 from the first AdaLN modulation on. `_symbolics` supplies replacements, written for the
+case the model uses (normalisation over the last axis).
+
+Weights above `EXTERNAL_DATA_THRESHOLD` (1 GiB) go to ONE external data file `<graph>.data`
+beside the graph (protobuf cannot hold 2 GiB; DeCo-XL/16 has 2.7 GB of float32 weights), found by
+onnxruntime relative to the graph's path. `dtype="float16"|"bfloat16"` stores and computes in that
+type behind a float32 interface (`RTOL_BY_DTYPE` states the agreement).
 
 The file carries `metadata_props`: `deco_format`, `config` (JSON), `deco_graph`, and the
 SHA-256 and path of the weight file it came from, so `deco onnx-check` can rebuild the float64
@@ -29,6 +35,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deco.atomic import fsync_dir
 from deco.config import DeCoConfig
 
 DEFAULT_OPSET = 17
@@ -48,6 +58,20 @@ GRAPH_VELOCITY, GRAPH_CFG = "velocity", "cfg"
 #: float32 agreement required of a graph (relative to max|expected|), by the export's own check
 #: at a second shape and by `deco onnx-check`.
 ONNX_CHECK_RTOL = 1e-4
+#: Weight dtypes of an export: graph inputs and output stay float32 whatever the weights are.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Agreement bound of a graph with the float32 torch model (relative to max|expected|) per weight
+#: dtype. float16 / bfloat16 carry 11 / 8 significant bits (unit roundoff 4.9e-4 / 3.9e-3).
+#: Measured with random weights (0.02 N, gains 1 + 0.1 N), float16 in onnxruntime (CPU): DeCo-tiny/4
+#: 1.2e-3, DeCo-S/16 at 256x256 7.3e-4, DeCo-XL/16 at 128x128 5.9e-4; bfloat16 in onnx's reference
+#: evaluator: DeCo-tiny/4 1.9e-2, DeCo-XL/16 (16x80) 1.4e-2. The bounds leave a margin for trained
+#: weights, whose activations are larger than these random ones'.
+RTOL_BY_DTYPE = {"float32": ONNX_CHECK_RTOL, "float16": 1e-2, "bfloat16": 5e-2}
+#: Above this many bytes of tensor data the weights go to one external data file beside the graph.
+#: protobuf cannot serialise a message of 2 GiB or more; half of that keeps the graph's own
+#: structure and constants far from the limit, and every model under it stays one file (simpler
+#: to copy, and what most tools expect).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
 class GuidedVelocity(nn.Module):
@@ -117,6 +141,22 @@ def _layer_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, bias: Any, e
     return out if symbolic_helper._is_none(bias) else g.op("Add", out, bias)
 
 
+def _addcmul(g: Any, x: Any, t1: Any, t2: Any, value: Any) -> Any:
+    """x + value t1 t2 in the inputs' own type. The exporter's symbolic multiplies by `value` as
+    a float32 constant, which turns every float16/bfloat16 AdaLN modulation (and all that
+    follows it) into float32."""
+    from torch.onnx import symbolic_helper
+
+    product = g.op("Mul", t1, t2)
+    scale = symbolic_helper._maybe_get_const(value, "f")
+    if not isinstance(scale, (int, float)):
+        product = g.op("Mul", product, g.op("CastLike", value, product))
+    elif scale != 1:
+        product = g.op("Mul", product, g.op("CastLike", g.op(
+            "Constant", value_t=torch.tensor(float(scale))), product))
+    return g.op("Add", x, product)
+
+
 _ONNX_FLOAT, _ONNX_INT64, _ONNX_DOUBLE = 1, 7, 11  # onnx.TensorProto data types
 _TORCH_TO_ONNX = {6: _ONNX_FLOAT, 7: _ONNX_DOUBLE}  # torch ScalarType codes: float, double
 
@@ -151,7 +191,7 @@ def _symbolics(opset: int) -> Iterator[None]:
 
     pairs: list[tuple[str, Callable[..., Any]]] = [
         ("aten::rms_norm", _rms_norm), ("aten::layer_norm", _layer_norm),
-        ("aten::linspace", _linspace)]
+        ("aten::linspace", _linspace), ("aten::addcmul", _addcmul)]
     for name, fn in pairs:
         utils.register_custom_op_symbolic(name, fn, opset)
     try:
@@ -197,48 +237,131 @@ def _check_options(config: DeCoConfig, opset: int, batch: int | None,
 def export_onnx(
     model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET, batch: int | None = None,
     resolution: tuple[int, int] | None = None, cfg: bool = False,
-    metadata: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None, external_data: bool | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Export `model` (a `deco.optimized` DeCo or BaselineDiT with a `.config`) to `path`.
 
-    batch None and resolution None give dynamic axes; float32 weights (a float32 CPU copy of
-    the model is traced where needed; the caller's model is left as it is). `metadata` entries
-    are added to the file's metadata_props. The file is written only after it passes
-    `onnx.checker.check_model(full_check=True)` and matches torch in onnxruntime at a shape other
-    than the traced one (ValueError otherwise).
+    batch None and resolution None give dynamic axes. `dtype` is the weights' and computation's
+    type ("float32", "float16" or "bfloat16", for GPU runtimes such as onnxruntime-gpu or
+    TensorRT); inputs and output stay float32. Agreement with the float32 torch model, relative
+    to max|v|: <= 1e-4 (float32), <= 1e-2 (float16), <= 5e-2 (bfloat16) (`RTOL_BY_DTYPE`).
+    A copy of the model is traced where needed; the caller's model is left as it is.
+
+    `external_data` True writes the weights to ONE file `<path>.data` beside the graph (ONNX
+    external data, found by onnxruntime relative to the graph), False keeps them inside;
+    None (default) chooses external data above `EXTERNAL_DATA_THRESHOLD` bytes of tensors (1 GiB;
+    DeCo-XL/16's 2.7 GB cannot be one protobuf). `metadata` entries are added to the file's
+    metadata_props.
+
+    Everything is built in a temporary folder beside `path` and moved into place only after the
+    graph passes `onnx.checker.check_model(full_check=True)` and matches the float32 torch model,
+    to the dtype's bound, in onnxruntime (bfloat16: onnx's reference evaluator) at a shape other
+    than the traced one (ValueError otherwise); on any failure, KeyboardInterrupt
+    included, the folder is removed and nothing is left (an earlier export at `path` is left as
+    it was). The data file is moved first and the graph last, so a graph is never visible
+    without its own data (see `_install`).
     """
     config = getattr(model, "config", None)
     if not isinstance(config, DeCoConfig):
         raise TypeError(
             f"model: expected a deco.optimized model with a DeCoConfig, got {type(model).__name__}")
     _check_options(config, opset, batch, resolution)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    if external_data is not None and not isinstance(external_data, bool):
+        raise TypeError(f"external_data: expected True, False or None, got {external_data!r}")
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output: folder {path.parent} does not exist")
-    net = _cpu_float32_copy(model)
+    reference = _cpu_copy(model, torch.float32)
+    net = _cpu_copy(model, DTYPES[dtype])
     if cfg:
+        reference = GuidedVelocity(reference, config.num_classes)
         net = GuidedVelocity(net, config.num_classes)
+    if dtype != "float32":
+        net = Float32Output(net)
     p = config.patch_size
     # Trace at a non-square size so that a height/width mix-up cannot hide in the trace.
     example = _example_inputs(config, batch or 2, resolution or (2 * p, 3 * p), cfg)
-    # Written next to the target and renamed once checked: no half-checked file at `path`.
-    tmp = path.with_name(path.name + ".tmp")
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        _trace(net, example, tmp, opset, cfg, batch is None, resolution is None)
-        _finish(tmp, config, cfg, batch, resolution, metadata)
-        _check_other_shapes(net, tmp, config, cfg, batch, resolution)
-        tmp.replace(path)
+        traced = folder / "trace" / "model.onnx"  # the exporter may scatter tensor files here
+        traced.parent.mkdir()
+        _trace(net, example, traced, opset, cfg, batch is None, resolution is None)
+        staged = folder / path.name
+        props = _properties(config, cfg, batch, resolution, dtype, metadata)
+        external = _finish(traced, staged, props, external_data)
+        shutil.rmtree(traced.parent)
+        _check_other_shapes(reference, staged, config, cfg, batch, resolution, dtype)
+        _install(staged, path, external)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
     return path
 
 
-def _cpu_float32_copy(model: nn.Module) -> nn.Module:
-    """The model in eval mode as float32 on the CPU, without touching the caller's model."""
-    if all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()) \
+class Float32Output(nn.Module):
+    """A float16/bfloat16 model behind a float32 interface: the model casts its float32 inputs
+    itself (check_inputs), so only the output needs a cast back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        out: Tensor = self.model(*inputs)
+        return out.float()
+
+
+def _run_on_cpu(path: Path, feed: dict[str, Any], dtype: str) -> Any:
+    """The graph's output "v" for `feed`, on the CPU: onnxruntime, except for bfloat16, which its
+    CPU provider cannot run (no bfloat16 Gemm/MatMul kernels); then onnx's reference evaluator
+    (NumPy, in the graph's own types: slow, but DeCo-XL/16 at the check's size takes seconds)."""
+    if dtype == "bfloat16":
+        from onnx.reference import ReferenceEvaluator
+
+        outputs: Any = ReferenceEvaluator(str(path)).run(["v"], feed)  # typed as list or dict
+        return outputs[0]
+    from .onnx_runtime import OnnxVelocityModel
+
+    return OnnxVelocityModel(path, providers=["CPUExecutionProvider"]).session.run(["v"], feed)[0]
+
+
+def data_file(path: str | Path) -> Path:
+    """The external data file of the graph at `path`: `<path>.data`."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def _install(staged: Path, path: Path, external: bool) -> None:
+    """Move the staged graph (and its data file) to `path`.
+
+    Two files cannot be renamed at once, so the order is chosen to fail cleanly: an earlier graph
+    whose data file is about to be replaced is removed first (a reader then finds no graph,
+    never an old graph reading offsets into new data), the data goes next and the graph last. A
+    stale data file of an earlier external export goes when the new graph has none."""
+    staged_data, target_data = data_file(staged), data_file(path)
+    moves = [(staged_data, target_data)] if external else []
+    if external:  # onnx creates the data file as 0600; give it the graph's normal permissions
+        shutil.copymode(staged, staged_data)
+    for src, _ in [*moves, (staged, path)]:
+        with open(src, "rb") as f:
+            os.fsync(f.fileno())
+    if external and target_data.exists():
+        path.unlink(missing_ok=True)
+    for src, dst in [*moves, (staged, path)]:
+        os.replace(src, dst)
+    if not external:
+        target_data.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def _cpu_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The model in eval mode in `dtype` on the CPU, without touching the caller's model."""
+    if all(p.device.type == "cpu" and p.dtype == dtype for p in model.parameters()) \
             and not model.training:
         return model
-    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    return copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
 
 
 def _trace(net: nn.Module, example: tuple[Tensor, ...], path: Path, opset: int, cfg: bool,
@@ -258,48 +381,69 @@ def _trace(net: nn.Module, example: tuple[Tensor, ...], path: Path, opset: int, 
                           input_names=names, output_names=["v"], dynamic_axes=dynamic or None)
 
 
-def _finish(path: Path, config: DeCoConfig, cfg: bool, batch: int | None,
-            resolution: tuple[int, int] | None, metadata: dict[str, str] | None) -> None:
-    """Add the metadata and run the full ONNX checker."""
+def _properties(config: DeCoConfig, cfg: bool, batch: int | None, resolution: tuple[int, int] | None,
+                dtype: str, metadata: dict[str, str] | None) -> dict[str, str]:
+    """The metadata_props of an export."""
+    return {"deco_format": FORMAT_VERSION, "config": config.to_json(),
+            "deco_graph": GRAPH_CFG if cfg else GRAPH_VELOCITY,
+            "deco_batch": "dynamic" if batch is None else str(batch),
+            "deco_resolution": "dynamic" if resolution is None else f"{resolution[0]}x{resolution[1]}",
+            "deco_dtype": dtype, **(metadata or {})}
+
+
+def tensor_bytes(proto: Any) -> int:
+    """Bytes of tensor data in a model's main graph: initializers and Constant nodes."""
     import onnx
 
-    proto = onnx.load(str(path))
-    props = {"deco_format": FORMAT_VERSION, "config": config.to_json(),
-             "deco_graph": GRAPH_CFG if cfg else GRAPH_VELOCITY,
-             "deco_batch": "dynamic" if batch is None else str(batch),
-             "deco_resolution": "dynamic" if resolution is None else f"{resolution[0]}x{resolution[1]}",
-             **(metadata or {})}
+    total = sum(t.ByteSize() for t in proto.graph.initializer)
+    for node in proto.graph.node:
+        total += sum(a.t.ByteSize() for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
+    return int(total)
+
+
+def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bool | None) -> bool:
+    """Save the traced graph with its metadata at `staged` (weights in `<staged>.data` when
+    external), run the full ONNX checker on the path, and say whether the data is external."""
+    import onnx
+
+    proto = onnx.load(str(traced))  # with any tensor files the exporter wrote beside it
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
+    external = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    if external:
+        onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_file(staged).name)
+    else:
+        onnx.save_model(proto, str(staged))
+    del proto
+    # On the path, not the proto: the checker then reads external data itself, with no 2 GiB limit.
+    onnx.checker.check_model(str(staged), full_check=True)
+    return external
 
 
 def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: bool,
-                        batch: int | None, resolution: tuple[int, int] | None) -> None:
-    """Run the graph in onnxruntime at a batch and size other than the traced ones (where they
-    are dynamic) and compare with torch: tracing silently freezes any shape the model's Python
-    code computes, and this is where such a freeze shows. The size has a one-row token grid,
-    the edge case of the RoPE positions."""
+                        batch: int | None, resolution: tuple[int, int] | None, dtype: str) -> None:
+    """Run the graph on the CPU at a batch and size other than the traced ones (where they are
+    dynamic) and compare with the float32 torch model `net` to the dtype's bound: tracing
+    silently freezes any shape the model's Python code computes, and this is where such a freeze
+    shows. The size has a one-row token grid, the edge case of the RoPE positions."""
     import numpy as np
-
-    from .onnx_runtime import OnnxVelocityModel
 
     p = config.patch_size
     inputs = _example_inputs(config, batch or 3, resolution or (p, 5 * p), cfg)
-    graph = OnnxVelocityModel(path, providers=["CPUExecutionProvider"])
     feed = dict(zip(["x", "t", "y", "guidance"], (a.numpy() for a in inputs), strict=False))
     with torch.no_grad():
         expected = net(*inputs).numpy()
+    rtol = RTOL_BY_DTYPE[dtype]
     try:
-        got = graph.session.run(["v"], feed)[0]
-    except Exception as exc:  # onnxruntime's own exception types
-        got, reason = None, str(exc).splitlines()[0][:200]
+        got = np.asarray(_run_on_cpu(path, feed, dtype), dtype=np.float64)
+    except Exception as exc:  # onnxruntime's and the evaluator's own exception types
+        got, reason = None, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     if got is not None:
         err = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
-        reason = f"relative error {err:.1e} vs torch"
-        if err <= ONNX_CHECK_RTOL:
+        reason = f"relative error {err:.1e} vs torch (bound {rtol:g})"
+        if err <= rtol:
             return
     shape = tuple(inputs[0].shape)
     raise ValueError(
@@ -326,9 +470,12 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, **options: Any) 
 
 @dataclass(frozen=True)
 class CheckRow:
+    """One comparison of `deco onnx-check`; it passes when max_rel <= bound."""
+
     pair: str
     max_abs: float
     max_rel: float
+    bound: float = ONNX_CHECK_RTOL
 
 
 def _reference_weights(checkpoint: Path) -> dict[str, Any]:
@@ -415,17 +562,19 @@ def check_onnx(
             torch_out = net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y))
             expected = reference.forward(x, t, y)
     mine = torch_out.double().numpy()
-    rows = [CheckRow(pair, *error_measure(a, b)) for pair, a, b in [
-        ("onnxruntime vs reference", got, expected),
-        ("torch vs reference", mine, expected),
-        ("onnxruntime vs torch", got, mine),
+    # The torch model is float32 whatever the graph's weight dtype; the graph's rows get its bound.
+    bound = RTOL_BY_DTYPE.get(graph.metadata.get("deco_dtype", "float32"), ONNX_CHECK_RTOL)
+    rows = [CheckRow(pair, *error_measure(a, b), bound=limit) for pair, a, b, limit in [
+        ("onnxruntime vs reference", got, expected, bound),
+        ("torch vs reference", mine, expected, ONNX_CHECK_RTOL),
+        ("onnxruntime vs torch", got, mine, bound),
     ]]
     return rows, graph.providers
 
 
 def format_check(rows: list[CheckRow]) -> str:
-    lines = [f"{'comparison':<26}{'max abs err':>14}{'max rel err':>14}"]
-    lines += [f"{r.pair:<26}{r.max_abs:>14.3e}{r.max_rel:>14.3e}" for r in rows]
+    lines = [f"{'comparison':<26}{'max abs err':>14}{'max rel err':>14}{'bound':>10}"]
+    lines += [f"{r.pair:<26}{r.max_abs:>14.3e}{r.max_rel:>14.3e}{r.bound:>10.0e}" for r in rows]
     return "\n".join(lines)
 
 

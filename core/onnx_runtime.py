@@ -33,6 +33,9 @@ def _session(path: Path, providers: list[str] | None, threads: int | None) -> An
 
     chosen = providers or default_providers()
     session_options = ort.SessionOptions()
+    # Errors only: a float16 graph makes the CPU provider warn once per node it cannot
+    # constant-fold, which says nothing about the results.
+    session_options.log_severity_level = 3
     if threads is not None:
         session_options.intra_op_num_threads = threads
     # TF32 matmuls on NVIDIA GPUs round inputs to 10 mantissa bits: float32 results would then
@@ -42,11 +45,15 @@ def _session(path: Path, providers: list[str] | None, threads: int | None) -> An
         return ort.InferenceSession(str(path), sess_options=session_options, providers=chosen,
                                     provider_options=options)
     except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        raise ValueError(f"path: {path} is not a loadable ONNX model ({exc})") from None
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise ValueError(f"path: {path} is not a loadable ONNX model ({reason})") from None
 
 
 class OnnxVelocityModel:
     """A DeCo graph exported by `deco export-onnx`, run by onnxruntime.
+
+    A graph whose weights are in external data (`<path>.data`, see `deco.onnx_export`) loads
+    the same way: onnxruntime reads the data file relative to `path`, so keep the pair together.
 
     `config` comes from the file's metadata; `graph` is "velocity" or "cfg". Inputs are cast to
     float32 (the graph's type) and outputs returned as float64, like the reference's. `threads`

@@ -113,6 +113,73 @@ def field_finite(obj: Any, *names: str) -> None:
             raise FieldError(name, f"expected a finite float, got {value!r}")
 
 
+# ------------------------------------------------------------------------------ conditions
+def check_label_range(name: str, y: Tensor, num_classes: int) -> None:
+    """ValueError naming `name` unless every label lies in 0..num_classes (the null class).
+
+    One host transfer (a device sync for a CUDA tensor): call it once per batch or sampling run,
+    never inside a model's forward, which checks no values (spec/00 §4)."""
+    if y.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(y.detach())).tolist()  # one transfer, not two
+    if low < 0 or high > num_classes:
+        raise ValueError(
+            f"{name}: labels must lie in 0..{num_classes} ({num_classes} is the null class), "
+            f"got values in {low}..{high}"
+        )
+
+
+def as_labels(name: str, labels: Any, batch: int, num_classes: int, device: torch.device) -> Tensor:
+    """Class labels as a (batch,) int64 tensor on `device`, each in 0..num_classes."""
+    try:
+        y = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected integer class labels, got {type(labels).__name__}") from None
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        hint = " (text embeddings are for a text-to-image model)" if y.ndim == 3 else ""
+        raise TypeError(f"{name}: expected integer class labels, got dtype {y.dtype}{hint}")
+    if tuple(y.shape) != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},), got {tuple(y.shape)}")
+    check_label_range(name, y, num_classes)
+    return y.to(device=device, dtype=torch.long)
+
+
+def as_text(name: str, value: Any, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Text-encoder hidden states of exactly `shape`, on the device and in the dtype of `like`."""
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        what = f"a tensor of dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+        hint = " (class labels are for a class-to-image model)" if name == "labels" else ""
+        raise TypeError(f"{name}: expected a floating-point torch.Tensor of text-encoder hidden "
+                        f"states {shape}, got {what}{hint}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape} (batch, text_length, text_dim), "
+                         f"got {tuple(value.shape)}")
+    return value.to(like.device, like.dtype)
+
+
+def as_condition(config: Any, labels: Any, null: Any, noise: Tensor,
+                 guidance: float) -> tuple[Tensor, Tensor]:
+    """(condition, null condition) batched like the noise (spec/04 §5): labels and null labels for
+    the class models (default the null class), text embeddings and the null text embedding
+    ((T, E) for every sample or (B, T, E); needed for guidance) for the text model."""
+    batch = noise.shape[0]
+    if not getattr(config, "is_text", False):
+        y = as_labels("labels", labels, batch, config.num_classes, noise.device)
+        if null is None:
+            return y, torch.full_like(y, config.num_classes)
+        return y, as_labels("null", null, batch, config.num_classes, noise.device)
+    text_shape = (config.text_length, config.text_dim)
+    text = as_text("labels", labels, noise, (batch, *text_shape))
+    if null is None:
+        if guidance != 1.0:
+            raise ValueError(f"null: guidance {guidance} needs the null text embedding "
+                             f"{text_shape} or {(batch, *text_shape)}")
+        return text, text  # never evaluated: the scale in force is always 1
+    if isinstance(null, Tensor) and tuple(null.shape) == text_shape:
+        null = null.expand(batch, *text_shape)
+    return text, as_text("null", null, noise, (batch, *text_shape))
+
+
 # ------------------------------------------------------------------------------ tensors
 def check_pair(pred: object, target: object, *, images: bool) -> tuple[Tensor, Tensor]:
     """Two floating-point tensors of one shape; (B, 3, H, W) images if `images`."""

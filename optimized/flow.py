@@ -39,11 +39,20 @@ def drop_labels(labels: Tensor, uniform: Tensor, p: float, null_class: int) -> T
         raise TypeError(f"labels: expected a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}")
     if uniform.shape != labels.shape:
         raise ValueError(f"uniform: expected shape {tuple(labels.shape)}, got {tuple(uniform.shape)}")
+    # Checked here, not left to the embedding: on CUDA an out-of-range index is a device-side
+    # assert. One host read for both bounds.
+    if labels.numel():
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0 or high > null_class:
+            raise ValueError(f"labels: labels must lie in 0..{null_class} ({null_class} is the null "
+                             f"class), got values in {low}..{high}")
     return torch.where(uniform < p, torch.full_like(labels, null_class), labels)
 
 
 def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """x_t = t x + (1 - t) noise, t (B,) broadcast over the other axes (01 §1)."""
+    if noise.shape != x.shape:  # a broadcastable noise would otherwise pass silently
+        raise ValueError(f"noise: expected the shape of x {tuple(x.shape)}, got {tuple(noise.shape)}")
     t = t.view(-1, *([1] * (x.ndim - 1)))
     return t * x + (1.0 - t) * noise
 

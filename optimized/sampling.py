@@ -12,8 +12,6 @@ batch): u + 1 (c - u) equals c up to one rounding.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .checks import FieldError, field_finite, field_int, field_positive
+from .checks import FieldError, as_condition, as_finite_float, as_int, field_finite, field_int, field_positive
 
 SOLVERS = ("euler", "heun", "adams")
 
@@ -38,8 +36,8 @@ class VelocityModel(Protocol):
 def time_grid(steps: int, timeshift: float = 1.0) -> list[float]:
     """steps + 1 times from noise (0) to data (1): shift(i / steps) with shift(t) =
     t / (t + (1 - t) s), computed in float64 like the reference."""
-    steps = _as_int("steps", steps)
-    s = _as_float("timeshift", timeshift)
+    steps = as_int("steps", steps)
+    s = as_finite_float("timeshift", timeshift)
     if s <= 0:
         raise ValueError(f"timeshift: expected a finite positive number, got {s}")
     grid = [i / steps for i in range(steps + 1)]
@@ -70,7 +68,7 @@ def adams_weights(grid: Sequence[float], order: int = 2) -> list[list[float]]:
     Each weight is the integral over [grid[i], grid[i+1]] of the Lagrange basis polynomial of
     one of the nodes grid[i+1-k..i], divided by the sum of the k integrals (that sum is the step
     length, so the weights sum to 1 and the step is x + dt * sum_j w_j v_j)."""
-    order = _as_int("order", order)
+    order = as_int("order", order)
     rows = []
     for i in range(len(grid) - 1):
         nodes = [float(t) for t in grid[max(0, i + 1 - order): i + 1]]
@@ -90,14 +88,15 @@ def adams_weights(grid: Sequence[float], order: int = 2) -> list[list[float]]:
 
 @torch.inference_mode()
 def sample(
-    model: VelocityModel, noise: Tensor, cond: Any, null: Any = None, *, steps: int,
+    model: VelocityModel, noise: Tensor, labels: Any, null: Any = None, *, steps: int,
     guidance: float = 1.0, interval: tuple[float, float] = (0.0, 1.0), timeshift: float = 1.0,
     solver: str = "euler", exact_heun: bool = False, order: int = 2,
     return_trajectory: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Integrate dx/dt = v from t = 0 (noise (B, C, H, W)) to t = 1 (images).
 
-    cond: class labels (B,) for the class models, whose `null` is labels (B,) too, by default
+    labels: the condition (as in the reference): class labels (B,) for the class models, whose
+    `null` is labels (B,) too, by default
     the null class num_classes; text embeddings (B, T, E) for the text model, whose `null` is the
     null text embedding, (T, E) (for every sample) or (B, T, E), required when guidance != 1.
 
@@ -115,13 +114,15 @@ def sample(
         raise TypeError(f"noise: expected a floating-point torch.Tensor, got {type(noise).__name__}")
     if noise.ndim != 4:
         raise ValueError(f"noise: expected a 4-D tensor (B, C, H, W), got shape {tuple(noise.shape)}")
-    guidance = _as_float("guidance", guidance)
-    cond, null = _as_condition(model.config, cond, null, noise, guidance)
+    guidance = as_finite_float("guidance", guidance)
+    cond, null = as_condition(model.config, labels, null, noise, guidance)
     if not isinstance(interval, (tuple, list)) or len(interval) != 2:
         raise TypeError(f"interval: expected a pair (low, high), got {interval!r}")
-    low, high = (_as_float("interval", v) for v in interval)
+    low, high = (as_finite_float("interval", v) for v in interval)
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"interval: expected 0 <= low <= high <= 1, got {tuple(interval)}")
+    if not isinstance(solver, str):
+        raise TypeError(f"solver: expected one of {SOLVERS}, got {type(solver).__name__}")
     if solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
     grid = time_grid(steps, timeshift)
@@ -181,77 +182,7 @@ def adams(model: VelocityModel, noise: Tensor, cond: Tensor, null: Tensor, grid:
     return states
 
 
-def _as_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name}: expected >= 1, got {value}")
-    return int(value)
-
-
-def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    return float(value)
-
-
-def _as_condition(config: Any, cond: Any, null: Any, noise: Tensor,
-                  guidance: float) -> tuple[Tensor, Tensor]:
-    """(cond, null) as tensors batched like the noise: labels and null labels for the class
-    models, text embeddings and the null text embedding for the text model."""
-    batch = noise.shape[0]
-    if not getattr(config, "is_text", False):
-        labels = _as_labels("labels", cond, batch, config.num_classes, noise.device)
-        if null is None:
-            return labels, torch.full_like(labels, config.num_classes)
-        return labels, _as_labels("null", null, batch, config.num_classes, noise.device)
-    text_shape = (config.text_length, config.text_dim)
-    text = _as_text("cond", cond, noise, (batch, *text_shape))
-    if null is None:
-        if guidance != 1.0:
-            raise ValueError(f"null: guidance {guidance} needs the null text embedding "
-                             f"{text_shape} or {(batch, *text_shape)}")
-        return text, text  # never evaluated: the scale in force is always 1
-    if isinstance(null, Tensor) and tuple(null.shape) == text_shape:
-        null = null.expand(batch, *text_shape)
-    return text, _as_text("null", null, noise, (batch, *text_shape))
-
-
-def _as_text(name: str, value: Any, noise: Tensor, shape: tuple[int, ...]) -> Tensor:
-    if not isinstance(value, Tensor) or not value.is_floating_point():
-        what = f"a tensor of dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
-        hint = " (class labels are for a class-to-image model)" if name == "cond" else ""
-        raise TypeError(f"{name}: expected a floating-point torch.Tensor of text-encoder hidden "
-                        f"states {shape}, got {what}{hint}")
-    if tuple(value.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape} (batch, text_length, text_dim), "
-                         f"got {tuple(value.shape)}")
-    return value.to(noise.device, noise.dtype)
-
-
-def _as_labels(name: str, labels: Any, batch: int, num_classes: int, device: torch.device) -> Tensor:
-    try:
-        y = torch.as_tensor(labels, device=device)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name}: expected integer class labels, got {type(labels).__name__}") from None
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        hint = " (text embeddings are for a text-to-image model)" if y.ndim == 3 else ""
-        raise TypeError(f"{name}: expected integer class labels, got dtype {y.dtype}{hint}")
-    if tuple(y.shape) != (batch,):
-        raise ValueError(f"{name}: expected shape ({batch},), got {tuple(y.shape)}")
-    if batch and (int(y.min()) < 0 or int(y.max()) > num_classes):
-        raise ValueError(
-            f"{name}: labels must lie in 0..{num_classes} ({num_classes} is the null class), "
-            f"got values in {int(y.min())}..{int(y.max())}"
-        )
-    return y.long()
-
-
 # ------------------------------------------------------------------------------ settings
-
-
 @dataclass(frozen=True)
 class SampleSettings:
     """The keyword arguments of `sample` as one validated value (spec/04-sampling.md §5): what a

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from .checks import (
     FieldError,
     check_batch,
+    check_label_range,
     field_finite,
     field_int,
     field_non_negative,
@@ -316,6 +317,9 @@ class Trainer:
 
     def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         check_batch(x, y)
+        # Checked here, on the batch as given (usually still on the CPU: no device sync), since
+        # the model's forward checks no values.
+        check_label_range("y", y, self.null_class)
         return x.to(self.device, self.dtype), y.to(self.device)
 
     # ------------------------------------------------------------------------------ step

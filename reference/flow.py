@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .checks import Array, as_finite_float, as_float_array, as_int
+from .checks import Array, as_finite_float, as_float_array, as_int, as_labels
 
 
 def _time(name: str, t: ArrayLike, batch: int) -> Array:
@@ -76,9 +76,12 @@ def drop_labels(labels: ArrayLike, uniform: ArrayLike, p: float, null_class: int
         raise TypeError(f"labels: expected an integer array, got dtype {y.dtype}")
     if y.ndim != 1:
         raise ValueError(f"labels: expected a 1-D array, got shape {y.shape}")
+    y = as_labels("labels", y, batch=y.shape[0], num_classes=null_class)  # values in 0..null_class
     u = as_float_array("uniform", uniform, ndim=1)
     if u.shape != y.shape:
         raise ValueError(f"uniform: expected shape {y.shape}, got {u.shape}")
+    if np.any((u < 0) | (u > 1)):
+        raise ValueError("uniform: draws must lie in [0, 1]")
     return np.where(u < p, null_class, y).astype(np.int64)
 
 

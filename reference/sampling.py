@@ -24,6 +24,7 @@ class VelocityModel(Protocol):
 def time_grid(steps: int, timeshift: float = 1.0) -> Array:
     """(steps + 1,) times from noise to data: shift(i / steps), i = 0..steps (§1)."""
     steps = as_int("steps", steps, low=1)
+    timeshift = as_finite_float("timeshift", timeshift, positive=True)  # named as the caller knows it
     return time_shift(np.arange(steps + 1) / steps, timeshift)
 
 
@@ -189,7 +190,7 @@ def sample(
     cond, null = check_conditions(model, labels, null, noise.shape[0])
     guidance = as_finite_float("guidance", guidance)
     low, high = check_interval(interval)
-    grid = time_grid(steps, as_finite_float("timeshift", timeshift, positive=True))
+    grid = time_grid(steps, timeshift)
     if not isinstance(solver, str):
         raise TypeError(f"solver: expected one of {SOLVERS}, got {type(solver).__name__}")
     if solver not in SOLVERS:

@@ -76,3 +76,21 @@ def tiny_config(architecture: str = "deco", **overrides: Any) -> DeCoConfig:
 def cases(table: list[tuple[Any, ...]]) -> list[Any]:
     """`pytest.param(*row[1:], id=row[0])` for each row of a table whose first column is an id."""
     return [pytest.param(*row[1:], id=row[0]) for row in table]
+
+
+def missing_extra(message: str) -> None:
+    """An optional dependency (an extra) is missing: skip locally, fail under CI (CI set), which
+    installs every extra the tests need."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require_module(name: str) -> Any:
+    """Import an optional dependency for a test module (see `missing_extra`)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing_extra(f"{name} is not installed ({exc}); see the extras in pyproject.toml")

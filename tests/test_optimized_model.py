@@ -224,20 +224,37 @@ def test_torch_compile_matches_reference() -> None:
     assert rel_err(got, R.Model(config, weights).forward(x, t, y)) <= F64_RTOL
 
 
+#: bf16 autocast may be this many times less accurate than the bf16 rounding floor (00 §5)
+BF16_FACTOR = 4.0
+
+
+def bf16_round(a: Any) -> Any:
+    """float64 array -> the nearest bfloat16 values (round to nearest even), as float64."""
+    return torch.as_tensor(np.asarray(a, dtype=np.float32)).to(torch.bfloat16).double().numpy()
+
+
 @pytest.mark.parametrize("architecture", ["deco", "baseline"])
-def test_bfloat16_autocast_is_close(architecture: str) -> None:
-    """Smoke test of the reduced-precision path: bfloat16 has 8 bits of mantissa, so only a loose
-    5e-2 relative agreement is expected."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bfloat16_autocast_is_within_a_factor_of_the_rounding_floor(architecture: str, seed: int) -> None:
+    """Calibrated bound, as FlashAttention's tests do: the error of the autocast forward against the
+    float64 reference is at most BF16_FACTOR times the error of the *floor*, the float64 reference
+    evaluated with the same weights and inputs rounded to bfloat16 (what storing the operands in
+    bf16 costs with exact arithmetic). Autocast also rounds every matmul's activations, so its
+    error exceeds the floor: measured 1.1-3.1x (median 2) on 80 draws of these presets."""
     config = tiny_config(architecture)
-    weights = random_weights(config, 9)
-    x, t, y = inputs(config, 2, 3, 2, 10)
+    weights = random_weights(config, 9 + seed)
+    x, t, y = inputs(config, 8, 3, 2, 10 + seed)
     model = torch_model(config, weights, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         out = model(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(t, dtype=torch.float32),
                     torch.as_tensor(y))
     assert out.dtype in (torch.bfloat16, torch.float32)
     expected = R.Model(config, weights).forward(x, t, y)
-    assert rel_err(out.double().numpy(), expected) <= 5e-2
+    floor = R.Model(config, {k: bf16_round(v) for k, v in weights.items()}).forward(
+        bf16_round(x), bf16_round(t), y)
+    err, err_floor = rel_err(out.double().numpy(), expected), rel_err(floor, expected)
+    assert err > 100 * F32_RTOL  # bf16 really ran: far above float32 rounding
+    assert err <= BF16_FACTOR * err_floor, f"autocast {err:.2e} vs floor {err_floor:.2e}"
 
 
 @pytest.mark.cuda
@@ -255,6 +272,7 @@ def test_cuda_float32_matches_reference() -> None:
 
 # ------------------------------------------------------------------------------ bad input
 def _bad_inputs() -> list[Any]:
+    # Label values are not checked by forward (kept sync-free): tests/test_sync_free.py.
     x = torch.zeros(2, 3, 8, 8)
     t = torch.full((2,), 0.5)
     y = torch.tensor([0, 10])
@@ -268,8 +286,6 @@ def _bad_inputs() -> list[Any]:
         pytest.param(x, torch.full((3,), 0.5), y, ValueError, "^t", id="t-shape"),
         pytest.param(x, torch.full((2, 1), 0.5), y, ValueError, "^t", id="t-rank"),
         pytest.param(x, "0.5", y, TypeError, "^t", id="t-str"),
-        pytest.param(x, t, torch.tensor([0, 11]), ValueError, "^y", id="y-above-null"),
-        pytest.param(x, t, torch.tensor([-1, 0]), ValueError, "^y", id="y-negative"),
         pytest.param(x, t, torch.tensor([0.0, 1.0]), TypeError, "^y", id="y-float"),
         pytest.param(x, t, torch.tensor([0]), ValueError, "^y", id="y-shape"),
         pytest.param(x, t, [0, 1], TypeError, "^y", id="y-list"),

@@ -2,7 +2,7 @@
 
 Random solver settings (Euler, Heun exact and velocity-reusing, 1-4 steps, guidance scale and
 interval, time shift) on a tiny model with random non-zero weights agree to 1e-10 relative.
-The release's own sampler outputs are checked in test_optimized_io.py (fixtures).
+The release's own sampler outputs are checked in test_optimized_weights.py (fixtures).
 """
 
 from __future__ import annotations

@@ -276,8 +276,8 @@ def test_text_given_to_the_class_model_is_refused() -> None:
 def _bad_sample() -> list[Any]:
     text, null = torch.zeros(2, 8, 48), torch.zeros(8, 48)
     return [
-        pytest.param(torch.tensor([1, 2]), null, {}, TypeError, r"^cond: .*class labels", id="labels"),
-        pytest.param(torch.zeros(2, 8, 40), null, {}, ValueError, r"^cond: expected shape \(2, 8, 48\)",
+        pytest.param(torch.tensor([1, 2]), null, {}, TypeError, r"^labels: .*class labels", id="labels"),
+        pytest.param(torch.zeros(2, 8, 40), null, {}, ValueError, r"^labels: expected shape \(2, 8, 48\)",
                      id="cond-width"),
         pytest.param(text, None, {"guidance": 2.0}, ValueError, r"^null: .*\(8, 48\)", id="null-missing"),
         pytest.param(text, torch.zeros(7, 48), {"guidance": 2.0}, ValueError, r"^null: expected shape",

@@ -137,6 +137,34 @@ def test_attention_rows_are_convex_combinations_for_a_single_token() -> None:
     np.testing.assert_allclose(got, expected, atol=1e-12)
 
 
+def test_attention_weights_are_a_softmax_over_keys() -> None:
+    """The attention core against scipy's softmax, head by head, on O(1) logits (random weights).
+
+    q, k, v come from the reference's own linear / RMSNorm / RoPE (tested above and against the
+    release); the oracle is the weighting: softmax over the keys of q k^T / sqrt(d_h). The release
+    fixture's attention is too weak to see a softmax normalised over the wrong axis (measured:
+    its forward pass moves by 6e-7 relative), so it does not pin this."""
+    from scipy.special import softmax
+
+    cfg = tiny_config("deco")
+    w, prefix, heads, hd = random_weights(cfg, 7), "blocks.0.attn.", cfg.num_heads, cfg.head_dim
+    b, gh, gw = 2, 2, 3
+    x = _rng(7).standard_normal((b, gh * gw, cfg.hidden_size))
+    angles = M.rope_angles(gh, gw, hd)
+    qkv = M.linear(x, w, prefix + "qkv").reshape(b, gh * gw, 3, heads, hd)
+    q = M.apply_rope(M.rms_norm(qkv[:, :, 0], w[prefix + "q_norm.weight"]), angles)
+    k = M.apply_rope(M.rms_norm(qkv[:, :, 1], w[prefix + "k_norm.weight"]), angles)
+    v = qkv[:, :, 2]
+    heads_out = np.empty_like(v)
+    for i in range(b):
+        for h in range(heads):
+            scores = softmax(q[i, :, h] @ k[i, :, h].T / np.sqrt(hd), axis=1)  # (queries, keys)
+            assert np.ptp(scores) > 0.05  # far from uniform: the normalisation axis matters
+            heads_out[i, :, h] = scores @ v[i, :, h]
+    expected = M.linear(heads_out.reshape(b, gh * gw, cfg.hidden_size), w, prefix + "proj")
+    np.testing.assert_allclose(M.attention(x, w, prefix, heads, angles), expected, rtol=1e-12, atol=1e-13)
+
+
 # ----------------------------------------------------------------------------------- patches
 @SETTINGS
 @given(p=st.integers(1, 4), gh=st.integers(1, 3), gw=st.integers(1, 3), c=st.integers(1, 3),

@@ -1,0 +1,104 @@
+"""bench/gpu_check.py, the one command for a GPU lease: its --dry-run runs every section's code
+path on the CPU at tiny sizes (what CI can check before a GPU session spends its minutes), and it
+runs from a bare checkout (no installed package)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "bench" / "gpu_check.py"
+KEYS = ["cuda-tests/pytest", "sampling/eager", "sampling/cuda-graphs", "training/ours-trainer",
+        "training/ours", "training/release", "sampling/compile", "sampling/compile-reduce-overhead",
+        "onnxruntime/float32", "onnxruntime/float16"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU stand-in")
+def test_dry_run_runs_every_section(tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "DECO_RELEASE_SRC"}
+    proc = run("--dry-run", "--out", str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    results = {f"{r['section']}/{r['name']}": r for r in data["results"]}
+    assert list(results) == KEYS
+    skipped = {k for k, r in results.items() if r["status"] == "skip"}
+    # What a CPU without the release cannot run, each with its reason; everything else ran.
+    assert skipped == {"sampling/cuda-graphs", "training/release"}
+    assert "needs CUDA" in results["sampling/cuda-graphs"]["note"]
+    assert "DECO_RELEASE_SRC" in results["training/release"]["note"]
+    assert all(r["status"] == "ok" for k, r in results.items() if k not in skipped)
+    assert results["cuda-tests/pytest"]["skipped"] > 0  # collected, skipped without CUDA
+    for key in ("sampling/eager", "training/ours", "onnxruntime/float32"):
+        assert 0 < results[key]["median_s"] < 60
+    assert results["onnxruntime/float32"]["external_data"] is True
+    assert results["onnxruntime/float32"]["rel_err_vs_torch_fp32"] <= 1e-4
+    assert results["onnxruntime/float16"]["rel_err_vs_torch_fp32"] <= 1e-2
+    env_info = data["environment"]
+    assert env_info["torch"] == torch.__version__ and env_info["dry_run"] is True
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert sum(line.startswith("| sampling |") for line in table.splitlines()) == 4
+    assert (tmp_path / "pytest_cuda.log").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_without_cuda_a_full_run_is_refused_in_one_line(tmp_path: Path) -> None:
+    proc = run("--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("gpu_check: error: no CUDA device")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_section_is_a_usage_error(tmp_path: Path) -> None:
+    proc = run("--dry-run", "--out", str(tmp_path), "--only", "sampling/warp-speed")
+    assert proc.returncode == 2 and "--only: unknown" in proc.stderr
+
+
+def test_runs_from_a_bare_checkout() -> None:
+    """With no installed `deco`, the script links the checkout's folders into a package."""
+    code = f"""
+import importlib.util, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+for name in [m for m in sys.modules if m == "deco" or m.startswith("deco.")]:
+    del sys.modules[name]
+try:
+    import deco
+    raise SystemExit("deco is still importable: the test cannot hide the installed package")
+except ImportError:
+    pass
+spec = importlib.util.spec_from_file_location("gpu_check", {str(SCRIPT)!r})
+gpu_check = importlib.util.module_from_spec(spec)
+sys.modules["gpu_check"] = gpu_check  # its dataclasses look their module up
+spec.loader.exec_module(gpu_check)
+root = gpu_check.ensure_deco()
+import deco.optimized.model, deco.reference, deco.onnx_export
+from pathlib import Path
+assert Path(deco.__file__).resolve() == Path({str(REPO_ROOT / "core" / "__init__.py")!r}).resolve()
+assert Path(deco.__file__).parent == Path(root) / "deco"
+vectors = Path({str(REPO_ROOT / "spec" / "vectors")!r})
+assert (Path(deco.__file__).parent / "vectors").resolve() == vectors.resolve()
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_sections_past_the_budget_are_skipped_with_the_reason(tmp_path: Path) -> None:
+    proc = run("--dry-run", "--out", str(tmp_path), "--budget-s", "0.001")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
+    assert [f"{r['section']}/{r['name']}" for r in results] == KEYS
+    assert all(r["status"] == "skip" and r["note"].startswith("time budget") for r in results)
