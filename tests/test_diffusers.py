@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import FIXTURE_RTOL, rel_err
+from helpers import FIXTURE_RTOL, rel_err, require_module
 
-pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+require_module("diffusers")
+transformers = require_module("transformers")
 
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
