@@ -204,6 +204,19 @@ def test_class_pipeline_equals_optimized_sample(class_model: optimized.DeCo, cla
     assert rel(later, expected) > 1e-4
 
 
+def test_class_pipeline_non_square(class_model: optimized.DeCo, class_pipe: DeCoPipeline) -> None:
+    """A non-square image (8 x 20, patch 4), its noise drawn from the generator."""
+    class_pipe.scheduler = DeCoAdamsScheduler()
+    got = run(class_pipe, [4], SETTINGS, height=8, width=20,
+              generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(1, 3, 8, 20, generator=torch.Generator().manual_seed(3))
+    expected = optimized.sample(class_model, noise, torch.tensor([4]), steps=SETTINGS["steps"],
+                                guidance=SETTINGS["guidance"], interval=SETTINGS["interval"],
+                                solver="adams")
+    assert isinstance(expected, torch.Tensor) and got.shape == (1, 3, 8, 20)
+    assert rel(got, expected) < 1e-5
+
+
 def test_class_pipeline_reproduces_release_samples(tmp_path: Path, fixtures_dir: Path, npz: Any) -> None:
     """`deco convert A.ckpt DIR --to diffusers`, loaded back, reproduces the release's Euler and
     Heun samples (A.npz euler_out, heun_out) from the same noise."""

@@ -88,10 +88,12 @@ class DeCoScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         return self.grid[step + 1] - self.grid[step]
 
     def __len__(self) -> int:
+        """num_train_timesteps, as diffusers' schedulers report it."""
         return int(self.config.num_train_timesteps)
 
     # --------------------------------------------------------------- defined by the solvers
     def build_plan(self, grid: list[float]) -> list[Evaluation]:
+        """The model evaluations of a run on `grid`, in order."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -103,6 +105,7 @@ class DeCoScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         raise NotImplementedError
 
     def advance(self, evaluation: Evaluation, velocity: Tensor, sample: Tensor) -> Tensor:
+        """The sample of the next evaluation, given DeCo's velocity v at `sample`."""
         raise NotImplementedError
 
 
