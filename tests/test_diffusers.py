@@ -274,6 +274,19 @@ def test_label_names(class_model: optimized.DeCo) -> None:
         DeCoTransformer2DModel(**class_model.config.to_dict(), id2label=names)
 
 
+def test_convert_names_imagenet_classes(tmp_path: Path) -> None:
+    """A 1000-class checkpoint's pipeline carries the ImageNet names; its null class is 1000."""
+    from deco.config import DeCoConfig
+
+    model = optimized.build_model(DeCoConfig.preset("DeCo-tiny/4", num_classes=1000))
+    model.save(tmp_path / "m.safetensors")
+    pipe = write_pipeline(tmp_path / "m.safetensors", tmp_path / "p", sample_size=16)
+    loaded = DeCoPipeline.from_pretrained(tmp_path / "p")
+    for p in (pipe, loaded):
+        assert p.get_label_ids(["tench", "golden retriever", "toilet tissue"]) == [0, 207, 999]
+        assert p.null_class == 1000
+
+
 def test_output_types_and_generator(class_pipe: DeCoPipeline) -> None:
     """"np" / "pt" are the raw sample mapped from [-1, 1] to [0, 1] (clamped), "pil" its 8-bit
     images; without latents the noise is torch.randn from the generator."""
