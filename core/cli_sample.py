@@ -49,6 +49,14 @@ def _register_sample(sub: Any) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, default=Path("samples.png"),
                    help="a .png grid, an .npz (uint8 NHWC arr_0, labels arr_1) or a folder (samples.png)")
+    p.add_argument("--count", type=int, default=None,
+                   help="generate COUNT class-balanced samples (50 per class for 50000: the ADM/DiT "
+                   "protocol) into the ADM sample batch --out X.npz, in shards written as they "
+                   "complete (resumable: a rerun skips finished shards); under torchrun each "
+                   "process takes every WORLD-th shard")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard with --count (1000)")
+    p.add_argument("--shard-dir", type=Path, default=None,
+                   help="folder of the shards with --count (default: OUT without .npz + '.shards')")
     p.set_defaults(handler=sample)
 
 
@@ -97,11 +105,50 @@ def sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--resolution: expected a positive multiple of the patch size {p}, "
                          f"got {resolution}")
     settings = _settings(args, loaded)
+    if args.count is not None:
+        return _sample_batch(args, loaded, settings, resolution)
     labels = [y for y in labels for _ in range(args.per_label)]
     images = generate(loaded.model, labels, settings, seed=args.seed, batch_size=args.batch_size,
                       resolution=resolution)
     columns = args.per_label if args.per_label > 1 else min(len(labels), 10)
     print(f"wrote {save_samples(images, labels, args.out, columns)}")
+    return 0
+
+
+def _sample_batch(args: argparse.Namespace, loaded: Any, settings: Any, resolution: int) -> int:
+    """`deco sample --count N`: the sharded, resumable ADM sample batch (deco.sample_batches)."""
+    from .distributed import setup_distributed
+    from .evaluation import generate
+    from .outputs import to_uint8
+    from .sample_batches import ShardPlan, generate_sample_batch
+
+    if args.out.suffix.lower() != ".npz":
+        raise UsageError(f"--out: --count writes an ADM sample batch; expected a .npz path, got {args.out}")
+    if not args.out.parent.is_dir():
+        raise UsageError(f"--out: folder {args.out.parent} does not exist")
+    try:
+        plan = ShardPlan(count=args.count, num_classes=loaded.model.config.num_classes,
+                         shard_size=args.shard_size, seed=args.seed)
+    except ValueError as exc:
+        field, _, message = str(exc).partition(":")
+        raise UsageError(f"--{field.replace('_', '-')}:{message}") from None
+    shards = args.shard_dir or args.out.with_suffix(".shards")
+    d = setup_distributed(args.device)
+    model = loaded.model.to(d.device)
+
+    def images(labels: Any, seed: int) -> Any:
+        return to_uint8(generate(model, labels, settings, seed=seed, batch_size=args.batch_size,
+                                 resolution=resolution))
+
+    try:
+        out = generate_sample_batch(images, shards, args.out, plan, progress=d.is_main)
+    finally:
+        if d.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if out is not None:
+        print(f"wrote {out} ({args.count} samples, {resolution}x{resolution}; shards in {shards}/)")
     return 0
 
 

@@ -37,8 +37,14 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         "type": float, "help": f"shift s of the training times, s > 1: more high-noise steps {DIGITS_NOTE}"}),
     ("--freq-weight", "train.freq_weight", {
         "type": float, "help": "weight of the frequency-aware loss (default 1; 0: plain flow matching)"}),
-    ("--repa-weight", "train.repa_weight", {
-        "type": float, "help": "REPA weight (needs a pretrained encoder, which this command does not load)"}),
+    ("--repa-encoder", "repa_encoder", {
+        "type": Path, "help": "DINOv2 ViT-B/14 for REPA (the paper's recipe): the original "
+        "dinov2_vitb14_pretrain.pth or a Hugging Face folder (facebook/dinov2-base layout); read "
+        "locally, frozen. Default: no REPA"}),
+    ("--repa-weight", "train.repa_weight", {"type": float,
+                                            "help": "REPA weight (0.5; needs --repa-encoder)"}),
+    ("--repa-layer", "train.repa_layer", {
+        "type": int, "help": "1-based DiT block whose tokens REPA aligns (8; needs --repa-encoder)"}),
     ("--quality", "train.quality", {"type": int, "help": "JPEG quality of the frequency weights (85)"}),
     ("--label-dropout", "train.label_dropout", {"type": float, "help": "null-label probability (0.1)"}),
     ("--bf16", "train.bf16", {"action": BOOL,
@@ -93,9 +99,10 @@ def train(args: argparse.Namespace) -> int:
         given["sample.interval"] = tuple(given["sample.interval"])
     if args.resume and args.out is None:
         raise UsageError("--resume: give the run folder to continue with --out DIR")
-    if given.get("train.repa_weight", 0.0) > 0:
-        raise UsageError("--repa-weight: REPA needs a pretrained image encoder (DINOv2), which this "
-                         "command does not load; use the Python API (Trainer(encoder=...)) for REPA")
+    for field in ("train.repa_weight", "train.repa_layer"):
+        if field in given and "repa_encoder" not in given and not args.resume:
+            raise UsageError(f"{flag_of(field)}: REPA needs a pretrained image encoder; give it with "
+                             f"--repa-encoder PATH (DINOv2 .pth or Hugging Face folder)")
     try:
         run = with_overrides(RunConfig(resume=args.resume), given)
         summary = run_training(run, explicit=set(given) - {"out"})

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import first_line
+from .errors import first_line, quiet_transformers
 
 if TYPE_CHECKING:
     from transformers import Dinov2Config, Dinov2Model
@@ -328,10 +328,8 @@ def load_repa_encoder(path: str | Path, device: str | torch.device = "cpu",
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not isinstance(base_patch_size, int) or base_patch_size < 1:
         raise ValueError(f"base_patch_size: expected a positive int, got {base_patch_size!r}")
-    if path.is_dir():
-        model = _load_hf_folder(path)
-    elif path.is_file():
-        model = _load_original(path)
-    else:
+    if not path.exists():
         raise FileNotFoundError(f"path: no such file or folder: {path}")
+    with quiet_transformers():
+        model = _load_hf_folder(path) if path.is_dir() else _load_original(path)
     return RepaEncoder(model, base_patch_size).to(device=device, dtype=dtype)

@@ -81,6 +81,7 @@ class RunConfig:
     device: str = "auto"
     grid_columns: int = 10
     resume: bool = False
+    repa_encoder: Path | None = None  # DINOv2 (.pth or Hugging Face folder): turns REPA on
     train: TrainConfig | None = None  # the training step's settings (lr, EMA, losses, seed, ...)
     sample: SampleSettings | None = None  # the final sample grid
 
@@ -101,7 +102,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in ("out", "data"):
+        for key in ("out", "data", "repa_encoder"):
             data[key] = None if data[key] is None else str(data[key])
         for key in ("train", "sample"):
             data[key] = None if data[key] is None else data[key].to_dict()
@@ -110,7 +111,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         data = dict(data)
-        for key in ("out", "data"):
+        for key in ("out", "data", "repa_encoder"):
             data[key] = None if data.get(key) is None else Path(data[key])
         if data.get("train") is not None:
             data["train"] = TrainConfig.from_dict(data["train"])
@@ -137,7 +138,7 @@ FOLDER_DEFAULTS: dict[str, Any] = {
 
 #: Fields that change the training trajectory (every field of `train` does): a resumed run must
 #: keep the checkpoint's values of these.
-TRAJECTORY_FIELDS = ("data", "resolution", "model", "batch_size", "train")
+TRAJECTORY_FIELDS = ("data", "resolution", "model", "batch_size", "repa_encoder", "train")
 
 
 def defaults(data: Path | None) -> dict[str, Any]:
@@ -274,10 +275,29 @@ class Job:
 
             ids = [self.d.local_rank] if self.d.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        assert self.run.train is not None
-        self.trainer = self.trainer_class(self.model, self.run.train, net=self.net)
+        train_config, encoder = self._repa()
+        self.trainer = self.trainer_class(self.model, train_config, encoder=encoder, net=self.net)
         self.records: list[dict[str, float]] = []
         self.elapsed = 0.0
+
+    def _repa(self) -> tuple[TrainConfig, torch.nn.Module | None]:
+        """REPA's frozen encoder when the run names one (deco.encoders), and the step's config
+        with the encoder's feature width; without one, REPA is off."""
+        train_config = self.run.train
+        assert train_config is not None
+        if self.run.repa_encoder is None:
+            return train_config, None
+        from .encoders import load_repa_encoder
+
+        try:
+            encoder = load_repa_encoder(self.run.repa_encoder, self.d.device,
+                                        base_patch_size=self.config.patch_size)
+        except (FileNotFoundError, ValueError) as exc:
+            raise FieldError("repa_encoder", str(exc).removeprefix("path: ")) from None
+        if not train_config.repa_layer <= self.config.depth:
+            raise FieldError("train.repa_layer", f"expected a DiT block in 1..{self.config.depth} "
+                                                 f"for {self.run.model}, got {train_config.repa_layer}")
+        return dataclasses.replace(train_config, repa_encoder_dim=encoder.dim), encoder
 
     def _restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimizer, generator, data position, logs."""

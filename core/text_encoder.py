@@ -23,16 +23,17 @@ optional extra `deco-diffusion[text]`; they are imported only when an encoder is
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from .errors import quiet_transformers
 
 #: Files a tokenizer folder may provide; one of the two sets must be complete.
 _TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -230,24 +231,6 @@ class Qwen3TextEncoder:
         if negative not in self._null:
             self._null[negative] = self.encode([negative])[0]
         return self._null[negative]
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No progress bars or load reports from transformers (the unused `lm_head` of a causal-LM
-    checkpoint is reported as unexpected): a command's stderr stays one line on error."""
-    from transformers.utils import logging as hf_logging
-
-    logging: Any = hf_logging  # partly untyped
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def load_tokenizer(folder: Path) -> Any:

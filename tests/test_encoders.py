@@ -8,6 +8,7 @@ DINOv2 parameter names as its public vision_transformer.py/layers define them.""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,39 @@ def test_vitb14_layout_converts_to_dinov2_base() -> None:
     expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
     converted = original_to_hf(state, expected.keys())
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+
+
+# ------------------------------------------------------------------ the command line
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_deco_train_with_repa_encoder(saved: dict[str, Path], tmp_path: Path, layout: str) -> None:
+    """`deco train --repa-encoder`: the paper's recipe from the command line. REPA's loss is
+    logged (1 - cosine of a fresh projector: near 1, never 0), the projector is checkpointed, and
+    the run records the encoder so --resume rebuilds it."""
+    from deco.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from deco.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--model", "DeCo-tiny/4", "--steps", "2", "--batch-size", "4",
+            "--sample-steps", "1", "--log-every", "1", "--device", "cpu",
+            "--repa-encoder", str(saved[layout]), "--repa-layer", "2"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(0.5 < r["repa"] < 1.5 for r in records)
+    assert all(r["loss"] > r["fm"] + r["freq"] for r in records)  # REPA's weighted term is in the loss
+    state = load_checkpoint(out / CHECKPOINT_NAME)
+    assert state["trainer"]["projector"] is not None
+    assert state["run"]["repa_encoder"] == str(saved[layout])
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3"]) == 0
+
+
+def test_deco_train_repa_errors_are_one_line(saved: dict[str, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from deco.cli import main
+
+    base = ["train", "--out", str(tmp_path / "run"), "--steps", "1", "--device", "cpu"]
+    for extra, needles in [(["--repa-encoder", str(tmp_path / "missing.pth")], ["--repa-encoder", "no such"]),
+                           (["--repa-encoder", str(saved["hf"])], ["--repa-layer", "1..3"]),
+                           (["--repa-layer", "2"], ["--repa-layer", "--repa-encoder"])]:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(n in err for n in needles), err

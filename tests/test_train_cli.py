@@ -141,6 +141,35 @@ def test_sample_formats_and_sources_agree(run_dir: Path, tmp_path: Path) -> None
     assert np.abs(to_uint8(expected).astype(int) - arrays[0].astype(int)).max() <= 1
 
 
+def test_sample_count_writes_a_balanced_resumable_sample_batch(run_dir: Path, tmp_path: Path) -> None:
+    """`deco sample --count`: class-balanced labels (i mod 10), shard s drawn with seed + s and
+    equal to sampling that shard's labels directly, and a rerun that reuses the shards."""
+    from deco.optimized import load_model, sample
+
+    out = tmp_path / "batch.npz"
+    args = ["sample", str(run_dir), "--count", "13", "--shard-size", "5", "--steps", "2", "--seed", "3",
+            "--out", str(out)]
+    assert main(args) == 0
+    with np.load(out) as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (13, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [i % 10 for i in range(13)]
+    model = load_model(run_dir / "model.safetensors")
+    start, seed = 10, 3 + 2  # shard 2 holds samples 10..12
+    noise = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    expected = sample(model, noise, torch.tensor([0, 1, 2]), steps=2, guidance=3.0, interval=(0.0, 1.0))
+    assert isinstance(expected, torch.Tensor)
+    assert np.abs(to_uint8(expected).astype(int) - images[start:].astype(int)).max() <= 1
+    shards = sorted((tmp_path / "batch.shards").glob("shard_*.npz"))
+    assert len(shards) == 3
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    out.unlink()
+    assert main(args) == 0  # resumed: the shards are reused, the batch is assembled again
+    assert [p.stat().st_mtime_ns for p in shards] == stamps
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_0"], images)
+
+
 def test_sample_from_a_release_checkpoint(fixtures_dir: Path, tmp_path: Path) -> None:
     """A release .ckpt samples like its EMA weights loaded by deco.optimized.load_model."""
     from deco.optimized import load_model, sample
@@ -349,6 +378,9 @@ def test_train_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     ("label_negative", ["--labels", "-1"]),
     ("interval", ["--interval"]),
     ("zero_steps", ["--steps"]),
+    ("count_to_png", ["--out", ".npz"]),
+    ("count_zero", ["--count", "positive"]),
+    ("shard_size_zero", ["--shard-size", "positive"]),
 ])
 def test_sample_user_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          case: str, needles: list[str]) -> None:
@@ -361,10 +393,15 @@ def test_sample_user_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: 
         "label_negative": (run_dir, ["--labels", "-1"]),
         "interval": (run_dir, ["--interval", "0.8", "0.2"]),
         "zero_steps": (run_dir, ["--steps", "0"]),
+        "count_to_png": (run_dir, ["--count", "4"]),
+        "count_zero": (run_dir, ["--count", "0", "--out", str(tmp_path / "s.npz")]),
+        "shard_size_zero": (run_dir, ["--count", "4", "--shard-size", "0", "--out", str(tmp_path / "s.npz")]),
     }[case]
-    code = main(["sample", str(ckpt), *extra, "--out", str(tmp_path / "s.png")])
+    if "--out" not in extra:
+        extra = [*extra, "--out", str(tmp_path / "s.png")]
+    code = main(["sample", str(ckpt), *extra])
     _one_line_error(capsys, code, *needles)
-    assert not (tmp_path / "s.png").exists()
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "s.npz").exists()
 
 
 @pytest.mark.parametrize("command", ["evaluate", "spectrum"])
