@@ -6,23 +6,36 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli import existing_file
+from .cli import UsageError, existing_file
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a release checkpoint (.ckpt) to a DeCo .safetensors file",
+        help="convert a release checkpoint (.ckpt) to a DeCo .safetensors file or a diffusers folder",
         description="Convert a checkpoint of the public DeCo release (Lightning layout) to the "
         "portable safetensors format. The config is inferred from the tensor shapes; the file "
-        "is read with torch.load(weights_only=True).",
+        "is read with torch.load(weights_only=True). With --to diffusers (needs the diffusers "
+        "extra), write a pipeline folder for DeCoPipeline / DeCoTextPipeline.from_pretrained "
+        "from a release .ckpt or a DeCo .safetensors file instead.",
     )
-    p.add_argument("checkpoint", type=existing_file, help="release .ckpt file")
-    p.add_argument("output", type=Path, help="output .safetensors file")
+    p.add_argument("checkpoint", type=existing_file, help="release .ckpt file (or, with --to "
+                   "diffusers, a DeCo .safetensors file)")
+    p.add_argument("output", type=Path, help="output .safetensors file (--to diffusers: a new folder)")
     p.add_argument("--weights", choices=["ema", "online"], default="ema",
                    help="which weight set to convert (default: ema)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="storage dtype of the output (default: float32, as trained)")
+    p.add_argument("--to", choices=["safetensors", "diffusers"], default="safetensors",
+                   help="output format (default: safetensors)")
+    p.add_argument("--text-encoder", type=Path, default=None, metavar="DIR",
+                   help="--to diffusers, text-to-image: the text encoder's transformers folder "
+                   "(model and tokenizer; the release: Qwen3-1.7B), copied into the pipeline")
+    p.add_argument("--labels", type=existing_file, default=None, metavar="FILE",
+                   help="--to diffusers: class names, one per line (default: the ImageNet names "
+                   "for 1000 classes, none otherwise)")
+    p.add_argument("--sample-size", type=int, default=256,
+                   help="--to diffusers: the pipeline's default image side in pixels (default: 256)")
     p.set_defaults(handler=convert)
 
     p = sub.add_parser(
@@ -38,6 +51,11 @@ def register(sub: Any) -> None:
 
 
 def convert(args: argparse.Namespace) -> int:
+    if args.to == "diffusers":
+        return convert_to_diffusers(args)
+    for flag, value in (("--text-encoder", args.text_encoder), ("--labels", args.labels)):
+        if value is not None:
+            raise UsageError(f"{flag}: only with --to diffusers")
     import numpy as np
 
     from .reference.weights import save_weights
@@ -49,6 +67,26 @@ def convert(args: argparse.Namespace) -> int:
     weights = {k: v.detach().cpu().numpy() for k, v in state.items()}
     save_weights(args.output, config, weights, dtype=np.dtype(args.dtype))
     print(f"wrote {args.output} ({config.architecture}, {len(weights)} tensors, {args.weights})")
+    return 0
+
+
+def convert_to_diffusers(args: argparse.Namespace) -> int:
+    """`deco convert CKPT DIR --to diffusers`: a pipeline folder (deco.diffusers.write_pipeline)."""
+    try:
+        from .diffusers.convert import read_id2label, write_pipeline
+    except ImportError as exc:
+        raise UsageError(f"--to diffusers: needs the diffusers extra (pip install "
+                         f"'deco-diffusion[diffusers]'): {exc}") from None
+    import torch
+
+    try:
+        pipe = write_pipeline(args.checkpoint, args.output, weights=args.weights,
+                              dtype=getattr(torch, args.dtype),
+                              text_encoder=args.text_encoder, sample_size=args.sample_size,
+                              id2label=read_id2label(args.labels) if args.labels else None)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {args.output} ({type(pipe).__name__}, {pipe.transformer.deco_config.architecture})")
     return 0
 
 
