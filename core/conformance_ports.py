@@ -102,6 +102,7 @@ def _prefixed(weights: Mapping[str, Array], prefix: str) -> dict[str, Array]:
 
 
 def _text_config(config: dict[str, Any]) -> DeCoConfig:
+    """The config of a `t2i_forward` vector, which must be a text model's."""
     cfg = DeCoConfig.from_dict(config)
     if not cfg.is_text:
         raise ValueError(f"config: t2i_forward needs architecture 't2i', got {cfg.architecture!r}")
@@ -109,9 +110,9 @@ def _text_config(config: dict[str, Any]) -> DeCoConfig:
 
 
 class OnnxPort:
-    """`forward` only, by an exported graph (`deco.onnx_runtime.OnnxVelocityModel`). The graph
-    must hold the vector's weights (`deco conformance --export-vector-model`); vectors of another
-    config are skipped."""
+    """The forward passes only (`forward`, `t2i_forward`), by an exported graph
+    (`deco.onnx_runtime.OnnxVelocityModel`). The graph must hold the vector's weights
+    (`deco conformance --export-vector-model`); vectors of another config are skipped."""
 
     precision: Precision = "float32"
 
