@@ -39,7 +39,7 @@ from deco.optimized.model import build_model
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("DECO_FULL_SIZE") != "1",
-                       reason="full-size ONNX export: set DECO_FULL_SIZE=1 (needs ~6 GB RAM)"),
+                       reason="full-size ONNX export: set DECO_FULL_SIZE=1 (needs ~6 GB RAM, XXL ~10 GB)"),
 ]
 
 PRESETS = ["DeCo-XL/16", "DeCo-XXL/16"]

@@ -136,6 +136,19 @@ def test_bad_text_inputs_are_clear_errors(tiny: TinyText) -> None:
         tiny.cfg.guided_velocity(x, t, text, 3.0, null[:, :7])
 
 
+def test_float16_cfg_graph_of_the_text_model(tiny: TinyText, tmp_path: Path) -> None:
+    """float16 weights and compute behind the float32 interface, text and null included."""
+    from deco.onnx_export import RTOL_BY_DTYPE
+
+    graph = OnnxVelocityModel(export_onnx(tiny.torch, tmp_path / "f16.onnx", cfg=True,
+                                          dtype="float16"))
+    x, t, text, null = inputs(2, 12, 8, seed=5)
+    expected = guided_velocity(tiny.reference, x.astype(np.float64), float(t[0]), text, 3.0,
+                               np.broadcast_to(null, text.shape))
+    got = graph.guided_velocity(x, t, text, 3.0, null)
+    assert got.dtype == np.float64 and rel_err(got, expected) <= RTOL_BY_DTYPE["float16"]
+
+
 # ---------------------------------------------------------------------------- onnxruntime sampler
 @pytest.mark.parametrize("solver, options", [
     ("euler", {"steps": 5, "guidance": 4.0, "interval": (0.2, 0.9), "timeshift": 1.0}),
