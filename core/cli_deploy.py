@@ -13,9 +13,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "export-onnx",
         help="export a model's velocity (or guided velocity) to ONNX",
-        description="Export the velocity model (x, t, y) -> v of a DeCo weight file to ONNX, "
+        description="Export the velocity model (x, t, y) -> v of a DeCo weight file to ONNX "
+        "(a text-to-image model: (x, t, text) -> v, text the (B, T, E) text-encoder states), "
         "with dynamic batch, height and width unless fixed. With --cfg the graph also takes the "
-        "guidance scale g and returns u + g (c - u), both branches in one batch.",
+        "guidance scale g (a text model: first the null text embedding `null` (B, T, E)) and "
+        "returns u + g (c - u), both branches in one batch.",
     )
     p.add_argument("checkpoint", type=existing_file, help="weight file (as deco.optimized.load_model reads)")
     p.add_argument("output", type=Path, help="output .onnx file")
@@ -67,7 +69,8 @@ def register(sub: Any) -> None:
     action.add_argument("--python", metavar="MODULE:OBJECT",
                         help="a port object (a class is instantiated without arguments)")
     action.add_argument("--onnx", type=existing_file, metavar="FILE",
-                        help="a graph exported from a forward vector's weights")
+                        help="a graph exported from a forward vector's weights (forward and "
+                        "t2i_forward vectors only)")
     action.add_argument("--write", type=Path, metavar="DIR", help="regenerate the vectors into DIR")
     action.add_argument("--export-vector-model", type=Path, metavar="OUT",
                         help="export the forward vector's model to OUT.onnx (see --architecture)")
@@ -75,7 +78,7 @@ def register(sub: Any) -> None:
                    help="vector folder (default: $DECO_VECTORS or spec/vectors of the checkout)")
     p.add_argument("--precision", choices=["float32", "float64"], default=None,
                    help="tolerance to apply (default: the port's `precision`, else float32)")
-    p.add_argument("--architecture", choices=["deco", "baseline"], default="deco",
+    p.add_argument("--architecture", choices=["deco", "baseline", "t2i"], default="deco",
                    help="which forward vector --export-vector-model exports (default deco)")
     p.set_defaults(handler=conformance)
 

@@ -4,7 +4,8 @@ A *vector* is one `.safetensors` file in spec/vectors/: the inputs of one spec c
 tensors, scalar arguments as JSON in the metadata), weights where the component has any (`w.*`,
 portable names relative to the block for block vectors) and the reference's output (`expected`).
 A *port* is any Python object with some of the protocol functions of spec/vectors/README.md
-(`rgb_to_ycbcr`, ..., `forward`, `euler`, `heun`), taking and returning NumPy arrays. The runner
+(`rgb_to_ycbcr`, ..., `forward`, `euler`, `heun`, and the text-to-image components
+`text_embedding`, ..., `t2i_forward`, `adams`), taking and returning NumPy arrays. The runner
 calls each function the port has on the vectors of its component and compares with the spec's
 error measure and tolerance (spec/00-conventions.md §5); components the port lacks are skipped.
 
@@ -22,18 +23,19 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from deco import reference as ref
+from deco.atomic import atomic_write
 from deco.config import DeCoConfig, parameter_shapes
 from deco.fixtures import error_measure
 from deco.reference import model as ref_model
+from deco.reference import text_to_image as ref_t2i
 
 from .conformance_ports import OnnxPort, OptimizedPort, OptimizedPort32, Precision, ReferencePort
 
@@ -79,14 +81,15 @@ class Skip(Exception):
 
 # --------------------------------------------------------------------------- the sampler model
 class VelocityModel:
-    """The `model` passed to a port's `euler`/`heun`: `config.num_classes` and
-    `forward(x, t, y)` (NumPy in and out), backed by the float64 reference. Samplers are
-    checked with the reference's velocity so that a sampler's result does not depend on the
-    port's forward pass (which has vectors of its own)."""
+    """The `model` passed to a port's `euler`/`heun`/`adams`: a `config` (the model's
+    `DeCoConfig`: `num_classes`, `is_text`, `text_length`, `text_dim`, ...) and
+    `forward(x, t, y)` (NumPy in and out; y: labels, or text (B, T, E) for a text model), backed
+    by the float64 reference. Samplers are checked with the reference's velocity so that a
+    sampler's result does not depend on the port's forward pass (which has vectors of its own)."""
 
     def __init__(self, config: dict[str, Any], weights: Mapping[str, Array]) -> None:
-        self._model = ref.Model(DeCoConfig.from_dict(config), weights)
-        self.config = SimpleNamespace(**config)
+        self.config = DeCoConfig.from_dict(config)
+        self._model = ref.Model(self.config, weights)
 
     def forward(self, x: Any, t: Any, y: Any) -> Array:
         return self._model.forward(x, t, y)
@@ -128,6 +131,29 @@ def _call_sampler(name: str) -> Caller:
     return call
 
 
+def _call_adams_weights(port: Any, v: Vector, _: Mapping[str, Vector]) -> Any:
+    """Row i of the port's answer holds min(order, i + 1) weights, oldest first; they are
+    right-aligned in a (steps, order) table (zeros where a step has fewer velocities), so that
+    column order - 1 always weights the newest velocity."""
+    order = v.args["order"]
+    rows = _fn(port, "adams_weights")(v.inputs["grid"], order)
+    table = np.zeros((len(rows), order))
+    for i, row in enumerate(rows):
+        row = np.asarray(row, dtype=np.float64).reshape(-1)
+        if row.size > order:
+            raise ValueError(f"adams_weights: row {i} has {row.size} weights, more than order {order}")
+        table[i, order - row.size:] = row
+    return table
+
+
+def _call_adams(port: Any, v: Vector, vectors: Mapping[str, Vector]) -> Any:
+    fn = _fn(port, "adams")
+    cond = v.inputs["text"] if "text" in v.inputs else v.inputs["labels"]
+    interval = (v.args["interval"][0], v.args["interval"][1])
+    return fn(_sampler_model(v, vectors), v.inputs["noise"], cond, v.inputs.get("null"),
+              v.args["steps"], v.args["timeshift"], v.args["guidance"], interval, v.args["order"])
+
+
 #: component -> how its vectors are passed to the port's function of the same name.
 CALLERS: dict[str, Caller] = {
     "rgb_to_ycbcr": lambda p, v, _: _fn(p, "rgb_to_ycbcr")(v.inputs["x"]),
@@ -147,17 +173,31 @@ CALLERS: dict[str, Caller] = {
         v.inputs["x"], v.inputs["cond"], dict(v.weights)),
     "forward": lambda p, v, _: _fn(p, "forward")(
         dict(v.config or {}), dict(v.weights), v.inputs["x"], v.inputs["t"], v.inputs["y"]),
+    "text_rope_angles": lambda p, v, _: _fn(p, "text_rope_angles")(
+        v.args["grid_h"], v.args["grid_w"], v.args["head_dim"]),
+    "text_position_features": lambda p, v, _: _fn(p, "text_position_features")(
+        v.args["patch_size"]),
+    "text_embedding": lambda p, v, _: _fn(p, "text_embedding")(v.inputs["text"], dict(v.weights)),
+    "text_refine_block": lambda p, v, _: _fn(p, "text_refine_block")(
+        v.inputs["x"], v.inputs["c"], dict(v.weights), v.args["num_heads"]),
+    "joint_dit_block": lambda p, v, _: _fn(p, "joint_dit_block")(
+        v.inputs["x"], v.inputs["text"], v.inputs["c"], dict(v.weights), v.args["num_heads"],
+        v.inputs["angles"]),
+    "t2i_forward": lambda p, v, _: _fn(p, "t2i_forward")(
+        dict(v.config or {}), dict(v.weights), v.inputs["x"], v.inputs["t"], v.inputs["text"]),
     "time_grid": lambda p, v, _: _fn(p, "time_grid")(v.args["steps"], v.args["timeshift"]),
     "euler": _call_sampler("euler"),
     "heun": _call_sampler("heun"),
+    "adams_weights": _call_adams_weights,
+    "adams": _call_adams,
 }
 COMPONENTS = tuple(CALLERS)
 
 
 def comparable(component: str, value: Array) -> Array:
-    """What is compared: the value itself, except RoPE angles, compared through (cos, sin), i.e.
-    modulo 2 pi, because only the rotation they define matters."""
-    if component == "rope_angles":
+    """What is compared: the value itself, except RoPE angles (both models'), compared through
+    (cos, sin), i.e. modulo 2 pi, because only the rotation they define matters."""
+    if component in ("rope_angles", "text_rope_angles"):
         return np.stack([np.cos(value), np.sin(value)])
     return value
 
@@ -279,8 +319,23 @@ def save_vector(folder: Path, vector: Vector) -> Path:
     if vector.velocity_model is not None:
         meta["velocity_model"] = vector.velocity_model
     path = folder / f"{vector.name}.safetensors"
-    save_file(tensors, str(path), metadata=meta)
+    data = _serialise(tensors, meta)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return path
+
+
+def _serialise(tensors: dict[str, Array], meta: dict[str, str]) -> bytes:
+    """The safetensors bytes with the metadata keys sorted. The library writes the metadata from
+    a hash map whose order changes from one process to the next, so the same vector would
+    otherwise give different bytes on every regeneration. Same keys and values, so the header
+    keeps its length (and its padding to 8 bytes)."""
+    raw = save(tensors, metadata=meta)
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= size, "a reordered header cannot be longer"
+    return raw[:8] + text.ljust(size) + raw[8 + size:]
 
 
 def load_vector(path: Path) -> Vector:
@@ -321,11 +376,14 @@ def load_vectors(folder: str | Path | None = None) -> list[Vector]:
 
 
 # ------------------------------------------------------------------------- generating vectors
-#: The model of the forward and sampler vectors: small enough that all vectors stay < 1 MB,
-#: with a non-square token grid (8x12 pixels, 2x3 patches) so swapped axes show.
+#: The model of the forward and sampler vectors: small enough that all vectors stay < 1.5 MB,
+#: with a non-square token grid (8x12 pixels, 2x3 patches) so swapped axes show. The text model
+#: (2 refine blocks, E = 12, T = 5 tokens) has SwiGLU width F = 64, unlike D = 32, so that the
+#: fused w12 / w3 layout cannot be mistaken for a square one.
 VECTOR_MODELS = {
     "deco": DeCoConfig("deco", 3, 4, 32, 2, 2, 2, 8, 4),
     "baseline": DeCoConfig("baseline", 3, 4, 32, 2, 2, 0, 0, 4),
+    "t2i": DeCoConfig("t2i", 3, 4, 32, 2, 2, 2, 8, 0, 2.0, 2, 12, 5),
 }
 IMAGE_HW = (8, 12)
 
@@ -414,6 +472,52 @@ def vector_specs() -> list[Vector]:
                velocity_model="forward_deco"),
         Vector("heun_exact", "heun", sampler, {**shifted, "interval": [0.0, 1.0], "exact": True},
                velocity_model="forward_deco"),
+        *text_vector_specs(sampler),
+    ]
+
+
+def text_vector_specs(class_sampler: dict[str, Array]) -> list[Vector]:
+    """The text-to-image and Adams vectors (spec/06, spec/04 §6). They draw from a generator of
+    their own, so that adding them left every earlier vector byte-identical."""
+    rng = np.random.default_rng(20251201)
+    n = rng.standard_normal
+    cfg = VECTOR_MODELS["t2i"]
+    weights = random_weights(cfg, rng)
+    h, w = IMAGE_HW
+    b, length, width = 2, cfg.text_length, cfg.text_dim
+    embed = {k: v for k, v in weights.items() if k.startswith("text_embed.") or k == "text_pos_embed"}
+    # Bias scaled too: element 1's projection is then ~1e-3 and the RMSNorm epsilon matters.
+    embed["text_embed.bias"] = (embed["text_embed.bias"] * 1e-3).astype(np.float32)
+    edge = {"steps": 4, "timeshift": 1.0, "guidance": 3.0, "interval": [0.25, 0.75], "order": 3}
+    release_like = {"steps": 5, "timeshift": 3.0, "guidance": 4.0, "interval": [0.0, 1.0], "order": 2}
+    return [
+        # 3x5: the crossed spans of spec/06 §3 show only on a non-square grid.
+        Vector("text_rope_angles", "text_rope_angles", {}, {"grid_h": 3, "grid_w": 5, "head_dim": 16}),
+        Vector("text_position_features_p4", "text_position_features", {}, {"patch_size": 4}),
+        Vector("text_position_features_p8", "text_position_features", {}, {"patch_size": 8}),
+        Vector("text_embedding", "text_embedding", {"text": _small_row(n((b, length, width)))},
+               weights=embed),
+        Vector("text_refine_block", "text_refine_block",
+               {"x": _small_row(n((b, length, cfg.hidden_size))), "c": n((b, cfg.hidden_size))},
+               {"num_heads": cfg.num_heads}, _block_weights(weights, "text_blocks.1.")),
+        Vector("joint_dit_block", "joint_dit_block",
+               {"x": _small_row(n((b, 6, cfg.hidden_size))), "text": n((b, length, cfg.hidden_size)),
+                "c": n((b, cfg.hidden_size)),
+                "angles": ref_t2i.text_rope_angles(h // 4, w // 4, cfg.head_dim)},
+               {"num_heads": cfg.num_heads}, _block_weights(weights, "blocks.1.")),
+        Vector("forward_t2i", "t2i_forward",
+               {"x": n((b, 3, h, w)), "t": np.array([0.3, 0.85]), "text": n((b, length, width))},
+               weights=weights, config=cfg.to_dict()),
+        # Shifted grids: unequal steps, so the weights are not the textbook (3/2, -1/2).
+        Vector("adams_weights_order2", "adams_weights", {"grid": ref.time_grid(6, 3.0)}, {"order": 2}),
+        Vector("adams_weights_order4", "adams_weights", {"grid": ref.time_grid(7, 3.0)}, {"order": 4}),
+        # Adams guides where low < t < high: the edge grid points 0.25 and 0.75 are both unguided.
+        Vector("adams_interval_edges", "adams", class_sampler, edge, velocity_model="forward_deco"),
+        # The release's t2i settings (time shift 3, guidance 4, order 2, interval (0, 1): the
+        # first step unguided) on 5 steps, with one null text embedding (T, E) for the batch.
+        Vector("adams_text", "adams",
+               {"noise": n((b, 3, h, w)), "text": n((b, length, width)), "null": n((length, width))},
+               release_like, velocity_model="forward_t2i"),
     ]
 
 

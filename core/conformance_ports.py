@@ -1,5 +1,6 @@
 """The ports that ship with the conformance kit (deco.conformance): the float64 reference, the
-optimized PyTorch model in float64 and float32, and an exported ONNX graph (forward only).
+optimized PyTorch model in float64 and float32, and an exported ONNX graph (the forward passes
+only: `forward` of a class graph, `t2i_forward` of a text graph).
 
 `ReferencePort` is also the source of every vector: expected outputs are what it returns.
 """
@@ -16,6 +17,7 @@ from deco import reference as ref
 from deco.config import DeCoConfig
 from deco.reference import model as ref_model
 from deco.reference import sampling as ref_sampling
+from deco.reference import text_to_image as ref_t2i
 
 Array = NDArray[Any]
 Precision = Literal["float64", "float32"]
@@ -34,23 +36,44 @@ class ReferencePort:
     rope_angles = staticmethod(ref_model.rope_angles)
     apply_rope = staticmethod(ref_model.apply_rope)
     dct_position_features = staticmethod(ref_model.dct_position_features)
+    text_rope_angles = staticmethod(ref_t2i.text_rope_angles)
+    text_position_features = staticmethod(ref_t2i.text_position_features)
     time_grid = staticmethod(ref.time_grid)
+    adams_weights = staticmethod(ref_sampling.adams_weights)
 
     @staticmethod
     def dit_block(x: Array, c: Array, weights: Mapping[str, Array], num_heads: int,
                   angles: Array) -> Array:
-        prefixed = {f"blocks.0.{k}": np.asarray(w, np.float64) for k, w in weights.items()}
-        return ref_model.dit_block(x, c, prefixed, 0, num_heads, angles)
+        return ref_model.dit_block(x, c, _prefixed(weights, "blocks.0."), 0, num_heads, angles)
 
     @staticmethod
     def decoder_block(x: Array, cond: Array, weights: Mapping[str, Array]) -> Array:
-        prefixed = {f"decoder.blocks.0.{k}": np.asarray(w, np.float64) for k, w in weights.items()}
-        return ref_model.decoder_block(x, cond, prefixed, 0)
+        return ref_model.decoder_block(x, cond, _prefixed(weights, "decoder.blocks.0."), 0)
+
+    @staticmethod
+    def text_embedding(text: Array, weights: Mapping[str, Array]) -> Array:
+        return ref_t2i.text_embedding(text, _prefixed(weights, ""))
+
+    @staticmethod
+    def text_refine_block(x: Array, c: Array, weights: Mapping[str, Array], num_heads: int) -> Array:
+        return ref_t2i.text_refine_block(x, c, _prefixed(weights, "text_blocks.0."), 0, num_heads)
+
+    @staticmethod
+    def joint_dit_block(x: Array, text: Array, c: Array, weights: Mapping[str, Array],
+                        num_heads: int, angles: Array) -> Array:
+        return ref_t2i.joint_dit_block(x, text, c, _prefixed(weights, "blocks.0."), 0, num_heads,
+                                       angles)
 
     @staticmethod
     def forward(config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
                 y: Array) -> Array:
         return ref.Model(DeCoConfig.from_dict(config), weights).forward(x, t, y)
+
+    @staticmethod
+    def t2i_forward(config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
+                    text: Array) -> Array:
+        cfg = _text_config(config)
+        return ref_t2i.t2i_forward(x, t, text, cfg, ref.Model(cfg, weights).weights)
 
     @staticmethod
     def euler(model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
@@ -64,11 +87,32 @@ class ReferencePort:
         grid = ref.time_grid(steps, timeshift)
         return ref_sampling.heun(model, noise, labels, grid, guidance, interval, exact=exact)
 
+    @staticmethod
+    def adams(model: Any, noise: Array, cond: Array, null: Array | None, steps: int,
+              timeshift: float, guidance: float, interval: tuple[float, float], order: int) -> Array:
+        # `sample` broadcasts a (T, E) null text over the batch and checks the condition.
+        return ref_sampling.sample(model, noise, cond, null, steps=steps, guidance=guidance,
+                                   interval=interval, timeshift=timeshift, solver="adams",
+                                   order=order)
+
+
+def _prefixed(weights: Mapping[str, Array], prefix: str) -> dict[str, Array]:
+    """Block-local weights as float64 under the model's names (`prefix` + name)."""
+    return {f"{prefix}{k}": np.asarray(w, np.float64) for k, w in weights.items()}
+
+
+def _text_config(config: dict[str, Any]) -> DeCoConfig:
+    """The config of a `t2i_forward` vector, which must be a text model's."""
+    cfg = DeCoConfig.from_dict(config)
+    if not cfg.is_text:
+        raise ValueError(f"config: t2i_forward needs architecture 't2i', got {cfg.architecture!r}")
+    return cfg
+
 
 class OnnxPort:
-    """`forward` only, by an exported graph (`deco.onnx_runtime.OnnxVelocityModel`). The graph
-    must hold the vector's weights (`deco conformance --export-vector-model`); vectors of another
-    config are skipped."""
+    """The forward passes only (`forward`, `t2i_forward`), by an exported graph
+    (`deco.onnx_runtime.OnnxVelocityModel`). The graph must hold the vector's weights
+    (`deco conformance --export-vector-model`); vectors of another config are skipped."""
 
     precision: Precision = "float32"
 
@@ -77,10 +121,18 @@ class OnnxPort:
 
     def forward(self, config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
                 y: Array) -> Array:
+        self._same_config(config)
+        return np.asarray(self.model.forward(x, t, y))
+
+    def t2i_forward(self, config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
+                    text: Array) -> Array:
+        self._same_config(config)
+        return np.asarray(self.model.forward(x, t, text))
+
+    def _same_config(self, config: dict[str, Any]) -> None:
         if DeCoConfig.from_dict(config) != self.model.config:
             raise NotImplementedError(
                 f"the graph is a {self.model.config.architecture} model of another config")
-        return np.asarray(self.model.forward(x, t, y))
 
 
 class OptimizedPort:
@@ -135,8 +187,18 @@ class OptimizedPort:
     def rope_angles(self, grid_h: int, grid_w: int, head_dim: int) -> Array:
         from deco.optimized.layers import rope_angles
 
-        # The model keeps (cos, sin); the angle they define is compared modulo 2 pi.
-        cos, sin = rope_angles(grid_h, grid_w, head_dim, self.torch.device("cpu"), self.dtype)
+        return self._angles(rope_angles(grid_h, grid_w, head_dim, self.torch.device("cpu"), self.dtype))
+
+    def text_rope_angles(self, grid_h: int, grid_w: int, head_dim: int) -> Array:
+        from deco.optimized.layers import text_rope_angles
+
+        return self._angles(text_rope_angles(grid_h, grid_w, head_dim, self.torch.device("cpu"),
+                                             self.dtype))
+
+    def _angles(self, tables: tuple[Any, Any]) -> Array:
+        """(L, d_h/2) angles from the model's (cos, sin) tables (L, 1, d_h/2); the kit compares
+        angles modulo 2 pi, so atan2's branch does not matter."""
+        cos, sin = tables
         return self._np(self.torch.atan2(sin, cos)[:, 0, :])
 
     def apply_rope(self, x: Array, angles: Array) -> Array:
@@ -154,6 +216,42 @@ class OptimizedPort:
         a = self._t(angles)[:, None, :]
         with self.torch.no_grad():
             return self._np(block(self._t(x), self._t(c), self.torch.cos(a), self.torch.sin(a)))
+
+    def _text_block(self, weights: Mapping[str, Array], num_heads: int, joint: bool) -> Any:
+        """A text-model DiTBlock (fused SwiGLU) holding `weights`: mlp.w3 is (D, F)."""
+        from deco.optimized.layers import DiTBlock
+
+        width, mlp_hidden = weights["mlp.w3.weight"].shape
+        block = DiTBlock(width, num_heads, mlp_hidden, joint=joint, fused_mlp=True)
+        return self._load(block, weights)
+
+    def text_refine_block(self, x: Array, c: Array, weights: Mapping[str, Array],
+                          num_heads: int) -> Array:
+        block = self._text_block(weights, num_heads, joint=False)
+        with self.torch.no_grad():
+            return self._np(block(self._t(x), self._t(c), None, None))
+
+    def joint_dit_block(self, x: Array, text: Array, c: Array, weights: Mapping[str, Array],
+                        num_heads: int, angles: Array) -> Array:
+        block = self._text_block(weights, num_heads, joint=True)
+        a = self._t(angles)[:, None, :]
+        with self.torch.no_grad():
+            return self._np(block(self._t(x), self._t(c), self.torch.cos(a), self.torch.sin(a),
+                                  self._t(text)))
+
+    def text_embedding(self, text: Array, weights: Mapping[str, Array]) -> Array:
+        from deco.optimized.text_to_image import TextEmbedder
+
+        width, text_dim = weights["text_embed.weight"].shape
+        local = {k.removeprefix("text_embed."): v for k, v in weights.items() if k != "text_pos_embed"}
+        embedder = self._load(TextEmbedder(text_dim, width), local)
+        with self.torch.no_grad():  # as TextDeCo.condition: embedder, then the position table
+            return self._np(embedder(self._t(text)) + self._t(weights["text_pos_embed"]))
+
+    def text_position_features(self, patch_size: int) -> Array:
+        from deco.optimized.layers import text_position_features
+
+        return self._np(text_position_features(patch_size, self.torch.device("cpu"), self.dtype))
 
     def dct_position_features(self, patch_size: int) -> Array:
         from deco.optimized.layers import dct_position_features
@@ -180,29 +278,51 @@ class OptimizedPort:
         with self.torch.no_grad():
             return self._np(model(self._t(x), self._t(t), self.torch.as_tensor(y)))
 
+    def t2i_forward(self, config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
+                    text: Array) -> Array:
+        from deco.optimized.model import build_model
+
+        model = self._load(build_model(_text_config(config)), weights)
+        with self.torch.no_grad():
+            return self._np(model(self._t(x), self._t(t), self._t(text)))
 
     def time_grid(self, steps: int, timeshift: float) -> Array:
         from deco.optimized.sampling import time_grid
 
         return np.asarray(time_grid(steps, timeshift))
 
-    def _sample(self, model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
-                guidance: float, interval: tuple[float, float], solver: str, exact: bool) -> Array:
+    def _sample(self, model: Any, noise: Array, cond: Array, steps: int, timeshift: float,
+                guidance: float, interval: tuple[float, float], solver: str, *, exact: bool = False,
+                null: Array | None = None, order: int = 2) -> Array:
         from deco.optimized.sampling import sample
 
-        out = sample(_TorchVelocity(model, self.torch), self._t(noise), self.torch.as_tensor(labels),
-                     steps=steps, guidance=guidance, interval=interval, timeshift=timeshift,
-                     solver=solver, exact_heun=exact)
+        is_text = model.config.is_text  # text (B, T, E) in the model's dtype, else int labels
+        convert = self._t if is_text else self.torch.as_tensor
+        out = sample(_TorchVelocity(model, self.torch), self._t(noise), convert(cond),
+                     None if null is None else convert(null), steps=steps, guidance=guidance,
+                     interval=interval, timeshift=timeshift, solver=solver, exact_heun=exact,
+                     order=order)
         assert isinstance(out, self.torch.Tensor)
         return self._np(out)
 
     def euler(self, model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
               guidance: float, interval: tuple[float, float]) -> Array:
-        return self._sample(model, noise, labels, steps, timeshift, guidance, interval, "euler", False)
+        return self._sample(model, noise, labels, steps, timeshift, guidance, interval, "euler")
 
     def heun(self, model: Any, noise: Array, labels: Array, steps: int, timeshift: float,
              guidance: float, interval: tuple[float, float], exact: bool) -> Array:
-        return self._sample(model, noise, labels, steps, timeshift, guidance, interval, "heun", exact)
+        return self._sample(model, noise, labels, steps, timeshift, guidance, interval, "heun",
+                            exact=exact)
+
+    def adams_weights(self, grid: Array, order: int) -> list[list[float]]:
+        from deco.optimized.sampling import adams_weights
+
+        return adams_weights([float(t) for t in grid], order)
+
+    def adams(self, model: Any, noise: Array, cond: Array, null: Array | None, steps: int,
+              timeshift: float, guidance: float, interval: tuple[float, float], order: int) -> Array:
+        return self._sample(model, noise, cond, steps, timeshift, guidance, interval, "adams",
+                            null=null, order=order)
 
 
 class _TorchVelocity:

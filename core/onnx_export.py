@@ -2,9 +2,13 @@
 
 Two graphs:
 - "velocity": inputs x (B, C, H, W) float32, t (B,) float32, y (B,) int64 -> v (B, C, H, W);
+  a text-to-image model takes `text` (B, T, E) float32 (the text encoder's hidden states)
+  instead of y;
 - "cfg": the same plus a scalar float32 `guidance` g -> u + g (c - u), where c is the velocity
   for the labels and u for the null class, both evaluated as ONE batch [null; y] inside the graph
-  (spec/04-sampling.md §2), so a deployment makes one call per sampling step.
+  (spec/04-sampling.md §2), so a deployment makes one call per sampling step. A text model's
+  cfg graph takes the null text embedding too: inputs x, t, text, `null` (B, T, E), guidance
+  (spec/06 §6; `deco.onnx_runtime` broadcasts one (T, E) null text over the batch).
 
 The batch axis is dynamic unless a fixed batch is asked for. Height and width are dynamic too
 (any multiple of the patch size): the RoPE angles and DCT position features are computed in the
@@ -74,20 +78,50 @@ RTOL_BY_DTYPE = {"float32": ONNX_CHECK_RTOL, "float16": 1e-2, "bfloat16": 5e-2}
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
-class GuidedVelocity(nn.Module):
-    """(x, t, y, guidance) -> u + g (c - u), both branches in one batch [null; labels]."""
+class Guided(nn.Module):
+    """Classifier-free guidance around a velocity model: u + g (c - u), both branches in one
+    batch [null; cond] (spec/04 §2)."""
 
-    def __init__(self, model: nn.Module, num_classes: int) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+
+    def guide(self, x: Tensor, t: Tensor, cond: Tensor, null: Tensor, guidance: Tensor) -> Tensor:
+        b = x.shape[0]
+        out: Tensor = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, cond]))
+        uncond, conditional = out[:b], out[b:]  # (B, C, H, W) each
+        return uncond + guidance * (conditional - uncond)
+
+
+class GuidedVelocity(Guided):
+    """(x, t, y, guidance) -> u + g (c - u) of a class model; u for the null class."""
+
+    def __init__(self, model: nn.Module, num_classes: int) -> None:
+        super().__init__(model)
         self.num_classes = num_classes
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor, guidance: Tensor) -> Tensor:
-        b = x.shape[0]
-        null = torch.full_like(y, self.num_classes)
-        out: Tensor = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y]))
-        uncond, cond = out[:b], out[b:]
-        return uncond + guidance * (cond - uncond)
+        return self.guide(x, t, y, torch.full_like(y, self.num_classes), guidance)
+
+
+class GuidedTextVelocity(Guided):
+    """(x, t, text, null, guidance) -> u + g (c - u) of the text model; u for the null text
+    embedding, (B, T, E) like the text."""
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, null: Tensor, guidance: Tensor) -> Tensor:
+        return self.guide(x, t, text, null, guidance)
+
+
+def guided(model: nn.Module, config: DeCoConfig) -> Guided:
+    """The cfg wrapper of `model`: `GuidedTextVelocity` for a text model, else `GuidedVelocity`."""
+    return GuidedTextVelocity(model) if config.is_text else GuidedVelocity(model, config.num_classes)
+
+
+def input_names(config: DeCoConfig, cfg: bool) -> list[str]:
+    """The graph's inputs, in order: x, t, then y (labels) or text, then for a cfg graph the text
+    model's null and the guidance."""
+    cond = ["text", *(["null"] if cfg else [])] if config.is_text else ["y"]
+    return ["x", "t", *cond, *(["guidance"] if cfg else [])]
 
 
 # --------------------------------------------------------------------------------- symbolics
@@ -212,11 +246,16 @@ def sha256_file(path: str | Path) -> str:
 
 def _example_inputs(config: DeCoConfig, batch: int, resolution: tuple[int, int],
                     cfg: bool) -> tuple[Tensor, ...]:
+    """Random inputs in the order of `input_names`."""
     h, w = resolution
     x = torch.randn(batch, config.in_channels, h, w)
     t = torch.rand(batch)
-    y = torch.arange(batch) % (config.num_classes + 1)
-    return (x, t, y, torch.tensor(2.0)) if cfg else (x, t, y)
+    if config.is_text:
+        text_shape = (batch, config.text_length, config.text_dim)
+        cond: tuple[Tensor, ...] = (torch.randn(text_shape), *([torch.randn(text_shape)] if cfg else []))
+    else:
+        cond = (torch.arange(batch) % (config.num_classes + 1),)
+    return (x, t, *cond, torch.tensor(2.0)) if cfg else (x, t, *cond)
 
 
 def _check_options(config: DeCoConfig, opset: int, batch: int | None,
@@ -277,8 +316,7 @@ def export_onnx(
     reference = _cpu_copy(model, torch.float32)
     net = _cpu_copy(model, DTYPES[dtype])
     if cfg:
-        reference = GuidedVelocity(reference, config.num_classes)
-        net = GuidedVelocity(net, config.num_classes)
+        reference, net = guided(reference, config), guided(net, config)
     if dtype != "float32":
         net = Float32Output(net)
     p = config.patch_size
@@ -288,7 +326,8 @@ def export_onnx(
     try:
         traced = folder / "trace" / "model.onnx"  # the exporter may scatter tensor files here
         traced.parent.mkdir()
-        _trace(net, example, traced, opset, cfg, batch is None, resolution is None)
+        _trace(net, example, traced, opset, input_names(config, cfg), batch is None,
+               resolution is None)
         staged = folder / path.name
         props = _properties(config, cfg, batch, resolution, dtype, metadata)
         external = _finish(traced, staged, props, external_data)
@@ -364,12 +403,11 @@ def _cpu_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()
 
 
-def _trace(net: nn.Module, example: tuple[Tensor, ...], path: Path, opset: int, cfg: bool,
+def _trace(net: nn.Module, example: tuple[Tensor, ...], path: Path, opset: int, names: list[str],
            dynamic_batch: bool, dynamic_size: bool) -> None:
-    names = ["x", "t", "y", *(["guidance"] if cfg else [])]
     dynamic: dict[str, dict[int, str]] = {}
-    if dynamic_batch:
-        dynamic = {"x": {0: "batch"}, "t": {0: "batch"}, "y": {0: "batch"}, "v": {0: "batch"}}
+    if dynamic_batch:  # every input but the scalar guidance, and the output, are batched
+        dynamic = {name: {0: "batch"} for name in [*names, "v"] if name != "guidance"}
     if dynamic_size:
         for name in ("x", "v"):
             dynamic.setdefault(name, {}).update({2: "height", 3: "width"})
@@ -432,7 +470,7 @@ def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: boo
 
     p = config.patch_size
     inputs = _example_inputs(config, batch or 3, resolution or (p, 5 * p), cfg)
-    feed = dict(zip(["x", "t", "y", "guidance"], (a.numpy() for a in inputs), strict=False))
+    feed = dict(zip(input_names(config, cfg), (a.numpy() for a in inputs), strict=True))
     with torch.no_grad():
         expected = net(*inputs).numpy()
     rtol = RTOL_BY_DTYPE[dtype]
@@ -510,7 +548,9 @@ def _recorded_checkpoint(meta: dict[str, str], checkpoint: Path | None) -> Path:
 
 
 def _random_inputs(config: DeCoConfig, meta: dict[str, str], batch: int,
-                   resolution: tuple[int, int] | None, seed: int) -> tuple[Any, Any, Any]:
+                   resolution: tuple[int, int] | None, seed: int) -> tuple[Any, Any, Any, Any]:
+    """(x, t, condition, null): labels with the null class among them and null None for a class
+    model; for the text model random text (B, T, E) and one random null text (T, E)."""
     import numpy as np
 
     if meta.get("deco_batch", "dynamic") != "dynamic":
@@ -523,9 +563,13 @@ def _random_inputs(config: DeCoConfig, meta: dict[str, str], batch: int,
     x = rng.standard_normal((batch, config.in_channels, h, w)).astype(np.float32)
     # One shared time (as in sampling, and as the reference's guided_velocity needs).
     t = np.full(batch, rng.uniform(0.05, 0.95), dtype=np.float32)
+    if config.is_text:
+        text_shape = (config.text_length, config.text_dim)
+        text = rng.standard_normal((batch, *text_shape)).astype(np.float32)
+        return x, t, text, rng.standard_normal(text_shape).astype(np.float32)
     y = rng.integers(0, config.num_classes + 1, batch)
     y[-1] = config.num_classes  # always include the null class
-    return x, t, y
+    return x, t, y, None
 
 
 def check_onnx(
@@ -534,7 +578,8 @@ def check_onnx(
 ) -> tuple[list[CheckRow], list[str]]:
     """Errors between onnxruntime, deco.optimized (float32) and the float64 reference on random
     inputs, and the onnxruntime providers used. A "cfg" graph is compared on the guided
-    velocity; the reference's is `deco.reference.sampling.guided_velocity`."""
+    velocity; the reference's is `deco.reference.sampling.guided_velocity`. A text model gets
+    random text (B, T, E) and, for a cfg graph, one random null text (T, E) for the batch."""
     import numpy as np
 
     from deco.fixtures import error_measure
@@ -550,13 +595,16 @@ def check_onnx(
     if reference.config != graph.config:
         raise ValueError(f"checkpoint: {source} holds a different config than the graph")
     net = load_model(source).to(device="cpu", dtype=torch.float32).eval()
-    x, t, y = _random_inputs(graph.config, graph.metadata, batch, resolution, seed)
+    x, t, y, null = _random_inputs(graph.config, graph.metadata, batch, resolution, seed)
     with torch.no_grad():
         if graph.graph == GRAPH_CFG:
-            got = graph.guided_velocity(x, t, y, guidance)
-            torch_out = GuidedVelocity(net, graph.config.num_classes)(
-                torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y), torch.tensor(guidance))
-            expected = guided_velocity(reference, x.astype(np.float64), float(t[0]), y, guidance)
+            got = graph.guided_velocity(x, t, y, guidance, null)
+            # The torch and reference branches take the null batched like the condition.
+            null_batch = None if null is None else np.broadcast_to(null, y.shape)
+            inputs = [x, t, y, *([] if null_batch is None else [np.ascontiguousarray(null_batch)])]
+            torch_out = guided(net, graph.config)(*map(torch.from_numpy, inputs), torch.tensor(guidance))
+            expected = guided_velocity(reference, x.astype(np.float64), float(t[0]), y, guidance,
+                                       null_batch)
         else:
             got = graph.forward(x, t, y)
             torch_out = net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y))
@@ -583,7 +631,7 @@ def export_vector_model(vectors: list[Any], architecture: str, path: str | Path)
     are in the vector file), for `deco conformance --onnx`."""
     from deco.optimized.model import build_model
 
-    matches = [v for v in vectors if v.component == "forward"
+    matches = [v for v in vectors if v.component in ("forward", "t2i_forward")
                and (v.config or {}).get("architecture") == architecture]
     if not matches:
         raise ValueError(f"architecture: no forward vector for {architecture!r}")

@@ -2,8 +2,9 @@
 
 `OnnxVelocityModel` has the `config` and `forward(x, t, y)` of the reference's model protocol
 (spec/04-sampling.md), so `deco.reference.sample` drives it unchanged: the time grid, guidance
-interval, Euler and Heun logic are the reference's own, and only the velocity comes from the
-graph. `sample` below is that composition.
+interval, Euler, Heun and Adams logic are the reference's own, and only the velocity comes from
+the graph. `sample` below is that composition. For a text-to-image graph the condition y is the
+text (B, T, E) and guidance needs the null text embedding (spec/06 §6).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from deco.config import DeCoConfig
-from deco.reference.checks import as_float_array, as_labels
+from deco.reference.checks import as_condition, as_float_array
+from deco.reference.sampling import check_conditions
 
 Array = NDArray[np.float64]
 
@@ -80,14 +82,19 @@ class OnnxVelocityModel:
         return list(self.session.get_providers())
 
     def _inputs(self, x: Any, t: Any, y: Any) -> dict[str, Any]:
+        """The graph's feed: x, t and y (labels, int64) or, for a text model, text (float32)."""
         cfg = self.config
         x = as_float_array("x", x, ndim=4, channels=cfg.in_channels)
         t = as_float_array("t", t)
         t = np.broadcast_to(t, (x.shape[0],)) if t.ndim == 0 else t
         if t.shape != (x.shape[0],):
             raise ValueError(f"t: expected shape ({x.shape[0]},), got {t.shape}")
-        y = as_labels("y", y, batch=x.shape[0], num_classes=cfg.num_classes)
-        return {"x": x.astype(np.float32), "t": t.astype(np.float32), "y": y}
+        feed = {"x": x.astype(np.float32), "t": t.astype(np.float32)}
+        if cfg.is_text:
+            feed["text"] = as_condition("text", y, cfg, x.shape[0]).astype(np.float32)
+        else:
+            feed["y"] = as_condition("y", y, cfg, x.shape[0])
+        return feed
 
     def forward(self, x: Any, t: Any, y: Any) -> Array:
         """Velocity (B, C, H, W) of a "velocity" graph."""
@@ -99,18 +106,29 @@ class OnnxVelocityModel:
 
     __call__ = forward
 
-    def guided_velocity(self, x: Any, t: Any, y: Any, guidance: float) -> Array:
-        """u + g (c - u) of a "cfg" graph (both branches inside the graph)."""
+    def guided_velocity(self, x: Any, t: Any, y: Any, guidance: float, null: Any = None) -> Array:
+        """u + g (c - u) of a "cfg" graph (both branches inside the graph). A text model needs
+        `null`, the null text embedding: (T, E) for every sample, or (B, T, E)."""
         if self.graph != "cfg":
             raise ValueError(f"path: {self.path} is a '{self.graph}' graph; export with --cfg")
         feed = self._inputs(x, t, y)
+        if self.config.is_text:
+            if null is None:
+                raise ValueError("null: the text model's cfg graph needs the null text embedding "
+                                 f"({self.config.text_length}, {self.config.text_dim}) or (B, T, E)")
+            feed["null"] = check_conditions(self, y, null, x.shape[0])[1].astype(np.float32)
+        elif null is not None:
+            raise ValueError("null: a class model's cfg graph uses the null class; pass no null")
         feed["guidance"] = np.asarray(guidance, dtype=np.float32)
         return np.asarray(self.session.run(["v"], feed)[0], dtype=np.float64)
 
 
-def sample(model: OnnxVelocityModel, noise: Any, labels: Any, **options: Any) -> Array:
-    """`deco.reference.sample` driven by the graph: steps, guidance, interval, timeshift, solver
-    and exact_heun as there; float64 state, float32 velocities."""
+def sample(model: OnnxVelocityModel, noise: Any, labels: Any, null: Any = None,
+           **options: Any) -> Array:
+    """`deco.reference.sample` driven by a "velocity" graph: steps, guidance, interval,
+    timeshift, solver ("euler", "heun", "adams"), exact_heun and order as there; float64 state,
+    float32 velocities. For a text model `labels` is the text (B, T, E) and `null` the null text
+    embedding, (T, E) or (B, T, E), needed when guidance != 1."""
     from deco.reference import sample as reference_sample
 
-    return reference_sample(model, noise, labels, **options)
+    return reference_sample(model, noise, labels, null, **options)

@@ -1,15 +1,20 @@
 """Opt-in: DeCo-XL/16 (682M parameters, 2.7 GB of float32 weights, over protobuf's 2 GiB limit)
+and the text-to-image DeCo-XXL/16 (1.13B parameters, 4.5 GB; input `text` (1, 128, 2048))
 through `export_onnx` with random weights: one external data file, onnx.checker on the path, one
-onnxruntime forward at 256x256, batch 1, against torch (<= 1e-4 relative). Needs ~6 GB of RAM
-and minutes of CPU, so it runs only with DECO_FULL_SIZE=1 (and is marked slow):
+onnxruntime forward at 256x256, batch 1, against torch (<= 1e-4 relative). Needs ~6 GB (XL) /
+~10 GB (XXL) of RAM and minutes of CPU, so it runs only with DECO_FULL_SIZE=1 (and is marked
+slow):
 
-    DECO_FULL_SIZE=1 python -m pytest -s -m slow tests/test_onnx_full_size.py
+    DECO_FULL_SIZE=1 python -m pytest -s -m slow tests/test_onnx_full_size.py [-k XXL]
 
-It prints (and writes to $DECO_FULL_SIZE_REPORT, if set, as JSON) the times, the peak resident
-memory of the process and the file sizes. Two runs on 2 CPU cores shared with other jobs (torch
-2.13, onnx 1.23, onnxruntime 1.32; times vary with the load): export 64 s / 46 s, graph 1.1 MB +
-data 2.73 GB, session 2.2 s / 2.8 s, one forward 0.8 s / 2.7 s (onnxruntime) and 0.8 s / 8.6 s
-(torch), relative error 3.5e-7, peak RSS 5.5 GiB.
+It prints (and writes to $DECO_FULL_SIZE_REPORT, if set, as JSON; one file per preset, the
+preset's name appended) the times, the peak resident memory of the process and the file sizes.
+DeCo-XL/16, two runs on 2 CPU cores shared with other jobs (torch 2.13, onnx 1.23, onnxruntime
+1.32; times vary with the load): export 64 s / 46 s, graph 1.1 MB + data 2.73 GB, session
+2.2 s / 2.8 s, one forward 0.8 s / 2.7 s (onnxruntime) and 0.8 s / 8.6 s (torch), relative
+error 3.5e-7, peak RSS 5.5 GiB. DeCo-XXL/16, one run (same machine and
+versions): export 152 s, graph 0.89 MB + data 4.54 GB, session 9.4 s, one forward 6.8 s
+(onnxruntime) and 7.3 s (torch), relative error 4.5e-7, peak RSS 9.0 GiB (bench/RESULTS.md §3).
 """
 
 from __future__ import annotations
@@ -34,10 +39,10 @@ from deco.optimized.model import build_model
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.environ.get("DECO_FULL_SIZE") != "1",
-                       reason="full-size ONNX export: set DECO_FULL_SIZE=1 (needs ~6 GB RAM)"),
+                       reason="full-size ONNX export: set DECO_FULL_SIZE=1 (needs ~6 GB RAM, XXL ~10 GB)"),
 ]
 
-PRESET = "DeCo-XL/16"
+PRESETS = ["DeCo-XL/16", "DeCo-XXL/16"]
 
 
 @torch.no_grad()
@@ -56,26 +61,34 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def test_xl_export_with_external_data(tmp_path: Path) -> None:
-    config = DeCoConfig.preset(PRESET)
+def condition(config: DeCoConfig, rng: np.random.Generator) -> np.ndarray:
+    """A class label, or for the text model random text-encoder states (1, T, E)."""
+    if config.is_text:
+        return rng.standard_normal((1, config.text_length, config.text_dim)).astype(np.float32)
+    return np.array([207])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_full_size_export_with_external_data(tmp_path: Path, preset: str) -> None:
+    config = DeCoConfig.preset(preset)
     model = random_model(config)
     params = sum(p.numel() for p in model.parameters())
-    report: dict[str, float | int | str] = {"preset": PRESET, "parameters": params}
+    report: dict[str, float | int | str] = {"preset": preset, "parameters": params}
 
     start = time.perf_counter()
-    path = export_onnx(model, tmp_path / "xl.onnx")  # default: external data above 1 GiB
+    path = export_onnx(model, tmp_path / "model.onnx")  # default: external data above 1 GiB
     report["export_s"] = time.perf_counter() - start
     report["peak_rss_after_export_gib"] = peak_rss_gib()
 
     data = data_file(path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["xl.onnx", "xl.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
     report["graph_bytes"], report["data_bytes"] = path.stat().st_size, data.stat().st_size
     assert data.stat().st_size >= 4 * params * 0.99  # every float32 weight is in the one file
     onnx.checker.check_model(str(path), full_check=True)
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 3, 256, 256)).astype(np.float32)
-    t, y = np.array([0.6], dtype=np.float32), np.array([207])
+    t, y = np.array([0.6], dtype=np.float32), condition(config, rng)
     start = time.perf_counter()
     graph = OnnxVelocityModel(path, providers=["CPUExecutionProvider"])
     report["session_s"] = time.perf_counter() - start
@@ -91,5 +104,6 @@ def test_xl_export_with_external_data(tmp_path: Path) -> None:
     report["peak_rss_gib"] = peak_rss_gib()
     print(json.dumps(report, indent=1))
     if os.environ.get("DECO_FULL_SIZE_REPORT"):
-        Path(os.environ["DECO_FULL_SIZE_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")
+        name = os.environ["DECO_FULL_SIZE_REPORT"] + "." + preset.replace("/", "_")
+        Path(name).write_text(json.dumps(report, indent=1) + "\n")
     assert report["rel_err_vs_torch"] <= 1e-4
