@@ -70,8 +70,19 @@ def test_unknown_section_is_a_usage_error(tmp_path: Path) -> None:
 def test_runs_from_a_bare_checkout() -> None:
     """With no installed `deco`, the script links the checkout's folders into a package."""
     code = f"""
-import importlib.util, sys
+import importlib.abc, importlib.machinery, importlib.util, sys
+# Hide the installed deco, editable (a finder of its own) or not (site-packages), but let the
+# package that ensure_deco links into a temporary folder be found.
 sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+class HideInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "deco" and not name.startswith("deco."):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or "site-packages" in str(spec.origin or spec.submodule_search_locations):
+            raise ImportError("hidden: " + name)
+        return spec
+sys.meta_path.insert(0, HideInstalled())
 for name in [m for m in sys.modules if m == "deco" or m.startswith("deco.")]:
     del sys.modules[name]
 try:
