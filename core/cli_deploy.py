@@ -112,7 +112,7 @@ def export_onnx(args: argparse.Namespace) -> int:
 
 
 def onnx_check(args: argparse.Namespace) -> int:
-    from .onnx_export import check_onnx, format_check
+    from .onnx_check import check_onnx, format_check
 
     rows, providers = check_onnx(args.model, checkpoint=args.checkpoint, batch=args.batch,
                                  resolution=tuple(args.resolution) if args.resolution else None,
@@ -136,7 +136,7 @@ def conformance(args: argparse.Namespace) -> int:
         return 0
     vectors = kit.load_vectors(args.vectors)
     if args.export_vector_model is not None:
-        from .onnx_export import export_vector_model
+        from .onnx_check import export_vector_model
 
         path = export_vector_model(vectors, args.architecture, args.export_vector_model)
         print(f"wrote {path} (forward vector of the {args.architecture} model; run "

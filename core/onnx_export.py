@@ -20,8 +20,9 @@ which is not a dependency of this project. It has no symbolic for `aten::rms_nor
 `layer_norm` symbolic needs a normalized shape known at trace time, whereas the model passes
 `(x.shape[-1],)`, which tracing records as a graph value; its `linspace` returns NaN for one
 step; its `addcmul` multiplies by a float32 constant, which promotes a float16/bfloat16 graph to
-float32 from the first AdaLN modulation on. `_symbolics` supplies replacements, written for the
-case the model uses (normalisation over the last axis).
+float32 from the first AdaLN modulation on. `deco.onnx_symbolics` supplies replacements, written
+for the case the model uses (normalisation over the last axis). `deco onnx-check` is in
+`deco.onnx_check`.
 
 Weights above `EXTERNAL_DATA_THRESHOLD` (1 GiB) go to ONE external data file `<graph>.data`
 beside the graph (protobuf cannot hold 2 GiB; DeCo-XL/16 has 2.7 GB of float32 weights), found by
@@ -36,15 +37,12 @@ constant folding renames and merges).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +51,8 @@ from torch import Tensor, nn
 
 from deco.atomic import fsync_dir
 from deco.config import DeCoConfig
+
+from .onnx_symbolics import symbolics
 
 DEFAULT_OPSET = 17
 #: Opsets the export is tested with (the TorchScript exporter stops at 20).
@@ -122,117 +122,6 @@ def input_names(config: DeCoConfig, cfg: bool) -> list[str]:
     model's null and the guidance."""
     cond = ["text", *(["null"] if cfg else [])] if config.is_text else ["y"]
     return ["x", "t", *cond, *(["guidance"] if cfg else [])]
-
-
-# --------------------------------------------------------------------------------- symbolics
-def _check_last_axis(normalized_shape: Any, op: str) -> None:
-    node = normalized_shape.node()
-    if node.kind() == "prim::ListConstruct":
-        count = len(list(node.inputs()))
-    else:
-        from torch.onnx import symbolic_helper
-
-        count = len(symbolic_helper._maybe_get_const(normalized_shape, "is"))
-    if count != 1:
-        raise ValueError(f"model: {op} over {count} axes is not supported by the ONNX export")
-
-
-def _mean_last(g: Any, x: Any) -> Any:
-    if g.opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
-        axes = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.long))
-        return g.op("ReduceMean", x, axes, keepdims_i=1)
-    return g.op("ReduceMean", x, axes_i=[-1], keepdims_i=1)
-
-
-def _eps(g: Any, eps: Any, like: Any) -> Any:
-    from torch.onnx import symbolic_helper
-
-    value = symbolic_helper._maybe_get_const(eps, "f")
-    return g.op("CastLike", g.op("Constant", value_t=torch.tensor(float(value))), like)
-
-
-def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
-    """x / sqrt(mean(x^2) + eps) * weight; onnxruntime fuses this pattern into one kernel."""
-    from torch.onnx import symbolic_helper
-
-    _check_last_axis(normalized_shape, "rms_norm")
-    square = g.op("Pow", x, g.op("CastLike", g.op("Constant", value_t=torch.tensor(2.0)), x))
-    out = g.op("Div", x, g.op("Sqrt", g.op("Add", _mean_last(g, square), _eps(g, eps, x))))
-    return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
-
-
-def _layer_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any,
-                cudnn_enable: Any) -> Any:
-    """(x - mean) / sqrt(var + eps) (* weight + bias) over the last axis."""
-    from torch.onnx import symbolic_helper
-
-    _check_last_axis(normalized_shape, "layer_norm")
-    centred = g.op("Sub", x, _mean_last(g, x))
-    var = _mean_last(g, g.op("Mul", centred, centred))
-    out = g.op("Div", centred, g.op("Sqrt", g.op("Add", var, _eps(g, eps, x))))
-    if not symbolic_helper._is_none(weight):
-        out = g.op("Mul", out, weight)
-    return out if symbolic_helper._is_none(bias) else g.op("Add", out, bias)
-
-
-def _addcmul(g: Any, x: Any, t1: Any, t2: Any, value: Any) -> Any:
-    """x + value t1 t2 in the inputs' own type. The exporter's symbolic multiplies by `value` as
-    a float32 constant, which turns every float16/bfloat16 AdaLN modulation (and all that
-    follows it) into float32."""
-    from torch.onnx import symbolic_helper
-
-    product = g.op("Mul", t1, t2)
-    scale = symbolic_helper._maybe_get_const(value, "f")
-    if not isinstance(scale, (int, float)):
-        product = g.op("Mul", product, g.op("CastLike", value, product))
-    elif scale != 1:
-        product = g.op("Mul", product, g.op("CastLike", g.op(
-            "Constant", value_t=torch.tensor(float(scale))), product))
-    return g.op("Add", x, product)
-
-
-_ONNX_FLOAT, _ONNX_INT64, _ONNX_DOUBLE = 1, 7, 11  # onnx.TensorProto data types
-_TORCH_TO_ONNX = {6: _ONNX_FLOAT, 7: _ONNX_DOUBLE}  # torch ScalarType codes: float, double
-
-
-def _linspace(g: Any, start: Any, end: Any, steps: Any, dtype: Any, layout: Any, device: Any,
-              pin_memory: Any) -> Any:
-    """start + i (end - start) / max(steps - 1, 1), computed in double and cast.
-
-    The exporter's own linspace divides by steps - 1, which is 0 for a one-row or one-column
-    token grid (the RoPE positions): with a dynamic grid size that is inf * 0 = NaN at run time,
-    whereas torch returns [start]."""
-    from torch.onnx import symbolic_helper
-
-    code = symbolic_helper._maybe_get_const(dtype, "i")
-    target = _ONNX_FLOAT if symbolic_helper._is_none(dtype) else _TORCH_TO_ONNX.get(code)
-    if target is None:
-        raise ValueError(f"model: linspace of dtype code {code} is not supported by the ONNX export")
-    one = g.op("Constant", value_t=torch.tensor(1, dtype=torch.int64))
-    count = g.op("Cast", steps, to_i=_ONNX_INT64)
-    index = g.op("Range", g.op("Constant", value_t=torch.tensor(0, dtype=torch.int64)), count, one)
-    first = g.op("Cast", start, to_i=_ONNX_DOUBLE)
-    span = g.op("Sub", g.op("Cast", end, to_i=_ONNX_DOUBLE), first)
-    step = g.op("Div", span, g.op("Cast", g.op("Max", g.op("Sub", count, one), one), to_i=_ONNX_DOUBLE))
-    out = g.op("Add", g.op("Mul", g.op("Cast", index, to_i=_ONNX_DOUBLE), step), first)
-    return g.op("Cast", out, to_i=target)
-
-
-@contextlib.contextmanager
-def _symbolics(opset: int) -> Iterator[None]:
-    """Register our symbolics for the duration of one export (they are global state)."""
-    from torch.onnx import utils
-
-    pairs: list[tuple[str, Callable[..., Any]]] = [
-        ("aten::rms_norm", _rms_norm), ("aten::layer_norm", _layer_norm),
-        ("aten::linspace", _linspace), ("aten::addcmul", _addcmul)]
-    for name, fn in pairs:
-        utils.register_custom_op_symbolic(name, fn, opset)
-    try:
-        yield
-    finally:
-        for name, _ in pairs:
-            utils.unregister_custom_op_symbolic(name, opset)
 
 
 # ------------------------------------------------------------------------------------ export
@@ -411,7 +300,7 @@ def _trace(net: nn.Module, example: tuple[Tensor, ...], path: Path, opset: int, 
     if dynamic_size:
         for name in ("x", "v"):
             dynamic.setdefault(name, {}).update({2: "height", 3: "width"})
-    with _symbolics(opset), warnings.catch_warnings(), torch.no_grad():
+    with symbolics(opset), warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter warns that it is deprecated and that tracing records shapes;
         # `_check_other_shapes` verifies that the dynamic axes really are dynamic.
         warnings.simplefilter("ignore")
@@ -501,141 +390,3 @@ def export_checkpoint(checkpoint: str | Path, path: str | Path, **options: Any) 
     model = load_model(checkpoint)
     meta = {"deco_checkpoint": str(checkpoint.resolve()), "deco_checkpoint_sha256": sha256_file(checkpoint)}
     return export_onnx(model, path, metadata=meta, **options)
-
-
-# ------------------------------------------------------------------------------ onnx-check
-
-
-@dataclass(frozen=True)
-class CheckRow:
-    """One comparison of `deco onnx-check`; it passes when max_rel <= bound."""
-
-    pair: str
-    max_abs: float
-    max_rel: float
-    bound: float = ONNX_CHECK_RTOL
-
-
-def _reference_weights(checkpoint: Path) -> dict[str, Any]:
-    """float64 weights read without deco.optimized: a DeCo .safetensors file through the
-    reference's loader, anything else as a release checkpoint."""
-    from deco.reference import load_weights
-    from deco.release import read_release_checkpoint
-
-    if checkpoint.suffix == ".safetensors":
-        return load_weights(checkpoint)[1]
-    state = read_release_checkpoint(checkpoint)[1]
-    return {k: v.double().numpy() for k, v in state.items()}
-
-
-def _recorded_checkpoint(meta: dict[str, str], checkpoint: Path | None) -> Path:
-    """The weight file the graph came from: `checkpoint` or the recorded path, SHA-256 checked."""
-    if checkpoint is None:
-        if "deco_checkpoint" not in meta:
-            raise ValueError("checkpoint: the graph records no weight file; pass --checkpoint")
-        checkpoint = Path(meta["deco_checkpoint"])
-        if not checkpoint.is_file():
-            raise FileNotFoundError(
-                f"checkpoint: {checkpoint} (recorded in the graph) does not exist; pass --checkpoint")
-    expected = meta.get("deco_checkpoint_sha256")
-    if expected is None:
-        raise ValueError("checkpoint: the graph records no SHA-256 of its weights; cannot verify "
-                         f"that {checkpoint} holds them")
-    if sha256_file(checkpoint) != expected:
-        raise ValueError(f"checkpoint: {checkpoint} is not the file the graph was exported from "
-                         "(SHA-256 differs)")
-    return checkpoint
-
-
-def _random_inputs(config: DeCoConfig, meta: dict[str, str], batch: int,
-                   resolution: tuple[int, int] | None, seed: int) -> tuple[Any, Any, Any, Any]:
-    """(x, t, condition, null): labels with the null class among them and null None for a class
-    model; for the text model random text (B, T, E) and one random null text (T, E)."""
-    import numpy as np
-
-    if meta.get("deco_batch", "dynamic") != "dynamic":
-        batch = int(meta["deco_batch"])
-    if meta.get("deco_resolution", "dynamic") != "dynamic":
-        h, w = (int(s) for s in meta["deco_resolution"].split("x"))
-    else:
-        h, w = resolution or (2 * config.patch_size, 3 * config.patch_size)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, config.in_channels, h, w)).astype(np.float32)
-    # One shared time (as in sampling, and as the reference's guided_velocity needs).
-    t = np.full(batch, rng.uniform(0.05, 0.95), dtype=np.float32)
-    if config.is_text:
-        text_shape = (config.text_length, config.text_dim)
-        text = rng.standard_normal((batch, *text_shape)).astype(np.float32)
-        return x, t, text, rng.standard_normal(text_shape).astype(np.float32)
-    y = rng.integers(0, config.num_classes + 1, batch)
-    y[-1] = config.num_classes  # always include the null class
-    return x, t, y, None
-
-
-def check_onnx(
-    path: str | Path, *, checkpoint: str | Path | None = None, batch: int = 2,
-    resolution: tuple[int, int] | None = None, guidance: float = 3.0, seed: int = 0,
-) -> tuple[list[CheckRow], list[str]]:
-    """Errors between onnxruntime, deco.optimized (float32) and the float64 reference on random
-    inputs, and the onnxruntime providers used. A "cfg" graph is compared on the guided
-    velocity; the reference's is `deco.reference.sampling.guided_velocity`. A text model gets
-    random text (B, T, E) and, for a cfg graph, one random null text (T, E) for the batch."""
-    import numpy as np
-
-    from deco.fixtures import error_measure
-    from deco.optimized.model import load_model
-    from deco.reference import Model
-    from deco.reference.sampling import guided_velocity
-
-    from .onnx_runtime import OnnxVelocityModel
-
-    graph = OnnxVelocityModel(path)
-    source = _recorded_checkpoint(graph.metadata, None if checkpoint is None else Path(checkpoint))
-    reference = Model(graph.config, _reference_weights(source))
-    if reference.config != graph.config:
-        raise ValueError(f"checkpoint: {source} holds a different config than the graph")
-    net = load_model(source).to(device="cpu", dtype=torch.float32).eval()
-    x, t, y, null = _random_inputs(graph.config, graph.metadata, batch, resolution, seed)
-    with torch.no_grad():
-        if graph.graph == GRAPH_CFG:
-            got = graph.guided_velocity(x, t, y, guidance, null)
-            # The torch and reference branches take the null batched like the condition.
-            null_batch = None if null is None else np.broadcast_to(null, y.shape)
-            inputs = [x, t, y, *([] if null_batch is None else [np.ascontiguousarray(null_batch)])]
-            torch_out = guided(net, graph.config)(*map(torch.from_numpy, inputs), torch.tensor(guidance))
-            expected = guided_velocity(reference, x.astype(np.float64), float(t[0]), y, guidance,
-                                       null_batch)
-        else:
-            got = graph.forward(x, t, y)
-            torch_out = net(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y))
-            expected = reference.forward(x, t, y)
-    mine = torch_out.double().numpy()
-    # The torch model is float32 whatever the graph's weight dtype; the graph's rows get its bound.
-    bound = RTOL_BY_DTYPE.get(graph.metadata.get("deco_dtype", "float32"), ONNX_CHECK_RTOL)
-    rows = [CheckRow(pair, *error_measure(a, b), bound=limit) for pair, a, b, limit in [
-        ("onnxruntime vs reference", got, expected, bound),
-        ("torch vs reference", mine, expected, ONNX_CHECK_RTOL),
-        ("onnxruntime vs torch", got, mine, bound),
-    ]]
-    return rows, graph.providers
-
-
-def format_check(rows: list[CheckRow]) -> str:
-    lines = [f"{'comparison':<26}{'max abs err':>14}{'max rel err':>14}{'bound':>10}"]
-    lines += [f"{r.pair:<26}{r.max_abs:>14.3e}{r.max_rel:>14.3e}{r.bound:>10.0e}" for r in rows]
-    return "\n".join(lines)
-
-
-def export_vector_model(vectors: list[Any], architecture: str, path: str | Path) -> Path:
-    """Export the model of the conformance kit's forward vector for `architecture` (its weights
-    are in the vector file), for `deco conformance --onnx`."""
-    from deco.optimized.model import build_model
-
-    matches = [v for v in vectors if v.component in ("forward", "t2i_forward")
-               and (v.config or {}).get("architecture") == architecture]
-    if not matches:
-        raise ValueError(f"architecture: no forward vector for {architecture!r}")
-    vector = matches[0]
-    model = build_model(DeCoConfig.from_dict(vector.config))
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in vector.weights.items()})
-    return export_onnx(model, path, metadata={"deco_vector": vector.name})
