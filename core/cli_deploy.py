@@ -130,7 +130,9 @@ def conformance(args: argparse.Namespace) -> int:
     from . import conformance as kit
 
     if args.write is not None:
-        paths = kit.write_vectors(args.write)
+        from .conformance_vectors import write_vectors
+
+        paths = write_vectors(args.write)
         size = sum(p.stat().st_size for p in paths)
         print(f"wrote {len(paths)} vectors to {args.write} ({size / 1024:.0f} KiB)")
         return 0

@@ -245,7 +245,7 @@ def test_conformance_on_an_exported_vector_model(tmp_path: Path, capsys: pytest.
 
 
 def test_conformance_fails_a_graph_with_other_weights(tmp_path: Path) -> None:
-    from deco.conformance import VECTOR_MODELS
+    from deco.conformance_vectors import VECTOR_MODELS
 
     config = VECTOR_MODELS["baseline"]
     path = export_onnx(torch_model(config, random_weights(config, seed=8)), tmp_path / "other.onnx")
