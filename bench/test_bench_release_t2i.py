@@ -27,7 +27,8 @@ from common import adamw, randomize, record, release_source, train_step
 from torch import Tensor, nn
 
 from deco.config import DeCoConfig
-from deco.optimized import build_model, cpu_gemm_backend, onednn_available
+from deco.optimized import build_model, cpu_gemm_backend
+from deco.optimized.gemm import auto_backend
 from deco.release import portable_name
 
 CONFIG = DeCoConfig("t2i", 3, 16, 384, 6, 8, 3, 32, 0, 4.0, 2, 512, 64)
@@ -74,8 +75,7 @@ def make_batch(config: DeCoConfig, batch: int, resolution: int, seed: int = 0) -
 def models(release: ModuleType, config: DeCoConfig) -> dict[str, tuple[nn.Module, str]]:
     """impl -> (model, float32 CPU GEMM backend), same weights, checked to agree."""
     ours = randomize(build_model(config))
-    default = "onednn" if onednn_available() else "aten"
-    return {"ours": (ours, default), "release": (release_twin(release, ours), "aten")}
+    return {"ours": (ours, auto_backend()), "release": (release_twin(release, ours), "aten")}
 
 
 def check_agreement(pairs: dict[str, tuple[nn.Module, str]], data: tuple[Tensor, ...]) -> float:
