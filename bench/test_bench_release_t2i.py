@@ -8,12 +8,19 @@ The release's t2i model file imports its own `src.models.layers` package, so the
 goes on sys.path (in this process only); it is run, never copied.
 
     DECO_RELEASE_SRC=/path/to/release python bench/test_bench_release_t2i.py   # quick ratio
+    DECO_RELEASE_SRC=... python bench/test_bench_release_t2i.py memory IMPL forward|train
+
+The second form prints one JSON line with the peak resident memory of one op in this fresh
+process (bench/memory_probe.py's method: VmHWM reset just before the op); the first runs it for
+both models and both ops after the timings.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -162,5 +169,45 @@ def main(rounds: int = 5) -> None:
               f"cpu {med['release'][1] / med['ours'][1]:.2f}x")
 
 
+def peak_memory(impl: str, op: str) -> dict[str, float]:
+    """One op's peak memory for `impl`, measured in this process (call it in a fresh one)."""
+    from memory_probe import reset_peak, status_mib
+
+    root = release_source()
+    if root is None:
+        raise SystemExit("test_bench_release_t2i: DECO_RELEASE_SRC is not set")
+    model, backend = models(load_release_t2i(root), CONFIG)[impl]
+    data = make_batch(CONFIG, 2, 256)
+    optimizer = adamw(model)
+    with cpu_gemm_backend(backend):
+        baseline = reset_peak()
+        if op == "forward":
+            with torch.no_grad():
+                model.eval()(*data[:3])
+        else:
+            train_step(model.train(), optimizer, data)
+    peak = status_mib("VmHWM")
+    return {"baseline_mib": baseline, "peak_mib": peak, "op_mib": peak - baseline}
+
+
+def memory_table() -> None:
+    """Peak memory of both models' forward and training step, each in a fresh process."""
+    for op in ("forward", "train"):
+        mib = {}
+        for impl in IMPLS:
+            done = subprocess.run([sys.executable, __file__, "memory", impl, op], check=True,
+                                  capture_output=True, text=True)
+            mib[impl] = json.loads(done.stdout.strip().splitlines()[-1])["op_mib"]
+        print(f"{op:8s} peak memory: ours {mib['ours']:.0f} MiB, release {mib['release']:.0f} MiB, "
+              f"ours / release {mib['ours'] / mib['release']:.2f}")
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "memory" and sys.argv[2] in IMPLS and sys.argv[3] in (
+            "forward", "train"):
+        print(json.dumps(peak_memory(sys.argv[2], sys.argv[3])))
+    elif len(sys.argv) == 1:
+        main()
+        memory_table()
+    else:
+        raise SystemExit(__doc__)
