@@ -12,12 +12,10 @@ and `torch.compile` and the ONNX exporter fold them into constants.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from deco.config import DCT_FREQS, NORM_EPS, ROPE_SPAN, ROPE_THETA, TIME_FREQ_DIM, TIME_MAX_PERIOD
 
@@ -248,67 +246,6 @@ def text_position_features(p: int, device: torch.device, dtype: torch.dtype) -> 
     return cos.reshape(p * p, DCT_FREQS * DCT_FREQS)
 
 
-class _DecoderBlockFunction(torch.autograd.Function):
-    """One decoder block, z' = z + gate * fc2(silu(fc1(layer_norm(z) * scale + shift))) with
-    (shift, scale, gate) = u Wm^T + bm, as a single autograd node with a hand-written backward.
-
-    Why: the block works on (rows, w = 32) matrices, so its products are cheap and a training
-    step's decoder time goes to elementwise passes over those rows. Autograd's generic graph
-    makes ~25 of them per block and pixel chunk (addcmul's backward multiplies by its scalar
-    `value`, the chunk of the modulation is concatenated back, ...); this backward makes 13, and
-    writes the three modulation gradients straight into one (rows, 3w) buffer that feeds the two
-    products with u. It recomputes h = layer_norm(z) * scale + shift and silu(a) instead of
-    keeping them, so it also holds less memory than autograd would. Forward values are the same
-    ops as `DecoderBlock.forward`; gradients are checked against float64 finite differences
-    (tests/test_optimized_decoder_backward.py)."""
-
-    @staticmethod
-    def forward(ctx: Any, z: Tensor, u: Tensor, wm: Tensor, bm: Tensor, w1: Tensor, b1: Tensor,
-                w2: Tensor, b2: Tensor) -> Tensor:
-        """z, u (rows, w); wm (3w, w), bm (3w,) from `modulation_weights`; fc1/fc2 weights and
-        biases (w, w), (w,) -> z' (rows, w)."""
-        mod = linear(u, wm, bm)  # (rows, 3w)
-        shift, scale, gate = mod.chunk(3, dim=-1)
-        n, mean, rstd = torch.native_layer_norm(z, (z.shape[-1],), None, None, NORM_EPS)
-        a = linear(torch.addcmul(shift, n, scale), w1, b1)  # (rows, w)
-        o = linear(F.silu(a), w2, b2)  # (rows, w)
-        ctx.save_for_backward(z, u, wm, w1, w2, mod, n, mean, rstd, a, o)
-        return torch.addcmul(z, gate, o)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        z, u, wm, w1, w2, mod, n, mean, rstd, a, o = ctx.saved_tensors
-        shift, scale, gate = mod.chunk(3, dim=-1)
-        g_mod = torch.empty_like(mod)  # (rows, 3w): [d shift | d scale | d gate]
-        g_shift, g_scale, g_gate = g_mod.chunk(3, dim=-1)
-        torch.mul(g, o, out=g_gate)
-        g_o = g * gate  # (rows, w)
-        g_a = torch.ops.aten.silu_backward(torch.mm(g_o, w2), a)  # (rows, w)
-        g_h = torch.mm(g_a, w1)  # (rows, w); d shift = g_h
-        g_shift.copy_(g_h)
-        torch.mul(g_h, n, out=g_scale)
-        g_n = g_h.mul_(scale)
-        g_z = torch.ops.aten.native_layer_norm_backward(
-            g_n, z, (z.shape[-1],), mean, rstd, None, None, [True, False, False])[0].add_(g)
-        needs = ctx.needs_input_grad
-        g_u = torch.mm(g_mod, wm) if needs[1] else None  # (rows, w)
-        g_wm = torch.mm(g_mod.t(), u) if needs[2] else None  # (3w, w)
-        g_bm = g_mod.sum(0) if needs[3] else None
-        g_w1 = torch.mm(g_a.t(), torch.addcmul(shift, n, scale)) if needs[4] else None
-        g_b1 = g_a.sum(0) if needs[5] else None
-        g_w2 = torch.mm(g_o.t(), F.silu(a)) if needs[6] else None
-        g_b2 = g_o.sum(0) if needs[7] else None
-        return g_z, g_u, g_wm, g_bm, g_w1, g_b1, g_w2, g_b2
-
-
-def use_fused_backward(z: Tensor) -> bool:
-    """Whether `DecoderBlock.step` takes `_DecoderBlockFunction`: eager CPU training (gradients
-    wanted, no autocast, no tracing: exporters and compilers need the plain ops)."""
-    return (torch.is_grad_enabled() and z.device.type == "cpu" and not is_tracing()
-            and not torch.is_autocast_enabled("cpu"))
-
-
 class DecoderBlock(nn.Module):
     """Attention-free AdaLN MLP block applied to every pixel: (N*P, w) with condition u (N*P, w).
 
@@ -341,16 +278,6 @@ class DecoderBlock(nn.Module):
         h = torch.addcmul(shift, layer_norm(z), scale)
         h = self.fc2(F.silu(self.fc1(h)))
         return torch.addcmul(z, gate, h)  # (N*P, w)
-
-    def step(self, z: Tensor, u: Tensor, mod: tuple[Tensor, Tensor]) -> Tensor:
-        """The block on z (rows, w) with condition u (rows, w) and `modulation_weights()` mod:
-        `forward(z, F.linear(u, *mod))`, through the hand-written backward where it applies."""
-        if use_fused_backward(z):
-            out: Tensor = _DecoderBlockFunction.apply(  # type: ignore[no-untyped-call]
-                z, u, *mod, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
-            return out
-        out = self(z, linear(u, *mod))
-        return out
 
 
 class PixelDecoder(nn.Module):
@@ -422,7 +349,6 @@ class PixelDecoder(nn.Module):
         z = linear(pixels, embed[0]).add_(embed[1]).view(rows, width)  # (n*P, w)
         u = F.silu(cond.view(rows, width))  # (n*P, w), shared by every block's adaln
         for block, mod in zip(self.blocks, mods, strict=True):
-            assert isinstance(block, DecoderBlock)
-            z = block.step(z, u, mod)
+            z = block(z, linear(u, *mod))
         out: Tensor = self.final(layer_norm(z))  # (n*P, C)
         return out
