@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from deco.config import DeCoConfig
 from deco.optimized.frequency import frequency_aware_loss
-from deco.optimized.gemm import linear, onednn_available
+from deco.optimized.gemm import auto_backend, linear, onednn_available
 from deco.optimized.model import build_model
 from deco.release import portable_name
 
@@ -139,11 +139,13 @@ IMPLS = ("ours", "ours-aten", "release", "release-onednn")
 
 def variant(impl: str, release: ModuleType | None, ours: nn.Module) -> tuple[nn.Module, str]:
     """(model, backend) for an entry of IMPLS; the model holds `ours`'s weights. The backend is
-    the one its linear layers actually use ("aten" for the plain release, whose `nn.Linear`s
-    never consult deco's setting; oneDNN where this machine has it otherwise)."""
+    the one its linear layers actually use: for "ours" deco's default ("auto": MKL on Intel CPUs,
+    oneDNN on others, see deco.optimized.gemm), "aten" for "ours-aten" and for the plain release,
+    whose `nn.Linear`s never consult deco's setting, oneDNN for "release-onednn" where this
+    machine has it."""
     default = "onednn" if onednn_available() else "aten"
     if impl.startswith("ours"):
-        return ours, "aten" if impl == "ours-aten" else default
+        return ours, "aten" if impl == "ours-aten" else auto_backend()
     if release is None:
         raise ValueError("release: the release's module is needed for " + impl)
     twin = release_twin(release, ours)

@@ -8,12 +8,19 @@ The release's t2i model file imports its own `src.models.layers` package, so the
 goes on sys.path (in this process only); it is run, never copied.
 
     DECO_RELEASE_SRC=/path/to/release python bench/test_bench_release_t2i.py   # quick ratio
+    DECO_RELEASE_SRC=... python bench/test_bench_release_t2i.py memory IMPL forward|train
+
+The second form prints one JSON line with the peak resident memory of one op in this fresh
+process (bench/memory_probe.py's method: VmHWM reset just before the op); the first runs it for
+both models and both ops after the timings.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +34,8 @@ from common import adamw, randomize, record, release_source, train_step
 from torch import Tensor, nn
 
 from deco.config import DeCoConfig
-from deco.optimized import build_model, cpu_gemm_backend, onednn_available
+from deco.optimized import build_model, cpu_gemm_backend
+from deco.optimized.gemm import auto_backend
 from deco.release import portable_name
 
 CONFIG = DeCoConfig("t2i", 3, 16, 384, 6, 8, 3, 32, 0, 4.0, 2, 512, 64)
@@ -74,8 +82,7 @@ def make_batch(config: DeCoConfig, batch: int, resolution: int, seed: int = 0) -
 def models(release: ModuleType, config: DeCoConfig) -> dict[str, tuple[nn.Module, str]]:
     """impl -> (model, float32 CPU GEMM backend), same weights, checked to agree."""
     ours = randomize(build_model(config))
-    default = "onednn" if onednn_available() else "aten"
-    return {"ours": (ours, default), "release": (release_twin(release, ours), "aten")}
+    return {"ours": (ours, auto_backend()), "release": (release_twin(release, ours), "aten")}
 
 
 def check_agreement(pairs: dict[str, tuple[nn.Module, str]], data: tuple[Tensor, ...]) -> float:
@@ -162,5 +169,45 @@ def main(rounds: int = 5) -> None:
               f"cpu {med['release'][1] / med['ours'][1]:.2f}x")
 
 
+def peak_memory(impl: str, op: str) -> dict[str, float]:
+    """One op's peak memory for `impl`, measured in this process (call it in a fresh one)."""
+    from memory_probe import reset_peak, status_mib
+
+    root = release_source()
+    if root is None:
+        raise SystemExit("test_bench_release_t2i: DECO_RELEASE_SRC is not set")
+    model, backend = models(load_release_t2i(root), CONFIG)[impl]
+    data = make_batch(CONFIG, 2, 256)
+    optimizer = adamw(model)
+    with cpu_gemm_backend(backend):
+        baseline = reset_peak()
+        if op == "forward":
+            with torch.no_grad():
+                model.eval()(*data[:3])
+        else:
+            train_step(model.train(), optimizer, data)
+    peak = status_mib("VmHWM")
+    return {"baseline_mib": baseline, "peak_mib": peak, "op_mib": peak - baseline}
+
+
+def memory_table() -> None:
+    """Peak memory of both models' forward and training step, each in a fresh process."""
+    for op in ("forward", "train"):
+        mib = {}
+        for impl in IMPLS:
+            done = subprocess.run([sys.executable, __file__, "memory", impl, op], check=True,
+                                  capture_output=True, text=True)
+            mib[impl] = json.loads(done.stdout.strip().splitlines()[-1])["op_mib"]
+        print(f"{op:8s} peak memory: ours {mib['ours']:.0f} MiB, release {mib['release']:.0f} MiB, "
+              f"ours / release {mib['ours'] / mib['release']:.2f}")
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "memory" and sys.argv[2] in IMPLS and sys.argv[3] in (
+            "forward", "train"):
+        print(json.dumps(peak_memory(sys.argv[2], sys.argv[3])))
+    elif len(sys.argv) == 1:
+        main()
+        memory_table()
+    else:
+        raise SystemExit(__doc__)

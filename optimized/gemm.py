@@ -1,4 +1,4 @@
-"""Linear layers whose float32 CPU matrix products run on oneDNN.
+"""Linear layers whose float32 CPU matrix products run on oneDNN where that is faster.
 
 An implementation choice, not a spec matter: the spec fixes the product and its float32
 tolerance (spec/00-conventions.md §5), not the library that computes it.
@@ -9,8 +9,8 @@ MKL_VERBOSE names its generic "Intel(R) Architecture processors" path, while ONE
 oneDNN running avx512_core kernels). Measured there on one core: ~100 GFLOP/s for MKL against
 200-250 GFLOP/s for oneDNN, which PyTorch also ships, on the shapes of DeCo-S/16. The DiT's and
 the decoder's matrix products are most of a training step, so this is the largest single
-speed-up of the CPU path. On Intel CPUs both libraries should use AVX-512 (not measured: no
-Intel machine was at hand).
+speed-up of the CPU path. On Intel CPUs MKL uses AVX-512 and is faster (below), so there the
+default leaves the products to PyTorch.
 
 The result is the same float32 product (oneDNN's default "strict" float math: float32 inputs,
 float32 accumulation, no bfloat16/TF32 down-conversion); rounding differs from MKL's only in the
@@ -23,6 +23,14 @@ exporters and compilers understand). Everything else (float64, bfloat16, CUDA, A
 `F.linear`. `DECO_CPU_GEMM=aten` in the environment, `set_cpu_gemm("aten")`, or PyTorch's own
 `torch.backends.mkldnn.flags(enabled=False)` turns it off; do that for second derivatives
 (`create_graph=True`), which the oneDNN path does not provide.
+
+The default is "auto" (`auto_backend`): MKL ("aten") on Intel processors, oneDNN elsewhere on
+x86-64. On Intel MKL does use its AVX-512 kernels and is the faster of the two: on the Intel Xeon
+(Sapphire Rapids, KVM guest) of bench/RESULTS.md §3, one thread, a (512, 384) x (384, 3072)
+product takes 7.0 ms with MKL (173 GFLOP/s) against 7.9 ms with oneDNN, and the text model's DiT
+trunk forward + backward 633 ms against 839 ms. The choice is by CPU vendor, not by a timing at
+import: a timing on a shared machine is noisy and would make the backend, hence the float32
+rounding, differ from run to run.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 _BACKENDS = ("onednn", "aten")
+_CHOICES = ("auto", *_BACKENDS)  # what DECO_CPU_GEMM and set_cpu_gemm accept
 
 
 def is_tracing() -> bool:
@@ -57,10 +66,37 @@ def onednn_available() -> bool:
     )
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...), "" when unknown: Linux's
+    /proc/cpuinfo vendor_id, else `platform.processor()` (which names the vendor on Windows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def auto_backend() -> str:
+    """The backend "auto" stands for: "aten" (MKL) on Intel CPUs, "onednn" on other x86-64 CPUs
+    that have it, "aten" where oneDNN's linear is not available (module doc)."""
+    if not onednn_available() or "intel" in cpu_vendor().lower():
+        return "aten"
+    return "onednn"
+
+
+def _resolve(choice: str, name: str) -> str:
+    """A checked entry of _CHOICES as a backend; `name` is what the error names."""
+    if choice not in _CHOICES:
+        raise ValueError(f"{name}: expected one of {_CHOICES}, got {choice!r}")
+    return auto_backend() if choice == "auto" else choice
+
+
 def _initial_backend() -> str:
-    choice = os.environ.get("DECO_CPU_GEMM", "onednn")
-    if choice not in _BACKENDS:
-        raise ValueError(f"DECO_CPU_GEMM: expected one of {_BACKENDS}, got {choice!r}")
+    choice = _resolve(os.environ.get("DECO_CPU_GEMM", "auto"), "DECO_CPU_GEMM")
     return choice if onednn_available() else "aten"
 
 
@@ -68,11 +104,11 @@ _backend = _initial_backend()
 
 
 def set_cpu_gemm(backend: str) -> str:
-    """Choose the float32 CPU matrix-product backend ("onednn" or "aten"); returns the previous
-    one. "onednn" on a machine without it raises (rather than silently measuring the other)."""
+    """Choose the float32 CPU matrix-product backend ("onednn", "aten", or "auto": see
+    `auto_backend`); returns the previous one. "onednn" on a machine without it raises (rather
+    than silently measuring the other)."""
     global _backend
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    backend = _resolve(backend, "backend")
     if backend == "onednn" and not onednn_available():
         raise RuntimeError("backend: oneDNN linear is not available in this PyTorch build or CPU")
     previous, _backend = _backend, backend
@@ -81,7 +117,8 @@ def set_cpu_gemm(backend: str) -> str:
 
 @contextlib.contextmanager
 def cpu_gemm_backend(backend: str) -> Iterator[None]:
-    """`with cpu_gemm_backend("aten"): ...` runs the block with that backend, then restores."""
+    """`with cpu_gemm_backend("aten"): ...` runs the block with that backend ("auto" too), then
+    restores the previous one."""
     previous = set_cpu_gemm(backend)
     try:
         yield

@@ -149,7 +149,8 @@ def test_fallback_to_f_linear(case: str) -> None:
     elif case == "jit-trace":
         traced: Any = torch.jit.trace(layer, x.detach())  # type: ignore[no-untyped-call]
         assert "aten::linear" in str(traced.graph)
-        out = layer(x)
+        with cpu_gemm_backend("onednn"):
+            out = layer(x)
         assert used_onednn(out)  # eager use after tracing is unaffected
         return
     else:
@@ -167,15 +168,46 @@ def test_backend_selection_errors() -> None:
     assert cpu_gemm() == before
 
 
-@pytest.mark.parametrize(("value", "ok"), [("aten", True), ("onednn", True), ("mkl", False)])
-def test_environment_variable(value: str, ok: bool) -> None:
+@pytest.mark.parametrize(("value", "ok"), [("aten", True), ("onednn", True), ("auto", True), (None, True),
+                                         ("mkl", False)])
+def test_environment_variable(value: str | None, ok: bool) -> None:
+    """DECO_CPU_GEMM picks the backend at import; "auto" (also when unset) resolves by vendor."""
     code = "import deco.optimized as o; print(o.cpu_gemm())"
-    env = dict(os.environ, DECO_CPU_GEMM=value)
+    env = {k: v for k, v in os.environ.items() if k != "DECO_CPU_GEMM"}
+    if value is not None:
+        env["DECO_CPU_GEMM"] = value
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if ok:
-        assert done.returncode == 0 and done.stdout.strip() == value
+        expected = gemm.auto_backend() if value in ("auto", None) else value
+        assert done.returncode == 0 and done.stdout.strip() == expected
     else:
         assert done.returncode != 0 and "DECO_CPU_GEMM: expected one of" in done.stderr
+
+
+@pytest.mark.parametrize(("vendor", "expected"), [
+    ("GenuineIntel", "aten"), ("AuthenticAMD", "onednn"), ("HygonGenuine", "onednn"), ("", "onednn"),
+])
+def test_auto_backend_by_vendor(monkeypatch: pytest.MonkeyPatch, vendor: str, expected: str) -> None:
+    """"auto" is MKL on Intel CPUs (where it is the faster GEMM, bench/RESULTS.md §3) and oneDNN
+    on the other x86-64 CPUs; set_cpu_gemm("auto") resolves to that name."""
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: vendor)
+    assert gemm.auto_backend() == expected
+    with cpu_gemm_backend("auto"):
+        assert cpu_gemm() == expected
+    monkeypatch.setattr(gemm, "onednn_available", lambda: False)
+    assert gemm.auto_backend() == "aten"
+
+
+def test_cpu_vendor_reads_cpuinfo() -> None:
+    """On Linux the vendor is /proc/cpuinfo's vendor_id (independently parsed here)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            ids = [line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")]
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if not ids:
+        pytest.skip("/proc/cpuinfo names no vendor_id")
+    assert gemm.cpu_vendor() == ids[0]
 
 
 @pytest.mark.parametrize("backend", ["onednn", "aten"])
