@@ -46,11 +46,11 @@ from deco.optimized.trainer import TrainConfig
 from .checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_checkpoint
 from .config import PRESETS, DeCoConfig, parameter_count
 from .data import BatchStream, TrainDataset, open_dataset
-from .text_job import T2I_DEFAULTS, T2I_DEMO_DEFAULTS, ShardStream, TextSource, open_text_source
 from .distributed import Dist, all_ok, broadcast_object, setup_distributed
 from .evaluation import class_labels, generate
 from .memory import check_memory
 from .outputs import grid_image, plot_loss, read_log, save_png, to_uint8, write_json, write_log
+from .text_job import T2I_DEFAULTS, T2I_DEMO_DEFAULTS, ShardStream, TextSource, open_text_source
 
 LOG_NAME = "log.jsonl"
 METRICS_NAME = "metrics.json"
@@ -189,7 +189,8 @@ def with_overrides(run: RunConfig, overrides: dict[str, Any]) -> RunConfig:
 def changed_fields(given: RunConfig, stored: RunConfig, explicit: set[str]) -> dict[str, Any]:
     """The explicitly given settings as overrides of the stored run, refusing a trajectory
     setting that differs: the resumed run would not continue the interrupted one."""
-    given = dataclasses.replace(given, **{k: defaults(stored.data, stored.task)[k] for k in ("train", "sample")
+    base = defaults(stored.data, stored.task)
+    given = dataclasses.replace(given, **{k: base[k] for k in ("train", "sample")
                                           if getattr(given, k) is None})
     overrides: dict[str, Any] = {}
     for name in sorted(explicit):

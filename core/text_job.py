@@ -46,7 +46,7 @@ GENERIC_PROMPTS = (
 
 #: Defaults of the built-in text demo, chosen by short sweeps (bench/RESULTS_training.md).
 T2I_DEMO_DEFAULTS: dict[str, Any] = {
-    "model": "DeCo-T2I-demo/4", "batch_size": 64, "steps": 2000, "checkpoint_every": 500,
+    "model": "DeCo-T2I-demo/8", "batch_size": 64, "steps": 2000, "checkpoint_every": 500,
     "resolution": 32, "accumulation": 1,
     "train": TrainConfig(lr=1e-3, ema_decay=0.995, timeshift=2.0),
     "sample": SampleSettings(steps=25, guidance=4.0, interval=(0.0, 1.0), timeshift=1.0, solver="adams"),
@@ -123,7 +123,8 @@ def open_text_source(run: Any, config: Any, out: Path, d: Dist) -> tuple[Any, Te
         encoder = Qwen3TextEncoder(demo_encoder_folder(out, d), length, width, device="cpu")
         table = torch.cat([encoder.encode(chunk) for chunk in _chunks(all_captions(), 256)]).float()
         dataset = DigitPairsDataset(seed=run.train.seed)
-        return dataset, TextSource(length, width, d.device, encoder=encoder, table=table, prompts=GRID_PROMPTS)
+        source = TextSource(length, width, d.device, encoder=encoder, table=table, prompts=GRID_PROMPTS)
+        return dataset, source
     if (run.text_encoder is None) == (run.embeddings is None):
         raise FieldError("text_encoder", "a captioned --data needs exactly one of --text-encoder DIR "
                                          "and --embeddings DIR")

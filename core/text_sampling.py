@@ -93,4 +93,16 @@ def prompt_accuracy(model: nn.Module, encode: Any, null: Tensor, settings: Sampl
             "swapped_prompts": score_prompts(model, encode, null, swap(asked), settings, classifier,
                                              seed=seed + 1),
         }
+    result["held_out"] = overall(result)
     return result
+
+
+def overall(result: dict[str, Any]) -> dict[str, float]:
+    """Accuracies over all held-out prompt sets (weighted by their sizes); `reversed`: the
+    fraction of swapped prompts whose digits came out in the original order."""
+    def mean(run: str, key: str = "accuracy") -> float:
+        parts = [r[run] for r in result.values()]
+        return float(sum(p[key] * p["count"] for p in parts) / max(1.0, sum(p["count"] for p in parts)))
+
+    return {"guided": mean("guided"), "unguided": mean("unguided"),
+            "swapped_prompts": mean("swapped_prompts"), "reversed": mean("swapped_prompts", "swapped")}
