@@ -71,6 +71,8 @@ def text_grid(model: nn.Module, source: Any, settings: SampleSettings, out: Path
 def score_prompts(model: nn.Module, encode: Any, null: Tensor, asked: Sequence[Prompt],
                   settings: SampleSettings, classifier: Any, *, seed: int) -> dict[str, float]:
     """Generate one image per prompt and score it (`deco.digit_pairs.score_pairs`)."""
+    if not asked:
+        return {"accuracy": 0.0, "swapped": 0.0, "left": 0.0, "right": 0.0, "count": 0.0}
     text = encode([p.text for p in asked])
     images = generate_text(model, text, null, settings, seed=seed, size=(32, 64))
     return score_pairs(read_pairs(images, classifier), asked)
