@@ -66,10 +66,12 @@ def reference_losses(trainer: T.Trainer, weights: dict[str, np.ndarray], x: Tens
     h = h @ proj["4.weight"].T + proj["4.bias"]
     conv = trainer.encoder.conv
     assert conv.bias is not None
-    enc = RM.patchify(xn, PATCH) @ conv.weight.detach().numpy().reshape(ENC_DIM, -1).T + conv.bias.detach().numpy()
+    enc = RM.patchify(xn, PATCH) @ conv.weight.detach().numpy().reshape(ENC_DIM, -1).T
+    enc = enc + conv.bias.detach().numpy()
     cos = np.sum(h * enc, -1) / (np.linalg.norm(h, axis=-1) * np.linalg.norm(enc, axis=-1))
     repa = float(np.mean(1.0 - cos))
-    return {"loss": fm + cfg.freq_weight * freq + cfg.repa_weight * repa, "fm": fm, "freq": freq, "repa": repa}
+    loss = fm + cfg.freq_weight * freq + cfg.repa_weight * repa
+    return {"loss": loss, "fm": fm, "freq": freq, "repa": repa}
 
 
 def text_step_errors() -> dict[str, float]:
@@ -111,9 +113,10 @@ def test_caption_dropout_one_feeds_the_null_text() -> None:
     [
         ({}, None, TypeError, r"^null_text: a text-to-image model needs the null text embedding"),
         ({"null_text": torch.zeros(8, 32)}, None, ValueError, r"^null_text: expected shape \(8, 48\)"),
-        ({"null_text": torch.zeros(8, 48)}, torch.tensor([1, 2, 3]), TypeError, r"^y: expected text embeddings"),
-        ({"null_text": torch.zeros(8, 48)}, torch.zeros(3, 8, 32), ValueError, r"^y: expected text embeddings "
-         r"of shape \(3, 8, 48\)"),
+        ({"null_text": torch.zeros(8, 48)}, torch.tensor([1, 2, 3]), TypeError,
+         r"^y: expected text embeddings"),
+        ({"null_text": torch.zeros(8, 48)}, torch.zeros(3, 8, 32), ValueError,
+         r"^y: expected text embeddings of shape \(3, 8, 48\)"),
     ],
     ids=["no-null", "null-shape", "labels", "text-shape"],
 )
@@ -129,7 +132,8 @@ def test_class_trainer_refuses_a_null_text() -> None:
 
 
 # ------------------------------------------------------------------------ accumulation
-def _steps(model: Any, x: Tensor, y: Tensor, k: int, null: Tensor | None, steps: int = 3) -> tuple[Any, list[Any]]:
+def _steps(model: Any, x: Tensor, y: Tensor, k: int, null: Tensor | None,
+           steps: int = 3) -> tuple[Any, list[Any]]:
     torch.manual_seed(0)  # the REPA projector's initialisation
     trainer = T.Trainer(model, dataclasses.replace(CONFIG, lr=1e-2, grad_clip=0.5), encoder=PatchEncoder(),
                         null_text=null)
@@ -144,7 +148,8 @@ def test_two_micro_batches_equal_one_batch_of_twice_the_size(task: str) -> None:
     if task == "c2i":
         def make() -> Any:
             model = build_model(tiny_config()).double()
-            model.load_state_dict({k: torch.from_numpy(v) for k, v in random_weights(tiny_config(), 4).items()})
+            weights = random_weights(tiny_config(), 4)
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
             return model
         y: Tensor = torch.tensor([1, 5, 0, 9])
         null_text = None
