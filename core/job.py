@@ -286,7 +286,8 @@ class Job:
         if self.dataset.resolution % self.config.patch_size:
             raise FieldError("resolution", f"{self.dataset.resolution} is not a multiple of the patch "
                                            f"size {self.config.patch_size} of {run.model}")
-        check_memory(self.config, self.local_batch, self.dataset.resolution, self.d.device)
+        micro_batch = self.local_batch // run.accumulation  # what one forward pass holds
+        check_memory(self.config, micro_batch, self.dataset.resolution, self.d.device)
         torch.manual_seed(run.train.seed)  # identical initial weights on every rank
         self.model = build_model(self.config).to(self.d.device)
         if run.compile:
