@@ -183,3 +183,35 @@ def test_accumulation_bad_input(k: int, match: str) -> None:
     x, text, null = text_batch(3, b=6)
     with pytest.raises(ValueError, match=match):
         T.Trainer(text_model(), T.TrainConfig(), null_text=null).step(x, text, accumulation=k)
+
+
+# -------------------------------------------------------------------------- drop_text
+def test_drop_text_replaces_exactly_the_drawn_rows() -> None:
+    from deco.optimized.flow import drop_text
+
+    _, text, null = text_batch(4, b=5)
+    uniform = torch.tensor([0.05, 0.5, 0.3, 0.99, 0.0], dtype=torch.float64)
+    got = drop_text(text, uniform, 0.3, null)
+    ref = R.drop_text(text.numpy(), uniform.numpy(), 0.3, null.numpy())
+    assert np.array_equal(got.numpy(), ref)
+    # rows 0 and 4 (u < 0.3) are the null text, the others untouched (0.3 itself is kept)
+    assert [torch.equal(got[i], null) for i in range(5)] == [True, False, False, False, True]
+    assert [torch.equal(got[i], text[i]) for i in range(5)] == [False, True, True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((torch.zeros(2, 8, 48), torch.zeros(2), 1.5, torch.zeros(8, 48)), r"^p: expected a probability"),
+        ((torch.zeros(2, 8, 48), torch.zeros(2), 0.1, torch.zeros(8, 47)), r"^null: expected shape"),
+        ((torch.zeros(2, 8, 48), torch.zeros(3), 0.1, torch.zeros(8, 48)), r"^uniform: expected shape"),
+    ],
+    ids=["p", "null", "uniform"],
+)
+def test_drop_text_bad_input_on_both_sides(args: tuple[Any, ...], match: str) -> None:
+    from deco.optimized.flow import drop_text
+
+    with pytest.raises(ValueError, match=match):
+        drop_text(*args)
+    with pytest.raises(ValueError, match=match):
+        R.drop_text(*(a.numpy() if isinstance(a, Tensor) else a for a in args))
