@@ -95,6 +95,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.task not in ("c2i", "t2i"):
             raise FieldError("task", f"expected c2i or t2i, got {self.task!r}")
+        for name in ("text_encoder", "embeddings"):
+            if self.task == "c2i" and getattr(self, name) is not None:
+                raise FieldError(name, "text embeddings are for --task t2i")
         for name in ("resolution", "batch_size", "steps", "checkpoint_every", "accumulation"):
             if getattr(self, name) is not None:
                 field_int(self, name, 1)
@@ -203,19 +206,20 @@ def changed_fields(given: RunConfig, stored: RunConfig, explicit: set[str]) -> d
     return overrides
 
 
-def model_config(model: str, num_classes: int) -> DeCoConfig:
+def model_config(model: str, num_classes: int | None) -> DeCoConfig:
     """The DeCoConfig of a preset name or a .json file of DeCoConfig fields (an omitted field takes
-    DeCoConfig's default, i.e. DeCo-XL/16's), for `num_classes` classes."""
+    DeCoConfig's default, i.e. DeCo-XL/16's), for `num_classes` classes (None: as given)."""
     if model in PRESETS:
-        return DeCoConfig.preset(model, num_classes=num_classes)
-    path = Path(model)
-    if not path.is_file():
-        raise FieldError("model", f"no such preset or .json file: {model}")
-    try:
-        config = DeCoConfig.from_json(path.read_text())
-    except (ValueError, TypeError) as exc:
-        raise FieldError("model", f"{path}: {exc}") from None
-    return dataclasses.replace(config, num_classes=num_classes)
+        config = DeCoConfig.preset(model)
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise FieldError("model", f"no such preset or .json file: {model}")
+        try:
+            config = DeCoConfig.from_json(path.read_text())
+        except (ValueError, TypeError) as exc:
+            raise FieldError("model", f"{path}: {exc}") from None
+    return config if num_classes is None else dataclasses.replace(config, num_classes=num_classes)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -270,7 +274,7 @@ class Job:
         if state is not None:  # the checkpoint's config: an edited .json file cannot change it
             self.config = DeCoConfig.from_dict(state["config"])
         elif run.task == "t2i":
-            self.config = model_config(run.model, 0)
+            self.config = model_config(run.model, None)
         self.text: TextSource | None = None
         if run.task == "t2i":
             self._check_task()

@@ -216,3 +216,23 @@ def test_webdataset_shards_train_and_resume_exactly(captioned: tuple[Path, Path]
     train(dataclasses.replace(_caption_run(split, shards, **base), steps=2))
     train(RunConfig(out=split, steps=4, resume=True), explicit={"steps"})
     assert len(_losses(straight)) == 4 and _losses(split) == _losses(straight)
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--task", "t2i", "--data", "DATA", "--text-encoder", "/nonexistent/qwen"], "--text-encoder"),
+        (["--task", "t2i", "--data", "DATA"], "--text-encoder"),  # neither encoder nor embeddings
+        (["--text-encoder", "/nonexistent/qwen"], "--text-encoder"),  # a class run
+        (["--task", "t2i", "--model", "DeCo-tiny/4"], "--model"),
+    ],
+    ids=["encoder-folder", "no-encoder", "c2i-encoder", "class-model"],
+)
+def test_train_bad_text_input_is_one_line(args: list[str], flag: str, tmp_path: Path,
+                                          captioned: tuple[Path, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    args = [str(captioned[0]) if a == "DATA" else a for a in args]
+    assert main(["train", *args, "--resolution", "16", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0], err
