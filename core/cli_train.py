@@ -49,7 +49,8 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--repa-weight", "train.repa_weight", {
         "type": float, "help": "REPA weight (needs a pretrained encoder, which this command does not load)"}),
     ("--quality", "train.quality", {"type": int, "help": "JPEG quality of the frequency weights (85)"}),
-    ("--label-dropout", "train.label_dropout", {"type": float, "help": "null-label probability (0.1)"}),
+    ("--label-dropout", "train.label_dropout", {"type": float,
+                                                "help": "null-label (t2i: null-caption) probability (0.1)"}),
     ("--bf16", "train.bf16", {"action": BOOL,
                               "help": "bf16 autocast on CUDA (default on; ignored on the CPU)"}),
     ("--seed", "train.seed", {"type": int, "help": "seed of weights, data order and noise (0)"}),

@@ -236,3 +236,22 @@ def test_train_bad_text_input_is_one_line(args: list[str], flag: str, tmp_path: 
     assert main(["train", *args, "--resolution", "16", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0], err
+
+
+def test_sample_a_release_text_checkpoint(captioned: tuple[Path, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The release's own text checkpoint format (../shared/fixtures/T.ckpt, T = 8, E = 48): the
+    encoder must be given; the tiny Qwen3's 32 features are zero-padded to 48 as the release does."""
+    from helpers import fixtures_folder
+
+    ckpt = fixtures_folder() / "T.ckpt"
+    if not ckpt.is_file():
+        pytest.skip(f"release fixture {ckpt} not found")
+    out = tmp_path / "g.png"
+    capsys.readouterr()
+    assert main(["sample", str(ckpt), "--prompt", "a cat", "--steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--text-encoder" in err[0], err
+    assert main(["sample", str(ckpt), "--text-encoder", str(captioned[1]), "--prompt", "a cat",
+                 "--prompt", "a dog", "--steps", "2", "--resolution", "16", "--out", str(out)]) == 0
+    assert Image.open(out).size == (16 + 4, 2 * 18 + 2)
