@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from . import cli_sample_text
 from .cli import UsageError
 
 
@@ -26,7 +27,8 @@ def _sampler_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help=f"guidance applies where LOW < t <= HIGH {what}")
     p.add_argument("--timeshift", type=float, default=None, help=f"time-grid shift s > 0 {what}")
-    p.add_argument("--solver", choices=["euler", "heun"], default=None, help=f"ODE solver {what}")
+    p.add_argument("--solver", choices=["euler", "heun", "adams"], default=None,
+                   help=f"ODE solver {what} (text models: adams)")
 
 
 # ----------------------------------------------------------------------------- sample
@@ -57,6 +59,7 @@ def _register_sample(sub: Any) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard with --count (1000)")
     p.add_argument("--shard-dir", type=Path, default=None,
                    help="folder of the shards with --count (default: OUT without .npz + '.shards')")
+    cli_sample_text.add_options(p)
     p.set_defaults(handler=sample)
 
 
@@ -74,7 +77,8 @@ def _settings(args: argparse.Namespace, loaded: Any) -> Any:
     from deco.optimized.checks import FieldError
     from deco.optimized.sampling import SampleSettings
 
-    base = loaded.sample if loaded.sample is not None else SampleSettings()
+    default = cli_sample_text.RELEASE_T2I_SAMPLING if loaded.model.config.is_text else SampleSettings()
+    base = loaded.sample if loaded.sample is not None else default
     changes = {k: getattr(args, k) for k in ("steps", "guidance", "timeshift", "solver")
                if getattr(args, k) is not None}
     if args.interval is not None:
@@ -89,7 +93,14 @@ def sample(args: argparse.Namespace) -> int:
     from .evaluation import generate, load_for_sampling
     from .outputs import save_samples
 
-    loaded = load_for_sampling(args.checkpoint, _device(args.device))
+    device = _device(args.device)
+    loaded = load_for_sampling(args.checkpoint, device, text=True)
+    if loaded.model.config.is_text:
+        return cli_sample_text.sample(args, loaded, _settings(args, loaded), device)
+    for flag in ("prompt", "prompts", "text_encoder"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')}: {args.checkpoint} is a class-conditional "
+                             f"model; give --labels")
     k = loaded.model.config.num_classes
     labels = args.labels if args.labels is not None else list(range(min(k, 10)))
     bad = [y for y in labels if not 0 <= y < k]
@@ -163,6 +174,10 @@ def _register_evaluate(sub: Any) -> None:
     )
     p.add_argument("checkpoint", type=Path, metavar="CKPT")
     p.add_argument("--per-class", type=int, default=100, help="samples per class (100)")
+    p.add_argument("--text-encoder", type=Path, default=None,
+                   help="text demo: the encoder folder (default: the run's built-in one)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="text demo: at most this many prompts per held-out set (default: all)")
     _sampler_options(p, "(default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (500)")
@@ -187,7 +202,10 @@ def evaluate(args: argparse.Namespace) -> int:
 
     if args.per_class < 2:
         raise UsageError(f"--per-class: expected an int >= 2, got {args.per_class}")
-    loaded = load_for_sampling(args.checkpoint, _device(args.device))
+    device = _device(args.device)
+    loaded = load_for_sampling(args.checkpoint, device, text=True)
+    if loaded.model.config.is_text:
+        return cli_sample_text.evaluate(args, loaded, _settings(args, loaded), device)
     digits_compatible(loaded.model.config)
     settings = _settings(args, loaded)
     labels = class_labels(10, args.per_class)

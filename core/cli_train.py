@@ -23,7 +23,16 @@ BOOL = argparse.BooleanOptionalAction
 #: grid's SampleSettings' x, any other a field of RunConfig.
 OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--out", "out", {"type": Path, "help": "run folder (default: runs/<timestamp>)"}),
-    ("--data", "data", {"type": Path, "help": "image folder (default: built-in digits)"}),
+    ("--task", "task", {"choices": ["c2i", "t2i"], "help": "c2i: class-to-image (default); t2i: "
+                        "text-to-image (without --data: the built-in digit-pairs demo)"}),
+    ("--data", "data", {"type": Path, "help": "image folder (default: built-in digits); with --task t2i "
+                        "a caption folder (x.jpg + x.txt) or WebDataset shards"}),
+    ("--text-encoder", "text_encoder", {"type": Path, "help": "t2i: a Qwen3 folder (e.g. Qwen3-1.7B/), "
+                                        "run on every batch's captions"}),
+    ("--embeddings", "embeddings", {"type": Path, "help": "t2i: text embeddings of --data's captions "
+                                    "written by deco embed-text"}),
+    ("--accumulation", "accumulation", {"type": int, "help": "micro-batches per optimizer step "
+                                        "(gradient accumulation; default 1, t2i on --data: 3)"}),
     ("--resolution", "resolution", {"type": int,
                                     "help": "training resolution for --data (ADM centre crop; default 256)"}),
     ("--model", "model", {"help": "preset (e.g. DeCo-XL/16, DiT-tiny/4) or a .json file of DeCoConfig "
@@ -46,7 +55,8 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--repa-layer", "train.repa_layer", {
         "type": int, "help": "1-based DiT block whose tokens REPA aligns (8; needs --repa-encoder)"}),
     ("--quality", "train.quality", {"type": int, "help": "JPEG quality of the frequency weights (85)"}),
-    ("--label-dropout", "train.label_dropout", {"type": float, "help": "null-label probability (0.1)"}),
+    ("--label-dropout", "train.label_dropout", {"type": float,
+                                                "help": "null-label (t2i: null-caption) probability (0.1)"}),
     ("--bf16", "train.bf16", {"action": BOOL,
                               "help": "bf16 autocast on CUDA (default on; ignored on the CPU)"}),
     ("--seed", "train.seed", {"type": int, "help": "seed of weights, data order and noise (0)"}),
@@ -61,7 +71,8 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--interval", "sample.interval", {"type": float, "nargs": 2, "metavar": ("LOW", "HIGH"),
                                        "help": "guidance interval of the final grid"}),
     ("--timeshift", "sample.timeshift", {"type": float, "help": "time shift of the final grid"}),
-    ("--solver", "sample.solver", {"choices": ["euler", "heun"], "help": "solver of the final grid"}),
+    ("--solver", "sample.solver", {"choices": ["euler", "heun", "adams"],
+                                   "help": "solver of the final grid (t2i default: adams)"}),
 ]
 FLAGS = {field: flag for flag, field, _ in OPTIONS}
 
@@ -74,7 +85,8 @@ def flag_of(field: str) -> str:
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="train a class-conditional DeCo (default: on the built-in digits, CPU, < 10 min)",
+        help="train DeCo (default: class-conditional on the built-in digits, CPU, < 10 min; "
+        "--task t2i: text-to-image, by default the built-in digit-pairs demo)",
         description="Train DeCo. Without --data: the built-in dataset (scikit-learn's 1797 "
         "handwritten digits, 32x32) and a small model whose samples are >= 90% recognisable. "
         "With --data: an ImageNet-style folder (one sub-folder per class). Writes a checkpoint, "

@@ -209,6 +209,10 @@ PRESETS: dict[str, DeCoConfig] = {
     # The shapes of ../shared/fixtures/T.ckpt.
     "DeCo-T2I-tiny/4": DeCoConfig("t2i", 3, 4, 64, 4, 3, 2, 16, 0, 4.0, 2, 48, 8),
     "DiT-tiny/4": DeCoConfig("baseline", 3, 4, 64, 4, 5, 0, 0, 10),
+    # The built-in text demo (deco train --task t2i), patch 8: 4x8 DiT tokens on its 32x64 images
+    # (4 times fewer than patch 4, for speed). The tiny offline Qwen3 gives E = 32, its
+    # longest demo caption has 20 tokens (T = 24).
+    "DeCo-T2I-demo/8": DeCoConfig("t2i", 3, 8, 64, 4, 4, 2, 16, 0, 4.0, 1, 32, 24),
 }
 
 

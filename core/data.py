@@ -184,7 +184,29 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
         return (image.flip(-1) if flip else image), self.samples[index][1]
 
 
-TrainDataset = DigitsDataset | ImageFolderDataset
+class CaptionItems(Dataset[tuple[Tensor, Any]]):
+    """A map-style dataset of (image, caption) pairs (e.g. `deco.captions.CaptionFolderDataset`)
+    as `BatchStream` reads it: keys (index, flip) with no flips (a caption may say "left"), no
+    classes."""
+
+    flip = False
+    num_classes = 0
+
+    def __init__(self, items: Any) -> None:
+        self.items = items
+        self.resolution: int = items.resolution
+        self.description: str = items.description
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, bool] | int) -> tuple[Tensor, Any]:
+        index = key[0] if isinstance(key, tuple) else key
+        item: tuple[Tensor, Any] = self.items[index]
+        return item
+
+
+TrainDataset = DigitsDataset | ImageFolderDataset | CaptionItems
 
 
 # ------------------------------------------------------------------------------ batches

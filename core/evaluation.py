@@ -276,11 +276,12 @@ class Loaded:
     sample: SampleSettings | None
     resolution: int
     source: str
+    run: dict[str, Any] | None = None  # the run's settings, for a run folder or training checkpoint
 
 
-def load_for_sampling(path: Path, device: torch.device) -> Loaded:
+def load_for_sampling(path: Path, device: torch.device, text: bool = False) -> Loaded:
     """The EMA model of a run folder or training checkpoint, or a `.safetensors` / release `.ckpt`
-    model (`deco.optimized.load_model`)."""
+    model (`deco.optimized.load_model`); text: whether a text-to-image model is accepted."""
     from deco.optimized import build_model, load_model
 
     from .checkpoint import find_checkpoint, is_checkpoint, load_checkpoint
@@ -297,13 +298,14 @@ def load_for_sampling(path: Path, device: torch.device) -> Loaded:
         run = state["run"]
         sample = run.get("sample")
         settings = None if sample is None else SampleSettings.from_dict(sample)
-        return Loaded(model.to(device).eval(), settings, int(run["resolution"]), str(file))
-    model = load_model(file, device=device)
-    if model.config.is_text:
-        raise ValueError(f"checkpoint: {file} holds a text-to-image model; these commands take "
-                         f"class-conditional ones (sample it with deco.optimized.sample(model, "
-                         f"noise, text, null, ...))")
-    return Loaded(model, None, 32 if model.config.patch_size <= 8 else 256, str(file))
+        loaded = Loaded(model.to(device).eval(), settings, int(run["resolution"]), str(file), run)
+    else:
+        model = load_model(file, device=device)
+        loaded = Loaded(model, None, 32 if model.config.patch_size <= 8 else 256, str(file))
+    if loaded.model.config.is_text and not text:
+        raise ValueError(f"checkpoint: {file} holds a text-to-image model; this command takes "
+                         f"class-conditional ones (deco sample and deco evaluate take text models)")
+    return loaded
 
 
 def spectrum_report(models: dict[str, Loaded], *, data: Path | None, resolution: int | None,

@@ -50,6 +50,7 @@ from .distributed import Dist, all_ok, broadcast_object, setup_distributed
 from .evaluation import class_labels, generate
 from .memory import check_memory
 from .outputs import grid_image, plot_loss, read_log, save_png, to_uint8, write_json, write_log
+from .text_job import T2I_DEFAULTS, T2I_DEMO_DEFAULTS, ShardStream, TextSource, open_text_source
 
 LOG_NAME = "log.jsonl"
 METRICS_NAME = "metrics.json"
@@ -69,10 +70,17 @@ class RunConfig:
     """Everything that defines a run. `None` fields take the dataset's defaults (`resolve`)."""
 
     out: Path | None = None  # default runs/<timestamp>
-    data: Path | None = None  # None: the built-in digits
+    task: str = "c2i"  # "c2i" class-to-image, "t2i" text-to-image (deco.text_job)
+    data: Path | None = None  # None: the built-in digits (t2i: the built-in digit-pairs demo)
+    text_encoder: Path | None = None  # t2i: a Qwen3 folder, run on every batch's captions
+    embeddings: Path | None = None  # t2i: a `deco embed-text` store of the captions of `data`
     resolution: int | None = None
     model: str | None = None  # a preset of deco.config.PRESETS or a .json file of DeCoConfig fields
-    batch_size: int | None = None  # global batch (split over processes)
+    batch_size: int | None = None  # global batch (split over processes, then micro-batches)
+    # Micro-batches per optimizer step. A RunConfig field, not a TrainConfig one: like the number
+    # of processes it only decides how a global batch is computed (the trajectory is the same),
+    # so a resumed run may change it, e.g. to fit other GPUs.
+    accumulation: int | None = None
     steps: int | None = None
     checkpoint_every: int | None = None
     log_every: int = 10
@@ -86,7 +94,12 @@ class RunConfig:
     sample: SampleSettings | None = None  # the final sample grid
 
     def __post_init__(self) -> None:
-        for name in ("resolution", "batch_size", "steps", "checkpoint_every"):
+        if self.task not in ("c2i", "t2i"):
+            raise FieldError("task", f"expected c2i or t2i, got {self.task!r}")
+        for name in ("text_encoder", "embeddings"):
+            if self.task == "c2i" and getattr(self, name) is not None:
+                raise FieldError(name, "text embeddings are for --task t2i")
+        for name in ("resolution", "batch_size", "steps", "checkpoint_every", "accumulation"):
             if getattr(self, name) is not None:
                 field_int(self, name, 1)
         field_int(self, "log_every", 1)
@@ -102,7 +115,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in ("out", "data", "repa_encoder"):
+        for key in PATH_FIELDS:
             data[key] = None if data[key] is None else str(data[key])
         for key in ("train", "sample"):
             data[key] = None if data[key] is None else data[key].to_dict()
@@ -111,7 +124,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         data = dict(data)
-        for key in ("out", "data", "repa_encoder"):
+        for key in PATH_FIELDS:
             data[key] = None if data.get(key) is None else Path(data[key])
         if data.get("train") is not None:
             data["train"] = TrainConfig.from_dict(data["train"])
@@ -120,35 +133,43 @@ class RunConfig:
         return cls(**data)
 
 
+PATH_FIELDS = ("out", "data", "text_encoder", "embeddings", "repa_encoder")
+
 #: Defaults for the built-in digits, chosen by short sweeps (bench/RESULTS_training.md) so that the
 #: default run reaches >= 90% class accuracy on its own samples in under 10 minutes on 2 CPU cores.
 #: The time shift 2 matters most: the class of a digit is decided at high noise, and training
 #: there more often raised the 2000-step accuracy from 36% to 98% in our sweep (same lr and batch).
 DIGITS_DEFAULTS: dict[str, Any] = {
     "model": "DeCo-tiny/4", "batch_size": 64, "steps": 2000, "checkpoint_every": 500, "resolution": 32,
+    "accumulation": 1,
     "train": TrainConfig(lr=1e-3, ema_decay=0.995, timeshift=2.0),
     "sample": SampleSettings(steps=25, guidance=3.0, interval=(0.0, 1.0), timeshift=1.0, solver="euler"),
 }
 #: Defaults for an image folder: the release's recipe (AdamW 1e-4, EMA 0.9999, batch 32/GPU x 8).
 FOLDER_DEFAULTS: dict[str, Any] = {
     "model": "DeCo-XL/16", "batch_size": 256, "steps": 400_000, "checkpoint_every": 5000, "resolution": 256,
+    "accumulation": 1,
     "train": TrainConfig(),
     "sample": SampleSettings(steps=100, guidance=3.2, interval=(0.1, 1.0), timeshift=1.0, solver="euler"),
 }
 
 #: Fields that change the training trajectory (every field of `train` does): a resumed run must
 #: keep the checkpoint's values of these.
-TRAJECTORY_FIELDS = ("data", "resolution", "model", "batch_size", "repa_encoder", "train")
+TRAJECTORY_FIELDS = ("task", "data", "text_encoder", "embeddings", "resolution", "model", "batch_size",
+                     "repa_encoder", "train")
 
 
-def defaults(data: Path | None) -> dict[str, Any]:
-    """The dataset's defaults: the built-in digits' or an image folder's."""
+def defaults(data: Path | None, task: str = "c2i") -> dict[str, Any]:
+    """The dataset's defaults: the built-in digits' or an image folder's (c2i); the built-in
+    digit-pairs demo's or a caption dataset's (t2i, `deco.text_job`)."""
+    if task == "t2i":
+        return T2I_DEMO_DEFAULTS if data is None else T2I_DEFAULTS
     return DIGITS_DEFAULTS if data is None else FOLDER_DEFAULTS
 
 
 def resolve(run: RunConfig) -> RunConfig:
     """`run` with every `None` replaced by its dataset's default."""
-    updates = {k: v for k, v in defaults(run.data).items() if getattr(run, k) is None}
+    updates = {k: v for k, v in defaults(run.data, run.task).items() if getattr(run, k) is None}
     return dataclasses.replace(run, **updates)
 
 
@@ -160,7 +181,8 @@ def with_overrides(run: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     for section in ("train", "sample"):
         fields = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(section + ".")}
         if fields:
-            base = getattr(run, section) or defaults(top.get("data", run.data))[section]
+            base = getattr(run, section) or defaults(top.get("data", run.data),
+                                                     top.get("task", run.task))[section]
             try:
                 top[section] = dataclasses.replace(base, **fields)
             except FieldError as exc:
@@ -171,7 +193,8 @@ def with_overrides(run: RunConfig, overrides: dict[str, Any]) -> RunConfig:
 def changed_fields(given: RunConfig, stored: RunConfig, explicit: set[str]) -> dict[str, Any]:
     """The explicitly given settings as overrides of the stored run, refusing a trajectory
     setting that differs: the resumed run would not continue the interrupted one."""
-    given = dataclasses.replace(given, **{k: defaults(stored.data)[k] for k in ("train", "sample")
+    base = defaults(stored.data, stored.task)
+    given = dataclasses.replace(given, **{k: base[k] for k in ("train", "sample")
                                           if getattr(given, k) is None})
     overrides: dict[str, Any] = {}
     for name in sorted(explicit):
@@ -184,19 +207,20 @@ def changed_fields(given: RunConfig, stored: RunConfig, explicit: set[str]) -> d
     return overrides
 
 
-def model_config(model: str, num_classes: int) -> DeCoConfig:
+def model_config(model: str, num_classes: int | None) -> DeCoConfig:
     """The DeCoConfig of a preset name or a .json file of DeCoConfig fields (an omitted field takes
-    DeCoConfig's default, i.e. DeCo-XL/16's), for `num_classes` classes."""
+    DeCoConfig's default, i.e. DeCo-XL/16's), for `num_classes` classes (None: as given)."""
     if model in PRESETS:
-        return DeCoConfig.preset(model, num_classes=num_classes)
-    path = Path(model)
-    if not path.is_file():
-        raise FieldError("model", f"no such preset or .json file: {model}")
-    try:
-        config = DeCoConfig.from_json(path.read_text())
-    except (ValueError, TypeError) as exc:
-        raise FieldError("model", f"{path}: {exc}") from None
-    return dataclasses.replace(config, num_classes=num_classes)
+        config = DeCoConfig.preset(model)
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise FieldError("model", f"no such preset or .json file: {model}")
+        try:
+            config = DeCoConfig.from_json(path.read_text())
+        except (ValueError, TypeError) as exc:
+            raise FieldError("model", f"{path}: {exc}") from None
+    return config if num_classes is None else dataclasses.replace(config, num_classes=num_classes)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -242,30 +266,49 @@ class Job:
 
         run = self.run
         assert run.batch_size is not None and run.model is not None and run.train is not None
-        self.dataset = dataset if dataset is not None else open_dataset(run.data, run.resolution)
-        if run.batch_size % self.d.world_size:
+        assert run.accumulation is not None
+        if run.batch_size % (self.d.world_size * run.accumulation):
             raise FieldError("batch_size", f"the global batch {run.batch_size} must be divisible by "
-                                           f"the number of processes {self.d.world_size}")
+                                           f"the number of processes {self.d.world_size} times the "
+                                           f"accumulation {run.accumulation}")
         self.local_batch = run.batch_size // self.d.world_size
         if state is not None:  # the checkpoint's config: an edited .json file cannot change it
             self.config = DeCoConfig.from_dict(state["config"])
-        else:
+        elif run.task == "t2i":
+            self.config = model_config(run.model, None)
+        self.text: TextSource | None = None
+        if run.task == "t2i":
+            self._check_task()
+            opened, self.text = open_text_source(run, self.config, self.out, self.d)
+            dataset = opened if dataset is None else dataset
+        self.dataset = dataset if dataset is not None else open_dataset(run.data, run.resolution)
+        if state is None and run.task == "c2i":
             self.config = model_config(run.model, self.dataset.num_classes)
-        if self.config.num_classes != self.dataset.num_classes:
+        self._check_task()
+        if not self.config.is_text and self.config.num_classes != self.dataset.num_classes:
             raise FieldError("data", f"{self.dataset.num_classes} classes, but the checkpoint's model "
                                      f"has {self.config.num_classes}")
         if self.dataset.resolution % self.config.patch_size:
             raise FieldError("resolution", f"{self.dataset.resolution} is not a multiple of the patch "
                                            f"size {self.config.patch_size} of {run.model}")
-        check_memory(self.config, self.local_batch, self.dataset.resolution, self.d.device)
+        micro_batch = self.local_batch // run.accumulation  # what one forward pass holds
+        check_memory(self.config, micro_batch, self.dataset.resolution, self.d.device)
         torch.manual_seed(run.train.seed)  # identical initial weights on every rank
         self.model = build_model(self.config).to(self.d.device)
         if run.compile:
             self.model.compile()  # in place: parameter names (checkpoints) stay unprefixed
         self.net: torch.nn.Module = self.model
-        self.stream = BatchStream(self.dataset, self.local_batch, seed=run.train.seed, rank=self.d.rank,
-                                  world_size=self.d.world_size, num_workers=run.num_workers)
+        self.stream: Any = BatchStream(self.dataset, self.local_batch, seed=run.train.seed, rank=self.d.rank,
+                                       world_size=self.d.world_size, num_workers=run.num_workers) \
+            if isinstance(self.dataset, TrainDataset) else ShardStream(self.dataset, self.local_batch,
+                                                                       run.num_workers)
         self.trainer_class = Trainer
+
+    def _check_task(self) -> None:
+        if self.config.is_text != (self.run.task == "t2i"):
+            kind = "text" if self.config.is_text else "class"
+            raise FieldError("model", f"{self.run.model} is a {kind}-conditional model, but the task "
+                                      f"is {self.run.task}")
 
     def _wrap(self) -> None:
         """Under torchrun, the Trainer's forward goes through DistributedDataParallel, which
@@ -276,7 +319,9 @@ class Job:
             ids = [self.d.local_rank] if self.d.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         train_config, encoder = self._repa()
-        self.trainer = self.trainer_class(self.model, train_config, encoder=encoder, net=self.net)
+        null = None if self.text is None else self.text.null
+        self.trainer = self.trainer_class(self.model, train_config, encoder=encoder, net=self.net,
+                                          null_text=null)
         self.records: list[dict[str, float]] = []
         self.elapsed = 0.0
 
@@ -346,8 +391,10 @@ class Job:
         return {**logs, **dict(zip(keys, (values / self.d.world_size).tolist(), strict=True))}
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(images, condition) on the device: labels, or text embeddings (B, T, E)."""
         for x, y in self.stream:
-            yield x.to(self.d.device, non_blocking=True), y.to(self.d.device, non_blocking=True)
+            cond = y.to(self.d.device, non_blocking=True) if self.text is None else self.text.embed(y)
+            yield x.to(self.d.device, non_blocking=True), cond
 
     def fit(self) -> None:
         from tqdm import tqdm
@@ -355,7 +402,7 @@ class Job:
         from deco.optimized import NonFiniteLossError
 
         run = self.run
-        assert run.steps is not None and run.checkpoint_every is not None
+        assert run.steps is not None and run.checkpoint_every is not None and run.accumulation is not None
         start = self.trainer.step_count
         if start >= run.steps:
             return
@@ -369,7 +416,8 @@ class Job:
             for step in range(start + 1, run.steps + 1):
                 x, y = next(batches)
                 try:
-                    logs = self.trainer.step(x, y, self.trainer.draw(x, shard=shard))
+                    logs = self.trainer.step(x, y, self.trainer.draw(x, shard=shard),
+                                             accumulation=run.accumulation)
                     failure = None
                 except NonFiniteLossError as exc:
                     logs, failure = {}, str(exc)
@@ -409,12 +457,18 @@ class Job:
             return summary
         ema: Any = self.trainer.ema
         ema.save(self.out / MODEL_NAME)
-        rows = min(self.config.num_classes, 10)
-        labels = class_labels(rows, run.grid_columns)
         t0 = time.perf_counter()
-        images = generate(ema, labels, run.sample, seed=run.train.seed, resolution=self.dataset.resolution)
+        if self.text is not None:
+            from .text_sampling import text_grid
+
+            text_grid(ema, self.text, run.sample, self.out / SAMPLES_NAME, seed=run.train.seed,
+                      size=(self.dataset.resolution, getattr(self.dataset, "width", self.dataset.resolution)))
+        else:
+            labels = class_labels(min(self.config.num_classes, 10), run.grid_columns)
+            images = generate(ema, labels, run.sample, seed=run.train.seed,
+                              resolution=self.dataset.resolution)
+            save_png(grid_image(to_uint8(images), run.grid_columns), self.out / SAMPLES_NAME)
         sample_seconds = time.perf_counter() - t0
-        save_png(grid_image(to_uint8(images), run.grid_columns), self.out / SAMPLES_NAME)
         if self.records:
             plot_loss(self.records, self.out / LOSS_CURVE_NAME)
         last = self.records[-max(1, min(len(self.records), 10)) :]

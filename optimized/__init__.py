@@ -11,6 +11,7 @@ from deco.config import DeCoConfig
 from .checks import FieldError
 from .flow import (
     drop_labels,
+    drop_text,
     flow_matching_loss,
     interpolate,
     logit_normal_time,
@@ -44,6 +45,7 @@ __all__ = [
     "cpu_gemm",
     "cpu_gemm_backend",
     "drop_labels",
+    "drop_text",
     "flow_matching_loss",
     "frequency_aware_loss",
     "frequency_weights",

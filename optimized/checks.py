@@ -206,3 +206,17 @@ def check_batch(x: Any, y: Any) -> None:
         raise TypeError(f"y: expected an integer tensor of labels, got {describe(y)}")
     if tuple(y.shape) != (x.shape[0],):
         raise ValueError(f"y: expected shape ({x.shape[0]},), got {tuple(y.shape)}")
+
+
+def check_text_batch(x: Any, y: Any, length: int, width: int) -> None:
+    """A text-to-image training batch: floating-point images (B, C, H, W) and text embeddings
+    (B, T, E) with T = `length`, E = `width`."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 4:
+        raise TypeError(f"x: expected a floating-point (B, C, H, W) tensor, got {describe(x)}")
+    shape = (x.shape[0], length, width)
+    if not isinstance(y, Tensor) or not y.is_floating_point():
+        hint = " (class labels are for a class-to-image model)" if isinstance(y, Tensor) else ""
+        raise TypeError(f"y: expected text embeddings, a floating-point tensor {shape}, got "
+                        f"{describe(y)}{hint}")
+    if tuple(y.shape) != shape:
+        raise ValueError(f"y: expected text embeddings of shape {shape}, got {tuple(y.shape)}")

@@ -49,6 +49,21 @@ def drop_labels(labels: Tensor, uniform: Tensor, p: float, null_class: int) -> T
     return torch.where(uniform < p, torch.full_like(labels, null_class), labels)
 
 
+def drop_text(text: Tensor, uniform: Tensor, p: float, null: Tensor) -> Tensor:
+    """Replace sample i's text embedding (T, E) by the null embedding where uniform[i] < p:
+    caption dropout, the text model's label dropout (01 §4)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p: expected a probability in [0, 1], got {p!r}")
+    if not text.is_floating_point() or text.ndim != 3:
+        raise TypeError(f"text: expected a (B, T, E) floating-point tensor, got {text.dtype} "
+                        f"{tuple(text.shape)}")
+    if tuple(null.shape) != tuple(text.shape[1:]):
+        raise ValueError(f"null: expected shape {tuple(text.shape[1:])}, got {tuple(null.shape)}")
+    if tuple(uniform.shape) != tuple(text.shape[:1]):
+        raise ValueError(f"uniform: expected shape {tuple(text.shape[:1])}, got {tuple(uniform.shape)}")
+    return torch.where((uniform < p)[:, None, None], null.to(text.dtype)[None], text)
+
+
 def interpolate(x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """x_t = t x + (1 - t) noise, t (B,) broadcast over the other axes (01 §1)."""
     if noise.shape != x.shape:  # a broadcastable noise would otherwise pass silently

@@ -5,6 +5,16 @@
     for x, y in batches:             # x (B, 3, H, W) in [-1, 1], y (B,) class labels
         logs = trainer.step(x, y)    # {"loss", "fm", "freq", "repa", "grad_norm", "lr"}
 
+A text-to-image model ("t2i") takes text embeddings y (B, T, E) instead of labels, and the
+Trainer needs the null embedding (T, E): `Trainer(model, config, null_text=encoder.null())`;
+caption dropout replaces a sample's text by it with probability `label_dropout` (same draw).
+
+Gradient accumulation: `trainer.step(x, y, draws, accumulation=k)` splits the batch into k
+micro-batches, rows j, j + k, ... for micro-batch j (with their draws), and averages their
+gradients before one optimizer step. With `deco.data.BatchStream`'s sharding (rank r holds rows
+r::w of the global batch) micro-batch j of rank r is global rows (r + w j)::(w k): k
+micro-batches on one process follow the trajectory of k processes, up to float rounding.
+
 A step: drop labels to the null class with probability `label_dropout`; t = time_shift(
 sigmoid(mean + std n)) (or uniform); x_t = t x + (1 - t) noise (t = 1 is data); target velocity
 v = x - noise; loss = FM + freq_weight * frequency-aware + repa_weight * REPA; AdamW; EMA.
@@ -26,6 +36,7 @@ from a copy of the initial weights, label dropout 0.1, logit-normal(0, 1) times,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -40,6 +51,7 @@ from .checks import (
     FieldError,
     check_batch,
     check_label_range,
+    check_text_batch,
     field_finite,
     field_int,
     field_non_negative,
@@ -48,6 +60,7 @@ from .checks import (
 )
 from .flow import (
     drop_labels,
+    drop_text,
     flow_matching_loss,
     interpolate,
     logit_normal_time,
@@ -134,6 +147,12 @@ class Draws:
     time: Tensor
     noise: Tensor
 
+    def micro(self, j: int, k: int) -> Draws:
+        """The draws of micro-batch j of k: rows j, j + k, ... (see `Trainer.step`)."""
+        if k == 1:
+            return self
+        return Draws(self.label_uniform[j::k], self.time[j::k], self.noise[j::k])
+
 
 # ------------------------------------------------------------------------------------ EMA
 @torch.no_grad()
@@ -176,13 +195,16 @@ class Trainer:
     parameters' device is the run's, and their dtype too (at least float32: the draws and the
     loss arithmetic). encoder: optional frozen module mapping the clean images (B, 3, H, W) in
     [-1, 1] to features (B, N, repa_encoder_dim), doing its own normalisation and resizing (the
-    release feeds DINOv2 ImageNet-normalised [0, 1] images); given, REPA is on. net: what the
+    release feeds DINOv2 ImageNet-normalised [0, 1] images); given, REPA is on. null_text: the
+    null text embedding (T, E) that caption dropout substitutes, required for (and only for) a
+    text-to-image model, whose condition y is text embeddings (B, T, E). net: what the
     forward pass calls, default the model itself; a wrapper of it such as DistributedDataParallel
     (which all-reduces the gradients in backward). Hooks, EMA and state_dict use the bare model.
     """
 
     def __init__(self, model: DiffusionTransformer, config: TrainConfig | None = None,
-                 encoder: nn.Module | None = None, net: nn.Module | None = None) -> None:
+                 encoder: nn.Module | None = None, net: nn.Module | None = None, *,
+                 null_text: Tensor | None = None) -> None:
         config = TrainConfig() if config is None else config
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
@@ -197,6 +219,8 @@ class Trainer:
         self.device = first.device
         self.dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
         self.null_class: int = model.config.num_classes
+        self.text = bool(getattr(model.config, "is_text", False))
+        self.null_text = self._check_null_text(null_text)
         self.ema = make_ema(model)
 
         self.encoder = encoder
@@ -227,6 +251,22 @@ class Trainer:
         self._model_params: list[Tensor] = list(model.parameters())
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.step_count = 0
+
+    def _check_null_text(self, null_text: Tensor | None) -> Tensor | None:
+        """The null embedding (T, E) on the run's device and dtype; None for a class model."""
+        if not self.text:
+            if null_text is not None:
+                raise ValueError("null_text: only a text-to-image model takes a null text embedding")
+            return None
+        cfg = self.model.config
+        shape = (cfg.text_length, cfg.text_dim)
+        if not isinstance(null_text, Tensor) or not null_text.is_floating_point():
+            got = "None" if null_text is None else type(null_text).__name__
+            raise TypeError(f"null_text: a text-to-image model needs the null text embedding, a "
+                            f"floating-point tensor {shape}, got {got}")
+        if tuple(null_text.shape) != shape:
+            raise ValueError(f"null_text: expected shape {shape}, got {tuple(null_text.shape)}")
+        return null_text.detach().to(self.device, self.dtype)
 
     # ---------------------------------------------------------------------------- pieces
     def draw(self, x: Tensor, shard: tuple[int, int] = (0, 1)) -> Draws:
@@ -273,7 +313,10 @@ class Trainer:
         ):
             raise ValueError(f"draws: expected label_uniform and time of shape ({b},) and noise of "
                              f"shape {tuple(x.shape)}")
-        y = drop_labels(y, draws.label_uniform, cfg.label_dropout, self.null_class)
+        if self.null_text is not None:
+            y = drop_text(y, draws.label_uniform, cfg.label_dropout, self.null_text)
+        else:
+            y = drop_labels(y, draws.label_uniform, cfg.label_dropout, self.null_class)
         t = self.times(draws.time)
         x_t = interpolate(x, draws.noise, t)
         v = target_velocity(x, draws.noise)
@@ -316,30 +359,51 @@ class Trainer:
         return (1.0 - cos).mean()
 
     def _check_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        check_batch(x, y)
-        # Checked here, on the batch as given (usually still on the CPU: no device sync), since
-        # the model's forward checks no values.
-        check_label_range("y", y, self.null_class)
-        return x.to(self.device, self.dtype), y.to(self.device)
+        if not self.text:
+            check_batch(x, y)
+            # Checked here, on the batch as given (usually still on the CPU: no device sync),
+            # since the model's forward checks no values.
+            check_label_range("y", y, self.null_class)
+            return x.to(self.device, self.dtype), y.to(self.device)
+        check_text_batch(x, y, self.model.config.text_length, self.model.config.text_dim)
+        return x.to(self.device, self.dtype), y.to(self.device, self.dtype)
 
     # ------------------------------------------------------------------------------ step
-    def step(self, x: Tensor, y: Tensor, draws: Draws | None = None) -> dict[str, float]:
+    def step(self, x: Tensor, y: Tensor, draws: Draws | None = None, *,
+             accumulation: int = 1) -> dict[str, float]:
         """One optimisation step on the batch (x, y); draws default to fresh ones. Returns the
-        loss terms before the update, the gradient norm before clipping, and the learning rate.
+        loss terms before the update (averaged over micro-batches), the gradient norm before
+        clipping, and the learning rate.
+
+        accumulation k: the batch is processed as k micro-batches (rows j::k, j = 0..k-1) whose
+        losses, each a mean over its rows, are averaged: with equal micro-batches that is the
+        whole batch's mean, so the step is the same as with k = 1, in k times less memory.
+        Under DDP the gradients are all-reduced once, after the last micro-batch.
 
         Raises NonFiniteLossError, without touching weights, optimizer or EMA, if the loss or the
         gradient norm is not finite."""
         x, y = self._check_batch(x, y)
+        if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+            raise ValueError(f"accumulation: expected a positive int, got {accumulation!r}")
+        if x.shape[0] % accumulation:
+            raise ValueError(f"accumulation: the batch of {x.shape[0]} rows does not split into "
+                             f"{accumulation} equal micro-batches")
         draws = self.draw(x) if draws is None else draws
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        terms = self.losses(x, y, draws)
-        torch.autograd.backward(terms["loss"])
+        names = ["loss", "fm", "freq", "repa"]
+        total = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        for j in range(accumulation):
+            last = j == accumulation - 1
+            no_sync = getattr(self.net, "no_sync", None)
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                terms = self.losses(x[j::accumulation], y[j::accumulation], draws.micro(j, accumulation))
+                torch.autograd.backward(terms["loss"] / accumulation)
+            total += torch.stack([terms[k].detach().double() for k in names]) / accumulation
         max_norm = math.inf if self.config.grad_clip is None else self.config.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         # One device sync per step: every logged number in a single transfer.
-        names = ["loss", "fm", "freq", "repa"]
-        values = torch.stack([terms[k].detach().double() for k in names] + [grad_norm.double()]).tolist()
+        values = torch.cat([total, grad_norm.double().reshape(1)]).tolist()
         logs = dict(zip([*names, "grad_norm"], values, strict=True))
         if not (math.isfinite(logs["loss"]) and math.isfinite(logs["grad_norm"])):
             self.optimizer.zero_grad(set_to_none=True)

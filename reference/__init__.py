@@ -8,6 +8,7 @@ from deco.config import DeCoConfig
 
 from .flow import (
     drop_labels,
+    drop_text,
     flow_matching_loss,
     interpolate,
     logit_normal_time,
@@ -37,6 +38,7 @@ __all__ = [
     "block_idct",
     "dct_matrix",
     "drop_labels",
+    "drop_text",
     "flow_matching_loss",
     "frequency_aware_loss",
     "frequency_weights",

@@ -85,6 +85,22 @@ def drop_labels(labels: ArrayLike, uniform: ArrayLike, p: float, null_class: int
     return np.where(u < p, null_class, y).astype(np.int64)
 
 
+def drop_text(text: ArrayLike, uniform: ArrayLike, p: float, null: ArrayLike) -> Array:
+    """Replace sample i's text embedding (T, E) by the null embedding where uniform[i] < p:
+    caption dropout, the text model's label dropout (§4)."""
+    p = as_finite_float("p", p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p: expected a probability in [0, 1], got {p}")
+    y = as_float_array("text", text, ndim=3)
+    n = as_float_array("null", null, ndim=2)
+    if n.shape != y.shape[1:]:
+        raise ValueError(f"null: expected shape {y.shape[1:]}, got {n.shape}")
+    u = as_float_array("uniform", uniform, ndim=1)
+    if u.shape != y.shape[:1]:
+        raise ValueError(f"uniform: expected shape {y.shape[:1]}, got {u.shape}")
+    return np.where((u < p)[:, None, None], n[None], y)
+
+
 def flow_matching_loss(pred: ArrayLike, target: ArrayLike) -> float:
     """mean((pred - target)^2) over every element (§5)."""
     pred = as_float_array("pred", pred)
