@@ -1,6 +1,6 @@
 """`deco train`: argument parsing only; the work is in deco.job.
 
-Every option is a field of the run's config (`deco.job.RunConfig`, its `train` TrainConfig or
+Every option is a field of the run's config (`deco.run_config.RunConfig`, its `train` TrainConfig or
 its `sample` SampleSettings), named in `OPTIONS` once: the flag, the field it sets, its type and
 help. Options default to None so that the job can tell which ones the user gave: those fill in
 the dataset's defaults on a fresh run and are checked against the checkpoint on --resume. A
@@ -103,8 +103,9 @@ def register(sub: Any) -> None:
 def train(args: argparse.Namespace) -> int:
     from deco.optimized.checks import FieldError
 
-    from .job import RunConfig, TrainingError, with_overrides
+    from .job import TrainingError
     from .job import train as run_training
+    from .run_config import RunConfig, with_overrides
 
     given = {field: getattr(args, field) for _, field, _ in OPTIONS if getattr(args, field) is not None}
     if "sample.interval" in given:

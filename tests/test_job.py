@@ -11,7 +11,10 @@ import torch
 
 from deco.cli_train import OPTIONS, flag_of
 from deco.config import PRESETS, parameter_count
-from deco.job import (
+from deco.memory import BYTES_PER_PARAMETER, check_memory, estimate_bytes
+from deco.optimized import FieldError, TrainConfig
+from deco.optimized.sampling import SampleSettings
+from deco.run_config import (
     DIGITS_DEFAULTS,
     FOLDER_DEFAULTS,
     RunConfig,
@@ -19,9 +22,6 @@ from deco.job import (
     resolve,
     with_overrides,
 )
-from deco.memory import BYTES_PER_PARAMETER, check_memory, estimate_bytes
-from deco.optimized import FieldError, TrainConfig
-from deco.optimized.sampling import SampleSettings
 
 GIB = 1024**3
 
