@@ -38,7 +38,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(rank: int, world: int, port: int, out: str, steps: int) -> None:
+def _run(rank: int, world: int, port: int, out: str, steps: int, accumulation: int = 1) -> None:
     """One process of the job: `steps` steps, then rank 0 saves parameters and gradients."""
     import torch.distributed as dist
 
@@ -48,7 +48,8 @@ def _run(rank: int, world: int, port: int, out: str, steps: int) -> None:
                           RANK=str(rank), LOCAL_RANK=str(rank))
     d = setup_distributed("cpu")
     run = RunConfig(out=Path(out), model=MODEL, batch_size=16, steps=steps, checkpoint_every=1000,
-                    log_every=1, train=TrainConfig(lr=1e-3, ema_decay=0.9, timeshift=2.0), device="cpu")
+                    log_every=1, train=TrainConfig(lr=1e-3, ema_decay=0.9, timeshift=2.0), device="cpu",
+                    accumulation=accumulation)
     job = Job(run, d)
     job.fit()
     if d.is_main:
@@ -61,16 +62,17 @@ def _run(rank: int, world: int, port: int, out: str, steps: int) -> None:
         dist.destroy_process_group()
 
 
-def _job(tmp: Path, world: int, steps: int) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def _job(tmp: Path, world: int, steps: int,
+         accumulation: int = 1) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     tmp.mkdir()
     if world == 1:
         threads = torch.get_num_threads()
         try:
-            _run(0, 1, 0, str(tmp), steps)
+            _run(0, 1, 0, str(tmp), steps, accumulation)
         finally:
             torch.set_num_threads(threads)
     else:
-        mp.spawn(_run, args=(world, _free_port(), str(tmp), steps), nprocs=world, join=True)
+        mp.spawn(_run, args=(world, _free_port(), str(tmp), steps, accumulation), nprocs=world, join=True)
     return load_file(str(tmp / "result.safetensors")), json.loads((tmp / "records.json").read_text())
 
 

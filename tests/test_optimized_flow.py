@@ -9,6 +9,7 @@ import torch
 from helpers import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_optimized_frequency import as_torch, random_pair
 
 from deco import reference as R
 from deco.optimized import flow as T
@@ -19,16 +20,6 @@ F32_RTOL = 1e-5
 SIDES = st.integers(1, 12)
 BATCH = st.integers(1, 3)
 
-
-def random_pair(seed: int, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal(shape), rng.standard_normal(shape)
-
-
-def as_torch(
-    pred: np.ndarray, target: np.ndarray, dtype: torch.dtype = torch.float64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(pred).to(dtype), torch.from_numpy(target).to(dtype)
 
 
 @SETTINGS

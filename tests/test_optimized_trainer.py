@@ -65,6 +65,22 @@ def batch(seed: int, b: int = 3, h: int = 8, w: int = 12) -> tuple[Tensor, Tenso
 def flat_params(module: nn.Module) -> np.ndarray:
     return np.concatenate([p.detach().double().reshape(-1).numpy() for p in module.parameters()])
 
+def reference_repa_loss(trainer: T.Trainer, tokens: np.ndarray, xn: np.ndarray) -> float:
+    """REPA's term in NumPy: mean 1 - cos(projector(DiT tokens), PatchEncoder(images)), with the
+    trainer's projector weights (3 linears, SiLU) and encoder weights."""
+    assert trainer.projector is not None and isinstance(trainer.encoder, PatchEncoder)
+    proj = {k: v.detach().numpy().copy() for k, v in trainer.projector.state_dict().items()}
+    h = RM.silu(tokens @ proj["0.weight"].T + proj["0.bias"])
+    h = RM.silu(h @ proj["2.weight"].T + proj["2.bias"])
+    h = h @ proj["4.weight"].T + proj["4.bias"]
+    conv = trainer.encoder.conv
+    assert conv.bias is not None
+    enc = RM.patchify(xn, PATCH) @ conv.weight.detach().numpy().reshape(ENC_DIM, -1).T
+    enc = enc + conv.bias.detach().numpy()
+    cos = np.sum(h * enc, -1) / (np.linalg.norm(h, axis=-1) * np.linalg.norm(enc, axis=-1))
+    return float(np.mean(1.0 - cos))
+
+
 
 # ------------------------------------------------------------------ a step vs the reference
 STEP_CONFIG = T.TrainConfig(
@@ -88,17 +104,7 @@ def reference_step_losses(
     # REPA: DiT tokens after block `repa_layer` = the reference trunk cut to that depth.
     cut = dataclasses.replace(config, depth=cfg.repa_layer)
     tokens, _, _ = RM.dit_trunk(x_t, t, labels, cut, weights)
-    assert trainer.projector is not None and isinstance(trainer.encoder, PatchEncoder)
-    proj = {k: v.detach().numpy().copy() for k, v in trainer.projector.state_dict().items()}
-    h = RM.silu(tokens @ proj["0.weight"].T + proj["0.bias"])
-    h = RM.silu(h @ proj["2.weight"].T + proj["2.bias"])
-    h = h @ proj["4.weight"].T + proj["4.bias"]
-    conv = trainer.encoder.conv
-    assert conv.bias is not None
-    enc = RM.patchify(xn, PATCH) @ conv.weight.detach().numpy().reshape(ENC_DIM, -1).T
-    enc = enc + conv.bias.detach().numpy()
-    cos = np.sum(h * enc, -1) / (np.linalg.norm(h, axis=-1) * np.linalg.norm(enc, axis=-1))
-    repa = float(np.mean(1.0 - cos))
+    repa = reference_repa_loss(trainer, tokens, xn)
     loss = fm + cfg.freq_weight * freq + cfg.repa_weight * repa
     return {"loss": loss, "fm": fm, "freq": freq, "repa": repa}
 

@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 from helpers import random_weights, rel_err, tiny_config
-from test_optimized_trainer import ENC_DIM, PATCH, PatchEncoder, flat_params
+from test_optimized_trainer import ENC_DIM, PatchEncoder, flat_params, reference_repa_loss
 from torch import Tensor
 
 from deco import reference as R
 from deco.config import DeCoConfig
 from deco.optimized import trainer as T
 from deco.optimized.model import build_model
-from deco.reference import model as RM
 from deco.reference import text_to_image as RT
 
 F64_RTOL = 1e-10
@@ -59,17 +58,7 @@ def reference_losses(trainer: T.Trainer, weights: dict[str, np.ndarray], x: Tens
     fm = R.flow_matching_loss(pred, v)
     freq = R.frequency_aware_loss(pred, v, cfg.quality, cfg.gamma)
     tokens, _ = RT.t2i_trunk(x_t, t, cond, dataclasses.replace(TEXT, depth=cfg.repa_layer), weights)
-    assert trainer.projector is not None and isinstance(trainer.encoder, PatchEncoder)
-    proj = {k: p.detach().numpy() for k, p in trainer.projector.state_dict().items()}
-    h = RM.silu(tokens @ proj["0.weight"].T + proj["0.bias"])
-    h = RM.silu(h @ proj["2.weight"].T + proj["2.bias"])
-    h = h @ proj["4.weight"].T + proj["4.bias"]
-    conv = trainer.encoder.conv
-    assert conv.bias is not None
-    enc = RM.patchify(xn, PATCH) @ conv.weight.detach().numpy().reshape(ENC_DIM, -1).T
-    enc = enc + conv.bias.detach().numpy()
-    cos = np.sum(h * enc, -1) / (np.linalg.norm(h, axis=-1) * np.linalg.norm(enc, axis=-1))
-    repa = float(np.mean(1.0 - cos))
+    repa = reference_repa_loss(trainer, tokens, xn)
     loss = fm + cfg.freq_weight * freq + cfg.repa_weight * repa
     return {"loss": loss, "fm": fm, "freq": freq, "repa": repa}
 
