@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_pair
+from .checks import check_label_range, check_pair
 from .frequency import compute_dtype
 
 
@@ -40,12 +40,14 @@ def drop_labels(labels: Tensor, uniform: Tensor, p: float, null_class: int) -> T
     if uniform.shape != labels.shape:
         raise ValueError(f"uniform: expected shape {tuple(labels.shape)}, got {tuple(uniform.shape)}")
     # Checked here, not left to the embedding: on CUDA an out-of-range index is a device-side
-    # assert. One host read for both bounds.
-    if labels.numel():
-        low, high = (int(v) for v in torch.aminmax(labels))
-        if low < 0 or high > null_class:
-            raise ValueError(f"labels: labels must lie in 0..{null_class} ({null_class} is the null "
-                             f"class), got values in {low}..{high}")
+    # assert (one host read for both bounds).
+    check_label_range("labels", labels, null_class)
+    return null_where(labels, uniform, p, null_class)
+
+
+def null_where(labels: Tensor, uniform: Tensor, p: float, null_class: int) -> Tensor:
+    """`drop_labels` without its checks, for a caller that validated the labels already (the
+    Trainer checks each batch once, on the host, before it reaches the device: no sync here)."""
     return torch.where(uniform < p, torch.full_like(labels, null_class), labels)
 
 

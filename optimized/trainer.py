@@ -59,11 +59,11 @@ from .checks import (
     field_probability,
 )
 from .flow import (
-    drop_labels,
     drop_text,
     flow_matching_loss,
     interpolate,
     logit_normal_time,
+    null_where,
     target_velocity,
     time_shift,
     uniform_time,
@@ -305,8 +305,13 @@ class Trainer:
 
     def losses(self, x: Tensor, y: Tensor, draws: Draws) -> dict[str, Tensor]:
         """The loss terms (scalar tensors, differentiable) of one step on given draws."""
-        cfg = self.config
         x, y = self._check_batch(x, y)
+        return self._losses(x, y, draws)
+
+    def _losses(self, x: Tensor, y: Tensor, draws: Draws) -> dict[str, Tensor]:
+        """`losses` on a batch `_check_batch` has checked and moved to the device (`step` checks
+        the whole batch once, on the host, not each micro-batch again on the device)."""
+        cfg = self.config
         b = x.shape[0]
         if (tuple(draws.label_uniform.shape), tuple(draws.time.shape)) != ((b,), (b,)) or (
             draws.noise.shape != x.shape
@@ -316,7 +321,7 @@ class Trainer:
         if self.null_text is not None:
             y = drop_text(y, draws.label_uniform, cfg.label_dropout, self.null_text)
         else:
-            y = drop_labels(y, draws.label_uniform, cfg.label_dropout, self.null_class)
+            y = null_where(y, draws.label_uniform, cfg.label_dropout, self.null_class)
         t = self.times(draws.time)
         x_t = interpolate(x, draws.noise, t)
         v = target_velocity(x, draws.noise)
@@ -397,7 +402,7 @@ class Trainer:
             last = j == accumulation - 1
             no_sync = getattr(self.net, "no_sync", None)
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                terms = self.losses(x[j::accumulation], y[j::accumulation], draws.micro(j, accumulation))
+                terms = self._losses(x[j::accumulation], y[j::accumulation], draws.micro(j, accumulation))
                 torch.autograd.backward(terms["loss"] / accumulation)
             total += torch.stack([terms[k].detach().double() for k in names]) / accumulation
         max_norm = math.inf if self.config.grad_clip is None else self.config.grad_clip

@@ -145,7 +145,7 @@ ORIGINAL_DCT_FEATURES = layers.dct_position_features
     [
         (layers, "dct_position_features", no_dct_scale),  # decoder without the 1/(1 + fa fb) scale
         (T, "time_shift", lambda t, shift=1.0: t),  # time shift forgotten
-        (T, "drop_labels", lambda labels, uniform, p, null: labels),  # no label dropout
+        (T, "null_where", lambda labels, uniform, p, null: labels),  # no label dropout
     ],
     ids=["dct-scale", "time-shift", "label-dropout"],
 )
