@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import random_weights, tiny_config
+from helpers import random_weights, release_fixture, tiny_config
 from safetensors.numpy import load_file, save_file
 
 from deco import cli
@@ -264,9 +264,7 @@ def test_cli_convert_reports_success(tmp_path: Path, fixtures_dir: Path,
 @pytest.mark.parametrize(("weights", "prefix"), [("ema", "ema_denoiser."), ("online", "denoiser.")])
 def test_convert_text_model_takes_exactly_the_chosen_weight_set(fixtures_dir: Path, tmp_path: Path,
                                                                 weights: str, prefix: str) -> None:
-    ckpt = fixtures_dir / "T.ckpt"
-    if not ckpt.is_file():
-        pytest.skip(f"release fixture {ckpt} not found")
+    ckpt = release_fixture("T.ckpt")
     out = tmp_path / "T.safetensors"
     assert cli.main(["convert", str(ckpt), str(out), "--weights", weights]) == 0
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]

@@ -242,11 +242,9 @@ def test_sample_a_release_text_checkpoint(captioned: tuple[Path, Path], tmp_path
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """The release's own text checkpoint format (../shared/fixtures/T.ckpt, T = 8, E = 48): the
     encoder must be given; the tiny Qwen3's 32 features are zero-padded to 48 as the release does."""
-    from helpers import fixtures_folder
+    from helpers import release_fixture
 
-    ckpt = fixtures_folder() / "T.ckpt"
-    if not ckpt.is_file():
-        pytest.skip(f"release fixture {ckpt} not found")
+    ckpt = release_fixture("T.ckpt")
     out = tmp_path / "g.png"
     capsys.readouterr()
     assert main(["sample", str(ckpt), "--prompt", "a cat", "--steps", "2", "--out", str(out)]) == 2
