@@ -4,8 +4,9 @@
 Three sources of text embeddings:
 
 * the built-in demo (no `--data`): digit pairs with captions (`deco.digit_pairs`) and the tiny
-  offline Qwen3 of `build_tiny_qwen3` (deterministic, frozen), written into the run folder as
-  `text_encoder/`; the finite caption set is embedded once, a batch's condition is a lookup;
+  offline Qwen3 taught the demo's language (`deco.demo_encoder`: deterministic, frozen while the
+  image model trains), written into the run folder as `text_encoder/`; the finite caption set is
+  embedded once, a batch's condition is a lookup;
 * `--text-encoder DIR` (a Qwen3 folder): the encoder runs in the loop on every batch's captions;
 * `--embeddings DIR` (a `deco embed-text` store of the same captions): a lookup by caption.
 
@@ -30,14 +31,14 @@ from deco.optimized.trainer import TrainConfig
 
 from .captions import CaptionFolderDataset, WebDatasetCaptions, open_caption_dataset
 from .data import CaptionItems
+from .demo_encoder import train_demo_encoder
 from .digit_pairs import GRID_PROMPTS, DigitPairsDataset, all_captions
 from .distributed import Dist
 from .embed_text import EmbeddingStore
-from .text_encoder import Qwen3TextEncoder, TextEncoder, build_tiny_qwen3
+from .text_encoder import Qwen3TextEncoder, TextEncoder
 
-#: The demo's text encoder: the tiny Qwen3 of `build_tiny_qwen3(folder, seed=0)`, in the run folder.
+#: The demo's text encoder (`train_demo_encoder` with its default recipe), in the run folder.
 DEMO_ENCODER_DIR = "text_encoder"
-DEMO_ENCODER_SEED = 0
 #: Prompts of the final grid on real data with an encoder (with --embeddings: the first captions).
 GENERIC_PROMPTS = (
     "a photo of a cat sitting on a sofa", "a red car parked on a street at night",
@@ -99,11 +100,13 @@ class TextSource:
 
 
 def demo_encoder_folder(out: Path, d: Dist) -> Path:
-    """The tiny Qwen3, built deterministically: rank 0 writes it into the run folder (where
-    `deco sample` finds it), the other ranks into a temporary folder (no concurrent writes)."""
-    folder = out / DEMO_ENCODER_DIR if d.is_main else Path(tempfile.mkdtemp(prefix="deco-tiny-qwen3-"))
+    """The demo's encoder, built deterministically: rank 0 writes it into the run folder (where
+    `deco sample` finds it; a resumed run reuses it), the other ranks into a temporary folder
+    (no concurrent writes)."""
+    scratch = None if d.is_main else Path(tempfile.mkdtemp(prefix="deco-tiny-qwen3-"))
+    folder = out / DEMO_ENCODER_DIR if scratch is None else scratch / "enc"
     if not (folder / "config.json").is_file():
-        build_tiny_qwen3(folder, seed=DEMO_ENCODER_SEED)
+        train_demo_encoder(folder)
     return folder
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,10 @@ def test_sample_bad_input_is_one_line(demo_run: Path, args: list[str], flag: str
     assert len(err) == 1 and flag in err[0], err
 
 
-def test_demo_resume_continues_the_exact_trajectory(tmp_path: Path) -> None:
+def test_demo_resume_continues_the_exact_trajectory(demo_run: Path, tmp_path: Path) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
+    for out in (straight, split):  # the demo reuses a run folder's encoder (saves training it)
+        shutil.copytree(demo_run / "text_encoder", out / "text_encoder")
     train(RunConfig(out=straight, steps=4, **DEMO))
     train(RunConfig(out=split, steps=2, **DEMO))
     train(RunConfig(out=split, steps=4, resume=True), explicit={"steps"})
