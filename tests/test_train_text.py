@@ -72,6 +72,19 @@ def test_sample_from_prompts_with_the_remembered_encoder(demo_run: Path, tmp_pat
     assert sorted(p.name for p in folder.iterdir()) == ["0000_00.png", "prompts.txt"]
 
 
+def test_sample_rebuilds_a_missing_demo_encoder_identically(demo_run: Path, tmp_path: Path) -> None:
+    # Oracle: the run's own encoder folder; the rebuild must give the same samples.
+    moved = tmp_path / "run"
+    shutil.copytree(demo_run, moved)
+    shutil.rmtree(moved / "text_encoder")
+    images = []
+    for run in (demo_run, moved):
+        out = tmp_path / f"{run.name}.png"
+        assert main(["sample", str(run), "--prompt", "3 then 7", "--steps", "2", "--out", str(out)]) == 0
+        images.append(np.asarray(Image.open(out)))
+    assert np.array_equal(images[0], images[1])
+
+
 def test_evaluate_scores_prompt_accuracy(demo_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.json"
     assert main(["evaluate", str(demo_run), "--limit", "2", "--steps", "2", "--out", str(out)]) == 0
