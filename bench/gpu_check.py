@@ -205,18 +205,6 @@ def peak_memory(device: Any, metrics: dict[str, Any]) -> Iterator[None]:
         metrics["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-@contextlib.contextmanager
-def no_tf32() -> Iterator[None]:
-    import torch
-
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def release_free() -> None:
     import torch
 
@@ -408,8 +396,10 @@ def _forward_agreement(ours: Any, release: Any, config: Any, device: Any) -> flo
     import torch
     from common import batch_for
 
+    from deco.optimized.gemm import full_float32_products
+
     x, t, y, _ = (v.to(device) for v in batch_for(config, 2, 64 if config.patch_size == 16 else 16, seed=1))
-    with torch.no_grad(), no_tf32():
+    with torch.no_grad(), full_float32_products():
         return rel_diff(release(x, t, y), ours.eval()(x, t, y))
 
 
@@ -423,6 +413,7 @@ def onnxruntime_gpu(report: Report, plan: Plan, device: Any, dtype: str, folder:
     from deco.config import DeCoConfig
     from deco.onnx_export import RTOL_BY_DTYPE, data_file, export_onnx
     from deco.onnx_runtime import OnnxVelocityModel
+    from deco.optimized.gemm import full_float32_products
 
     try:
         import onnxruntime as ort
@@ -450,7 +441,7 @@ def onnxruntime_gpu(report: Report, plan: Plan, device: Any, dtype: str, folder:
     got, times = timed(lambda: graph.session.run(["v"], feed)[0], torch.device("cpu"), plan)
     metrics.update(times)
     model = model.to(device)
-    with torch.no_grad(), no_tf32():
+    with torch.no_grad(), full_float32_products():
         expected = model(x.to(device), t.to(device), y.to(device)).cpu()
     err = rel_diff(torch.from_numpy(np.asarray(got)), expected)
     bound = RTOL_BY_DTYPE[dtype]

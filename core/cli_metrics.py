@@ -35,6 +35,8 @@ def register(sub: Any) -> None:
 def fid(args: argparse.Namespace) -> int:
     import torch
 
+    from deco.optimized.gemm import full_float32_products
+
     from .metrics import evaluate_sample_batches, load_inception
     from .outputs import write_json
 
@@ -49,12 +51,10 @@ def fid(args: argparse.Namespace) -> int:
         inception = load_inception(args.inception_weights, device)
     except ImportError as exc:
         raise UsageError(str(exc)) from exc
-    if device.type == "cuda":
-        # TensorFlow's evaluator computes convolutions in float32; TF32 would move the features.
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    result = evaluate_sample_batches(args.samples, args.reference, inception, batch_size=args.batch_size,
-                                     device=device, ignore_reference_stats=args.ignore_reference_stats)
+    # TensorFlow's evaluator computes convolutions in float32; TF32 would move the features.
+    with full_float32_products():
+        result = evaluate_sample_batches(args.samples, args.reference, inception, batch_size=args.batch_size,
+                                         device=device, ignore_reference_stats=args.ignore_reference_stats)
     print(f"Inception Score: {result.inception_score:.6g}")
     print(f"FID: {result.fid:.6g}")
     print(f"sFID: {result.sfid:.6g}")

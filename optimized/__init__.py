@@ -20,7 +20,7 @@ from .flow import (
     uniform_time,
 )
 from .frequency import block_dct, frequency_aware_loss, frequency_weights, rgb_to_ycbcr
-from .gemm import cpu_gemm, cpu_gemm_backend, onednn_available, set_cpu_gemm
+from .gemm import cpu_gemm, cpu_gemm_backend, full_float32_products, onednn_available, set_cpu_gemm
 from .model import BaselineDiT, DeCo, DiffusionTransformer, build_model
 from .sampling import SampleSettings, adams_weights, sample, time_grid
 from .text_to_image import TextDeCo
@@ -49,6 +49,7 @@ __all__ = [
     "flow_matching_loss",
     "frequency_aware_loss",
     "frequency_weights",
+    "full_float32_products",
     "interpolate",
     "load_model",
     "logit_normal_time",

@@ -126,6 +126,18 @@ def cpu_gemm_backend(backend: str) -> Iterator[None]:
         set_cpu_gemm(previous)
 
 
+@contextlib.contextmanager
+def full_float32_products() -> Iterator[None]:
+    """Run a block with CUDA's TF32 matmul and cuDNN modes off (TF32 rounds float32 inputs to
+    10 mantissa bits, far outside the float32 tolerance of spec/00 §5), then restore them."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def cpu_gemm() -> str:
     """The float32 CPU matrix-product backend in use: "onednn" or "aten"."""
     return _backend

@@ -9,8 +9,6 @@ of these tiny models (DeCo and baseline) the ratio to the floor was 1.5-2.9 (med
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,6 +18,7 @@ from helpers import random_weights, rel_err, tiny_config
 from test_optimized_model import BF16_FACTOR, bf16_round
 
 from deco import reference as R
+from deco.optimized.gemm import full_float32_products
 from deco.optimized.model import build_model
 from deco.optimized.sampling import sample
 
@@ -29,17 +28,6 @@ F32_RTOL = 1e-5
 BF16_MIN_ERROR = 1e-3
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@contextlib.contextmanager
-def no_tf32() -> Iterator[None]:
-    """float32 products in full float32 (TF32 rounds inputs to 10 mantissa bits)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def case(architecture: str, seed: int) -> tuple[Any, dict[str, np.ndarray], tuple[Any, Any, Any]]:
@@ -86,7 +74,7 @@ def test_bfloat16_bound_on_the_cpu(architecture: str, seed: int) -> None:
 @pytest.mark.parametrize("architecture", ["deco", "baseline"])
 def test_cuda_float32_forward_without_tf32(architecture: str) -> None:
     config, weights, data = case(architecture, 2)
-    with no_tf32():
+    with full_float32_products():
         got = forward(config, weights, data, "cuda", torch.float32)
     assert rel_err(got, R.Model(config, weights).forward(*data)) <= F32_RTOL
 
@@ -110,7 +98,7 @@ def test_cuda_float32_guided_sampling_matches_reference(solver: str) -> None:
     model = build_model(config)
     model.load_state_dict({k: torch.from_numpy(v).float() for k, v in weights.items()})
     model = model.cuda().eval()
-    with no_tf32():
+    with full_float32_products():
         got = sample(model, torch.as_tensor(noise, dtype=torch.float32, device="cuda"),
                      torch.as_tensor(labels, device="cuda"), **options)
     assert isinstance(got, torch.Tensor)

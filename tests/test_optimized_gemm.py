@@ -239,3 +239,22 @@ def test_deco_float32_gradients_against_reference(backend: str) -> None:
     assert grads32.keys() == grads64.keys()
     worst = max(rel_err(grads32[k], grads64[k]) for k in grads64)
     assert worst <= RTOL, worst
+
+
+def test_full_float32_products_turns_tf32_off_and_restores_it() -> None:
+    from deco.optimized.gemm import full_float32_products
+
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = True
+        with full_float32_products():
+            assert [f.allow_tf32 for f in flags] == [False, False]
+        assert [f.allow_tf32 for f in flags] == [True, True]
+        with pytest.raises(RuntimeError), full_float32_products():
+            raise RuntimeError("inside")
+        assert [f.allow_tf32 for f in flags] == [True, True]
+    finally:
+        for f, value in zip(flags, saved, strict=True):
+            f.allow_tf32 = value

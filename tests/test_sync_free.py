@@ -12,6 +12,7 @@ import torch
 from helpers import random_weights, rel_err, tiny_config
 
 from deco.optimized.checks import check_label_range
+from deco.optimized.gemm import full_float32_products
 from deco.optimized.model import build_model
 from deco.optimized.sampling import sample
 from deco.optimized.trainer import Trainer
@@ -114,11 +115,9 @@ def test_trainer_checks_the_label_range(labels: list[int]) -> None:
 def test_forward_is_captured_by_a_cuda_graph(architecture: str) -> None:
     """Capture one forward, replay it on new inputs copied into the static ones, and compare
     with an eager forward on those inputs; eager runs under torch's sync debug mode "error"."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     model = tiny_model(architecture, "cuda")
     static = list(inputs(device="cuda"))
-    with torch.no_grad():
+    with torch.no_grad(), full_float32_products():
         stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph, as capture requires
