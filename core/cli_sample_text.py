@@ -54,7 +54,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def encoder_for(loaded: Any, folder: Path | None, device: Any) -> Any:
     """The Qwen3TextEncoder of a text model: `folder`, or the one its run recorded."""
-    from .demo_encoder import train_demo_encoder
+    from .demo_encoder import DemoEncoderConfig, train_demo_encoder
     from .text_encoder import Qwen3TextEncoder
     from .text_job import DEMO_ENCODER_DIR
 
@@ -64,7 +64,8 @@ def encoder_for(loaded: Any, folder: Path | None, device: Any) -> Any:
     if folder is None and run.get("task") == "t2i" and run.get("data") is None:
         folder = Path(loaded.source).parent / DEMO_ENCODER_DIR
         if not (folder / "config.json").is_file():  # deterministic: rebuild it
-            folder = train_demo_encoder(Path(tempfile.mkdtemp(prefix="deco-tiny-qwen3-")) / "enc")
+            folder = train_demo_encoder(Path(tempfile.mkdtemp(prefix="deco-tiny-qwen3-")) / "enc",
+                                        DemoEncoderConfig(length=config.text_length))
     elif folder is None and run.get("text_encoder") is not None:
         folder = Path(run["text_encoder"])
     if folder is None:

@@ -40,7 +40,8 @@ from .text_encoder import build_tiny_qwen3, load_tokenizer
 @dataclass(frozen=True)
 class DemoEncoderConfig:
     """The demo encoder's recipe: the random tiny Qwen3 (seed, width, depth), then `steps` Adam
-    steps of `batch` captions at learning rate `lr` on captions of `length` tokens."""
+    steps of `batch` captions at learning rate `lr` on captions padded to `length` tokens (the
+    image model's T: the demo run passes its model's, 24 for DeCo-T2I-demo/8)."""
 
     seed: int = 0
     hidden: int = 32

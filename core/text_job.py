@@ -31,13 +31,13 @@ from deco.optimized.trainer import TrainConfig
 
 from .captions import CaptionFolderDataset, WebDatasetCaptions, open_caption_dataset
 from .data import CaptionItems
-from .demo_encoder import train_demo_encoder
+from .demo_encoder import DemoEncoderConfig, train_demo_encoder
 from .digit_pairs import GRID_PROMPTS, DigitPairsDataset, all_captions
 from .distributed import Dist
 from .embed_text import EmbeddingStore
 from .text_encoder import Qwen3TextEncoder, TextEncoder
 
-#: The demo's text encoder (`train_demo_encoder` with its default recipe), in the run folder.
+#: The demo's text encoder (`train_demo_encoder`'s recipe at the model's T), in the run folder.
 DEMO_ENCODER_DIR = "text_encoder"
 #: Prompts of the final grid on real data with an encoder (with --embeddings: the first captions).
 GENERIC_PROMPTS = (
@@ -99,14 +99,14 @@ class TextSource:
         return self.embed(list(prompts)) if prompts else torch.zeros(0, self.length, self.width)
 
 
-def demo_encoder_folder(out: Path, d: Dist) -> Path:
+def demo_encoder_folder(out: Path, d: Dist, length: int) -> Path:
     """The demo's encoder, built deterministically: rank 0 writes it into the run folder (where
     `deco sample` finds it; a resumed run reuses it), the other ranks into a temporary folder
     (no concurrent writes)."""
     scratch = None if d.is_main else Path(tempfile.mkdtemp(prefix="deco-tiny-qwen3-"))
     folder = out / DEMO_ENCODER_DIR if scratch is None else scratch / "enc"
     if not (folder / "config.json").is_file():
-        train_demo_encoder(folder)
+        train_demo_encoder(folder, DemoEncoderConfig(length=length))
     return folder
 
 
@@ -125,7 +125,7 @@ def open_text_source(run: Any, config: Any, out: Path, d: Dist) -> tuple[Any, Te
         if run.text_encoder is not None or run.embeddings is not None:
             raise FieldError("text_encoder" if run.embeddings is None else "embeddings",
                              "the built-in demo uses its own tiny encoder; give --data for this")
-        encoder = Qwen3TextEncoder(demo_encoder_folder(out, d), length, width, device="cpu")
+        encoder = Qwen3TextEncoder(demo_encoder_folder(out, d, length), length, width, device="cpu")
         table = torch.cat([encoder.encode(chunk) for chunk in _chunks(all_captions(), 256)]).float()
         dataset = DigitPairsDataset(seed=run.train.seed)
         source = TextSource(length, width, d.device, encoder=encoder, table=table, prompts=GRID_PROMPTS)
