@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import fixtures_folder
+from helpers import release_fixtures
 
 
 @pytest.fixture(scope="session")
@@ -17,14 +16,7 @@ def fixtures_dir() -> Path:
 
     Missing: the test is skipped locally, but fails under CI (CI set) so that CI never passes by
     silently skipping the conformance tests."""
-    folder = fixtures_folder()
-    missing = [n for n in ("A.npz", "A.ckpt", "A-baseline.ckpt") if not (folder / n).is_file()]
-    if missing:
-        message = f"release fixtures {missing} not found in {folder} (set DECO_FIXTURES)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return folder
+    return release_fixtures("A.npz", "A.ckpt", "A-baseline.ckpt")
 
 
 @pytest.fixture

@@ -28,16 +28,23 @@ def fixtures_folder() -> Path:
     return Path(env) if env else REPO_ROOT.parent / "shared" / "fixtures"
 
 
-def release_fixture(name: str) -> Path:
-    """A file of the release fixtures: skipped locally when absent, failed under CI (CI set), so
-    CI never passes by silently skipping a comparison with the release."""
-    path = fixtures_folder() / name
-    if not path.is_file():
-        message = f"release fixture {path} not found (set DECO_FIXTURES)"
+def release_fixtures(*names: str) -> Path:
+    """The release fixtures folder, required to hold `names`: skipped locally when one is
+    absent, failed under CI (CI set), so CI never passes by silently skipping a comparison with
+    the release."""
+    folder = fixtures_folder()
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        message = f"release fixtures {missing} not found in {folder} (set DECO_FIXTURES)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    return path
+    return folder
+
+
+def release_fixture(name: str) -> Path:
+    """One file of the release fixtures (see `release_fixtures`)."""
+    return release_fixtures(name) / name
 
 
 def rel_err(got: Any, expected: Any) -> float:

@@ -10,14 +10,13 @@ release's parameter count of DeCo-XXL/16 (1,133,759,395, counted from its model 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from helpers import FIXTURE_RTOL, fixtures_folder, random_weights, rel_err, tiny_config
+from helpers import FIXTURE_RTOL, random_weights, rel_err, release_fixtures, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,14 +34,7 @@ DTYPES = [torch.float32, torch.float64]
 @pytest.fixture(scope="module")
 def t_dir() -> Path:
     """The fixtures folder holding T.npz and T.ckpt (skipped locally, a failure under CI)."""
-    folder = fixtures_folder()
-    missing = [n for n in ("T.npz", "T.ckpt") if not (folder / n).is_file()]
-    if missing:
-        message = f"release fixtures {missing} not found in {folder} (set DECO_FIXTURES)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return folder
+    return release_fixtures("T.npz", "T.ckpt")
 
 
 @pytest.fixture(scope="module")

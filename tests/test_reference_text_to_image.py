@@ -9,14 +9,13 @@ relative to max |expected| (`deco.fixtures.error_measure`).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import FIXTURE_RTOL, cases, random_weights
+from helpers import FIXTURE_RTOL, cases, random_weights, release_fixtures
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,15 +39,9 @@ def _rel(got: Any, expected: Any) -> float:
 
 # ------------------------------------------------------------------------- release fixtures
 @pytest.fixture(scope="module")
-def tdir(fixtures_dir: Path) -> Path:
+def tdir() -> Path:
     """The fixture folder, required to hold T.npz and T.ckpt (skipped locally, failed under CI)."""
-    missing = [n for n in ("T.npz", "T.ckpt") if not (fixtures_dir / n).is_file()]
-    if missing:
-        message = f"text-to-image fixtures {missing} not found in {fixtures_dir}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return fixtures_dir
+    return release_fixtures("T.npz", "T.ckpt")
 
 
 @pytest.fixture(scope="module")
