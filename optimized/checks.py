@@ -168,3 +168,10 @@ def check_text_batch(x: Any, y: Any, length: int, width: int) -> None:
                         f"{describe(y)}{hint}")
     if tuple(y.shape) != shape:
         raise ValueError(f"y: expected text embeddings of shape {shape}, got {tuple(y.shape)}")
+
+
+#: The optimized object that implements each function of reference/checks.py (spec/00) that has no
+#: twin of the same name here: the reference validates NumPy arrays, this package torch tensors.
+REFERENCE_TWINS: dict[str, object] = {
+    "as_float_array": check_pair,  # float tensors of image shape (the model's inputs: its check_inputs)
+}

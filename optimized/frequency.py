@@ -136,6 +136,25 @@ def block_dct(x: Tensor) -> Tensor:
     return torch.einsum("ui,bcyxij,vj->bcyxuv", m, blocks, m)
 
 
+def ycbcr_to_rgb(x: Tensor) -> Tensor:
+    """(B, 3, H, W) YCbCr -> RGB, the inverse of `rgb_to_ycbcr`: out[:, i] = sum_j M^-1[i, j] x[:, j]
+    (02 §1). The loss never needs it; it is the spec's inverse step, for ports and inspection."""
+    inverse = torch.linalg.inv(YCBCR_MATRIX)  # float64, then cast: the inverse is computed once exactly
+    return torch.einsum("ij,bjhw->bihw", inverse.to(x.device, x.dtype), x)
+
+
+def block_idct(coeffs: Tensor) -> Tensor:
+    """(B, C, Bh, Bw, 8, 8) -> (B, C, 8 Bh, 8 Bw), the inverse of `block_dct` without its padding:
+    C^T X C per block, blocks laid out row-major (02 §3)."""
+    if not isinstance(coeffs, Tensor) or coeffs.ndim != 6 or tuple(coeffs.shape[4:]) != (BLOCK, BLOCK):
+        got = tuple(coeffs.shape) if isinstance(coeffs, Tensor) else type(coeffs).__name__
+        raise ValueError(f"coeffs: expected a (B, C, Bh, Bw, 8, 8) tensor, got {got}")
+    m = dct_matrix(BLOCK).to(coeffs.device, coeffs.dtype)
+    blocks = torch.einsum("ui,bcyxuv,vj->bcyxij", m, coeffs, m)
+    b, c, bh, bw = coeffs.shape[:4]
+    return blocks.permute(0, 1, 2, 4, 3, 5).reshape(b, c, bh * BLOCK, bw * BLOCK)
+
+
 # ------------------------------------------------------------------------------------ losses
 def frequency_aware_loss(pred: Tensor, target: Tensor, quality: int = config.JPEG_QUALITY,
                          gamma: float = config.FREQ_GAMMA) -> Tensor:

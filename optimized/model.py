@@ -24,12 +24,19 @@ from deco.portable import FORMAT_KEY, FORMAT_VERSION
 
 from .gemm import Linear
 from .layers import (
+    Attention,
     DecoderBlock,
     DiTBlock,
     LinearHead,
     PixelDecoder,
+    RMSNorm,
+    SwiGLU,
     TimestepEmbedder,
+    apply_rope,
+    dct_position_features,
+    layer_norm,
     rope_angles,
+    timestep_features,
 )
 
 
@@ -249,7 +256,35 @@ class BaselineDiT(DiffusionTransformer):
         return out.view(b, h // p, w // p, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)
 
 
-__all__ = ["BaselineDiT", "DeCo", "DiffusionTransformer", "check_image_and_time", "patchify"]
+#: The optimized object that implements each function of reference/model.py (spec/03) that has no
+#: twin of the same name here: the blocks live in layers.py as `nn.Module`s, and the reference's
+#: whole-model functions are methods of the model classes. (The table functions of layers.py,
+#: `rope_angles`, `apply_rope`, `timestep_features`, `dct_position_features` and `layer_norm`, are
+#: imported here under their reference names.)
+REFERENCE_TWINS: dict[str, object] = {
+    "linear": Linear,
+    "silu": F.silu,
+    "rms_norm": RMSNorm,
+    "modulate": DiTBlock,  # adaLN modulation, fused into the block's forward
+    "timestep_embedding": TimestepEmbedder,
+    "label_embedding": nn.Embedding,  # DiffusionTransformer.y_embed
+    "unpatchify": BaselineDiT.forward,  # DeCo's decoder writes pixels in image layout directly
+    "attention": Attention,
+    "swiglu": SwiGLU,
+    "dit_block": DiTBlock,
+    "decoder_block": DecoderBlock,
+    "pixel_decoder": PixelDecoder,
+    "dit_trunk": DiffusionTransformer.trunk,
+    "deco_semantic": DeCo.semantic,
+    "deco_forward": DeCo.forward,
+    "baseline_forward": BaselineDiT.forward,
+}
+
+
+__all__ = [
+    "REFERENCE_TWINS", "BaselineDiT", "DeCo", "DiffusionTransformer", "apply_rope", "check_image_and_time",
+    "dct_position_features", "layer_norm", "patchify", "rope_angles", "timestep_features",
+]
 
 
 def _describe(value: Any) -> str:

@@ -143,9 +143,21 @@ def sample(
     if solver == "adams":
         states = adams(model, noise, cond, null, grid, guidance, (low, high), order)
     else:
-        states = euler_heun(model, noise, cond, null, grid, guidance, (low, high),
-                            heun=solver == "heun", exact=exact_heun)
+        states = (heun(model, noise, cond, null, grid, guidance, (low, high), exact_heun)
+                  if solver == "heun" else euler(model, noise, cond, null, grid, guidance, (low, high)))
     return (states[-1], torch.stack(states)) if return_trajectory else states[-1]
+
+
+def euler(model: VelocityModel, noise: Tensor, cond: Tensor, null: Tensor, grid: list[float],
+          guidance: float, interval: tuple[float, float]) -> list[Tensor]:
+    """Every state of the Euler sampler (04 §3) on `grid`, conditions already checked."""
+    return euler_heun(model, noise, cond, null, grid, guidance, interval, heun=False, exact=False)
+
+
+def heun(model: VelocityModel, noise: Tensor, cond: Tensor, null: Tensor, grid: list[float],
+         guidance: float, interval: tuple[float, float], exact: bool = False) -> list[Tensor]:
+    """Every state of the Heun sampler (04 §4) on `grid`, conditions already checked."""
+    return euler_heun(model, noise, cond, null, grid, guidance, interval, heun=True, exact=exact)
 
 
 def euler_heun(model: VelocityModel, noise: Tensor, cond: Tensor, null: Tensor, grid: list[float],
@@ -234,3 +246,10 @@ class SampleSettings:
         """The keyword arguments of `sample`."""
         return {"steps": self.steps, "guidance": self.guidance, "interval": self.interval,
                 "timeshift": self.timeshift, "solver": self.solver}
+
+
+#: The optimized object that implements each function of reference/sampling.py (spec/04) that has
+#: no twin of the same name here.
+REFERENCE_TWINS: dict[str, object] = {
+    "check_conditions": as_condition,  # deco.optimized.checks: labels/text and null, once per call
+}

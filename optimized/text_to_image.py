@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gemm import Linear
-from .layers import DiTBlock, RMSNorm, text_rope_angles
+from .layers import DiTBlock, RMSNorm, text_position_features, text_rope_angles
 from .model import DeCo, check_image_and_time
 
 
@@ -93,4 +93,17 @@ class TextDeCo(DeCo):
         return out
 
 
-__all__ = ["TextDeCo", "TextEmbedder"]
+#: The optimized object that implements each function of reference/text_to_image.py (spec/06) that
+#: has no twin of the same name here (see model.py's map).
+REFERENCE_TWINS: dict[str, object] = {
+    "text_embedding": TextEmbedder,
+    "text_refine_block": DiTBlock,  # a DiT block on the text tokens alone
+    "joint_dit_block": DiTBlock,  # a DiT block given the text tokens as context
+    "t2i_trunk": TextDeCo.trunk,
+    "t2i_semantic": TextDeCo.semantic,
+    "t2i_forward": TextDeCo.forward,
+}
+
+__all__ = [
+    "REFERENCE_TWINS", "TextDeCo", "TextEmbedder", "text_position_features", "text_rope_angles",
+]

@@ -91,3 +91,12 @@ def save_model(model: DiffusionTransformer, path: str | Path, dtype: torch.dtype
     if not isinstance(model, DiffusionTransformer):
         raise TypeError(f"model: expected a DeCo, TextDeCo or BaselineDiT, got {type(model).__name__}")
     model.save(path, dtype)
+
+
+#: The optimized object that implements each function or class of reference/weights.py (spec/05)
+#: that has no twin of the same name here.
+REFERENCE_TWINS: dict[str, object] = {
+    "Model": DiffusionTransformer,  # a config plus weights, callable as forward(x, t, y)
+    "check_weights": DiffusionTransformer.load_state_dict,  # strict names and shapes (portable names)
+    "save_weights": save_model,
+}

@@ -242,3 +242,40 @@ def test_cuda_matches_reference() -> None:
         p, t = (x.cuda() for x in as_torch(pred, target, dtype=dtype))
         expected = R.frequency_aware_loss(p.double().cpu().numpy(), t.double().cpu().numpy(), 20, 0.7)
         assert rel_err(L.frequency_aware_loss(p, t, 20, 0.7).item(), expected) <= tolerance
+
+
+# ---------------------------------------------------------------- the inverse transforms (02 §1, §3)
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), batch=BATCH, h=SIDES, w=SIDES)
+def test_ycbcr_to_rgb_matches_the_reference(seed: int, batch: int, h: int, w: int) -> None:
+    x = np.random.default_rng(seed).standard_normal((batch, 3, h, w))
+    expected = R.ycbcr_to_rgb(x)
+    assert rel_err(L.ycbcr_to_rgb(torch.from_numpy(x)).numpy(), expected) <= F64_RTOL
+    assert rel_err(L.ycbcr_to_rgb(torch.from_numpy(x).float()).double().numpy(), expected) <= F32_RTOL
+
+
+def test_ycbcr_to_rgb_inverts_rgb_to_ycbcr() -> None:
+    # closed form: M^-1 M = I, so the round trip returns the input
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 3, 5, 7)))
+    assert rel_err(L.ycbcr_to_rgb(L.rgb_to_ycbcr(x)).numpy(), x.numpy()) <= F64_RTOL
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), batch=BATCH, bh=st.integers(1, 4), bw=st.integers(1, 4))
+def test_block_idct_matches_the_reference(seed: int, batch: int, bh: int, bw: int) -> None:
+    d = np.random.default_rng(seed).standard_normal((batch, 2, bh, bw, 8, 8))
+    expected = R.block_idct(d)
+    assert rel_err(L.block_idct(torch.from_numpy(d)).numpy(), expected) <= F64_RTOL
+    assert rel_err(L.block_idct(torch.from_numpy(d).float()).double().numpy(), expected) <= F32_RTOL
+
+
+def test_block_idct_inverts_block_dct_on_whole_blocks() -> None:
+    # the DCT matrix is orthonormal: C^T (C X C^T) C = X, block by block, in place
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((2, 3, 16, 24)))
+    assert rel_err(L.block_idct(L.block_dct(x)).numpy(), x.numpy()) <= F64_RTOL
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 8, 8), (1, 1, 1, 1, 8, 4)])
+def test_block_idct_refuses_what_is_not_8x8_blocks(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"^coeffs: expected a \(B, C, Bh, Bw, 8, 8\) tensor"):
+        L.block_idct(torch.zeros(shape))
