@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from deco.config import DeCoConfig
 from deco.optimized.frequency import frequency_aware_loss
 from deco.optimized.gemm import auto_backend, linear, onednn_available
-from deco.optimized.model import build_model
+from deco.optimized.weights import build_model
 from deco.release import portable_name
 
 BENCH_DIR = Path(__file__).resolve().parent

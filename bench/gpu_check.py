@@ -411,8 +411,8 @@ def onnxruntime_gpu(report: Report, plan: Plan, device: Any, dtype: str, folder:
     from common import our_model
 
     from deco.config import DeCoConfig
-    from deco.onnx_export import RTOL_BY_DTYPE, data_file, export_onnx
-    from deco.onnx_runtime import OnnxVelocityModel
+    from deco.deploy.export import RTOL_BY_DTYPE, data_file, export_onnx
+    from deco.deploy.runtime import OnnxVelocityModel
     from deco.optimized.gemm import full_float32_products
 
     try:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from common import Sizes, batch_for, our_model, record
 
-from deco.onnx_export import export_onnx
-from deco.onnx_runtime import OnnxVelocityModel
+from deco.deploy.export import export_onnx
+from deco.deploy.runtime import OnnxVelocityModel
 
 ARCHS = ["deco", "baseline"]
 

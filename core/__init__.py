@@ -5,7 +5,7 @@ implementation, `deco.config` the configuration both share. Importing `deco` imp
 NumPy nor torch.
 """
 
-from .config import PRESETS, DeCoConfig
+from deco.config import PRESETS, DeCoConfig
 
 __version__ = "0.1.0"
 __all__ = ["PRESETS", "DeCoConfig", "__version__"]

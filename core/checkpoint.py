@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .atomic import atomic_write
+from deco.atomic import atomic_write
 
 FORMAT_KEY = "deco_training_checkpoint"
 FORMAT_VERSION = "1"

@@ -29,6 +29,8 @@ NORM_EPS = 1e-6
 # Constants of the frequency-aware loss (spec/02-frequency-loss.md §1, §4), as plain nested
 # tuples so that this module stays free of NumPy and torch; each implementation converts them.
 FREQ_BLOCK = 8  # the DCT block size
+JPEG_QUALITY = 85  # the paper's quality of the JPEG tables behind the frequency weights (02 §4)
+FREQ_GAMMA = 1.0  # the exponent of the frequency weights (02 §5)
 #: Full-range JPEG / BT.601 RGB -> YCbCr matrix, rows (Y, Cb, Cr); no +128 offsets (02 §1).
 YCBCR_MATRIX: tuple[tuple[float, ...], ...] = (
     (0.299, 0.587, 0.114),

@@ -185,7 +185,7 @@ class ImageFolderDataset(Dataset[tuple[Tensor, int]]):
 
 
 class CaptionItems(Dataset[tuple[Tensor, Any]]):
-    """A map-style dataset of (image, caption) pairs (e.g. `deco.captions.CaptionFolderDataset`)
+    """A map-style dataset of (image, caption) pairs (e.g. `deco.text.captions.CaptionFolderDataset`)
     as `BatchStream` reads it: keys (index, flip) with no flips (a caption may say "left"), no
     classes."""
 

@@ -16,7 +16,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from .atomic import atomic_write
+from deco.atomic import atomic_write
 
 
 def to_uint8(images: Tensor) -> NDArray[np.uint8]:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
-from .config import DeCoConfig, parameter_shapes
+from deco.config import DeCoConfig, parameter_shapes
 
 
 class HasShape(Protocol):

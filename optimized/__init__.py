@@ -7,8 +7,8 @@ products in `gemm`), `sampling` (04), `weights` (05); `trainer` is the training 
 """
 
 from deco.config import DeCoConfig
+from deco.errors import FieldError
 
-from .checks import FieldError
 from .flow import (
     drop_labels,
     drop_text,
@@ -21,11 +21,11 @@ from .flow import (
 )
 from .frequency import block_dct, frequency_aware_loss, frequency_weights, rgb_to_ycbcr
 from .gemm import cpu_gemm, cpu_gemm_backend, full_float32_products, onednn_available, set_cpu_gemm
-from .model import BaselineDiT, DeCo, DiffusionTransformer, build_model
+from .model import BaselineDiT, DeCo, DiffusionTransformer
 from .sampling import SampleSettings, adams_weights, sample, time_grid
 from .text_to_image import TextDeCo
 from .trainer import Draws, NonFiniteLossError, TrainConfig, Trainer
-from .weights import load_model, save_model
+from .weights import build_model, load_model, save_model
 
 __all__ = [
     "BaselineDiT",

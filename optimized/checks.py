@@ -2,8 +2,8 @@
 
 Every public entry point validates what it is given and raises TypeError (wrong kind of value) or
 ValueError (right kind, wrong value) with a message that starts with the argument's name, as the
-reference does (`reference/checks.py`). `FieldError` is the ValueError of a configuration field:
-it carries the field's name so that the command line can name the flag instead (deco.cli_train).
+reference does (`reference/checks.py`). Configuration fields are checked by `deco.errors`' `field_*`
+helpers, which raise `FieldError` (shared with the command line, which names the flag instead).
 """
 
 from __future__ import annotations
@@ -14,15 +14,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-
-class FieldError(ValueError):
-    """An invalid configuration field: `str(e)` is "<field>: <message>"."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def describe(value: Any) -> str:
@@ -68,49 +59,6 @@ def check_gamma(gamma: object) -> float:
     if not math.isfinite(gamma):
         raise ValueError(f"gamma: expected a finite float, got {gamma}")
     return float(gamma)
-
-
-# ------------------------------------------------------------------------------ fields
-def field_positive(obj: Any, *names: str) -> None:
-    """Each field is a positive finite number."""
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-            raise FieldError(name, f"expected a positive finite float, got {value!r}")
-
-
-def field_non_negative(obj: Any, *names: str) -> None:
-    """Each field is a finite number >= 0."""
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
-            raise FieldError(name, f"expected a finite float >= 0, got {value!r}")
-
-
-def field_probability(obj: Any, *names: str) -> None:
-    """Each field is a number in [0, 1]."""
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-            raise FieldError(name, f"expected a float in [0, 1], got {value!r}")
-
-
-def field_int(obj: Any, name: str, low: int, high: int | None = None) -> None:
-    """The field is an int in [low, high]."""
-    value = getattr(obj, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (
-        high is not None and value > high
-    ):
-        expected = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
-        raise FieldError(name, f"expected {expected}, got {value!r}")
-
-
-def field_finite(obj: Any, *names: str) -> None:
-    """Each field is a finite number."""
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise FieldError(name, f"expected a finite float, got {value!r}")
 
 
 # ------------------------------------------------------------------------------ conditions

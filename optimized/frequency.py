@@ -75,8 +75,8 @@ def _cached_weights(quality: int, gamma: float, device: torch.device, dtype: tor
 
 
 def frequency_weights(
-    quality: int = 85,
-    gamma: float = 1.0,
+    quality: int = config.JPEG_QUALITY,
+    gamma: float = config.FREQ_GAMMA,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -137,14 +137,21 @@ def block_dct(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ losses
-def frequency_aware_loss(pred: Tensor, target: Tensor, quality: int = 85, gamma: float = 1.0) -> Tensor:
+def frequency_aware_loss(pred: Tensor, target: Tensor, quality: int = config.JPEG_QUALITY,
+                         gamma: float = config.FREQ_GAMMA) -> Tensor:
     """Scalar mean over (B, 3, Bh, Bw, 8, 8) of w[c, u, v] (D(pred) - D(target))^2.
 
     Computed in float32 for bf16/fp16 inputs and with autocast off (an autocast matmul would
     round the DCT to bf16); the result has the compute dtype.
     """
     pred, target = check_pair(pred, target, images=True)
-    quality, gamma = check_quality(quality), check_gamma(gamma)
+    return checked_frequency_loss(pred, target, check_quality(quality), check_gamma(gamma))
+
+
+def checked_frequency_loss(pred: Tensor, target: Tensor, quality: int, gamma: float) -> Tensor:
+    """`frequency_aware_loss` on arguments already validated where they entered (the training
+    step's batch by `check_batch`, quality and gamma by `TrainConfig`): no checks, so the hot
+    path of a training step validates nothing per micro-batch."""
     dtype = compute_dtype(pred, target)
     with torch.autocast(pred.device.type, enabled=False):
         d = reflect_pad(pred.to(dtype) - target.to(dtype))

@@ -4,7 +4,8 @@
 noisy images x (B, C, H, W) (H, W multiples of the patch size; RoPE makes any grid valid), times
 t (B,) in [0, 1] (t = 1 is data) and labels y (B,) in 0..num_classes (num_classes = null class).
 `state_dict()` uses exactly the portable names and shapes of `deco.config.parameter_shapes`.
-`load_model` (from `.io`) is re-exported here.
+`build_model` (which picks the class from the config), `load_model` and `save_model` are in
+`weights.py`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from deco.atomic import atomic_write
 from deco.config import DeCoConfig
+from deco.portable import FORMAT_KEY, FORMAT_VERSION
 
 from .gemm import Linear
 from .layers import (
@@ -27,7 +31,6 @@ from .layers import (
     TimestepEmbedder,
     rope_angles,
 )
-from .weights import load_model, save_model
 
 
 class DiffusionTransformer(nn.Module):
@@ -119,9 +122,19 @@ class DiffusionTransformer(nn.Module):
             tokens = block(tokens, c, cos, sin, context)
         return tokens, t_emb, c
 
-    def save(self, path: str | Path) -> None:
-        """Write the weights and config to a DeCo `.safetensors` file, atomically."""
-        save_model(self, path)
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write the weights and config to a DeCo `.safetensors` file (spec/05) atomically
+        (temporary file in the same folder, fsync, rename). dtype: default float64 for float64
+        models, float32 otherwise (the format is read with NumPy by the reference, which has no
+        bfloat16)."""
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"path: folder {path.parent} does not exist")
+        if dtype is None:
+            dtype = torch.float64 if self.patch_embed.weight.dtype == torch.float64 else torch.float32
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        meta = {FORMAT_KEY: FORMAT_VERSION, "config": self.config.to_json()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def patchify(x: Tensor, p: int) -> Tensor:
@@ -236,18 +249,7 @@ class BaselineDiT(DiffusionTransformer):
         return out.view(b, h // p, w // p, ch, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)
 
 
-__all__ = ["BaselineDiT", "DeCo", "DiffusionTransformer", "build_model", "load_model", "save_model"]
-
-
-def build_model(config: DeCoConfig) -> DeCo | BaselineDiT:
-    """`DeCo`, `TextDeCo` (a `DeCo`) or `BaselineDiT` according to `config.architecture`."""
-    if not isinstance(config, DeCoConfig):
-        raise TypeError(f"config: expected a DeCoConfig, got {type(config).__name__}")
-    if config.architecture == "t2i":
-        from .text_to_image import TextDeCo  # it subclasses DeCo: imported here, not at the top
-
-        return TextDeCo(config)
-    return DeCo(config) if config.architecture == "deco" else BaselineDiT(config)
+__all__ = ["BaselineDiT", "DeCo", "DiffusionTransformer", "check_image_and_time", "patchify"]
 
 
 def _describe(value: Any) -> str:

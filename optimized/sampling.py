@@ -19,7 +19,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .checks import FieldError, as_condition, as_finite_float, as_int, field_finite, field_int, field_positive
+from deco.errors import FieldError, field_finite, field_int, field_positive
+
+from .checks import as_condition, as_finite_float, as_int
 
 SOLVERS = ("euler", "heun", "adams")
 
@@ -45,8 +47,24 @@ def time_grid(steps: int, timeshift: float = 1.0) -> list[float]:
 
 
 def guidance_at(t: float, guidance: float, interval: tuple[float, float]) -> float:
-    """The scale in force at time t: `guidance` where low < t <= high, else 1."""
+    """The scale in force at time t for Euler and Heun: `guidance` where low < t <= high, else 1."""
     return guidance if interval[0] < t <= interval[1] else 1.0
+
+
+def adams_guidance_at(t: float, guidance: float, interval: tuple[float, float]) -> float:
+    """The scale in force at the Adams sampler's time t: `guidance` where low < t < high, strict at
+    both ends like the release's AdamLMSampler (so never at t = 0), else 1."""
+    return guidance if interval[0] < t < interval[1] else 1.0
+
+
+def check_interval(interval: Any) -> tuple[float, float]:
+    """The guidance interval as (low, high) with 0 <= low <= high <= 1."""
+    if isinstance(interval, (str, bytes)) or not isinstance(interval, (tuple, list)) or len(interval) != 2:
+        raise TypeError(f"interval: expected a pair (low, high), got {interval!r}")
+    low, high = (as_finite_float("interval", v) for v in interval)
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"interval: expected 0 <= low <= high <= 1, got {tuple(interval)}")
+    return low, high
 
 
 def guided_velocity(model: VelocityModel, x: Tensor, t: float, cond: Tensor, null: Tensor,
@@ -116,11 +134,7 @@ def sample(
         raise ValueError(f"noise: expected a 4-D tensor (B, C, H, W), got shape {tuple(noise.shape)}")
     guidance = as_finite_float("guidance", guidance)
     cond, null = as_condition(model.config, labels, null, noise, guidance)
-    if not isinstance(interval, (tuple, list)) or len(interval) != 2:
-        raise TypeError(f"interval: expected a pair (low, high), got {interval!r}")
-    low, high = (as_finite_float("interval", v) for v in interval)
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"interval: expected 0 <= low <= high <= 1, got {tuple(interval)}")
+    low, high = check_interval(interval)
     if not isinstance(solver, str):
         raise TypeError(f"solver: expected one of {SOLVERS}, got {type(solver).__name__}")
     if solver not in SOLVERS:
@@ -169,7 +183,7 @@ def adams(model: VelocityModel, noise: Tensor, cond: Tensor, null: Tensor, grid:
     t = 0.0  # accumulated like the release's t_cur (equal to grid[i] up to rounding)
     for i in range(len(grid) - 1):
         dt = grid[i + 1] - grid[i]
-        scale = guidance if interval[0] < t < interval[1] else 1.0
+        scale = adams_guidance_at(t, guidance, interval)
         history = [*history, guided_velocity(model, x, t, cond, null, scale)][-order:]
         weights = coeffs[i]  # min(order, i + 1) of them, oldest first
         recent = history[-len(weights):]
@@ -198,15 +212,11 @@ class SampleSettings:
         field_int(self, "steps", 1)
         field_finite(self, "guidance")
         field_positive(self, "timeshift")
-        interval = self.interval
-        if not isinstance(interval, (tuple, list)) or len(interval) != 2 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval
-        ):
-            raise FieldError("interval", f"expected a pair (low, high), got {interval!r}")
-        low, high = interval
-        if not 0.0 <= low <= high <= 1.0:
-            raise FieldError("interval", f"expected 0 <= low <= high <= 1, got {low} {high}")
-        object.__setattr__(self, "interval", (float(low), float(high)))
+        try:
+            interval = check_interval(self.interval)
+        except (TypeError, ValueError) as exc:
+            raise FieldError("interval", str(exc).removeprefix("interval: ")) from None
+        object.__setattr__(self, "interval", interval)
         if self.solver not in SOLVERS:
             raise FieldError("solver", f"expected one of {', '.join(SOLVERS)}, got {self.solver!r}")
 

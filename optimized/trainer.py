@@ -47,17 +47,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import (
+from deco.config import FREQ_GAMMA, JPEG_QUALITY
+from deco.errors import (
     FieldError,
-    check_batch,
-    check_label_range,
-    check_text_batch,
     field_finite,
     field_int,
     field_non_negative,
     field_positive,
     field_probability,
 )
+
+from .checks import check_batch, check_label_range, check_text_batch
 from .flow import (
     drop_text,
     flow_matching_loss,
@@ -68,7 +68,7 @@ from .flow import (
     time_shift,
     uniform_time,
 )
-from .frequency import frequency_aware_loss
+from .frequency import checked_frequency_loss
 from .gemm import Linear
 from .model import DiffusionTransformer
 
@@ -83,7 +83,7 @@ class NonFiniteLossError(ValueError):
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of the training step, validated once, here. Defaults are the release's
-    class-to-image recipe, except `grad_clip` (see above). `deco.job.RunConfig` contains one."""
+    class-to-image recipe, except `grad_clip` (see above). `deco.train.job.RunConfig` contains one."""
 
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's defaults: the release passes none
@@ -97,8 +97,8 @@ class TrainConfig:
     time_std: float = 1.0
     timeshift: float = 1.0  # s > 1 moves training times towards noise
     freq_weight: float = 1.0  # lambda of the frequency-aware loss
-    quality: int = 85  # JPEG quality of the frequency weights
-    gamma: float = 1.0  # exponent of the frequency weights
+    quality: int = JPEG_QUALITY  # JPEG quality of the frequency weights
+    gamma: float = FREQ_GAMMA  # exponent of the frequency weights
     repa_weight: float = 0.5  # used only when the Trainer is given an encoder
     repa_layer: int = 8  # 1-based index of the DiT block whose output tokens are aligned
     repa_encoder_dim: int = 768  # feature width of the encoder (768: DINOv2-B)
@@ -336,7 +336,7 @@ class Trainer:
             if handle is not None:
                 handle.remove()
         fm = flow_matching_loss(pred, v)
-        freq = frequency_aware_loss(pred, v, cfg.quality, cfg.gamma)
+        freq = checked_frequency_loss(pred, v, cfg.quality, cfg.gamma)
         loss = fm + cfg.freq_weight * freq
         repa = torch.zeros_like(loss)
         if self.projector is not None:

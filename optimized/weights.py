@@ -1,4 +1,4 @@
-"""Loading and saving models (spec/05-weights.md; mirrors reference/weights.py).
+"""Building, loading and saving models (spec/05-weights.md; mirrors reference/weights.py).
 
 `load_model` reads either a DeCo `.safetensors` file (portable names, config JSON in the header
 metadata, deco.portable) or a public
@@ -9,19 +9,27 @@ config inferred from the tensor shapes). The kind of file is told by its content
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from deco.atomic import atomic_write
 from deco.config import DeCoConfig
-from deco.portable import FORMAT_KEY, FORMAT_VERSION, read_metadata
+from deco.portable import read_metadata
 from deco.release import check_shapes, read_release_checkpoint
 
-if TYPE_CHECKING:  # model.py imports this module (and re-exports load_model)
-    from .model import BaselineDiT, DeCo, DiffusionTransformer
+from .model import BaselineDiT, DeCo, DiffusionTransformer
+from .text_to_image import TextDeCo
+
+
+def build_model(config: DeCoConfig) -> DeCo | BaselineDiT:
+    """`DeCo`, `TextDeCo` (a `DeCo`) or `BaselineDiT` according to `config.architecture`."""
+    if not isinstance(config, DeCoConfig):
+        raise TypeError(f"config: expected a DeCoConfig, got {type(config).__name__}")
+    if config.architecture == "t2i":
+        return TextDeCo(config)
+    return DeCo(config) if config.architecture == "deco" else BaselineDiT(config)
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -70,8 +78,6 @@ def load_model(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
     config, state = load_weights(path, weights)
-    from .model import build_model
-
     stored = next(iter(state.values())).dtype
     with torch.device("meta"):  # no initialisation work: every parameter is assigned below
         model = build_model(config)
@@ -80,19 +86,8 @@ def load_model(
 
 
 def save_model(model: DiffusionTransformer, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write `model`'s weights and config atomically (temporary file in the same folder, fsync,
-    rename). dtype: default float64 for float64 models, float32 otherwise (the format is read
-    with NumPy by the reference, which has no bfloat16)."""
-    from .model import DiffusionTransformer
-
+    """Write `model`'s weights and config atomically (`DiffusionTransformer.save`), after checking
+    that it is one of this package's models."""
     if not isinstance(model, DiffusionTransformer):
         raise TypeError(f"model: expected a DeCo, TextDeCo or BaselineDiT, got {type(model).__name__}")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"path: folder {path.parent} does not exist")
-    state = model.state_dict()
-    if dtype is None:
-        dtype = torch.float64 if model.patch_embed.weight.dtype == torch.float64 else torch.float32
-    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
-    meta = {FORMAT_KEY: FORMAT_VERSION, "config": model.config.to_json()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    model.save(path, dtype)

@@ -26,9 +26,8 @@ from .frequency import (
     rgb_to_ycbcr,
     ycbcr_to_rgb,
 )
-from .model import Model
 from .sampling import adams_weights, sample, time_grid
-from .weights import load_model, load_weights, save_weights
+from .weights import Model, load_model, load_weights, save_weights
 
 __all__ = [
     "DeCoConfig",

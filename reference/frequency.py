@@ -90,7 +90,7 @@ def quantisation_table(base: ArrayLike, quality: int) -> Array:
     return np.clip(np.floor((t * quality_scale(quality) + 50.0) / 100.0), 1.0, 255.0)
 
 
-def frequency_weights(quality: int = 85, gamma: float = 1.0) -> Array:
+def frequency_weights(quality: int = config.JPEG_QUALITY, gamma: float = config.FREQ_GAMMA) -> Array:
     """(3, 8, 8) weights for (Y, Cb, Cr): w = (mean(Q)/Q)^gamma, divided by its mean per channel.
 
     Y uses the luminance table, Cb and Cr the chrominance table (§5)."""
@@ -103,7 +103,9 @@ def frequency_weights(quality: int = 85, gamma: float = 1.0) -> Array:
     return np.stack(out)
 
 
-def frequency_aware_loss(pred: ArrayLike, target: ArrayLike, quality: int = 85, gamma: float = 1.0) -> float:
+def frequency_aware_loss(
+    pred: ArrayLike, target: ArrayLike, quality: int = config.JPEG_QUALITY, gamma: float = config.FREQ_GAMMA
+) -> float:
     """mean over (B, 3, Bh, Bw, 8, 8) of w[c, u, v] (D(pred) - D(target))^2, with
     D = block_dct(rgb_to_ycbcr(.)) (§6)."""
     pred = as_float_array("pred", pred, ndim=4, channels=3)

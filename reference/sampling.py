@@ -55,6 +55,12 @@ def guidance_at(t: float, guidance: float, interval: tuple[float, float]) -> flo
     return guidance if interval[0] < t <= interval[1] else 1.0
 
 
+def adams_guidance_at(t: float, guidance: float, interval: tuple[float, float]) -> float:
+    """The scale in force at the Adams sampler's time t (§6): `guidance` where low < t < high,
+    strict at both ends like the release's AdamLMSampler (so never at t = 0), else 1."""
+    return guidance if interval[0] < t < interval[1] else 1.0
+
+
 def euler(
     model: VelocityModel, noise: Array, labels: Array, grid: Array, guidance: float,
     interval: tuple[float, float], trajectory: list[Array] | None = None, null: Any = None,
@@ -140,7 +146,7 @@ def adams(
     if trajectory is not None:
         trajectory.append(x)
     for i, w in enumerate(weights):
-        g = guidance if interval[0] < t < interval[1] else 1.0
+        g = adams_guidance_at(t, guidance, interval)
         history.append(guided_velocity(model, x, t, labels, g, null))
         v = sum((wj * vj for wj, vj in zip(w, history[-len(w):], strict=True)), np.zeros_like(x))
         dt = grid[i + 1] - grid[i]

@@ -1,4 +1,6 @@
-"""The portable weight file (spec/05-weights.md): safetensors, portable names, config in metadata."""
+"""A model as the reference holds it (`Model`: a config plus float64 weights, spec/03 and 06) and
+the portable weight file it is read from and written to (spec/05-weights.md): safetensors,
+portable names, config in metadata."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from deco.config import DeCoConfig
 from deco.portable import FORMAT_KEY, FORMAT_VERSION, read_metadata
 from deco.release import check_shapes
 
-from .checks import Array
-from .model import Model
+from .checks import Array, as_condition, as_float_array
+from .model import baseline_forward, deco_forward, deco_semantic
+from .text_to_image import t2i_forward, t2i_semantic
 
 
 def check_weights(config: DeCoConfig, weights: Mapping[str, Any]) -> dict[str, Array]:
@@ -27,6 +30,55 @@ def check_weights(config: DeCoConfig, weights: Mapping[str, Any]) -> dict[str, A
         if not np.all(np.isfinite(value)):
             raise ValueError(f"weights: {name} contains NaN or infinite values")
     return arrays
+
+
+
+class Model:
+    """A DeCo, baseline or text-to-image model: a config plus float64 weights.
+
+    `forward(x, t, y)` -> velocity, where y is the condition: class labels (B,) for the class
+    models, text-encoder hidden states (B, T, E) for architecture "t2i" (spec/06)."""
+
+    def __init__(self, config: DeCoConfig, weights: Mapping[str, Any]) -> None:
+        self.config = config
+        self.weights: dict[str, Array] = check_weights(config, weights)
+
+    def check_inputs(self, x: Any, t: Any, y: Any) -> tuple[Array, Array, Any]:
+        """Validated (x, t, condition): labels (B,) or, for the text model, text (B, T, E)."""
+        cfg = self.config
+        x = as_float_array("x", x, ndim=4, channels=cfg.in_channels)
+        h, w = x.shape[2], x.shape[3]
+        if h % cfg.patch_size or w % cfg.patch_size or h == 0 or w == 0:
+            raise ValueError(
+                f"x: height and width must be positive multiples of patch_size={cfg.patch_size}, "
+                f"got {x.shape[2]}x{x.shape[3]}"
+            )
+        t = as_float_array("t", t)
+        t = np.broadcast_to(t, (x.shape[0],)).copy() if t.ndim == 0 else t
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t: expected shape ({x.shape[0]},), got {t.shape}")
+        return x, t, as_condition("text" if cfg.is_text else "y", y, cfg, x.shape[0])
+
+    def forward(self, x: Any, t: Any, y: Any) -> Array:
+        """Velocity for noisy images x (B, C, H, W), times t (B,) and condition y: labels (B,)
+        or, for the text model, text embeddings (B, T, E)."""
+        x, t, y = self.check_inputs(x, t, y)
+        if self.config.is_text:
+            return t2i_forward(x, t, y, self.config, self.weights)
+        fn = deco_forward if self.config.architecture == "deco" else baseline_forward
+        return fn(x, t, y, self.config, self.weights)
+
+    __call__ = forward
+
+    def semantic(self, x: Any, t: Any, y: Any) -> Array:
+        """DeCo and text DeCo: the decoder's condition silu(t_emb + s) as (B, D, H/p, W/p)."""
+        if self.config.architecture == "baseline":
+            raise ValueError("semantic: only defined for architectures 'deco' and 't2i'")
+        x, t, y = self.check_inputs(x, t, y)
+        fn = t2i_semantic if self.config.is_text else deco_semantic
+        s = fn(x, t, y, self.config, self.weights)
+        p = self.config.patch_size
+        return s.reshape(x.shape[0], x.shape[2] // p, x.shape[3] // p, s.shape[-1]).transpose(0, 3, 1, 2)
 
 
 def load_weights(path: str | Path) -> tuple[DeCoConfig, dict[str, Array]]:

@@ -19,14 +19,14 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("webdataset")
 
-from deco.captions import (
+from deco.data import center_crop, to_tensor
+from deco.text.captions import (
     CaptionDataError,
     CaptionFolderDataset,
     WebDatasetCaptions,
     open_caption_dataset,
     split_shards,
 )
-from deco.data import center_crop, to_tensor
 
 R = 16
 

@@ -24,9 +24,9 @@ from deco import checkpoint as ckpt
 from deco.checkpoint import CHECKPOINT_NAME, flatten, load_checkpoint, save_checkpoint, unflatten
 from deco.cli import main
 from deco.data import DigitsDataset
-from deco.job import LOG_NAME, RunConfig, TrainingError, train
 from deco.optimized import TrainConfig
 from deco.optimized.sampling import SampleSettings
+from deco.train.job import LOG_NAME, RunConfig, TrainingError, train
 
 TINY: dict[str, Any] = dict(model="DiT-tiny/4", batch_size=16, log_every=1, device="cpu",
                             train=TrainConfig(lr=1e-3, ema_decay=0.9, timeshift=2.0),

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from deco import conformance as kit
 from deco import reference as ref
 from deco.cli import main
-from deco.conformance_vectors import write_vectors
+from deco.conformance.vectors import write_vectors
 from deco.reference import model as ref_model
 from deco.reference import sampling as ref_sampling
 from deco.reference import text_to_image as ref_t2i

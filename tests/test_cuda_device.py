@@ -19,8 +19,8 @@ from test_optimized_model import BF16_FACTOR, bf16_round
 
 from deco import reference as R
 from deco.optimized.gemm import full_float32_products
-from deco.optimized.model import build_model
 from deco.optimized.sampling import sample
+from deco.optimized.weights import build_model
 
 #: spec/00-conventions.md §5: float32 vs the float64 reference on tiny models.
 F32_RTOL = 1e-5

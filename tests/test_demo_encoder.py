@@ -1,7 +1,7 @@
-"""The built-in text demo's encoder (`deco.demo_encoder`): a tiny Qwen3 taught the demo's language.
+"""The built-in text demo's encoder (`deco.text.demo_encoder`): a tiny Qwen3 taught the demo's language.
 
 Oracle: the meaning of each caption, known from how it was written ((left, right) digits of
-`deco.digit_pairs`). The taught encoder must give two wordings of the same pair nearly the same
+`deco.text.digit_pairs`). The taught encoder must give two wordings of the same pair nearly the same
 final state, and the untaught random one of `build_tiny_qwen3` must not (so the check can fail)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deco import demo_encoder
-from deco.demo_encoder import DemoEncoderConfig, train_demo_encoder
-from deco.digit_pairs import ALL_PAIRS, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, prompts
-from deco.text_encoder import Qwen3TextEncoder, build_tiny_qwen3
+from deco.text import demo_encoder
+from deco.text.demo_encoder import DemoEncoderConfig, train_demo_encoder
+from deco.text.digit_pairs import ALL_PAIRS, HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, prompts
+from deco.text.encoder import Qwen3TextEncoder, build_tiny_qwen3
 
 pytest.importorskip("transformers")
 

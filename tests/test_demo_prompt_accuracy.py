@@ -2,7 +2,7 @@
 then `deco evaluate`, must reach the target of the demo (>= 90% prompt accuracy with guidance on
 held-out prompts: new digit pairs, new wordings, both), also for the swapped prompts.
 
-Oracle: the digits classifier of `deco.evaluation` (97.8% on real held-out digits) reading each
+Oracle: the digits classifier of `deco.evaluate.digits` (97.8% on real held-out digits) reading each
 half of every generated image, against the digits each prompt names. This is the whole demo as a
 user runs it (about 6 minutes on 2 cores), so it is marked slow; the measured run is recorded in
 bench/RESULTS_training.md."""

@@ -24,8 +24,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from deco.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from deco.job import Job, RunConfig, setup_distributed
 from deco.optimized import TrainConfig
+from deco.train.job import Job, RunConfig, setup_distributed
 
 pytestmark = pytest.mark.slow
 

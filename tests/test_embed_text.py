@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from deco.cli import main
-from deco.embed_text import EmbeddingStore, embed_captions
+from deco.text.embeddings import EmbeddingStore, embed_captions
 
 CAPTIONS = [f"caption number {i}" + " long" * (i % 4) for i in range(7)]
 
@@ -51,14 +51,14 @@ def folder_bytes(out: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("transformers")
-    from deco.text_encoder import build_tiny_qwen3
+    from deco.text.encoder import build_tiny_qwen3
 
     return build_tiny_qwen3(tmp_path_factory.mktemp("qwen3") / "tiny", seed=0)
 
 
 # ------------------------------------------------------------------------------ store
 def test_store_matches_the_qwen3_encoder(tiny: Path, tmp_path: Path) -> None:
-    from deco.text_encoder import Qwen3TextEncoder
+    from deco.text.encoder import Qwen3TextEncoder
 
     enc = Qwen3TextEncoder(tiny, 8, 48, device="cpu")
     index = embed_captions(CAPTIONS, enc, tmp_path, dtype="float32", shard_size=3, batch_size=2,
@@ -262,7 +262,7 @@ def write_caption_folder(root: Path, captions: list[str]) -> Path:
 
 
 def test_cli_embed_text(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from deco.text_encoder import Qwen3TextEncoder
+    from deco.text.encoder import Qwen3TextEncoder
 
     data = write_caption_folder(tmp_path / "data", CAPTIONS)
     out = tmp_path / "emb"

@@ -1,4 +1,4 @@
-"""REPA's DINOv2 encoder (deco.encoders) on a tiny random Dinov2Config, saved in both user layouts.
+"""REPA's DINOv2 encoder (deco.train.repa) on a tiny random Dinov2Config, saved in both user layouts.
 
 Oracles: transformers' Dinov2Model called directly on the same input; a NumPy float64 bicubic
 resampler written here from the cubic-convolution formula (Keys, a = -0.75, PyTorch's
@@ -19,7 +19,9 @@ from numpy.typing import NDArray
 
 transformers = require_module("transformers")
 
-from deco.encoders import (  # noqa: E402
+from deco.optimized import trainer as T  # noqa: E402
+from deco.optimized.weights import build_model  # noqa: E402
+from deco.train.repa import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     dinov2_position_embeddings,
@@ -28,8 +30,6 @@ from deco.encoders import (  # noqa: E402
     original_to_hf,
     repa_preprocess,
 )
-from deco.optimized import trainer as T  # noqa: E402
-from deco.optimized.model import build_model  # noqa: E402
 
 DIM, DEPTH, PATCH, GRID = 128, 2, 14, 4  # pretraining grid 4x4 at 56 px (ViT-B/14: 37x37 at 518)
 
@@ -270,7 +270,7 @@ def vitb14_original_shapes() -> dict[str, tuple[int, ...]]:
 def test_vitb14_layout_converts_to_dinov2_base() -> None:
     """The full-size original layout (no weights: meta tensors) gives facebook/dinov2-base's
     config, and its converted names and shapes are exactly that model's."""
-    from deco.encoders import config_from_original
+    from deco.train.repa import config_from_original
 
     state = {k: torch.empty(s, device="meta") for k, s in vitb14_original_shapes().items()}
     config = config_from_original(state)

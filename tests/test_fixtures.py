@@ -16,8 +16,8 @@ import pytest
 from helpers import FIXTURE_RTOL, fixtures_folder, rel_err
 
 from deco import cli
-from deco import fixtures as F
 from deco import reference as R
+from deco.conformance import fixtures as F
 from deco.reference.sampling import euler, time_grid
 
 #: Inputs stored in A.npz; every other key is an output of the release the reference must reproduce.
@@ -166,7 +166,7 @@ def test_heun(models: dict[str, R.Model], npz: Any, settings_: dict[str, Any]) -
     assert rel_err(exact, npz["heun_out"]) > 10 * FIXTURE_RTOL
 
 
-# ---------------------------------------------------------------- deco.fixtures and the CLI
+# ---------------------------------------------------------------- deco.conformance.fixtures and the CLI
 @pytest.fixture(scope="module")
 def checks(fixtures_dir: Path) -> dict[str, F.Check]:
     result = F.reference_checks(fixtures_dir)
@@ -177,8 +177,8 @@ def checks(fixtures_dir: Path) -> dict[str, F.Check]:
 
 @pytest.mark.parametrize("name", _output_keys())
 def test_reference_check_passes(checks: dict[str, F.Check], name: str) -> None:
-    # every output of A.npz has a check in deco.fixtures, and it passes
-    assert name in checks, f"deco.fixtures.reference_checks() has no check for {name}"
+    # every output of A.npz has a check in deco.conformance.fixtures, and it passes
+    assert name in checks, f"deco.conformance.fixtures.reference_checks() has no check for {name}"
     c = checks[name]
     assert c.passed, f"{name}: max rel err {c.max_rel:.3e} > {c.tolerance:.0e}"
     assert c.tolerance == FIXTURE_RTOL

@@ -95,7 +95,7 @@ gpu_check = importlib.util.module_from_spec(spec)
 sys.modules["gpu_check"] = gpu_check  # its dataclasses look their module up
 spec.loader.exec_module(gpu_check)
 root = gpu_check.ensure_deco()
-import deco.optimized.model, deco.reference, deco.onnx_export
+import deco.optimized.model, deco.reference, deco.deploy.export
 from pathlib import Path
 assert Path(deco.__file__).resolve() == Path({str(REPO_ROOT / "core" / "__init__.py")!r}).resolve()
 assert Path(deco.__file__).parent == Path(root) / "deco"

@@ -1,4 +1,4 @@
-"""The training job's configuration (deco.job): one RunConfig containing the step's TrainConfig and
+"""The training job's configuration (deco.train.job): one RunConfig containing the step's TrainConfig and
 the grid's SampleSettings, dataset defaults, overrides, resume rules, and the memory check."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from deco.cli_train import OPTIONS, flag_of
+from deco.cli.train import OPTIONS, flag_of
 from deco.config import PRESETS, parameter_count
-from deco.memory import BYTES_PER_PARAMETER, check_memory, estimate_bytes
 from deco.optimized import FieldError, TrainConfig
 from deco.optimized.sampling import SampleSettings
-from deco.run_config import (
+from deco.train.memory import BYTES_PER_PARAMETER, check_memory, estimate_bytes
+from deco.train.run_config import (
     DIGITS_DEFAULTS,
     FOLDER_DEFAULTS,
     RunConfig,

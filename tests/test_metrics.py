@@ -1,4 +1,4 @@
-"""The ADM-suite metrics (deco.metrics) and `deco fid`.
+"""The ADM-suite metrics (deco.evaluate.adm) and `deco fid`.
 
 Oracles: closed forms (Fréchet distance of Gaussians with commuting covariances; a general one
 through eigendecomposition square roots), the Inception Score of a planted classifier, precision
@@ -26,8 +26,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from deco.cli import main
-from deco.evaluation import frechet_distance, gaussian_stats
-from deco.metrics import (
+from deco.evaluate.adm import (
     _fidelity_inception_class,
     image_batches,
     inception_score,
@@ -35,6 +34,7 @@ from deco.metrics import (
     manifold_radii,
     precision_recall,
 )
+from deco.evaluate.frechet import frechet_distance, gaussian_stats
 
 
 # ------------------------------------------------------------------ Fréchet distance
@@ -348,7 +348,7 @@ def test_stats_only_reference_has_no_precision(inception_file: Path, tmp_path: P
     """A reference of statistics only: FID/sFID use them, precision and recall are None. (The
     distances themselves are checked end to end above; here they are recorded, not computed,
     to skip two 2048-d sqrtm.)"""
-    import deco.metrics as M
+    import deco.evaluate.adm as M
 
     calls: list[tuple[int, float]] = []
 

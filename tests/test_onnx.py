@@ -1,4 +1,4 @@
-"""ONNX export (deco.onnx_export), the onnxruntime sampler (deco.onnx_runtime) and their CLI
+"""ONNX export (deco.deploy.export), the onnxruntime sampler (deco.deploy.runtime) and their CLI
 commands, checked against deco.optimized (torch) and the float64 reference."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from helpers import REPO_ROOT, random_weights, rel_err, tiny_config
 
 from deco.cli import main
 from deco.config import DeCoConfig
-from deco.onnx_export import export_onnx
-from deco.onnx_runtime import OnnxVelocityModel
-from deco.onnx_runtime import sample as onnx_sample
-from deco.optimized.model import build_model
+from deco.deploy.export import export_onnx
+from deco.deploy.runtime import OnnxVelocityModel
+from deco.deploy.runtime import sample as onnx_sample
+from deco.optimized.weights import build_model
 from deco.reference import Model, save_weights
 from deco.reference.sampling import guided_velocity
 
@@ -172,7 +172,7 @@ def test_onnxruntime_sampler_matches_the_optimized_sampler(
 def test_onnxruntime_sampler_never_imports_torch(velocity_graph: OnnxVelocityModel) -> None:
     code = (
         "import sys, numpy as np\n"
-        "from deco.onnx_runtime import OnnxVelocityModel, sample\n"
+        "from deco.deploy.runtime import OnnxVelocityModel, sample\n"
         f"m = OnnxVelocityModel({str(velocity_graph.path)!r})\n"
         "x = sample(m, np.zeros((1, 3, 8, 8)), np.array([1]), steps=2, guidance=2.0)\n"
         "assert np.all(np.isfinite(x)) and x.shape == (1, 3, 8, 8)\n"
@@ -196,7 +196,7 @@ def test_export_and_check_commands(tiny: Tiny, tmp_path: Path, capsys: pytest.Ca
 
 def test_check_fails_when_the_graph_does_not_hold_the_recorded_weights(
         tiny: Tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from deco.onnx_export import sha256_file
+    from deco.deploy.export import sha256_file
 
     other = torch_model(tiny.config, random_weights(tiny.config, seed=99))
     meta = {"deco_checkpoint": str(tiny.checkpoint), "deco_checkpoint_sha256": sha256_file(tiny.checkpoint)}
@@ -245,7 +245,7 @@ def test_conformance_on_an_exported_vector_model(tmp_path: Path, capsys: pytest.
 
 
 def test_conformance_fails_a_graph_with_other_weights(tmp_path: Path) -> None:
-    from deco.conformance_vectors import VECTOR_MODELS
+    from deco.conformance.vectors import VECTOR_MODELS
 
     config = VECTOR_MODELS["baseline"]
     path = export_onnx(torch_model(config, random_weights(config, seed=8)), tmp_path / "other.onnx")

@@ -15,12 +15,12 @@ import pytest
 import torch
 from helpers import REPO_ROOT, random_weights, rel_err, tiny_config
 
-from deco import onnx_export
 from deco.cli import main
-from deco.onnx_export import RTOL_BY_DTYPE, data_file, export_onnx
-from deco.onnx_runtime import OnnxVelocityModel
-from deco.onnx_runtime import sample as onnx_sample
-from deco.optimized.model import build_model
+from deco.deploy import export as onnx_export
+from deco.deploy.export import RTOL_BY_DTYPE, data_file, export_onnx
+from deco.deploy.runtime import OnnxVelocityModel
+from deco.deploy.runtime import sample as onnx_sample
+from deco.optimized.weights import build_model
 from deco.reference import Model, save_weights
 
 ONNX_FLOAT, ONNX_FLOAT16, ONNX_BFLOAT16 = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,

@@ -32,9 +32,9 @@ import torch
 from helpers import rel_err
 
 from deco.config import DeCoConfig
-from deco.onnx_export import data_file, export_onnx
-from deco.onnx_runtime import OnnxVelocityModel
-from deco.optimized.model import build_model
+from deco.deploy.export import data_file, export_onnx
+from deco.deploy.runtime import OnnxVelocityModel
+from deco.optimized.weights import build_model
 
 pytestmark = [
     pytest.mark.slow,

@@ -16,10 +16,10 @@ from helpers import REPO_ROOT, random_weights, rel_err
 
 from deco.cli import main
 from deco.config import DeCoConfig
-from deco.onnx_export import export_onnx
-from deco.onnx_runtime import OnnxVelocityModel
-from deco.onnx_runtime import sample as onnx_sample
-from deco.optimized.model import build_model
+from deco.deploy.export import export_onnx
+from deco.deploy.runtime import OnnxVelocityModel
+from deco.deploy.runtime import sample as onnx_sample
+from deco.optimized.weights import build_model
 from deco.reference import Model, save_weights
 from deco.reference.sampling import guided_velocity
 
@@ -138,7 +138,7 @@ def test_bad_text_inputs_are_clear_errors(tiny: TinyText) -> None:
 
 def test_float16_cfg_graph_of_the_text_model(tiny: TinyText, tmp_path: Path) -> None:
     """float16 weights and compute behind the float32 interface, text and null included."""
-    from deco.onnx_export import RTOL_BY_DTYPE
+    from deco.deploy.export import RTOL_BY_DTYPE
 
     graph = OnnxVelocityModel(export_onnx(tiny.torch, tmp_path / "f16.onnx", cfg=True,
                                           dtype="float16"))
@@ -194,7 +194,7 @@ def test_export_and_check_commands(tiny: TinyText, tmp_path: Path, cfg: bool,
 
 def test_check_fails_a_text_graph_with_other_weights(tiny: TinyText, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from deco.onnx_export import sha256_file
+    from deco.deploy.export import sha256_file
 
     other = build_model(CONFIG)
     other.load_state_dict({k: torch.from_numpy(v.astype(np.float32))

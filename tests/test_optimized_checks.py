@@ -5,7 +5,6 @@ with the argument's name. The same cases as tests/test_reference_checks.py, on t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -40,29 +39,3 @@ def test_valid_values_pass_through() -> None:
     assert checks.check_quality(85) == 85 and checks.check_gamma(0) == 0.0
 
 
-@dataclass
-class Fields:
-    a: Any = 1.0
-    n: Any = 1
-
-
-@pytest.mark.parametrize(("check", "value"), [
-    (lambda o: checks.field_positive(o, "a"), 0.0),
-    (lambda o: checks.field_positive(o, "a"), math.inf),
-    (lambda o: checks.field_non_negative(o, "a"), -1e-9),
-    (lambda o: checks.field_probability(o, "a"), 1.5),
-    (lambda o: checks.field_finite(o, "a"), math.nan),
-    (lambda o: checks.field_positive(o, "a"), True),
-])
-def test_field_errors_carry_the_field(check: Any, value: Any) -> None:
-    with pytest.raises(checks.FieldError) as info:
-        check(Fields(a=value))
-    assert info.value.field == "a" and str(info.value).startswith("a: ")
-    assert isinstance(info.value, ValueError)
-
-
-def test_field_int_bounds() -> None:
-    checks.field_int(Fields(n=100), "n", 1, 100)
-    for bad in (0, 101, 5.0, False):
-        with pytest.raises(checks.FieldError, match=r"^n: expected an int in \[1, 100\]"):
-            checks.field_int(Fields(n=bad), "n", 1, 100)

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from deco import reference as R
 from deco.optimized import layers
 from deco.optimized import trainer as T
-from deco.optimized.model import DiffusionTransformer, build_model
+from deco.optimized.model import DiffusionTransformer
+from deco.optimized.weights import build_model
 from deco.reference import model as RM
 
 SETTINGS = settings(max_examples=20, deadline=None)

@@ -3,7 +3,7 @@ hand-derived worked numbers, structural properties and a bad-input table.
 
 The fixture weights go through the real `deco convert` CLI (T.ckpt -> safetensors) and
 `deco.reference.load_model`, the path a user takes. The release computed in float32: tolerance 1e-5
-relative to max |expected| (`deco.fixtures.error_measure`).
+relative to max |expected| (`deco.conformance.fixtures.error_measure`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from deco import cli
 from deco import reference as R
 from deco.config import DeCoConfig
-from deco.fixtures import error_measure
+from deco.conformance.fixtures import error_measure
 from deco.reference.sampling import adams, adams_weights, time_grid
 from deco.reference.text_to_image import text_position_features, text_rope_angles
 

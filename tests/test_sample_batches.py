@@ -1,4 +1,4 @@
-"""Sharded, resumable sample generation (deco.sample_batches): balance, resume, assembly, atomicity,
+"""Sharded, resumable sample generation (deco.evaluate.sample_batches): balance, resume, assembly, atomicity,
 two processes."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from deco.sample_batches import (
+from deco.evaluate.sample_batches import (
     ShardPlan,
     assemble_sample_batch,
     balanced_labels,
@@ -118,7 +118,7 @@ def test_assembled_file_is_the_concatenation(tmp_path: Path) -> None:
         np.testing.assert_array_equal(data["arr_1"], balanced_labels(23, 4))
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (23, 4, 5, 3)
     # and `deco fid`'s streaming reader sees the same images
-    from deco.metrics import image_batches
+    from deco.evaluate.adm import image_batches
 
     n, batches = image_batches(out, 10)
     assert n == 23
@@ -165,7 +165,7 @@ def test_killed_shard_write_leaves_no_partial_shard(tmp_path: Path) -> None:
     regenerates only shard 1 and ignores the torn temporary file."""
     script = textwrap.dedent(f"""
         import os, signal, numpy as np
-        import deco.sample_batches as sb
+        import deco.evaluate.sample_batches as sb
         real = np.savez
         calls = []
         def savez(f, **arrays):

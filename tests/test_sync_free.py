@@ -13,9 +13,9 @@ from helpers import random_weights, rel_err, tiny_config
 
 from deco.optimized.checks import check_label_range
 from deco.optimized.gemm import full_float32_products
-from deco.optimized.model import build_model
 from deco.optimized.sampling import sample
 from deco.optimized.trainer import Trainer
+from deco.optimized.weights import build_model
 
 #: Every way Python code turns a tensor's value into a host value.
 HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "__array__")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from deco.text_encoder import Qwen3TextEncoder, TextEncoder, build_tiny_qwen3, fit_width
+from deco.text.encoder import Qwen3TextEncoder, TextEncoder, build_tiny_qwen3, fit_width
 
 HIDDEN = 32  # the tiny model's width D
 PAD_ID = 0  # <|endoftext|>, the first special token of the tiny tokenizer

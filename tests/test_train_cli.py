@@ -18,14 +18,9 @@ from PIL import Image
 
 from deco.cli import main
 from deco.data import DigitsDataset
-from deco.evaluation import (
-    BANDS,
-    DigitsClassifier,
-    band_energy,
-    frechet_distance,
-    gaussian_stats,
-    score_samples,
-)
+from deco.evaluate.digits import DigitsClassifier, score_samples
+from deco.evaluate.frechet import frechet_distance, gaussian_stats
+from deco.evaluate.spectrum import BANDS, band_energy
 from deco.outputs import to_uint8
 
 FAST = ["--batch-size", "16", "--lr", "1e-3", "--sample-steps", "2", "--device", "cpu"]
@@ -338,7 +333,7 @@ def _image_folder(root: Path, corrupt: bool = False) -> Path:
 def test_train_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str,
                                         needles: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # As if the machine had 8 GiB free, whatever this one has: {} means DeCo-XL/16, which needs more.
-    monkeypatch.setattr("deco.memory.free_bytes", lambda device: 8 * 1024**3)
+    monkeypatch.setattr("deco.train.memory.free_bytes", lambda device: 8 * 1024**3)
     out = ["--out", str(tmp_path / "run")]
     data = tmp_path / "data"
     if case == "empty_folder":

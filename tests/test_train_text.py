@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from deco.cli import main
-from deco.digit_pairs import GRID_PROMPTS, Prompt, read_pairs, score_pairs, swap
-from deco.evaluation import DigitsClassifier
-from deco.job import RunConfig, train
+from deco.evaluate.digits import DigitsClassifier
 from deco.optimized import TrainConfig
 from deco.optimized.sampling import SampleSettings
+from deco.text.digit_pairs import GRID_PROMPTS, Prompt, read_pairs, score_pairs, swap
+from deco.train.job import RunConfig, train
 
 pytest.importorskip("transformers")
 
@@ -126,7 +126,7 @@ def test_demo_resume_continues_the_exact_trajectory(demo_run: Path, tmp_path: Pa
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A caption folder of 8 random 16x16 images and the tiny Qwen3 (E = 32)."""
-    from deco.text_encoder import build_tiny_qwen3
+    from deco.text.encoder import build_tiny_qwen3
 
     root = tmp_path_factory.mktemp("captions")
     data = root / "data"
@@ -147,9 +147,9 @@ def _caption_run(out: Path, data: Path, **extra: Any) -> RunConfig:
 
 def test_embedding_store_run_follows_the_encoder_in_the_loop(captioned: tuple[Path, Path],
                                                               tmp_path: Path) -> None:
-    from deco.captions import CaptionFolderDataset
-    from deco.embed_text import embed_captions
-    from deco.text_encoder import Qwen3TextEncoder
+    from deco.text.captions import CaptionFolderDataset
+    from deco.text.embeddings import embed_captions
+    from deco.text.encoder import Qwen3TextEncoder
 
     data, qwen = captioned
     train(_caption_run(tmp_path / "live", data, text_encoder=qwen))
@@ -165,9 +165,9 @@ def test_embedding_store_run_follows_the_encoder_in_the_loop(captioned: tuple[Pa
 
 def test_embedding_shape_mismatch_is_one_line(captioned: tuple[Path, Path], tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from deco.captions import CaptionFolderDataset
-    from deco.embed_text import embed_captions
-    from deco.text_encoder import Qwen3TextEncoder
+    from deco.text.captions import CaptionFolderDataset
+    from deco.text.embeddings import embed_captions
+    from deco.text.encoder import Qwen3TextEncoder
 
     data, qwen = captioned
     captions = list(CaptionFolderDataset(data, 16).iter_captions())

@@ -21,7 +21,7 @@ from torch import Tensor
 from deco import reference as R
 from deco.config import DeCoConfig
 from deco.optimized import trainer as T
-from deco.optimized.model import build_model
+from deco.optimized.weights import build_model
 from deco.reference import text_to_image as RT
 
 F64_RTOL = 1e-10

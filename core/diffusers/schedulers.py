@@ -21,7 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 from torch import Tensor
 
-from deco.optimized.sampling import adams_weights, guidance_at, time_grid
+from deco.optimized.sampling import adams_guidance_at, adams_weights, guidance_at, time_grid
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class DeCoAdamsScheduler(DeCoScheduler):
 
     def guidance_scale(self, index: int, guidance: float, interval: tuple[float, float]) -> float:
         t = self.plan[index].time
-        return guidance if interval[0] < t < interval[1] else 1.0
+        return adams_guidance_at(t, guidance, interval)
 
     def advance(self, evaluation: Evaluation, velocity: Tensor, sample: Tensor) -> Tensor:
         i = evaluation.step

@@ -1,0 +1,54 @@
+"""The `deco` command line. Each sub-command family lives in a module with `register(subparsers)`.
+
+User errors (bad arguments, missing or malformed files, invalid values) exit with status 2 and a
+single line on stderr, never a traceback. The command modules import torch inside their handlers,
+so that `deco --help` and argument errors answer without loading it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from deco.cli import convert, deploy, metrics, sample, text, train
+from deco.errors import UsageError
+
+#: Modules that contribute sub-commands, in the order `deco --help` lists them.
+COMMAND_MODULES = [convert, deploy, train, sample, text, metrics]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`deco CMD: error: ...`), exit status 2."""
+
+    def error(self, message: str) -> Any:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="deco",
+        description="DeCo: frequency-decoupled pixel diffusion (arXiv 2511.19365).",
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Any = args.handler
+    try:
+        return int(handler(args) or 0)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, IsADirectoryError) as exc:
+        print(f"deco {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deco {args.command}: interrupted", file=sys.stderr)
+        return 130

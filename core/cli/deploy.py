@@ -1,0 +1,157 @@
+"""`deco export-onnx`, `deco onnx-check` and `deco conformance`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from deco.cli.common import existing_file
+from deco.errors import UsageError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "export-onnx",
+        help="export a model's velocity (or guided velocity) to ONNX",
+        description="Export the velocity model (x, t, y) -> v of a DeCo weight file to ONNX "
+        "(a text-to-image model: (x, t, text) -> v, text the (B, T, E) text-encoder states), "
+        "with dynamic batch, height and width unless fixed. With --cfg the graph also takes the "
+        "guidance scale g (a text model: first the null text embedding `null` (B, T, E)) and "
+        "returns u + g (c - u), both branches in one batch.",
+    )
+    p.add_argument("checkpoint", type=existing_file, help="weight file (as deco.optimized.load_model reads)")
+    p.add_argument("output", type=Path, help="output .onnx file")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (default 17)")
+    p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
+    p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="fix the image size (default: dynamic height and width)")
+    p.add_argument("--cfg", action="store_true", help="export the classifier-free-guided velocity")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="weight and compute dtype; inputs and output stay float32. float16/bfloat16 "
+                   "are for GPU runtimes (onnxruntime-gpu, TensorRT) and agree with the float32 "
+                   "model to a relative 1e-2 / 5e-2 (float32: 1e-4). onnxruntime's CPU provider "
+                   "cannot run bfloat16, so the export checks such a graph with onnx's reference "
+                   "evaluator, and onnx-check needs a GPU provider for it")
+    p.add_argument("--external-data", action="store_true", default=None,
+                   help="always write the weights to one external file OUTPUT.data beside the "
+                   "graph (default: only when they exceed 1 GiB, as protobuf cannot hold 2 GiB)")
+    p.set_defaults(handler=export_onnx)
+
+    p = sub.add_parser(
+        "onnx-check",
+        help="run an exported graph in onnxruntime against torch and the float64 reference",
+        description="Run the graph on random inputs in onnxruntime (CUDA where available, else "
+        "CPU), in deco.optimized (float32) and in the float64 reference, rebuilt from the weight "
+        "file recorded in the graph's metadata (or --checkpoint; its SHA-256 must match). Prints "
+        "the errors; exit status 1 when any relative error exceeds its bound (1e-4; for a float16 / "
+        "bfloat16 graph 1e-2 / 5e-2 on the rows involving onnxruntime). A graph with external "
+        "data needs its .data file beside it.",
+    )
+    p.add_argument("model", type=existing_file, help=".onnx file written by deco export-onnx")
+    p.add_argument("--checkpoint", type=existing_file, default=None,
+                   help="the weight file it was exported from (default: the path in its metadata)")
+    p.add_argument("--batch", type=int, default=2, help="batch for a dynamic-batch graph (default 2)")
+    p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="image size for a dynamic-size graph (default 2p x 3p)")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for a --cfg graph")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=onnx_check)
+
+    p = sub.add_parser(
+        "conformance",
+        help="run the spec's test vectors against a port, or regenerate them",
+        description="Run the test vectors of spec/vectors on a Python port (an object with the "
+        "protocol functions of spec/vectors/README.md) or on an ONNX file (forward vectors "
+        "only), print a table, and exit with status 1 on any failure. Or regenerate the vectors "
+        "from the reference (--write), or export the forward vectors' model to ONNX.",
+    )
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--python", metavar="MODULE:OBJECT",
+                        help="a port object (a class is instantiated without arguments)")
+    action.add_argument("--onnx", type=existing_file, metavar="FILE",
+                        help="a graph exported from a forward vector's weights (forward and "
+                        "t2i_forward vectors only)")
+    action.add_argument("--write", type=Path, metavar="DIR", help="regenerate the vectors into DIR")
+    action.add_argument("--export-vector-model", type=Path, metavar="OUT",
+                        help="export the forward vector's model to OUT.onnx (see --architecture)")
+    p.add_argument("--vectors", type=Path, default=None,
+                   help="vector folder (default: $DECO_VECTORS or spec/vectors of the checkout)")
+    p.add_argument("--precision", choices=["float32", "float64"], default=None,
+                   help="tolerance to apply (default: the port's `precision`, else float32)")
+    p.add_argument("--architecture", choices=["deco", "baseline", "t2i"], default="deco",
+                   help="which forward vector --export-vector-model exports (default deco)")
+    p.set_defaults(handler=conformance)
+
+
+def _batch(text: str) -> int | None:
+    if text == "dynamic":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--batch: expected 'dynamic' or a positive int, got {text!r}") from None
+    if value < 1:
+        raise UsageError(f"--batch: expected 'dynamic' or a positive int, got {value}")
+    return value
+
+
+def export_onnx(args: argparse.Namespace) -> int:
+    from deco.deploy.export import data_file, export_checkpoint
+
+    resolution = tuple(args.resolution) if args.resolution else None
+    path = export_checkpoint(args.checkpoint, args.output, opset=args.opset,
+                             batch=_batch(args.batch), resolution=resolution, cfg=args.cfg,
+                             dtype=args.dtype, external_data=args.external_data)
+    shape = f"batch {args.batch}, " + (f"{resolution[0]}x{resolution[1]}" if resolution else
+                                       "dynamic height/width")
+    data = data_file(path)
+    extra = f"; weights in {data}" if data.is_file() else ""
+    print(f"wrote {path} ({'cfg' if args.cfg else 'velocity'} graph, opset {args.opset}, {shape}, "
+          f"{args.dtype}{extra})")
+    return 0
+
+
+def onnx_check(args: argparse.Namespace) -> int:
+    from deco.deploy.check import check_onnx, format_check
+
+    rows, providers = check_onnx(args.model, checkpoint=args.checkpoint, batch=args.batch,
+                                 resolution=tuple(args.resolution) if args.resolution else None,
+                                 guidance=args.guidance, seed=args.seed)
+    print(f"onnxruntime providers: {', '.join(providers)}")
+    print(format_check(rows))
+    if all(r.max_rel <= r.bound for r in rows):
+        print("PASS: every relative error within its bound")
+        return 0
+    print("FAIL: a relative error exceeds its bound")
+    return 1
+
+
+def conformance(args: argparse.Namespace) -> int:
+    from deco import conformance as kit
+
+    if args.write is not None:
+        from deco.conformance.vectors import write_vectors
+
+        paths = write_vectors(args.write)
+        size = sum(p.stat().st_size for p in paths)
+        print(f"wrote {len(paths)} vectors to {args.write} ({size / 1024:.0f} KiB)")
+        return 0
+    vectors = kit.load_vectors(args.vectors)
+    if args.export_vector_model is not None:
+        from deco.deploy.check import export_vector_model
+
+        path = export_vector_model(vectors, args.architecture, args.export_vector_model)
+        print(f"wrote {path} (forward vector of the {args.architecture} model; run "
+              f"deco conformance --onnx {path})")
+        return 0
+    if args.onnx is not None:
+        from deco.deploy.runtime import OnnxVelocityModel
+
+        port: Any = kit.OnnxPort(OnnxVelocityModel(args.onnx))
+    else:
+        port = kit.load_port(args.python)
+    results = kit.run_port(port, vectors, args.precision)
+    print(kit.format_table(results))
+    print(kit.summary(results))
+    return 0 if kit.passed(results) else 1

@@ -1,0 +1,134 @@
+"""Run an exported DeCo graph with onnxruntime and NumPy only: no torch is imported.
+
+`OnnxVelocityModel` has the `config` and `forward(x, t, y)` of the reference's model protocol
+(spec/04-sampling.md), so `deco.reference.sample` drives it unchanged: the time grid, guidance
+interval, Euler, Heun and Adams logic are the reference's own, and only the velocity comes from
+the graph. `sample` below is that composition. For a text-to-image graph the condition y is the
+text (B, T, E) and guidance needs the null text embedding (spec/06 §6).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from deco.config import DeCoConfig
+from deco.reference.checks import as_condition, as_float_array
+from deco.reference.sampling import check_conditions
+
+Array = NDArray[np.float64]
+
+
+def default_providers() -> list[str]:
+    """CUDAExecutionProvider where onnxruntime has it, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _session(path: Path, providers: list[str] | None, threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    chosen = providers or default_providers()
+    session_options = ort.SessionOptions()
+    # Errors only: a float16 graph makes the CPU provider warn once per node it cannot
+    # constant-fold, which says nothing about the results.
+    session_options.log_severity_level = 3
+    if threads is not None:
+        session_options.intra_op_num_threads = threads
+    # TF32 matmuls on NVIDIA GPUs round inputs to 10 mantissa bits: float32 results would then
+    # miss the 1e-4 agreement that `deco onnx-check` promises.
+    options = [{"use_tf32": 0} if p == "CUDAExecutionProvider" else {} for p in chosen]
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options, providers=chosen,
+                                    provider_options=options)
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise ValueError(f"path: {path} is not a loadable ONNX model ({reason})") from None
+
+
+class OnnxVelocityModel:
+    """A DeCo graph exported by `deco export-onnx`, run by onnxruntime.
+
+    A graph whose weights are in external data (`<path>.data`, see `deco.deploy.export`) loads
+    the same way: onnxruntime reads the data file relative to `path`, so keep the pair together.
+
+    `config` comes from the file's metadata; `graph` is "velocity" or "cfg". Inputs are cast to
+    float32 (the graph's type) and outputs returned as float64, like the reference's. `threads`
+    sets onnxruntime's intra-op thread count (default: its own choice, one per physical core).
+    """
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None,
+                 threads: int | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"path: no such file: {path}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
+        self.path = path
+        self.session = _session(path, providers, threads)
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        if "config" not in self.metadata or "deco_graph" not in self.metadata:
+            raise ValueError(f"path: {path} has no DeCo metadata (not written by deco export-onnx)")
+        self.config = DeCoConfig.from_json(self.metadata["config"])
+        self.graph = self.metadata["deco_graph"]
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def _inputs(self, x: Any, t: Any, y: Any) -> dict[str, Any]:
+        """The graph's feed: x, t and y (labels, int64) or, for a text model, text (float32)."""
+        cfg = self.config
+        x = as_float_array("x", x, ndim=4, channels=cfg.in_channels)
+        t = as_float_array("t", t)
+        t = np.broadcast_to(t, (x.shape[0],)) if t.ndim == 0 else t
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t: expected shape ({x.shape[0]},), got {t.shape}")
+        feed = {"x": x.astype(np.float32), "t": t.astype(np.float32)}
+        if cfg.is_text:
+            feed["text"] = as_condition("text", y, cfg, x.shape[0]).astype(np.float32)
+        else:
+            feed["y"] = as_condition("y", y, cfg, x.shape[0])
+        return feed
+
+    def forward(self, x: Any, t: Any, y: Any) -> Array:
+        """Velocity (B, C, H, W) of a "velocity" graph."""
+        if self.graph != "velocity":
+            raise ValueError(f"path: {self.path} is a '{self.graph}' graph; forward needs one "
+                             "exported without --cfg (use guided_velocity)")
+        out = self.session.run(["v"], self._inputs(x, t, y))[0]
+        return np.asarray(out, dtype=np.float64)
+
+    __call__ = forward
+
+    def guided_velocity(self, x: Any, t: Any, y: Any, guidance: float, null: Any = None) -> Array:
+        """u + g (c - u) of a "cfg" graph (both branches inside the graph). A text model needs
+        `null`, the null text embedding: (T, E) for every sample, or (B, T, E)."""
+        if self.graph != "cfg":
+            raise ValueError(f"path: {self.path} is a '{self.graph}' graph; export with --cfg")
+        feed = self._inputs(x, t, y)
+        if self.config.is_text:
+            if null is None:
+                raise ValueError("null: the text model's cfg graph needs the null text embedding "
+                                 f"({self.config.text_length}, {self.config.text_dim}) or (B, T, E)")
+            feed["null"] = check_conditions(self, y, null, x.shape[0])[1].astype(np.float32)
+        elif null is not None:
+            raise ValueError("null: a class model's cfg graph uses the null class; pass no null")
+        feed["guidance"] = np.asarray(guidance, dtype=np.float32)
+        return np.asarray(self.session.run(["v"], feed)[0], dtype=np.float64)
+
+
+def sample(model: OnnxVelocityModel, noise: Any, labels: Any, null: Any = None,
+           **options: Any) -> Array:
+    """`deco.reference.sample` driven by a "velocity" graph: steps, guidance, interval,
+    timeshift, solver ("euler", "heun", "adams"), exact_heun and order as there; float64 state,
+    float32 velocities. For a text model `labels` is the text (B, T, E) and `null` the null text
+    embedding, (T, E) or (B, T, E), needed when guidance != 1."""
+    from deco.reference import sample as reference_sample
+
+    return reference_sample(model, noise, labels, null, **options)
