@@ -16,6 +16,9 @@ nox.options.reuse_existing_virtualenvs = True
 
 TORCH = os.environ.get("DECO_TORCH", "torch==2.13.0")
 PYTHON = os.environ.get("DECO_PYTHON", None)
+#: The ruff of `nox -s lint`, pinned so that CI and the pre-commit hook (.pre-commit-config.yaml,
+#: the same version; tests/test_repo_habits.py checks it) report the same findings.
+RUFF = "ruff==0.17.6"
 
 
 def install(session: nox.Session, extras: str) -> None:
@@ -50,7 +53,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """ruff over the whole tree."""
-    session.install("ruff>=0.5")
+    session.install(RUFF)
     session.run("ruff", "check", ".")
 
 

@@ -31,12 +31,13 @@ def fixtures_folder() -> Path:
 def release_fixtures(*names: str) -> Path:
     """The release fixtures folder, required to hold `names`: skipped locally when one is
     absent, failed under CI (CI set), so CI never passes by silently skipping a comparison with
-    the release."""
+    the release. A CI without them by design (a fork's GitHub Actions run: the fixtures are not in
+    the repository) sets DECO_FIXTURES_OPTIONAL=1 and skips them, listed as skipped."""
     folder = fixtures_folder()
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         message = f"release fixtures {missing} not found in {folder} (set DECO_FIXTURES)"
-        if os.environ.get("CI"):
+        if os.environ.get("CI") and not os.environ.get("DECO_FIXTURES_OPTIONAL"):
             pytest.fail(message)
         pytest.skip(message)
     return folder
