@@ -35,6 +35,7 @@ from deco.atomic import atomic_write
 from deco.config import DeCoConfig
 from deco.fixtures import error_measure
 
+from .conformance_diagnose import Diagnosis, diagnose
 from .conformance_ports import OnnxPort, OptimizedPort, OptimizedPort32, Precision, ReferencePort
 
 __all__ = ["OnnxPort", "OptimizedPort", "OptimizedPort32", "ReferencePort", "Vector", "load_vectors",
@@ -71,6 +72,7 @@ class Result:
     max_rel: float = float("nan")
     tolerance: float = float("nan")
     note: str = ""
+    diagnosis: Diagnosis | None = None  # failures: worst element, where, hint (conformance_diagnose)
 
 
 class Skip(Exception):
@@ -216,16 +218,30 @@ def run_vector(port: Any, vector: Vector, vectors: Mapping[str, Vector],
     except Exception as exc:  # a port's failure is a result, not a crash of the kit
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
         return Result(vector.name, vector.component, "ERROR", tolerance=tol, note=message)
+    return judge(vector, vectors, got, precision)
+
+
+def judge(vector: Vector, vectors: Mapping[str, Vector], got: Array, precision: Precision) -> Result:
+    """Compare a port's output for `vector` (float64, the shape of `expected`) with the expected
+    one; a failure carries a diagnosis. Shared by ports called in Python and --outputs files."""
+    tol = TOLERANCE[precision]
     assert vector.expected is not None
+    raw_shape = got.shape
     got, expected = comparable(vector.component, got), comparable(vector.component, vector.expected)
+
+    def fail(note: str) -> Result:
+        return Result(vector.name, vector.component, "FAIL", tolerance=tol, note=note,
+                      diagnosis=diagnose(vector, vectors, got, expected, tol, precision))
+
     if got.shape != expected.shape:
-        return Result(vector.name, vector.component, "FAIL", tolerance=tol,
-                      note=f"shape {got.shape}, expected {expected.shape}")
+        return fail(f"shape {raw_shape}, expected {vector.expected.shape}")
     if not np.all(np.isfinite(got)):
-        return Result(vector.name, vector.component, "FAIL", tolerance=tol, note="NaN or inf")
+        return fail("NaN or inf")
     max_abs, max_rel = error_measure(got, expected)
-    status: Status = "pass" if max_rel <= tol else "FAIL"
-    return Result(vector.name, vector.component, status, max_abs, max_rel, tol)
+    if max_rel <= tol:
+        return Result(vector.name, vector.component, "pass", max_abs, max_rel, tol)
+    diagnosis = diagnose(vector, vectors, got, expected, tol, precision)
+    return Result(vector.name, vector.component, "FAIL", max_abs, max_rel, tol, diagnosis=diagnosis)
 
 
 def port_precision(port: Any) -> Precision:
