@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,10 @@ def export_vectors(target: str | Path, source: str | Path | None = None, force: 
     target.mkdir(parents=True, exist_ok=True)
     written = []
     for path in files:
-        out = target / path.name
-        atomic_write(out, lambda tmp, src=path: shutil.copyfile(src, tmp))
-        written.append(out)
+        atomic_write(target / path.name, _copier(path))
+        written.append(target / path.name)
     return written
+
+
+def _copier(source: Path) -> Callable[[str], object]:
+    return lambda tmp: shutil.copyfile(source, tmp)

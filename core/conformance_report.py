@@ -97,7 +97,8 @@ def junit_xml(results: Sequence[Result]) -> bytes:
                                 message=message, type=r.status)
         element.text = details([r])
     ET.indent(root)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return data
 
 
 def report(results: Sequence[Result], *, as_json: bool = False, junit: Path | None = None) -> int:
