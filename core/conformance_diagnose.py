@@ -129,6 +129,8 @@ def locate(mask: Array, names: Sequence[str]) -> Location:
     count, total = int(mask.sum()), mask.size
     if count == 0:
         return Location("none", "no element out of tolerance")
+    if total == 1:
+        return Location("everywhere", "everywhere (the output's single element)")
     share = f"{count} of {total} elements out of tolerance"
     hits = [tuple(int(i) for i in np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim)
                                                                     if a != k))))
