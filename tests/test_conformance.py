@@ -88,9 +88,23 @@ def test_the_reference_agrees_with_itself_exactly(vectors: list[kit.Vector]) -> 
     assert max(r.max_rel for r in results) <= 1e-12
 
 
-def test_float32_results_fail_the_float64_tolerance(vectors: list[kit.Vector]) -> None:
-    results = kit.run_port(kit.OptimizedPort32(), vectors, precision="float64")
-    assert "forward" in failing_components(results)
+class Float32DeclaredFloat64(kit.OptimizedPort32):
+    """The float32 port, computing in float32, with a float64 declaration."""
+
+    precision = "float64"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtype = self.torch.float32
+
+
+def test_float32_results_fail_the_float64_tolerance_with_a_hint(vectors: list[kit.Vector]) -> None:
+    results = kit.run_port(Float32DeclaredFloat64(), vectors)
+    assert {"forward", "block_dct", "euler"} <= failing_components(results)
+    failed = [r for r in results if r.status != "pass"]
+    assert all(r.status == "FAIL" and r.diagnosis and r.diagnosis.hint for r in failed), failed
+    assert {r.diagnosis.hint.slip for r in failed if r.diagnosis and r.diagnosis.hint} == {"float32"}
+    assert "looks like float32: declare precision" in failed[0].diagnosis.hint.text  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------------- planted defects
@@ -231,11 +245,47 @@ DEFECTS: dict[str, tuple[str, Any]] = {
 }
 
 
-def defective_port(component: str) -> Any:
+#: component -> the slip the kit's hint must name for its planted defect (None: no slip fits, and
+#: no hint may be given: e.g. Cb/Cr swapped is no convention slip of the list).
+HINTS: dict[str, str | None] = {
+    **dict.fromkeys(DEFECTS),
+    "block_dct": "transposed",
+    "rope_angles": "height_width",
+    "timestep_features": "halves",
+    "text_position_features": "height_width",
+}
+
+
+def _euler_guidance_difference_flipped(model: Any, noise: Any, labels: Any, steps: int,
+                                       timeshift: float, guidance: float,
+                                       interval: tuple[float, float]) -> np.ndarray:
+    """Euler whose guided velocity is u + g (u - c): the sign of the guidance difference."""
+    x, b = noise, noise.shape[0]
+    null = np.full(b, model.config.num_classes, dtype=np.int64)
+    for t_cur, t_next in pairwise(ref.time_grid(steps, timeshift)):
+        g = ref_sampling.guidance_at(t_cur, guidance, interval)
+        out = model.forward(np.concatenate([x, x]), np.full(2 * b, t_cur), np.concatenate([null, labels]))
+        x = x + (t_next - t_cur) * (out[:b] + g * (out[:b] - out[b:]))
+    return np.asarray(x)
+
+
+#: More defects, beyond one per component, that must get a hint: (component, defect, port, slip).
+SLIP_DEFECTS: list[tuple[str, str, Any, str]] = [
+    ("euler", "sign of the guidance difference", _euler_guidance_difference_flipped, "sign"),
+    ("forward", "velocity sign flipped (x - noise taken as noise - x)", lambda cfg, w, x, t, y:
+     -kit.ReferencePort.forward(cfg, w, x, t, y), "sign"),
+    ("frequency_weights", "weights not normalised to mean 1 (a constant factor per table)",
+     lambda q, g: ref.frequency_weights(q, g) * 1.5, "factor"),
+    ("time_grid", "grid one step late (t_i taken from i - 1)", lambda n, s: np.concatenate(
+        [[0.0], ref.time_grid(n, s)[:-1]]), "shift"),
+]
+
+
+def defective_port(component: str, implementation: Any = None) -> Any:
     class Defective(kit.ReferencePort):
         pass
 
-    setattr(Defective, component, staticmethod(DEFECTS[component][1]))
+    setattr(Defective, component, staticmethod(implementation or DEFECTS[component][1]))
     return Defective()
 
 
@@ -251,6 +301,23 @@ def test_a_planted_defect_fails_exactly_its_component(component: str, vectors: l
     # It fails on the numbers, not by crashing, and by far more than the float32 tolerance.
     failed = [r for r in results if r.status != "pass"]
     assert all(r.status == "FAIL" and r.max_rel > 100 * kit.TOLERANCE["float32"] for r in failed), failed
+    # Each failure says where it is worst, and names the slip where the defect is one.
+    for r in failed:
+        assert r.diagnosis is not None and r.diagnosis.worst is not None, r
+        hint = r.diagnosis.hint
+        assert (hint and hint.slip) == HINTS[component], (r.vector, hint)
+
+
+@pytest.mark.parametrize("component, defect, implementation, slip", SLIP_DEFECTS,
+                         ids=[f"{c}: {d}" for c, d, _, _ in SLIP_DEFECTS])
+def test_a_convention_slip_gets_its_hint(component: str, defect: str, implementation: Any, slip: str,
+                                         vectors: list[kit.Vector]) -> None:
+    results = kit.run_port(defective_port(component, implementation), vectors)
+    assert failing_components(results) == {component}
+    for r in results:
+        if r.status != "pass":
+            assert r.diagnosis is not None and r.diagnosis.hint is not None, r
+            assert r.diagnosis.hint.slip == slip, (r.vector, r.diagnosis.hint)
 
 
 def test_each_interval_edge_matters(vectors: list[kit.Vector]) -> None:
@@ -364,6 +431,9 @@ def test_cli_fails_a_defective_port(capsys: pytest.CaptureFixture[str]) -> None:
                  "--vectors", str(VECTORS)]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in next(line for line in out.splitlines() if line.startswith("rgb_to_ycbcr"))
+    # The diagnosis: Cb and Cr swapped is wrong in channels 1 and 2, at every pixel.
+    assert "where: along axis 1 (channel): at indices 1, 2, at every position" in out
+    assert "worst element [" in out and out.strip().endswith("0 skipped")
 
 
 class SwappedChroma(kit.ReferencePort):

@@ -244,9 +244,15 @@ def test_conformance_on_an_exported_vector_model(tmp_path: Path, capsys: pytest.
     assert "skipped" in rows["forward_baseline"]
 
 
-def test_conformance_fails_a_graph_with_other_weights(tmp_path: Path) -> None:
+def test_conformance_fails_a_graph_with_other_weights(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     from deco.conformance.vectors import VECTOR_MODELS
 
     config = VECTOR_MODELS["baseline"]
     path = export_onnx(torch_model(config, random_weights(config, seed=8)), tmp_path / "other.onnx")
-    assert main(["conformance", "--onnx", str(path), "--vectors", str(REPO_ROOT / "spec" / "vectors")]) == 1
+    assert main(["conformance", "--onnx", str(path), "--vectors", str(REPO_ROOT / "spec" / "vectors"),
+                 "--json"]) == 1
+    # The diagnosis comes with --onnx too: other weights are wrong everywhere, with no slip.
+    record = {r["vector"]: r for r in json.loads(capsys.readouterr().out)["results"]}["forward_baseline"]
+    assert record["status"] == "FAIL" and len(record["worst"]["index"]) == 4
+    assert record["location"]["kind"] == "everywhere" and record["hint"] is None

@@ -62,9 +62,10 @@ def register(sub: Any) -> None:
         "conformance",
         help="run the spec's test vectors against a port, or regenerate them",
         description="Run the test vectors of spec/vectors on a Python port (an object with the "
-        "protocol functions of spec/vectors/README.md) or on an ONNX file (forward vectors "
-        "only), print a table, and exit with status 1 on any failure. Or regenerate the vectors "
-        "from the reference (--write), or export the forward vectors' model to ONNX.",
+        "protocol functions of spec/vectors/README.md), on an ONNX file (forward vectors "
+        "only) or on the output files of a port in any language (--outputs), print a table with "
+        "a diagnosis of each failure, and exit with status 1 on any failure. Or list, export or "
+        "regenerate the vectors, or export the forward vectors' model to ONNX.",
     )
     action = p.add_mutually_exclusive_group(required=True)
     action.add_argument("--python", metavar="MODULE:OBJECT",
@@ -75,6 +76,21 @@ def register(sub: Any) -> None:
     action.add_argument("--write", type=Path, metavar="DIR", help="regenerate the vectors into DIR")
     action.add_argument("--export-vector-model", type=Path, metavar="OUT",
                         help="export the forward vector's model to OUT.onnx (see --architecture)")
+    action.add_argument("--outputs", type=Path, metavar="DIR",
+                        help="check the outputs a port in any language wrote: DIR/<vector>.safetensors "
+                        "with the tensor `out` (spec/vectors/README.md, File protocol)")
+    action.add_argument("--list", action="store_true",
+                        help="list every vector: component, inputs, arguments, output, tolerance")
+    action.add_argument("--export-vectors", type=Path, metavar="DIR",
+                        help="copy the vectors and their README into DIR (refused if DIR is not "
+                        "empty, unless --force)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON report (one record per vector, with the diagnosis) instead "
+                   "of the table; with --list, the list as JSON")
+    p.add_argument("--junit", type=Path, metavar="FILE", default=None,
+                   help="also write the run's report as JUnit XML to FILE")
+    p.add_argument("--force", action="store_true",
+                   help="--export-vectors: overwrite the vector files in a non-empty DIR")
     p.add_argument("--vectors", type=Path, default=None,
                    help="vector folder (default: $DECO_VECTORS or spec/vectors of the checkout)")
     p.add_argument("--precision", choices=["float32", "float64"], default=None,
@@ -137,7 +153,18 @@ def conformance(args: argparse.Namespace) -> int:
         size = sum(p.stat().st_size for p in paths)
         print(f"wrote {len(paths)} vectors to {args.write} ({size / 1024:.0f} KiB)")
         return 0
+    if args.export_vectors is not None:
+        from deco.conformance.outputs import export_vectors
+
+        written = export_vectors(args.export_vectors, args.vectors, force=args.force)
+        print(f"copied {len(written)} files to {args.export_vectors}")
+        return 0
     vectors = kit.load_vectors(args.vectors)
+    if args.list:
+        from deco.conformance.outputs import list_json, list_text
+
+        print(list_json(vectors) if args.json else list_text(vectors))
+        return 0
     if args.export_vector_model is not None:
         from deco.deploy.check import export_vector_model
 
@@ -145,13 +172,17 @@ def conformance(args: argparse.Namespace) -> int:
         print(f"wrote {path} (forward vector of the {args.architecture} model; run "
               f"deco conformance --onnx {path})")
         return 0
+    from deco.conformance.report import report
+
+    if args.outputs is not None:
+        from deco.conformance.outputs import run_outputs
+
+        return report(run_outputs(args.outputs, vectors, args.precision), as_json=args.json,
+                      junit=args.junit)
     if args.onnx is not None:
         from deco.deploy.runtime import OnnxVelocityModel
 
         port: Any = kit.OnnxPort(OnnxVelocityModel(args.onnx))
     else:
         port = kit.load_port(args.python)
-    results = kit.run_port(port, vectors, args.precision)
-    print(kit.format_table(results))
-    print(kit.summary(results))
-    return 0 if kit.passed(results) else 1
+    return report(kit.run_port(port, vectors, args.precision), as_json=args.json, junit=args.junit)
