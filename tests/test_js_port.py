@@ -161,3 +161,32 @@ def test_node_unit_tests(node: str) -> None:
                           check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "# fail 0" in proc.stdout
+
+
+# --- The same outputs through the kit's file protocol, as a porter in any language checks them.
+def kit_records(out: Path, capsys: pytest.CaptureFixture[str],
+                *precision: str) -> dict[str, dict[str, object]]:
+    """`deco conformance --outputs OUT --json` (exit status 0 or 1) -> vector name -> record."""
+    from deco.cli import main
+
+    status = main(["conformance", "--outputs", str(out), *precision, "--json"])
+    records = json.loads(capsys.readouterr().out)["results"]
+    assert status == (0 if all(r["status"] in ("pass", "skipped") for r in records) else 1)
+    return {r["vector"]: r for r in records}
+
+
+def test_kit_passes_the_port_through_the_file_protocol(node: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_port(node, tmp_path).returncode == 0
+    records = kit_records(tmp_path, capsys, "--precision", "float64")
+    assert {n for n, r in records.items() if r["status"] == "pass"} == implemented_vectors()
+    assert {r["status"] for n, r in records.items() if n not in implemented_vectors()} == {"skipped"}
+
+
+def test_kit_names_the_planted_transposition(node: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_port(node, tmp_path, defect="transpose_dct").returncode == 0
+    records = kit_records(tmp_path, capsys, "--precision", "float64")
+    assert {n for n, r in records.items() if r["status"] == "FAIL"} == TRANSPOSE_DCT_FAILS
+    hint = records["block_dct"]["hint"]
+    assert isinstance(hint, dict) and hint["slip"] == "transposed"
