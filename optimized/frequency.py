@@ -50,31 +50,22 @@ def dct_matrix(n: int = BLOCK) -> Tensor:
 
 def quality_scale(quality: int) -> float:
     """IJG quality scaling in percent: 5000/q for q < 50, else 200 - 2q."""
-    return _quality_scale(check_quality(quality))
-
-
-def _quality_scale(q: int) -> float:
-    """`quality_scale` of a checked quality."""
+    q = check_quality(quality)
     return 5000.0 / q if q < 50 else 200.0 - 2.0 * q
 
 
 def quantisation_table(base: Tensor, quality: int) -> Tensor:
     """Q = clamp(floor((T * scale + 50) / 100), 1, 255) for a base table T."""
-    return _quantisation_table(base, check_quality(quality))
-
-
-def _quantisation_table(base: Tensor, quality: int) -> Tensor:
-    """`quantisation_table` of a checked quality."""
-    return torch.clamp(torch.floor((base * _quality_scale(quality) + 50.0) / 100.0), 1.0, 255.0)
+    return torch.clamp(torch.floor((base * quality_scale(quality) + 50.0) / 100.0), 1.0, 255.0)
 
 
 def _weights64(quality: int, gamma: float) -> Tensor:
     """(3, 8, 8) float64: w = (mean(Q)/Q)^gamma / mean, Y from luminance, Cb and Cr chrominance.
-    The arguments are already checked (by the public functions, or by `TrainConfig` for the
-    training step): nothing is validated twice."""
+    Built once per (quality, gamma, device, dtype) (the operator is cached), so the check inside
+    `quality_scale` runs at the first step, not per step; the tests replace `quality_scale` here."""
     out = []
     for base in (JPEG_LUMINANCE, JPEG_CHROMINANCE, JPEG_CHROMINANCE):
-        q = _quantisation_table(base, quality)
+        q = quantisation_table(base, quality)
         w = (q.mean() / q) ** gamma
         out.append(w / w.mean())
     return torch.stack(out)

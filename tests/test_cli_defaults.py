@@ -100,7 +100,7 @@ def printed_defaults(text: str) -> list[tuple[str, str]]:
 
 
 def _is_description(value: str) -> bool:
-    return " " in value and not re.fullmatch(r"[-\d.e ]+", value) or "<" in value or "$" in value
+    return (" " in value and not re.fullmatch(r"[-\d.e ]+", value)) or "<" in value or "$" in value
 
 
 def same(printed: str, value: Any) -> bool:
@@ -214,7 +214,8 @@ def test_sample_description_states_the_spec_defaults() -> None:
     m = re.search(r"the spec's \((\d+) (\w+) steps, no guidance\)", text)
     assert m is not None
     assert int(m.group(1)) == _field(SampleSettings, "steps")
-    assert m.group(2).lower() == _field(SampleSettings, "solver") and _field(SampleSettings, "guidance") == 1.0
+    assert m.group(2).lower() == _field(SampleSettings, "solver")
+    assert _field(SampleSettings, "guidance") == 1.0
 
 
 def test_the_model_help_names_deco_configs_default() -> None:
@@ -232,7 +233,7 @@ def _action(parser_command: str, dest: str) -> argparse.Action:
     ("train", "train.quality", "JPEG quality of the frequency weights (86)", "86"),
     ("train", "train.freq_weight", "weight of the frequency-aware loss (default 2; 0: plain)", "2"),
     # The help before this test existed: t2i on --data starts from block 6, not 8.
-    ("train", "train.repa_layer", "1-based DiT block whose tokens REPA aligns (8; needs --repa-encoder)", "8"),
+    ("train", "train.repa_layer", "DiT block whose tokens REPA aligns (8; needs --repa-encoder)", "8"),
     ("train", "accumulation", "micro-batches (gradient accumulation; default 1, t2i on --data: 2)", "2"),
     ("train", "sample.solver", "solver of the final grid (t2i default: euler)", "euler"),
     ("train", "train.bf16", "bf16 autocast on CUDA (default off; ignored on the CPU)", "off"),
@@ -250,7 +251,8 @@ def test_a_planted_wrong_default_is_caught(command: str, dest: str, text: str, w
 
 
 def test_an_unreadable_default_is_caught() -> None:
-    problems = mismatches("sample", _action("sample", "batch_size"), "images per pass (by default two hundred)")
+    text = "images per pass (by default two hundred)"
+    problems = mismatches("sample", _action("sample", "batch_size"), text)
     assert problems and "no value is read" in problems[0]
 
 

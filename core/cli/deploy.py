@@ -24,7 +24,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("checkpoint", type=existing_file, help="weight file (as deco.optimized.load_model reads)")
     p.add_argument("output", type=Path, help="output .onnx file")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 17..20 (default %(default)s)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help="ONNX opset, 17..20 (default %(default)s)")
     p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="fix the image size (default: dynamic height and width)")

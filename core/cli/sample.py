@@ -21,6 +21,7 @@ from deco.optimized.sampling import SampleSettings
 
 #: What `deco sample` uses for a class model without a run's settings: the spec's defaults.
 SPEC_SAMPLING = SampleSettings()
+TEXT_SOLVER = cli_sample_text.RELEASE_T2I_SAMPLING.solver  # a text model's, without a run's settings
 
 
 #: `deco spectrum`'s default times.
@@ -46,7 +47,7 @@ def _sampler_options(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"guidance applies where LOW < t <= HIGH {what}")
     p.add_argument("--timeshift", type=float, default=None, help=f"time-grid shift s > 0 {what}")
     p.add_argument("--solver", choices=["euler", "heun", "adams"], default=None,
-                   help=f"ODE solver {what} (text models: {cli_sample_text.RELEASE_T2I_SAMPLING.solver})")
+                   help=f"ODE solver {what} (text models: {TEXT_SOLVER})")
 
 
 # ----------------------------------------------------------------------------- sample
@@ -61,7 +62,8 @@ def _register_sample(sub: Any) -> None:
     p.add_argument("checkpoint", type=Path, metavar="CKPT")
     p.add_argument("--labels", type=int, nargs="+", default=None,
                    help="class of each image (default: the first 10 classes)")
-    p.add_argument("--per-label", type=int, default=1, help="images per label, one grid row each (%(default)s)")
+    p.add_argument("--per-label", type=int, default=1,
+                   help="images per label, one grid row each (%(default)s)")
     _sampler_options(p, "(default: the run's)")
     p.add_argument("--seed", type=int, default=default_of(generate, "seed"), help="noise seed (%(default)s)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the training size)")

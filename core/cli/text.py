@@ -29,7 +29,8 @@ def register(sub: Any) -> None:
                    help="tokens per caption (the model's text_length; 128 for the release)")
     p.add_argument("--width", type=int, required=True, metavar="E",
                    help="features per token (the model's text_dim; 2048 for the release)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=default_of(embed_captions, "dtype"),
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   default=default_of(embed_captions, "dtype"),
                    help="storage dtype (default: %(default)s, what the release feeds its model)")
     p.add_argument("--batch-size", type=int, default=default_of(embed_captions, "batch_size"),
                    help="captions per encoder call (default: %(default)s)")

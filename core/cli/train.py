@@ -17,8 +17,8 @@ from typing import Any
 from deco.cli.common import default_of, shown
 from deco.errors import UsageError
 from deco.optimized.train_config import TrainConfig
-from deco.train.run_config import FOLDER_DEFAULTS, RunConfig
 from deco.text.job import T2I_DEFAULTS
+from deco.train.run_config import FOLDER_DEFAULTS, RunConfig
 
 
 def _train(name: str, home: Any = TrainConfig) -> str:
@@ -46,9 +46,9 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
                                         "run on every batch's captions"}),
     ("--embeddings", "embeddings", {"type": Path, "help": "t2i: text embeddings of --data's captions "
                                     "written by deco embed-text"}),
-    ("--accumulation", "accumulation", {"type": int, "help": "micro-batches per optimizer step "
-                                        f"(gradient accumulation; default {_run('accumulation', FOLDER_DEFAULTS)}, "
-                                        f"t2i on --data: {_run('accumulation', T2I_DEFAULTS)})"}),
+    ("--accumulation", "accumulation", {
+        "type": int, "help": "micro-batches per optimizer step (gradient accumulation; default "
+        f"{_run('accumulation', FOLDER_DEFAULTS)}, t2i on --data: {_run('accumulation', T2I_DEFAULTS)})"}),
     ("--resolution", "resolution", {"type": int,
                                     "help": "training resolution for --data (ADM centre crop; default "
                                     f"{_run('resolution', FOLDER_DEFAULTS)})"}),
@@ -62,29 +62,33 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--train-timeshift", "train.timeshift", {
         "type": float, "help": f"shift s of the training times, s > 1: more high-noise steps {DIGITS_NOTE}"}),
     ("--freq-weight", "train.freq_weight", {
-        "type": float, "help": f"weight of the frequency-aware loss (default {_train('freq_weight')}; 0: plain flow "
-        "matching)"}),
+        "type": float, "help": "weight of the frequency-aware loss (default "
+        f"{_train('freq_weight')}; 0: plain flow matching)"}),
     ("--repa-encoder", "repa_encoder", {
         "type": Path, "help": "DINOv2 ViT-B/14 for REPA (the paper's recipe): the original "
         "dinov2_vitb14_pretrain.pth or a Hugging Face folder (facebook/dinov2-base layout); read "
         "locally, frozen. Default: no REPA"}),
-    ("--repa-weight", "train.repa_weight", {"type": float,
-                                            "help": f"REPA weight ({_train('repa_weight')}; needs --repa-encoder)"}),
+    ("--repa-weight", "train.repa_weight", {
+        "type": float, "help": f"REPA weight ({_train('repa_weight')}; needs --repa-encoder)"}),
     ("--repa-layer", "train.repa_layer", {
-        "type": int, "help": f"1-based DiT block whose tokens REPA aligns ({_train('repa_layer')}, t2i on --data: "
-        f"{_train('repa_layer', T2I_DEFAULTS)}; needs --repa-encoder)"}),
-    ("--quality", "train.quality", {"type": int, "help": f"JPEG quality of the frequency weights ({_train('quality')})"}),
+        "type": int, "help": f"1-based DiT block whose tokens REPA aligns ({_train('repa_layer')}, "
+        f"t2i on --data: {_train('repa_layer', T2I_DEFAULTS)}; needs --repa-encoder)"}),
+    ("--quality", "train.quality", {
+        "type": int, "help": f"JPEG quality of the frequency weights ({_train('quality')})"}),
     ("--label-dropout", "train.label_dropout", {"type": float,
                                                 "help": "null-label (t2i: null-caption) probability "
                                                 f"({_train('label_dropout')})"}),
-    ("--bf16", "train.bf16", {"action": BOOL,
-                              "help": f"bf16 autocast on CUDA (default {_train('bf16')}; ignored on the CPU)"}),
-    ("--seed", "train.seed", {"type": int, "help": f"seed of weights, data order and noise ({_train('seed')})"}),
-    ("--compile", "compile", {"action": BOOL, "help": f"torch.compile the model (default {_run('compile')})"}),
+    ("--bf16", "train.bf16", {
+        "action": BOOL, "help": f"bf16 autocast on CUDA (default {_train('bf16')}; ignored on the CPU)"}),
+    ("--seed", "train.seed", {
+        "type": int, "help": f"seed of weights, data order and noise ({_train('seed')})"}),
+    ("--compile", "compile", {
+        "action": BOOL, "help": f"torch.compile the model (default {_run('compile')})"}),
     ("--checkpoint-every", "checkpoint_every", {"type": int,
                                                 "help": f"steps between checkpoints {DIGITS_NOTE}"}),
     ("--log-every", "log_every", {"type": int, "help": f"steps per log.jsonl record ({_run('log_every')})"}),
-    ("--num-workers", "num_workers", {"type": int, "help": f"data-loading processes for --data ({_run('num_workers')})"}),
+    ("--num-workers", "num_workers", {
+        "type": int, "help": f"data-loading processes for --data ({_run('num_workers')})"}),
     ("--device", "device", {"choices": ["auto", "cpu", "cuda"], "help": f"default: {_run('device')}"}),
     ("--sample-steps", "sample.steps", {"type": int, "help": "sampling steps of the final grid"}),
     ("--guidance", "sample.guidance", {"type": float, "help": "guidance scale of the final grid"}),

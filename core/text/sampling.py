@@ -44,7 +44,8 @@ def generate_text(model: nn.Module, text: Tensor, null: Tensor, settings: Sample
     for start in range(0, text.shape[0], batch_size):
         part = slice(start, start + batch_size)
         x = sample_with(model, noise[part].to(param.device, param.dtype),
-                        text[part].to(param.device, param.dtype), settings, null.to(param.device, param.dtype))
+                        text[part].to(param.device, param.dtype), settings,
+                        null.to(param.device, param.dtype))
         out.append(x.float().cpu())
     return torch.cat(out) if out else noise
 
