@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import PurePath
+from typing import Any, Literal, TypeVar
 
 #: "deco": class-to-image DeCo; "baseline": the release's plain DiT; "t2i": text-to-image DeCo
 #: (spec/06-text-to-image.md), conditioned on text-encoder hidden states instead of a label.
@@ -56,6 +59,17 @@ JPEG_CHROMINANCE: tuple[tuple[int, ...], ...] = (
     (47, 66, 99, 99, 99, 99, 99, 99),
     *((99,) * 8 for _ in range(4)),
 )
+
+#: The release's sampler for each model kind (spec/04-sampling.md §5, spec/06-text-to-image.md §6),
+#: as the fields of `deco.optimized.sampling.SampleSettings` (`SampleSettings.release(kind)`):
+#: "c2i" DeCo-XL at 256 px (100 Euler steps, guidance 3.2 on (0.1, 1], shift 1); "t2i" the text
+#: model's fine-tuning config and demo (Adams, 25 steps, guidance 4 on (0, 1), shift 3). Every
+#: default built on the release's sampler (`deco train --data`, `deco sample` of a text model, ...)
+#: reads it here.
+RELEASE_SAMPLING: dict[str, dict[str, Any]] = {
+    "c2i": {"steps": 100, "guidance": 3.2, "interval": (0.1, 1.0), "timeshift": 1.0, "solver": "euler"},
+    "t2i": {"steps": 25, "guidance": 4.0, "interval": (0.0, 1.0), "timeshift": 3.0, "solver": "adams"},
+}
 
 
 @dataclass(frozen=True)
@@ -154,7 +168,7 @@ class DeCoConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict; the class models' omit the (zero) text fields, so their files
         read as they did before the text-to-image model existed."""
-        data = dataclasses.asdict(self)
+        data = config_to_dict(self)
         if not self.is_text:
             for name in ("text_depth", "text_dim", "text_length"):
                 del data[name]
@@ -166,7 +180,7 @@ class DeCoConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"config: unknown fields {sorted(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -317,3 +331,59 @@ def parameter_count(config: DeCoConfig) -> int:
             n *= d
         total += n
     return total
+
+
+# ------------------------------------------------------------------- frozen configs <-> JSON types
+Config = TypeVar("Config")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The fields of a config dataclass as JSON types: tuples become lists, paths strings, and a
+    nested config (a dataclass field) its own dict. `config_from_dict` reverses it. One
+    serializer for every frozen config (DeCoConfig, TrainConfig, SampleSettings, RunConfig)."""
+    return {f.name: _to_json(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def config_from_dict(cls: type[Config], data: dict[str, Any]) -> Config:
+    """`cls(**data)` after converting each value back to its field's declared type: a list to a
+    tuple for a tuple field, a string to a Path for a path field, a dict to the nested config
+    dataclass (through its own `from_dict` when it has one). Missing fields take their defaults;
+    an unknown field is the constructor's TypeError; the values are validated by `cls` itself."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _from_json(hints[k], v) if k in hints else v for k, v in data.items()})
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        to_dict = getattr(value, "to_dict", None)
+        return to_dict() if callable(to_dict) else config_to_dict(value)
+    if isinstance(value, (tuple, list)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    return value
+
+
+def _from_json(hint: Any, value: Any) -> Any:
+    """`value` read back as type `hint`: the first member of a union (X | None) that fits."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for member in typing.get_args(hint):
+            if member is not type(None):
+                return _from_json(member, value)
+        return value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(args[0], v) for v in value)
+        if len(args) == len(value):
+            return tuple(_from_json(a, v) for a, v in zip(args, value, strict=True))
+        return tuple(value)
+    if isinstance(hint, type) and issubclass(hint, PurePath) and isinstance(value, str):
+        return hint(value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        from_dict = getattr(hint, "from_dict", None)
+        return from_dict(value) if callable(from_dict) else config_from_dict(hint, value)
+    return value

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from deco.checkpoint import find_checkpoint, is_checkpoint, load_checkpoint
 from deco.config import DeCoConfig
-from deco.optimized import DiffusionTransformer, build_model, load_model, sample
-from deco.optimized.sampling import SampleSettings
+from deco.optimized import DiffusionTransformer, build_model, load_model
+from deco.optimized.sampling import SampleSettings, sample_with
 
 
 @torch.no_grad()
@@ -35,9 +35,9 @@ def generate(model: nn.Module, labels: Sequence[int] | Tensor, settings: SampleS
     model.eval()
     out = []
     for start in range(0, len(y), batch_size):
-        x = sample(model, noise[start : start + batch_size].to(param.device, param.dtype),
-                   y[start : start + batch_size].to(param.device), **settings.options())
-        assert isinstance(x, Tensor)
+        # The settings were validated once, by SampleSettings: `sample_with` checks only the batch.
+        x = sample_with(model, noise[start : start + batch_size].to(param.device, param.dtype),
+                        y[start : start + batch_size].to(param.device), settings)
         out.append(x.float().cpu())
     return torch.cat(out) if out else noise
 

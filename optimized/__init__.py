@@ -22,7 +22,7 @@ from .flow import (
 from .frequency import block_dct, frequency_aware_loss, frequency_weights, rgb_to_ycbcr
 from .gemm import cpu_gemm, cpu_gemm_backend, full_float32_products, onednn_available, set_cpu_gemm
 from .model import BaselineDiT, DeCo, DiffusionTransformer
-from .sampling import SampleSettings, adams_weights, sample, time_grid
+from .sampling import SampleSettings, adams_weights, sample, sample_with, time_grid
 from .text_to_image import TextDeCo
 from .trainer import Draws, NonFiniteLossError, TrainConfig, Trainer
 from .weights import build_model, load_model, save_model
@@ -56,6 +56,7 @@ __all__ = [
     "onednn_available",
     "rgb_to_ycbcr",
     "sample",
+    "sample_with",
     "save_model",
     "set_cpu_gemm",
     "target_velocity",

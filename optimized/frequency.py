@@ -60,7 +60,9 @@ def quantisation_table(base: Tensor, quality: int) -> Tensor:
 
 
 def _weights64(quality: int, gamma: float) -> Tensor:
-    """(3, 8, 8) float64: w = (mean(Q)/Q)^gamma / mean, Y from luminance, Cb and Cr chrominance."""
+    """(3, 8, 8) float64: w = (mean(Q)/Q)^gamma / mean, Y from luminance, Cb and Cr chrominance.
+    Built once per (quality, gamma, device, dtype) (the operator is cached), so the check inside
+    `quality_scale` runs at the first step, not per step; the tests replace `quality_scale` here."""
     out = []
     for base in (JPEG_LUMINANCE, JPEG_CHROMINANCE, JPEG_CHROMINANCE):
         q = quantisation_table(base, quality)

@@ -11,7 +11,6 @@ batch): u + 1 (c - u) equals c up to one rounding.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from deco.config import RELEASE_SAMPLING, config_from_dict, config_to_dict
 from deco.errors import FieldError, field_finite, field_int, field_positive
 
 from .checks import as_condition, as_finite_float, as_int
@@ -42,8 +42,13 @@ def time_grid(steps: int, timeshift: float = 1.0) -> list[float]:
     s = as_finite_float("timeshift", timeshift)
     if s <= 0:
         raise ValueError(f"timeshift: expected a finite positive number, got {s}")
+    return _time_grid(steps, s)
+
+
+def _time_grid(steps: int, timeshift: float) -> list[float]:
+    """`time_grid` on arguments already validated (by `sample` or `SampleSettings`)."""
     grid = [i / steps for i in range(steps + 1)]
-    return [t / (t + (1.0 - t) * s) for t in grid]
+    return [t / (t + (1.0 - t) * timeshift) for t in grid]
 
 
 def guidance_at(t: float, guidance: float, interval: tuple[float, float]) -> float:
@@ -128,24 +133,50 @@ def sample(
     release, it evaluates the model at the accumulated time t_0 + dt_0 + ... + dt_{i-1} and
     guides where low < t < high (strict at both ends: never at t = 0).
     With `return_trajectory`, also returns every state (steps + 1, B, C, H, W)."""
-    if not isinstance(noise, Tensor) or not noise.is_floating_point():
-        raise TypeError(f"noise: expected a floating-point torch.Tensor, got {type(noise).__name__}")
-    if noise.ndim != 4:
-        raise ValueError(f"noise: expected a 4-D tensor (B, C, H, W), got shape {tuple(noise.shape)}")
+    _check_noise(noise)
     guidance = as_finite_float("guidance", guidance)
     cond, null = as_condition(model.config, labels, null, noise, guidance)
-    low, high = check_interval(interval)
+    interval = check_interval(interval)
     if not isinstance(solver, str):
         raise TypeError(f"solver: expected one of {SOLVERS}, got {type(solver).__name__}")
     if solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
     grid = time_grid(steps, timeshift)
-    if solver == "adams":
-        states = adams(model, noise, cond, null, grid, guidance, (low, high), order)
-    else:
-        states = (heun(model, noise, cond, null, grid, guidance, (low, high), exact_heun)
-                  if solver == "heun" else euler(model, noise, cond, null, grid, guidance, (low, high)))
+    states = _integrate(model, noise, cond, null, grid, guidance, interval, solver, exact_heun, order)
     return (states[-1], torch.stack(states)) if return_trajectory else states[-1]
+
+
+@torch.inference_mode()
+def sample_with(model: VelocityModel, noise: Tensor, labels: Any, settings: SampleSettings,
+                null: Any = None) -> Tensor:
+    """`sample(model, noise, labels, null, **settings.options())`, without validating the
+    settings again: `SampleSettings` did that once, where they entered (`deco sample`, a run's
+    config), so a loop over batches checks only each batch's noise and condition."""
+    if not isinstance(settings, SampleSettings):
+        raise TypeError(f"settings: expected a SampleSettings, got {type(settings).__name__}")
+    _check_noise(noise)
+    cond, null = as_condition(model.config, labels, null, noise, settings.guidance)
+    grid = _time_grid(settings.steps, settings.timeshift)
+    return _integrate(model, noise, cond, null, grid, settings.guidance, settings.interval,
+                      settings.solver, False, 2)[-1]
+
+
+def _check_noise(noise: Any) -> None:
+    if not isinstance(noise, Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise: expected a floating-point torch.Tensor, got {type(noise).__name__}")
+    if noise.ndim != 4:
+        raise ValueError(f"noise: expected a 4-D tensor (B, C, H, W), got shape {tuple(noise.shape)}")
+
+
+def _integrate(model: VelocityModel, noise: Tensor, cond: Tensor, null: Tensor, grid: list[float],
+               guidance: float, interval: tuple[float, float], solver: str, exact_heun: bool,
+               order: int) -> list[Tensor]:
+    """Every state of `solver` on `grid`, all arguments already checked."""
+    if solver == "adams":
+        return adams(model, noise, cond, null, grid, guidance, interval, order)
+    if solver == "heun":
+        return heun(model, noise, cond, null, grid, guidance, interval, exact_heun)
+    return euler(model, noise, cond, null, grid, guidance, interval)
 
 
 def euler(model: VelocityModel, noise: Tensor, cond: Tensor, null: Tensor, grid: list[float],
@@ -232,15 +263,21 @@ class SampleSettings:
         if self.solver not in SOLVERS:
             raise FieldError("solver", f"expected one of {', '.join(SOLVERS)}, got {self.solver!r}")
 
+    @classmethod
+    def release(cls, kind: str) -> SampleSettings:
+        """The release's sampler for a model kind, "c2i" or "t2i" (`deco.config.RELEASE_SAMPLING`)."""
+        if kind not in RELEASE_SAMPLING:
+            raise ValueError(f"kind: expected one of {sorted(RELEASE_SAMPLING)}, got {kind!r}")
+        return cls(**RELEASE_SAMPLING[kind])
+
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "interval": list(self.interval)}
+        """The fields as JSON types (`deco.config.config_to_dict`: the interval as a list)."""
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SampleSettings:
-        data = dict(data)
-        if "interval" in data:
-            data["interval"] = tuple(data["interval"])
-        return cls(**data)
+        """The inverse of `to_dict` (`deco.config.config_from_dict`)."""
+        return config_from_dict(cls, data)
 
     def options(self) -> dict[str, Any]:
         """The keyword arguments of `sample`."""

@@ -1,5 +1,6 @@
 """The training step of DeCo (spec/01-flow-matching.md §6, spec/02-frequency-loss.md), no framework:
-`TrainConfig`, `Trainer` (AdamW, EMA, the optional REPA projector) and the step's random draws.
+`Trainer` (AdamW, EMA, the optional REPA projector) and the step's random draws; its settings,
+`TrainConfig`, are in `deco.optimized.train_config` (importable from here too).
 
     trainer = Trainer(build_model(config), TrainConfig(), encoder=None)
     for x, y in batches:             # x (B, 3, H, W) in [-1, 1], y (B,) class labels
@@ -38,24 +39,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from deco.config import FREQ_GAMMA, JPEG_QUALITY
-from deco.errors import (
-    FieldError,
-    field_finite,
-    field_int,
-    field_non_negative,
-    field_positive,
-    field_probability,
-)
 
 from .checks import check_batch, check_label_range, check_text_batch
 from .flow import (
@@ -71,71 +61,14 @@ from .flow import (
 from .frequency import checked_frequency_loss
 from .gemm import Linear
 from .model import DiffusionTransformer
+from .train_config import TimeSampling, TrainConfig
 
-TimeSampling = Literal["logit_normal", "uniform"]
+__all__ = ["Draws", "NonFiniteLossError", "TimeSampling", "TrainConfig", "Trainer", "make_ema",
+           "make_projector", "update_ema"]
 
 
 class NonFiniteLossError(ValueError):
     """The loss or the gradient norm of a step is NaN or infinite; the weights were not updated."""
-
-
-# ----------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of the training step, validated once, here. Defaults are the release's
-    class-to-image recipe, except `grad_clip` (see above). `deco.train.job.RunConfig` contains one."""
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's defaults: the release passes none
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping (the release)
-    ema_decay: float = 0.9999
-    label_dropout: float = 0.1  # P(label -> null class); the release's DeCo-XL configs use 0.2
-    time_sampling: TimeSampling = "logit_normal"
-    time_mean: float = 0.0  # logit-normal location and scale
-    time_std: float = 1.0
-    timeshift: float = 1.0  # s > 1 moves training times towards noise
-    freq_weight: float = 1.0  # lambda of the frequency-aware loss
-    quality: int = JPEG_QUALITY  # JPEG quality of the frequency weights
-    gamma: float = FREQ_GAMMA  # exponent of the frequency weights
-    repa_weight: float = 0.5  # used only when the Trainer is given an encoder
-    repa_layer: int = 8  # 1-based index of the DiT block whose output tokens are aligned
-    repa_encoder_dim: int = 768  # feature width of the encoder (768: DINOv2-B)
-    repa_hidden: int | None = None  # projector width; None: the model's hidden size (release)
-    bf16: bool = True  # bf16 autocast on CUDA; ignored on other devices
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        field_positive(self, "lr", "eps", "time_std", "timeshift")
-        field_non_negative(self, "weight_decay", "freq_weight", "repa_weight")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise FieldError("betas", f"expected two floats in [0, 1), got {self.betas!r}")
-        if self.grad_clip is not None:
-            field_positive(self, "grad_clip")
-        field_probability(self, "ema_decay", "label_dropout")
-        if self.time_sampling not in ("logit_normal", "uniform"):
-            raise FieldError("time_sampling",
-                             f"expected 'logit_normal' or 'uniform', got {self.time_sampling!r}")
-        field_finite(self, "time_mean", "gamma")
-        field_int(self, "quality", 1, 100)
-        field_int(self, "repa_layer", 1)
-        field_int(self, "repa_encoder_dim", 1)
-        if self.repa_hidden is not None:
-            field_int(self, "repa_hidden", 1)
-        field_int(self, "seed", 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["betas"] = list(self.betas)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = dict(data)
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
-        return cls(**data)
 
 
 @dataclass

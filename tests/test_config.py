@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deco.config import PRESETS, DeCoConfig, parameter_count, parameter_shapes
+from deco.config import (
+    PRESETS,
+    DeCoConfig,
+    config_from_dict,
+    config_to_dict,
+    parameter_count,
+    parameter_shapes,
+)
 from deco.release import check_shapes, infer_config
 
 
@@ -148,3 +157,28 @@ def test_infer_text_config_errors() -> None:
     shapes["blocks.1.attn.kv_text.weight"] = (64, 64)
     with pytest.raises(ValueError, match=r"^weights: blocks\.1\.attn\.kv_text\.weight"):
         infer_config(shapes)
+
+
+# ----------------------------------------------------------------------------- one serializer
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    pair: tuple[float, float] = (0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    path: Path | None = None
+    rows: tuple[tuple[int, ...], ...] = ((1, 2), (3,))
+    inner: _Inner | None = None
+    name: str = "x"
+
+
+def test_config_serializer_converts_by_the_field_types() -> None:
+    outer = _Outer(Path("a/b"), ((4,), (5, 6)), _Inner((0.1, 0.9)))
+    data = config_to_dict(outer)
+    assert data == {"path": "a/b", "rows": [[4], [5, 6]], "inner": {"pair": [0.1, 0.9]}, "name": "x"}
+    assert json.loads(json.dumps(data)) == data  # plain JSON types
+    assert config_from_dict(_Outer, data) == outer
+    assert config_from_dict(_Outer, {"inner": None}) == _Outer()  # missing fields: defaults
+    with pytest.raises(TypeError, match="unknown"):
+        config_from_dict(_Outer, {"unknown": 1})

@@ -1,8 +1,10 @@
 """The `deco` command line. Each sub-command family lives in a module with `register(subparsers)`.
 
 User errors (bad arguments, missing or malformed files, invalid values) exit with status 2 and a
-single line on stderr, never a traceback. The command modules import torch inside their handlers,
-so that `deco --help` and argument errors answer without loading it.
+single line on stderr, never a traceback. The defaults that `--help` shows are read from their
+homes (the config dataclasses, the defaults tables, the functions that use them) through
+`deco.cli.common.default_of`, so the command modules import those at module level; the work
+itself, and any optional dependency, is imported inside the handlers.
 """
 
 from __future__ import annotations

@@ -24,11 +24,11 @@ def register(sub: Any) -> None:
                    "diffusers, a DeCo .safetensors file)")
     p.add_argument("output", type=Path, help="output .safetensors file (--to diffusers: a new folder)")
     p.add_argument("--weights", choices=["ema", "online"], default="ema",
-                   help="which weight set to convert (default: ema)")
+                   help="which weight set to convert (default: %(default)s)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                   help="storage dtype of the output (default: float32, as trained)")
+                   help="storage dtype of the output (default: %(default)s, as trained)")
     p.add_argument("--to", choices=["safetensors", "diffusers"], default="safetensors",
-                   help="output format (default: safetensors)")
+                   help="output format (default: %(default)s)")
     p.add_argument("--text-encoder", type=Path, default=None, metavar="DIR",
                    help="--to diffusers, text-to-image: the text encoder's transformers folder "
                    "(model and tokenizer; the release: Qwen3-1.7B), copied into the pipeline")
@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
                    help="--to diffusers: class names, one per line (default: the ImageNet names "
                    "for 1000 classes, none otherwise)")
     p.add_argument("--sample-size", type=int, default=256,
-                   help="--to diffusers: the pipeline's default image side in pixels (default: 256)")
+                   help="--to diffusers: the pipeline's default image side in pixels (default: %(default)s)")
     p.set_defaults(handler=convert)
 
     p = sub.add_parser(

@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from deco.cli.common import existing_file
+from deco.cli.common import default_of, existing_file
+from deco.deploy.check import check_onnx
+from deco.deploy.export import DEFAULT_OPSET
 from deco.errors import UsageError
 
 
@@ -22,7 +24,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("checkpoint", type=existing_file, help="weight file (as deco.optimized.load_model reads)")
     p.add_argument("output", type=Path, help="output .onnx file")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (default 17)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help="ONNX opset, 17..20 (default %(default)s)")
     p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="fix the image size (default: dynamic height and width)")
@@ -51,11 +54,13 @@ def register(sub: Any) -> None:
     p.add_argument("model", type=existing_file, help=".onnx file written by deco export-onnx")
     p.add_argument("--checkpoint", type=existing_file, default=None,
                    help="the weight file it was exported from (default: the path in its metadata)")
-    p.add_argument("--batch", type=int, default=2, help="batch for a dynamic-batch graph (default 2)")
+    p.add_argument("--batch", type=int, default=default_of(check_onnx, "batch"),
+                   help="batch for a dynamic-batch graph (default %(default)s)")
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="image size for a dynamic-size graph (default 2p x 3p)")
-    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for a --cfg graph")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=default_of(check_onnx, "guidance"),
+                   help="guidance scale for a --cfg graph")
+    p.add_argument("--seed", type=int, default=default_of(check_onnx, "seed"))
     p.set_defaults(handler=onnx_check)
 
     p = sub.add_parser(
@@ -96,7 +101,7 @@ def register(sub: Any) -> None:
     p.add_argument("--precision", choices=["float32", "float64"], default=None,
                    help="tolerance to apply (default: the port's `precision`, else float32)")
     p.add_argument("--architecture", choices=["deco", "baseline", "t2i"], default="deco",
-                   help="which forward vector --export-vector-model exports (default deco)")
+                   help="which forward vector --export-vector-model exports (default %(default)s)")
     p.set_defaults(handler=conformance)
 
 
@@ -129,7 +134,7 @@ def export_onnx(args: argparse.Namespace) -> int:
 
 
 def onnx_check(args: argparse.Namespace) -> int:
-    from deco.deploy.check import check_onnx, format_check
+    from deco.deploy.check import format_check
 
     rows, providers = check_onnx(args.model, checkpoint=args.checkpoint, batch=args.batch,
                                  resolution=tuple(args.resolution) if args.resolution else None,

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deco.cli.common import existing_file
+from deco.cli.common import default_of, existing_file
 from deco.errors import UsageError
+from deco.evaluate.adm import evaluate_sample_batches
 
 
 def register(sub: Any) -> None:
@@ -25,7 +26,8 @@ def register(sub: Any) -> None:
     p.add_argument("reference", type=existing_file, help="reference batch .npz")
     p.add_argument("--inception-weights", type=existing_file, required=True, metavar="FILE",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
-    p.add_argument("--batch-size", type=int, default=100, help="images per Inception batch (default 100)")
+    p.add_argument("--batch-size", type=int, default=default_of(evaluate_sample_batches, "batch_size"),
+                   help="images per Inception batch (default %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--ignore-reference-stats", action="store_true",
                    help="recompute the reference statistics from its images instead of using mu/sigma")
@@ -36,7 +38,7 @@ def register(sub: Any) -> None:
 def fid(args: argparse.Namespace) -> int:
     import torch
 
-    from deco.evaluate.adm import evaluate_sample_batches, load_inception
+    from deco.evaluate.adm import load_inception
     from deco.optimized.gemm import full_float32_products
     from deco.outputs import write_json
 

@@ -13,13 +13,31 @@ from pathlib import Path
 from typing import Any
 
 from deco.cli import sample_text as cli_sample_text
+from deco.cli.common import default_of, shown
 from deco.errors import UsageError
+from deco.evaluate.sample_batches import ShardPlan
+from deco.generate import generate
+from deco.optimized.sampling import SampleSettings
+
+#: What `deco sample` uses for a class model without a run's settings: the spec's defaults.
+SPEC_SAMPLING = SampleSettings()
+TEXT_SOLVER = cli_sample_text.RELEASE_T2I_SAMPLING.solver  # a text model's, without a run's settings
+
+
+#: `deco spectrum`'s default times.
+SPECTRUM_TIMES = (0.25, 0.5, 0.75)
 
 
 def register(sub: Any) -> None:
     _register_sample(sub)
     _register_evaluate(sub)
     _register_spectrum(sub)
+
+
+def _described(settings: SampleSettings) -> str:
+    """Settings in words, e.g. "50 Euler steps, no guidance"."""
+    guidance = "no guidance" if settings.guidance == 1.0 else f"guidance {shown(settings.guidance)}"
+    return f"{settings.steps} {settings.solver.capitalize()} steps, {guidance}"
 
 
 def _sampler_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -29,7 +47,7 @@ def _sampler_options(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"guidance applies where LOW < t <= HIGH {what}")
     p.add_argument("--timeshift", type=float, default=None, help=f"time-grid shift s > 0 {what}")
     p.add_argument("--solver", choices=["euler", "heun", "adams"], default=None,
-                   help=f"ODE solver {what} (text models: adams)")
+                   help=f"ODE solver {what} (text models: {TEXT_SOLVER})")
 
 
 # ----------------------------------------------------------------------------- sample
@@ -39,16 +57,18 @@ def _register_sample(sub: Any) -> None:
         help="generate class-conditional images from a model",
         description="Generate images. CKPT: a run folder, a training checkpoint, a DeCo "
         ".safetensors model or a release .ckpt. Sampler settings default to the run's (for a run "
-        "folder or training checkpoint) or the spec's (50 Euler steps, no guidance).",
+        f"folder or training checkpoint) or the spec's ({_described(SPEC_SAMPLING)}).",
     )
     p.add_argument("checkpoint", type=Path, metavar="CKPT")
     p.add_argument("--labels", type=int, nargs="+", default=None,
                    help="class of each image (default: the first 10 classes)")
-    p.add_argument("--per-label", type=int, default=1, help="images per label, one grid row each (1)")
+    p.add_argument("--per-label", type=int, default=1,
+                   help="images per label, one grid row each (%(default)s)")
     _sampler_options(p, "(default: the run's)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
+    p.add_argument("--seed", type=int, default=default_of(generate, "seed"), help="noise seed (%(default)s)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the training size)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
+    p.add_argument("--batch-size", type=int, default=default_of(generate, "batch_size"),
+                   help="images per forward pass (%(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, default=Path("samples.png"),
                    help="a .png grid, an .npz (uint8 NHWC arr_0, labels arr_1) or a folder (samples.png)")
@@ -57,7 +77,8 @@ def _register_sample(sub: Any) -> None:
                    "protocol) into the ADM sample batch --out X.npz, in shards written as they "
                    "complete (resumable: a rerun skips finished shards); under torchrun each "
                    "process takes every WORLD-th shard")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard with --count (1000)")
+    p.add_argument("--shard-size", type=int, default=default_of(ShardPlan, "shard_size"),
+                   help="samples per shard with --count (%(default)s)")
     p.add_argument("--shard-dir", type=Path, default=None,
                    help="folder of the shards with --count (default: OUT without .npz + '.shards')")
     cli_sample_text.add_options(p)
@@ -76,9 +97,8 @@ def _settings(args: argparse.Namespace, loaded: Any) -> Any:
     import dataclasses
 
     from deco.errors import FieldError
-    from deco.optimized.sampling import SampleSettings
 
-    default = cli_sample_text.RELEASE_T2I_SAMPLING if loaded.model.config.is_text else SampleSettings()
+    default = cli_sample_text.RELEASE_T2I_SAMPLING if loaded.model.config.is_text else SPEC_SAMPLING
     base = loaded.sample if loaded.sample is not None else default
     changes = {k: getattr(args, k) for k in ("steps", "guidance", "timeshift", "solver")
                if getattr(args, k) is not None}
@@ -91,7 +111,7 @@ def _settings(args: argparse.Namespace, loaded: Any) -> Any:
 
 
 def sample(args: argparse.Namespace) -> int:
-    from deco.generate import generate, load_for_sampling
+    from deco.generate import load_for_sampling
     from deco.outputs import save_samples
 
     device = _device(args.device)
@@ -130,8 +150,7 @@ def sample(args: argparse.Namespace) -> int:
 def _sample_batch(args: argparse.Namespace, loaded: Any, settings: Any, resolution: int) -> int:
     """`deco sample --count N`: the sharded, resumable ADM sample batch (deco.evaluate.sample_batches)."""
     from deco.distributed import setup_distributed
-    from deco.evaluate.sample_batches import ShardPlan, generate_sample_batch
-    from deco.generate import generate
+    from deco.evaluate.sample_batches import generate_sample_batch
     from deco.outputs import to_uint8
 
     if args.out.suffix.lower() != ".npz":
@@ -174,14 +193,14 @@ def _register_evaluate(sub: Any) -> None:
         "hidden-layer features. Writes an 'evaluation' section into --out.",
     )
     p.add_argument("checkpoint", type=Path, metavar="CKPT")
-    p.add_argument("--per-class", type=int, default=100, help="samples per class (100)")
+    p.add_argument("--per-class", type=int, default=100, help="samples per class (%(default)s)")
     p.add_argument("--text-encoder", type=Path, default=None,
                    help="text demo: the encoder folder (default: the run's built-in one)")
     p.add_argument("--limit", type=int, default=None,
                    help="text demo: at most this many prompts per held-out set (default: all)")
     _sampler_options(p, "(default: the run's)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
-    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (500)")
+    p.add_argument("--seed", type=int, default=default_of(generate, "seed"), help="noise seed (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (%(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON file (default: metrics.json in the run folder, else in the current folder)")
@@ -192,7 +211,7 @@ def evaluate(args: argparse.Namespace) -> int:
     import time
 
     from deco.evaluate.digits import DigitsClassifier, digits_compatible, score_samples
-    from deco.generate import class_labels, generate, load_for_sampling
+    from deco.generate import class_labels, load_for_sampling
     from deco.outputs import merge_json
 
     if args.per_class < 2:
@@ -233,9 +252,9 @@ def _register_spectrum(sub: Any) -> None:
     p.add_argument("--baseline", type=Path, default=None, metavar="CKPT2", help="a second model to compare")
     p.add_argument("--data", type=Path, default=None, help="image folder (default: built-in digits)")
     p.add_argument("--resolution", type=int, default=None, help="image size (default: the training size)")
-    p.add_argument("--count", type=int, default=256, help="number of images (256)")
-    p.add_argument("--times", type=float, nargs="+", default=[0.25, 0.5, 0.75],
-                   help="t values (0.25 0.5 0.75)")
+    p.add_argument("--count", type=int, default=256, help="number of images (%(default)s)")
+    p.add_argument("--times", type=float, nargs="+", default=list(SPECTRUM_TIMES),
+                   help=f"t values ({shown(SPECTRUM_TIMES)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, default=None,

@@ -20,9 +20,8 @@ from typing import Any
 from deco.errors import UsageError
 from deco.optimized.sampling import SampleSettings
 
-#: The release's text-to-image sampler (its t2i demo: AdamLMSampler, 25 steps, guidance 4, shift 3).
-RELEASE_T2I_SAMPLING = SampleSettings(steps=25, guidance=4.0, interval=(0.0, 1.0), timeshift=3.0,
-                                      solver="adams")
+#: The release's text-to-image sampler (`deco.config.RELEASE_SAMPLING["t2i"]`).
+RELEASE_T2I_SAMPLING = SampleSettings.release("t2i")
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -34,7 +33,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="the text guidance steers away from (default: \"\", the release's)")
     p.add_argument("--text-encoder", type=Path, default=None,
                    help="the Qwen3 folder of a text model (default: the one its run used)")
-    p.add_argument("--per-prompt", type=int, default=1, help="images per prompt (1)")
+    p.add_argument("--per-prompt", type=int, default=1, help="images per prompt (%(default)s)")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from deco.cli.common import default_of
+from deco.text.embeddings import embed_captions
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
@@ -26,10 +29,13 @@ def register(sub: Any) -> None:
                    help="tokens per caption (the model's text_length; 128 for the release)")
     p.add_argument("--width", type=int, required=True, metavar="E",
                    help="features per token (the model's text_dim; 2048 for the release)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="bfloat16",
-                   help="storage dtype (default: bfloat16, what the release feeds its model)")
-    p.add_argument("--batch-size", type=int, default=32, help="captions per encoder call (default: 32)")
-    p.add_argument("--shard-size", type=int, default=1024, help="captions per shard file (default: 1024)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   default=default_of(embed_captions, "dtype"),
+                   help="storage dtype (default: %(default)s, what the release feeds its model)")
+    p.add_argument("--batch-size", type=int, default=default_of(embed_captions, "batch_size"),
+                   help="captions per encoder call (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=default_of(embed_captions, "shard_size"),
+                   help="captions per shard file (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="torch device of the encoder (default: cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -39,7 +45,6 @@ def register(sub: Any) -> None:
 def embed_text(args: argparse.Namespace) -> int:
     from deco.errors import UsageError
     from deco.text.captions import open_caption_dataset
-    from deco.text.embeddings import embed_captions
     from deco.text.encoder import Qwen3TextEncoder, check_encoder_folder, parse_device, require_text_packages
 
     for name in ("length", "width", "batch_size", "shard_size"):

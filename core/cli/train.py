@@ -14,7 +14,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deco.cli.common import default_of, shown
 from deco.errors import UsageError
+from deco.optimized.train_config import TrainConfig
+from deco.text.job import T2I_DEFAULTS
+from deco.train.run_config import FOLDER_DEFAULTS, RunConfig
+
+
+def _train(name: str, home: Any = TrainConfig) -> str:
+    """The default of TrainConfig's field `name` (or of a defaults table's TrainConfig), as shown."""
+    return shown(default_of(home if isinstance(home, type) else home["train"], name))
+
+
+def _run(name: str, home: Any = RunConfig) -> str:
+    """The default of RunConfig's field `name` (or a dataset defaults table's entry), as shown."""
+    return shown(default_of(home, name))
+
 
 DIGITS_NOTE = "(default: the built-in digits' tuned value, or the release's for --data)"
 BOOL = argparse.BooleanOptionalAction
@@ -31,10 +46,12 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
                                         "run on every batch's captions"}),
     ("--embeddings", "embeddings", {"type": Path, "help": "t2i: text embeddings of --data's captions "
                                     "written by deco embed-text"}),
-    ("--accumulation", "accumulation", {"type": int, "help": "micro-batches per optimizer step "
-                                        "(gradient accumulation; default 1, t2i on --data: 3)"}),
+    ("--accumulation", "accumulation", {
+        "type": int, "help": "micro-batches per optimizer step (gradient accumulation; default "
+        f"{_run('accumulation', FOLDER_DEFAULTS)}, t2i on --data: {_run('accumulation', T2I_DEFAULTS)})"}),
     ("--resolution", "resolution", {"type": int,
-                                    "help": "training resolution for --data (ADM centre crop; default 256)"}),
+                                    "help": "training resolution for --data (ADM centre crop; default "
+                                    f"{_run('resolution', FOLDER_DEFAULTS)})"}),
     ("--model", "model", {"help": "preset (e.g. DeCo-XL/16, DiT-tiny/4) or a .json file of DeCoConfig "
                           "fields; a field the file omits takes DeCoConfig's default, which is "
                           f"DeCo-XL/16's {DIGITS_NOTE}"}),
@@ -45,34 +62,42 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--train-timeshift", "train.timeshift", {
         "type": float, "help": f"shift s of the training times, s > 1: more high-noise steps {DIGITS_NOTE}"}),
     ("--freq-weight", "train.freq_weight", {
-        "type": float, "help": "weight of the frequency-aware loss (default 1; 0: plain flow matching)"}),
+        "type": float, "help": "weight of the frequency-aware loss (default "
+        f"{_train('freq_weight')}; 0: plain flow matching)"}),
     ("--repa-encoder", "repa_encoder", {
         "type": Path, "help": "DINOv2 ViT-B/14 for REPA (the paper's recipe): the original "
         "dinov2_vitb14_pretrain.pth or a Hugging Face folder (facebook/dinov2-base layout); read "
         "locally, frozen. Default: no REPA"}),
-    ("--repa-weight", "train.repa_weight", {"type": float,
-                                            "help": "REPA weight (0.5; needs --repa-encoder)"}),
+    ("--repa-weight", "train.repa_weight", {
+        "type": float, "help": f"REPA weight ({_train('repa_weight')}; needs --repa-encoder)"}),
     ("--repa-layer", "train.repa_layer", {
-        "type": int, "help": "1-based DiT block whose tokens REPA aligns (8; needs --repa-encoder)"}),
-    ("--quality", "train.quality", {"type": int, "help": "JPEG quality of the frequency weights (85)"}),
+        "type": int, "help": f"1-based DiT block whose tokens REPA aligns ({_train('repa_layer')}, "
+        f"t2i on --data: {_train('repa_layer', T2I_DEFAULTS)}; needs --repa-encoder)"}),
+    ("--quality", "train.quality", {
+        "type": int, "help": f"JPEG quality of the frequency weights ({_train('quality')})"}),
     ("--label-dropout", "train.label_dropout", {"type": float,
-                                                "help": "null-label (t2i: null-caption) probability (0.1)"}),
-    ("--bf16", "train.bf16", {"action": BOOL,
-                              "help": "bf16 autocast on CUDA (default on; ignored on the CPU)"}),
-    ("--seed", "train.seed", {"type": int, "help": "seed of weights, data order and noise (0)"}),
-    ("--compile", "compile", {"action": BOOL, "help": "torch.compile the model (default off)"}),
+                                                "help": "null-label (t2i: null-caption) probability "
+                                                f"({_train('label_dropout')})"}),
+    ("--bf16", "train.bf16", {
+        "action": BOOL, "help": f"bf16 autocast on CUDA (default {_train('bf16')}; ignored on the CPU)"}),
+    ("--seed", "train.seed", {
+        "type": int, "help": f"seed of weights, data order and noise ({_train('seed')})"}),
+    ("--compile", "compile", {
+        "action": BOOL, "help": f"torch.compile the model (default {_run('compile')})"}),
     ("--checkpoint-every", "checkpoint_every", {"type": int,
                                                 "help": f"steps between checkpoints {DIGITS_NOTE}"}),
-    ("--log-every", "log_every", {"type": int, "help": "steps per log.jsonl record (10)"}),
-    ("--num-workers", "num_workers", {"type": int, "help": "data-loading processes for --data (0)"}),
-    ("--device", "device", {"choices": ["auto", "cpu", "cuda"], "help": "default: auto"}),
+    ("--log-every", "log_every", {"type": int, "help": f"steps per log.jsonl record ({_run('log_every')})"}),
+    ("--num-workers", "num_workers", {
+        "type": int, "help": f"data-loading processes for --data ({_run('num_workers')})"}),
+    ("--device", "device", {"choices": ["auto", "cpu", "cuda"], "help": f"default: {_run('device')}"}),
     ("--sample-steps", "sample.steps", {"type": int, "help": "sampling steps of the final grid"}),
     ("--guidance", "sample.guidance", {"type": float, "help": "guidance scale of the final grid"}),
     ("--interval", "sample.interval", {"type": float, "nargs": 2, "metavar": ("LOW", "HIGH"),
                                        "help": "guidance interval of the final grid"}),
     ("--timeshift", "sample.timeshift", {"type": float, "help": "time shift of the final grid"}),
     ("--solver", "sample.solver", {"choices": ["euler", "heun", "adams"],
-                                   "help": "solver of the final grid (t2i default: adams)"}),
+                                   "help": "solver of the final grid (t2i default: "
+                                   f"{default_of(T2I_DEFAULTS['sample'], 'solver')})"}),
 ]
 FLAGS = {field: flag for flag, field, _ in OPTIONS}
 

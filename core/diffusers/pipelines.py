@@ -33,6 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from deco.atomic import atomic_write
+from deco.config import RELEASE_SAMPLING
 from deco.optimized.sampling import guidance_at, guided_velocity, time_grid
 
 from .schedulers import DeCoScheduler
@@ -316,15 +317,18 @@ class DeCoTextPipeline(DeCoPipelineBase):
     def __call__(
         self, prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
-        guidance_scale: float = 4.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
-        num_inference_steps: int = 25, timeshift: float = 3.0, height: int | None = None,
+        guidance_scale: float = RELEASE_SAMPLING["t2i"]["guidance"],
+        guidance_interval: tuple[float, float] = RELEASE_SAMPLING["t2i"]["interval"],
+        num_inference_steps: int = RELEASE_SAMPLING["t2i"]["steps"],
+        timeshift: float = RELEASE_SAMPLING["t2i"]["timeshift"], height: int | None = None,
         width: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
         latents: Tensor | None = None, prompt_embeds: Tensor | None = None,
         negative_prompt_embeds: Tensor | None = None, output_type: str = "pil",
         return_dict: bool = True,
     ) -> Any:
-        """Sample one image per prompt. Defaults: the release's demo settings (25 steps, guidance
-        4, time shift 3; its scheduler is Adams of order 2). prompt_embeds (B, T, E) /
+        """Sample one image per prompt. Defaults: the release's demo settings
+        (`deco.config.RELEASE_SAMPLING["t2i"]`: 25 steps, guidance 4, time shift 3; its scheduler
+        is Adams of order 2). prompt_embeds (B, T, E) /
         negative_prompt_embeds (T, E) or (B, T, E) replace the encoder's outputs. The other
         arguments are DeCoPipeline's."""
         steps, guidance, interval, timeshift = check_settings(

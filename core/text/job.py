@@ -55,14 +55,14 @@ T2I_DEMO_DEFAULTS: dict[str, Any] = {
 }
 #: Defaults for real captioned data: the release's configs_t2i/pretraining_res256.yaml (AdamW 2e-4,
 #: betas (0.9, 0.95), no weight decay, clipping 1.0, time shift 2, EMA 0.9999, REPA at block 6
-#: when an encoder is given, 64 images per GPU x 8 GPUs, 3 accumulated micro-batches; sampling:
-#: Adams, 25 steps, guidance 4, time shift 3).
+#: when an encoder is given, 64 images per GPU x 8 GPUs, 3 accumulated micro-batches) and the
+#: release's text-to-image sampler (`deco.config.RELEASE_SAMPLING["t2i"]`).
 T2I_DEFAULTS: dict[str, Any] = {
     "model": "DeCo-XXL/16", "batch_size": 512 * 3, "steps": 200_000, "checkpoint_every": 10_000,
     "resolution": 256, "accumulation": 3,
     "train": TrainConfig(lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999,
                          timeshift=2.0, label_dropout=0.1, repa_layer=6),
-    "sample": SampleSettings(steps=25, guidance=4.0, interval=(0.0, 1.0), timeshift=3.0, solver="adams"),
+    "sample": SampleSettings.release("t2i"),
 }
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from deco.atomic import atomic_write
-from deco.optimized.sampling import SampleSettings
+from deco.optimized.sampling import SampleSettings, sample_with
 from deco.outputs import grid_image, save_png, to_uint8
 from deco.text.digit_pairs import Prompt, evaluation_prompts, read_pairs, score_pairs, swap
 
@@ -33,9 +33,8 @@ PROMPTS_NAME = "prompts.txt"
 def generate_text(model: nn.Module, text: Tensor, null: Tensor, settings: SampleSettings, *,
                   seed: int = 0, size: tuple[int, int] = (32, 32), batch_size: int = 256) -> Tensor:
     """Images (N, C, H, W) in [-1, 1] (float32, CPU) for text embeddings (N, T, E) and the null
-    embedding (T, E)."""
-    from deco.optimized import sample
-
+    embedding (T, E). The settings were validated by `SampleSettings`; each batch checks only
+    its noise and text (`sample_with`)."""
     config: Any = model.config
     param = next(model.parameters())
     gen = torch.Generator().manual_seed(seed)
@@ -44,9 +43,9 @@ def generate_text(model: nn.Module, text: Tensor, null: Tensor, settings: Sample
     out = []
     for start in range(0, text.shape[0], batch_size):
         part = slice(start, start + batch_size)
-        x = sample(model, noise[part].to(param.device, param.dtype), text[part].to(param.device, param.dtype),
-                   null.to(param.device, param.dtype), **settings.options())
-        assert isinstance(x, Tensor)
+        x = sample_with(model, noise[part].to(param.device, param.dtype),
+                        text[part].to(param.device, param.dtype), settings,
+                        null.to(param.device, param.dtype))
         out.append(x.float().cpu())
     return torch.cat(out) if out else noise
 

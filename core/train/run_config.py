@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from deco.config import PRESETS, DeCoConfig
+from deco.config import PRESETS, DeCoConfig, config_from_dict, config_to_dict
 from deco.errors import FieldError, field_int
 from deco.optimized.sampling import SampleSettings
 from deco.optimized.trainer import TrainConfig
@@ -77,26 +77,15 @@ class RunConfig:
             raise FieldError("device", "cuda requested but torch sees no CUDA device")
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for key in PATH_FIELDS:
-            data[key] = None if data[key] is None else str(data[key])
-        for key in ("train", "sample"):
-            data[key] = None if data[key] is None else data[key].to_dict()
-        return data
+        """The fields as JSON types (`deco.config.config_to_dict`: paths as strings, `train` and
+        `sample` as their own dicts)."""
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        data = dict(data)
-        for key in PATH_FIELDS:
-            data[key] = None if data.get(key) is None else Path(data[key])
-        if data.get("train") is not None:
-            data["train"] = TrainConfig.from_dict(data["train"])
-        if data.get("sample") is not None:
-            data["sample"] = SampleSettings.from_dict(data["sample"])
-        return cls(**data)
+        """The inverse of `to_dict` (`deco.config.config_from_dict`)."""
+        return config_from_dict(cls, data)
 
-
-PATH_FIELDS = ("out", "data", "text_encoder", "embeddings", "repa_encoder")
 
 #: Defaults for the built-in digits, chosen by short sweeps (bench/RESULTS_training.md) so that the
 #: default run reaches >= 90% class accuracy on its own samples in under 10 minutes on 2 CPU cores.
@@ -108,12 +97,13 @@ DIGITS_DEFAULTS: dict[str, Any] = {
     "train": TrainConfig(lr=1e-3, ema_decay=0.995, timeshift=2.0),
     "sample": SampleSettings(steps=25, guidance=3.0, interval=(0.0, 1.0), timeshift=1.0, solver="euler"),
 }
-#: Defaults for an image folder: the release's recipe (AdamW 1e-4, EMA 0.9999, batch 32/GPU x 8).
+#: Defaults for an image folder: the release's recipe (AdamW 1e-4, EMA 0.9999, batch 32/GPU x 8) and
+#: its DeCo-XL 256 px sampler (`deco.config.RELEASE_SAMPLING["c2i"]`).
 FOLDER_DEFAULTS: dict[str, Any] = {
     "model": "DeCo-XL/16", "batch_size": 256, "steps": 400_000, "checkpoint_every": 5000, "resolution": 256,
     "accumulation": 1,
     "train": TrainConfig(),
-    "sample": SampleSettings(steps=100, guidance=3.2, interval=(0.1, 1.0), timeshift=1.0, solver="euler"),
+    "sample": SampleSettings.release("c2i"),
 }
 
 #: Fields that change the training trajectory (every field of `train` does): a resumed run must
