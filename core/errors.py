@@ -80,7 +80,7 @@ def first_line(exc: BaseException) -> str:
 def quiet_transformers() -> Iterator[None]:
     """No progress bars or load reports from transformers (the unused `lm_head` of a causal-LM
     checkpoint is reported as unexpected): a command's stderr stays one line on error."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # here: transformers is an optional extra
 
     logging: Any = hf_logging  # partly untyped
     verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()

@@ -18,6 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from deco import reference as R
+from deco.reference.sampling import adams, adams_weights, euler, time_grid
+from deco.release import read_release_checkpoint
+
 FIXTURE_TOLERANCE = 1e-5
 
 
@@ -70,10 +74,6 @@ def reference_checks(folder: str | Path | None = None) -> list[Check]:
 
 
 def _iter_checks(folder: Path) -> Iterator[Check]:
-    from deco import reference as R
-    from deco.reference.sampling import euler, time_grid
-    from deco.release import read_release_checkpoint
-
     a, cfg = _load(folder)
 
     def model(name: str) -> R.Model:
@@ -119,10 +119,6 @@ def _iter_checks(folder: Path) -> Iterator[Check]:
 
 def _text_checks(folder: Path) -> Iterator[Check]:
     """The text-to-image outputs of T.npz (spec/06), named `T.<key>`."""
-    from deco import reference as R
-    from deco.reference.sampling import adams, adams_weights, time_grid
-    from deco.release import read_release_checkpoint
-
     a, cfg = _load(folder, "T.npz")
 
     def model(weights: Any) -> R.Model:

@@ -3,6 +3,10 @@ optimized PyTorch model in float64 and float32, and an exported ONNX graph (the 
 only: `forward` of a class graph, `t2i_forward` of a text graph).
 
 `ReferencePort` is also the source of every vector: expected outputs are what it returns.
+
+The optimized ports import `deco.optimized` (and with it torch) inside their methods, and the ONNX
+port onnxruntime: the kit, its vectors and the reference port run where only NumPy and SciPy
+exist, as a porter's machine may.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def read_shard(shard: Path, members: tuple[str, ...] | None = None) -> Iterator[
     """The samples of one tar shard (webdataset's grouping of members by key), each checked to
     have a caption; `members` restricts which extensions are read. A tar error is a
     CaptionDataError naming the shard."""
-    from webdataset import tariterators
+    from webdataset import tariterators  # here: webdataset is an optional extra (text)
 
     def select(name: str) -> bool:
         return members is None or name.rsplit(".", 1)[-1].lower() in members

@@ -62,7 +62,7 @@ def train_demo_encoder(folder: str | Path, config: DemoEncoderConfig = DemoEncod
     """Write the demo's trained tiny Qwen3 (Hugging Face layout) to `folder`, atomically: it is
     built in a sibling temporary folder and renamed into place. `language`: the captions it is
     taught, `demo_language()` by default. Returns the folder."""
-    from transformers import Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM  # here: transformers is an optional extra (text)
 
     out = Path(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
