@@ -41,7 +41,6 @@ import copy
 import hashlib
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deco.atomic import fsync_dir
+from deco.atomic import fsync_dir, make_temporary_folder, writing
 from deco.config import DeCoConfig
 
 from .onnx_symbolics import symbolics
@@ -211,18 +210,19 @@ def export_onnx(
     p = config.patch_size
     # Trace at a non-square size so that a height/width mix-up cannot hide in the trace.
     example = _example_inputs(config, batch or 2, resolution or (2 * p, 3 * p), cfg)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    folder = make_temporary_folder(path)
     try:
-        traced = folder / "trace" / "model.onnx"  # the exporter may scatter tensor files here
-        traced.parent.mkdir()
-        _trace(net, example, traced, opset, input_names(config, cfg), batch is None,
-               resolution is None)
-        staged = folder / path.name
-        props = _properties(config, cfg, batch, resolution, dtype, metadata)
-        external = _finish(traced, staged, props, external_data)
-        shutil.rmtree(traced.parent)
-        _check_other_shapes(reference, staged, config, cfg, batch, resolution, dtype)
-        _install(staged, path, external)
+        with writing(path, folder, data_file(path)):
+            traced = folder / "trace" / "model.onnx"  # the exporter may scatter tensor files here
+            traced.parent.mkdir()
+            _trace(net, example, traced, opset, input_names(config, cfg), batch is None,
+                   resolution is None)
+            staged = folder / path.name
+            props = _properties(config, cfg, batch, resolution, dtype, metadata)
+            external = _finish(traced, staged, props, external_data)
+            shutil.rmtree(traced.parent)
+            _check_other_shapes(reference, staged, config, cfg, batch, resolution, dtype)
+            _install(staged, path, external)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return path

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from deco.atomic import fsync_dir
+from deco.atomic import default_modes, fsync_dir, make_temporary_folder, writing
 from deco.optimized.weights import load_weights
 
 from .pipelines import DeCoPipeline, DeCoPipelineBase, DeCoTextPipeline
@@ -92,10 +91,12 @@ def write_pipeline(checkpoint: str | Path, out_dir: str | Path, **options: Any) 
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output: folder {out.parent} does not exist")
     pipe = build_pipeline(checkpoint, **options)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = make_temporary_folder(out)
     try:
-        pipe.save_pretrained(tmp)
-        os.replace(tmp, out)
+        with writing(out, tmp):
+            pipe.save_pretrained(tmp)
+            default_modes(tmp)  # mkdtemp's 0700, safetensors' 0600: a shared folder must be readable
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
