@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import UsageError, existing_file
+from .output_policy import add_force, check_output
 
 
 def register(sub: Any) -> None:
@@ -20,7 +21,7 @@ def register(sub: Any) -> None:
         "returns u + g (c - u), both branches in one batch.",
     )
     p.add_argument("checkpoint", type=existing_file, help="weight file (as deco.optimized.load_model reads)")
-    p.add_argument("output", type=Path, help="output .onnx file")
+    p.add_argument("output", type=Path, help="output .onnx file (an existing one is refused unless --force)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (default 17)")
     p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
@@ -35,6 +36,7 @@ def register(sub: Any) -> None:
     p.add_argument("--external-data", action="store_true", default=None,
                    help="always write the weights to one external file OUTPUT.data beside the "
                    "graph (default: only when they exceed 1 GiB, as protobuf cannot hold 2 GiB)")
+    add_force(p)
     p.set_defaults(handler=export_onnx)
 
     p = sub.add_parser(
@@ -71,15 +73,18 @@ def register(sub: Any) -> None:
     action.add_argument("--onnx", type=existing_file, metavar="FILE",
                         help="a graph exported from a forward vector's weights (forward and "
                         "t2i_forward vectors only)")
-    action.add_argument("--write", type=Path, metavar="DIR", help="regenerate the vectors into DIR")
+    action.add_argument("--write", type=Path, metavar="DIR", help="regenerate the vectors into DIR "
+                        "(a non-empty DIR is refused unless --force)")
     action.add_argument("--export-vector-model", type=Path, metavar="OUT",
-                        help="export the forward vector's model to OUT.onnx (see --architecture)")
+                        help="export the forward vector's model to OUT.onnx (see --architecture; an "
+                        "existing OUT is refused unless --force)")
     p.add_argument("--vectors", type=Path, default=None,
                    help="vector folder (default: $DECO_VECTORS or spec/vectors of the checkout)")
     p.add_argument("--precision", choices=["float32", "float64"], default=None,
                    help="tolerance to apply (default: the port's `precision`, else float32)")
     p.add_argument("--architecture", choices=["deco", "baseline", "t2i"], default="deco",
                    help="which forward vector --export-vector-model exports (default deco)")
+    add_force(p)
     p.set_defaults(handler=conformance)
 
 
@@ -98,6 +103,7 @@ def _batch(text: str) -> int | None:
 def export_onnx(args: argparse.Namespace) -> int:
     from .onnx_export import data_file, export_checkpoint
 
+    check_output(args.output, args.force)
     resolution = tuple(args.resolution) if args.resolution else None
     path = export_checkpoint(args.checkpoint, args.output, opset=args.opset,
                              batch=_batch(args.batch), resolution=resolution, cfg=args.cfg,
@@ -132,6 +138,7 @@ def conformance(args: argparse.Namespace) -> int:
     if args.write is not None:
         from .conformance_vectors import write_vectors
 
+        check_output(args.write, args.force, "--write", folder=True)
         paths = write_vectors(args.write)
         size = sum(p.stat().st_size for p in paths)
         print(f"wrote {len(paths)} vectors to {args.write} ({size / 1024:.0f} KiB)")
@@ -140,6 +147,7 @@ def conformance(args: argparse.Namespace) -> int:
     if args.export_vector_model is not None:
         from .onnx_check import export_vector_model
 
+        check_output(args.export_vector_model, args.force, "--export-vector-model")
         path = export_vector_model(vectors, args.architecture, args.export_vector_model)
         print(f"wrote {path} (forward vector of the {args.architecture} model; run "
               f"deco conformance --onnx {path})")
