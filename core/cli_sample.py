@@ -166,8 +166,8 @@ def _sample_batch(args: argparse.Namespace, loaded: Any, settings: Any, resoluti
                                     restart=args.restart)
     except PlanMismatch as exc:
         where = "--shard-dir" if args.shard_dir else "--out"
-        raise UsageError(f"{where}: {exc}; give --restart to delete those shards and start over, "
-                         f"or choose another {where}") from None
+        raise UsageError(f"{where}: {shards} holds shards of another plan ({exc.shown}); give --restart "
+                         f"to delete them and start over, or choose another {where}") from None
     finally:
         if d.world_size > 1:
             import torch.distributed as dist

@@ -28,8 +28,9 @@ class PlanMismatch(ValueError):
 
     def __init__(self, what: str, changes: list[str]) -> None:
         self.what, self.changes = what, changes
-        shown = "; ".join(changes[:3]) + (f" (and {len(changes) - 3} more)" if len(changes) > 3 else "")
-        super().__init__(f"{what}: {shown}")
+        #: the first three changes, "; "-separated
+        self.shown = "; ".join(changes[:3]) + (f" (and {len(changes) - 3} more)" if len(changes) > 3 else "")
+        super().__init__(f"{what}: {self.shown}")
 
 
 def file_sha256(path: str | Path) -> str:
