@@ -48,6 +48,7 @@ from .outputs import grid_image, plot_loss, read_log, save_png, to_uint8, write_
 from .run_config import (
     RunConfig,
     changed_fields,
+    check_model_file,
     model_config,
     resolve,
     with_overrides,
@@ -97,9 +98,12 @@ class Job:
             stored = resolve(RunConfig.from_dict(state["run"]))
             run = with_overrides(stored, changed_fields(run, stored, explicit))
             run = dataclasses.replace(run, resume=True)
+            check_model_file(stored, state["config"], out)
         elif (out / CHECKPOINT_NAME).exists():
             raise FieldError("out", f"{out} already holds a run; continue it with --resume or choose "
                                     f"another folder")
+        elif self.d.is_main and (out / LOG_NAME).exists():
+            (out / LOG_NAME).unlink()  # records of a run killed before its first checkpoint
         self.run = resolve(dataclasses.replace(run, out=out))
         return state
 

@@ -26,7 +26,7 @@ from .config import PRESETS, DeCoConfig
 from .text_job import T2I_DEFAULTS, T2I_DEMO_DEFAULTS
 
 __all__ = ["DIGITS_DEFAULTS", "FOLDER_DEFAULTS", "TRAJECTORY_FIELDS", "RunConfig", "changed_fields",
-           "defaults", "model_config", "resolve", "with_overrides"]
+           "check_model_file", "defaults", "model_config", "resolve", "with_overrides"]
 
 
 @dataclass(frozen=True)
@@ -185,3 +185,19 @@ def model_config(model: str, num_classes: int | None) -> DeCoConfig:
         except (ValueError, TypeError) as exc:
             raise FieldError("model", f"{path}: {exc}") from None
     return config if num_classes is None else dataclasses.replace(config, num_classes=num_classes)
+
+
+def check_model_file(stored: RunConfig, config: dict[str, Any], out: Path) -> None:
+    """On --resume: a FieldError if the run's --model .json file now describes another model than
+    the checkpoint's `config` (a dict): the resumed run keeps the checkpoint's model, so an
+    edited file would be silently ignored. A file that is gone is no conflict."""
+    from .plan_identity import plan_changes
+
+    if stored.model is None or stored.model in PRESETS or not Path(stored.model).is_file():
+        return
+    wanted = model_config(stored.model, None if stored.task == "t2i" else config.get("num_classes"))
+    changes = plan_changes(config, wanted.to_dict())
+    if changes:
+        raise FieldError("model", f"{stored.model} changed since the run in {out} started "
+                                  f"({'; '.join(changes[:3])}); a resumed run keeps its model: restore "
+                                  f"the file, or start a new run with another --out")
