@@ -105,7 +105,8 @@ def test_cli_convert_outputs(tmp_path: Path, umask: int, fixtures_dir: Path) -> 
     file_mode, dir_mode = _oracle(tmp_path)
     assert main(["convert", str(fixtures_dir / "A.ckpt"), str(tmp_path / "a.safetensors")]) == 0
     _assert_modes(tmp_path / "a.safetensors", file_mode, dir_mode)
-    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "pipe"), "--to", "diffusers"]) == 0
+    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "pipe"),
+                 "--to", "diffusers"]) == 0
     checked = _assert_modes(tmp_path / "pipe", file_mode, dir_mode)
     assert any(name.endswith(".safetensors") for name in checked)
     assert "pipe/transformer" in checked and "pipe/model_index.json" in checked
