@@ -339,14 +339,30 @@ def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bo
         entry.key, entry.value = key, value
     external = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     if external:
-        onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_file(staged).name)
+        _mark_external(proto, data_file(staged).name)
+        onnx.save_model(proto, str(staged))  # writes the marked tensors to the one data file
     else:
         onnx.save_model(proto, str(staged))
     del proto
     # On the path, not the proto: the checker then reads external data itself, with no 2 GiB limit.
     onnx.checker.check_model(str(staged), full_check=True)
     return external
+
+
+def _mark_external(proto: Any, location: str) -> None:
+    """Mark the initializers for ONE external data file `location` (beside the graph), as
+    onnx.save_model(save_as_external_data=True) does, minus its check that `location` does not
+    exist, which it makes relative to the working directory rather than to the graph: an earlier
+    export's data file in the working directory made every re-export (--force, or a re-run
+    after a kill) fail."""
+    import sys
+
+    from onnx import external_data_helper as helper
+
+    tensors = getattr(helper, "_get_initializer_tensors", lambda m: m.graph.initializer)(proto)
+    for tensor in tensors:  # onnx's default size_threshold: 1024 bytes
+        if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= 1024:
+            helper.set_external_data(tensor, location)
 
 
 def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: bool,
