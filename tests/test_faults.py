@@ -149,14 +149,28 @@ def deco(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForkServer]:
         server.close()
 
 
+def canonical(name: str, data: bytes) -> bytes:
+    """A file's bytes, with a safetensors header's JSON in sorted key order: safetensors writes its
+    metadata from a Rust HashMap, whose order differs between processes (the tensors, their
+    offsets and every byte of data are the same)."""
+    if not name.endswith(".safetensors") or len(data) < 8:
+        return data
+    size = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except ValueError:
+        return data  # not a whole header: a torn file, compared as it is
+    return json.dumps(header, sort_keys=True).encode() + data[8 + size :]
+
+
 def visible_files(root: Path) -> dict[str, bytes]:
-    """Relative path -> bytes of every file under `root` that a user would take for output (not
-    hidden, not inside a hidden folder)."""
+    """Relative path -> bytes (`canonical`) of every file under `root` that a user would take for
+    output (not hidden, not inside a hidden folder)."""
     out = {}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-            out[str(rel)] = path.read_bytes()
+            out[str(rel)] = canonical(path.name, path.read_bytes())
     return out
 
 
