@@ -27,6 +27,7 @@ def load_weights_only(source: str | Path | bytes, name: str | None = None) -> An
     caller adds its own). name: what to call `source` (default: its path)."""
     import torch
 
+    data: Path | io.BytesIO
     if isinstance(source, bytes):
         name, data, head = name or "the data", io.BytesIO(source), source[:9]
     else:
