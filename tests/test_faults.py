@@ -32,7 +32,7 @@ from deco.config import DeCoConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: Kill points per command (seeded: the same points on every run of the suite).
-KILLS = 2
+KILLS = 3
 SEED = 20
 
 #: A fork server: imports deco's CLI and its heavy libraries once, then for each request (a JSON
@@ -522,3 +522,19 @@ def test_reexport_with_external_data_in_the_working_folder(model: Path, tmp_path
     first = visible_files(tmp_path)
     assert main([*argv, "--force"]) == 0
     assert visible_files(tmp_path) == first  # the same model gives the same pair of files
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_clean(tmp_path: Path) -> None:
+    """Records a run logged before it was killed (no checkpoint yet) are not kept by the new run:
+    its log holds its own steps only (the oracle: a run into an empty folder)."""
+    argv = ["--steps", "2", "--log-every", "1", "--batch-size", "4", "--sample-steps", "1", "--device", "cpu"]
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    assert main(["train", "--out", str(tmp_path / "killed"), *argv]) == 0
+    assert main(["train", "--out", str(tmp_path / "clean"), *argv]) == 0
+
+    def records(run: Path) -> list[dict[str, float]]:
+        return [{k: v for k, v in json.loads(line).items() if k != "time"}
+                for line in (run / "log.jsonl").read_text().splitlines()]
+
+    assert records(tmp_path / "killed") == records(tmp_path / "clean")
