@@ -48,7 +48,9 @@ from .outputs import grid_image, plot_loss, read_log, save_png, to_uint8, write_
 from .run_config import (
     RunConfig,
     changed_fields,
+    check_inputs,
     check_model_file,
+    input_identity,
     model_config,
     resolve,
     with_overrides,
@@ -105,6 +107,9 @@ class Job:
         elif self.d.is_main and (out / LOG_NAME).exists():
             (out / LOG_NAME).unlink()  # records of a run killed before its first checkpoint
         self.run = resolve(dataclasses.replace(run, out=out))
+        self.inputs = input_identity(self.run)
+        if state is not None and "inputs" in state:  # checkpoints from before issue 20 have none
+            check_inputs(state["inputs"], self.inputs, out)
         return state
 
     def _build(self, dataset: TrainDataset | None, state: dict[str, Any] | None) -> None:
@@ -213,6 +218,7 @@ class Job:
             "run": self.run.to_dict(),
             "config": self.config.to_dict(),
             "elapsed": self.elapsed,
+            "inputs": self.inputs,
         }
 
     def save(self) -> None:

@@ -538,3 +538,25 @@ def test_a_run_killed_before_its_first_checkpoint_starts_clean(tmp_path: Path) -
                 for line in (run / "log.jsonl").read_text().splitlines()]
 
     assert records(tmp_path / "killed") == records(tmp_path / "clean")
+
+
+def test_train_resume_refuses_remade_embeddings(captions: tuple[Path, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The text embeddings a t2i run reads are part of its identity: made again differently
+    (embed-text --restart into the same folder) between the run and its --resume, refused."""
+    from deco.captions import CaptionFolderDataset
+    from deco.embed_text import embed_captions
+    from deco.text_encoder import Qwen3TextEncoder
+
+    data, qwen = captions
+    store, run = tmp_path / "store", tmp_path / "run"
+    texts = list(CaptionFolderDataset(data, 16).iter_captions())
+    encoder = Qwen3TextEncoder(qwen, 24, 32, device="cpu")
+    embed_captions(texts, encoder, store, dtype="float32", progress=False)
+    assert main(["train", "--task", "t2i", "--data", str(data), "--embeddings", str(store), "--model",
+                 "DeCo-T2I-demo/8", "--resolution", "16", "--out", str(run), "--steps", "1",
+                 "--batch-size", "2", "--accumulation", "1", "--sample-steps", "1", "--device", "cpu"]) == 0
+    embed_captions(texts, encoder, store, dtype="float16", progress=False, restart=True)
+    capsys.readouterr()
+    _one_line(capsys, main(["train", "--out", str(run), "--resume", "--steps", "2"]),
+              "--embeddings", "dtype 'float32' -> 'float16'", "another --out")
