@@ -126,6 +126,8 @@ def sample(args: argparse.Namespace) -> int:
     settings = _settings(args, loaded)
     if args.count is not None:
         return _sample_batch(args, loaded, settings, resolution)
+    if args.restart:
+        raise UsageError("--restart: only with --count (it deletes the shards of another plan)")
     sample_output(args.out, args.force)
     labels = [y for y in labels for _ in range(args.per_label)]
     images = generate(loaded.model, labels, settings, seed=args.seed, batch_size=args.batch_size,
