@@ -61,6 +61,8 @@ def as_os_error(exc: BaseException, path: str | Path) -> OSError | None:
     OSError without a file name from write(), safetensors a SafetensorError "... (os error 28)"."""
     if isinstance(exc, OSError) and exc.errno is not None:
         number = exc.errno
+    elif isinstance(exc, (ValueError, TypeError, LookupError)):
+        return None  # a message of our own (e.g. a shard that cannot be read), already in words
     else:
         match = _OS_ERROR_IN_TEXT.search(str(exc)) if isinstance(exc, Exception) else None
         if match is None:
