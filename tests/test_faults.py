@@ -398,6 +398,9 @@ def test_full_disk_tmpfs(model: Path, tmp_path: Path, monkeypatch: pytest.Monkey
         _one_line(capsys, main(["export-onnx", str(model), "b.onnx", "--external-data", "--force"]),
                   "cannot write b.onnx: No space left on device")
         assert (small / "b.onnx").read_bytes() == old
+        with pytest.raises(OSError) as info:  # safetensors says it in a SafetensorError's text
+            _tiny_model(small / "w.safetensors")
+        assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(small / "w.safetensors"))
         _one_line(capsys, main(["sample", str(model), "--count", "40", "--shard-size", "20", "--steps", "1",
                                 "--resolution", "64", "--device", "cpu", "--out", "c.npz"]),
                   "cannot write", "No space left on device")
@@ -456,6 +459,10 @@ def test_no_permission_is_one_line_for_every_writing_command(model: Path, tmp_pa
              ["conformance", "--write", f"{ro}/vectors"],
              ["spectrum", str(model), "--count", "2", "--out", str(ro)],
              ["evaluate", str(model), "--per-class", "2", "--steps", "1", "--out", f"{ro}/m.json"]]
+    secret = tmp_path / "secret.safetensors"  # an input the user cannot read
+    shutil.copyfile(model, secret)
+    secret.chmod(0o000)
+    cases.append(["sample", str(secret), "--out", str(tmp_path / "g.png")])
     done = subprocess.run([*_unprivileged(), sys.executable, "-c", PERMISSION_SCRIPT, json.dumps(cases)],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=600)
@@ -463,7 +470,8 @@ def test_no_permission_is_one_line_for_every_writing_command(model: Path, tmp_pa
     for argv, code, err in json.loads(done.stdout.strip().splitlines()[-1]):
         last = err.replace("\r", "\n").strip().splitlines()[-1]
         assert code == 2 and "Traceback" not in err, (argv, err)
-        assert last.startswith(f"deco {argv[0]}: error: cannot write {ro}"), (argv, last)
+        expected = f"cannot read {secret}" if str(secret) in argv else f"cannot write {ro}"
+        assert last.startswith(f"deco {argv[0]}: error: {expected}"), (argv, last)
         assert last.endswith("Permission denied"), (argv, last)
     assert list(ro.iterdir()) == []
 
