@@ -197,6 +197,8 @@ def prepare_output(out: Path) -> Path:
     embedding folder, is an error (so a mistyped path never fills an unrelated folder)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {out} is a file, expected a folder")
+    for stale in out.glob(".*.tmp"):  # temporaries of a write cut short by a kill
+        stale.unlink(missing_ok=True)
     if out.is_dir() and not (out / INDEX).exists() and any(out.iterdir()):
         raise ValueError(f"out: {out} is not empty and has no {INDEX}; expected a new folder or one "
                          "made by deco embed-text")
