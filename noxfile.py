@@ -73,7 +73,7 @@ def bench(session: nox.Session) -> None:
 def vectors(session: nox.Session) -> None:
     """Regenerate the conformance vectors in spec/vectors from the reference."""
     install(session, "test")
-    session.run("deco", "conformance", "--write", "spec/vectors")
+    session.run("deco", "conformance", "--write", "spec/vectors", "--force")
 
 
 @nox.session(python=PYTHON)

@@ -37,32 +37,40 @@ def grid_image(images: NDArray[np.uint8], columns: int, pad: int = 2) -> NDArray
     return grid
 
 
-def save_png(array: NDArray[np.uint8], path: Path) -> None:
+def save_png(array: NDArray[np.uint8], path: Path, format: str = "PNG") -> None:
+    """Write an (H, W, C) uint8 image; `format` a Pillow format name (PNG, JPEG, ...)."""
     from PIL import Image
 
     image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    options = {"quality": 95} if format == "JPEG" else {}
+    atomic_write(path, lambda tmp: image.save(tmp, format=format, **options))
 
 
 def save_samples(images: Tensor, labels: Sequence[int], out: Path, columns: int) -> str:
-    """Write samples as a PNG grid (`.png`), an ADM-style `.npz` (uint8 NHWC `arr_0`, labels in
-    `arr_1`) or a folder of PNGs (any other path). Returns a description of what was written."""
+    """Write samples as an image grid (an image suffix Pillow writes: .png, .jpg, ...), an
+    ADM-style `.npz` (uint8 NHWC `arr_0`, labels in `arr_1`) or a folder of PNGs (a path without
+    a suffix), replacing `out` atomically (the caller applies deco.output_policy's rule first).
+    Returns a description of what was written."""
+    from deco.output_policy import image_format, sample_output, write_folder
+
     arrays = to_uint8(images)
-    suffix = out.suffix.lower()
-    if suffix in (".png", ".npz") and not out.parent.is_dir():
-        raise FileNotFoundError(f"--out: folder {out.parent} does not exist")
-    if suffix == ".png":
-        save_png(grid_image(arrays, columns), out)
+    kind = sample_output(out, force=True)
+    if kind == "image":
+        save_png(grid_image(arrays, columns), out, image_format(out) or "PNG")
         return f"a {len(arrays)}-image grid {out}"
-    if suffix == ".npz":
-        atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), arr_0=arrays,
-                                               arr_1=np.asarray(labels, dtype=np.int64)))
+    if kind == "npz":
+        def write_npz(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, arr_0=arrays, arr_1=np.asarray(labels, dtype=np.int64))
+
+        atomic_write(out, write_npz)
         return f"{out} (arr_0 {arrays.shape} uint8)"
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {out} is a file; use a .png, a .npz or a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (image, label) in enumerate(zip(arrays, labels, strict=True)):
-        save_png(image, out / f"{i:06d}_class{int(label)}.png")
+
+    def fill(folder: Path) -> None:
+        for i, (image, label) in enumerate(zip(arrays, labels, strict=True)):
+            save_png(image, folder / f"{i:06d}_class{int(label)}.png")
+
+    write_folder(out, fill)
     return f"{len(arrays)} PNGs in {out}/"
 
 

@@ -184,23 +184,15 @@ def read_release_checkpoint(
 ) -> tuple[DeCoConfig, dict[str, Any]]:
     """(config, portable-name -> torch.Tensor) from a release `.ckpt`, loaded with
     `torch.load(weights_only=True)` (no code from the file is ever run)."""
-    import pickle
-    import zipfile
-
-    import torch
-    from safetensors import SafetensorError
+    from deco.safe_load import load_weights_only
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            SafetensorError) as exc:  # torch.load reads `*.safetensors` paths with safetensors
-        raise ValueError(
-            f"checkpoint: {path} is not a readable torch checkpoint (truncated or corrupt?): "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
+        ckpt = load_weights_only(path)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint: {exc}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"checkpoint: {path} has no 'state_dict': not a DeCo release checkpoint")
     state = select_weights(ckpt["state_dict"], weights)

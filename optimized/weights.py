@@ -59,7 +59,7 @@ def load_weights(path: str | Path, weights: str = "ema") -> tuple[DeCoConfig, di
         try:
             config, state = read_release_checkpoint(path, weights)  # type: ignore[arg-type]
         except ValueError as exc:
-            raise ValueError(f"path: {exc}") from None
+            raise ValueError(f"path: {str(exc).removeprefix('checkpoint: ')}") from None
     check_shapes(config, {k: tuple(v.shape) for k, v in state.items()})
     for name, value in state.items():
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):

@@ -455,7 +455,7 @@ def test_cli_user_errors_are_one_line(argv: list[str], message: str,
 
 def test_cli_write_regenerates(tmp_path: Path) -> None:
     (tmp_path / "stale.safetensors").write_bytes(b"x")
-    assert main(["conformance", "--write", str(tmp_path)]) == 0
+    assert main(["conformance", "--write", str(tmp_path), "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         p.name for p in VECTORS.glob("*.safetensors"))
     meta, _ = _read(tmp_path / "forward_deco.safetensors")

@@ -221,7 +221,7 @@ def test_bad_paths_are_one_line_errors(tmp_path: Path) -> None:
         load_repa_encoder(tmp_path / "nope.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"^path: cannot read") as info:
+    with pytest.raises(ValueError, match=r"^path: .* is not a checkpoint \(") as info:
         load_repa_encoder(junk)
     assert len(str(info.value).splitlines()) == 1
     other = tmp_path / "other.pth"

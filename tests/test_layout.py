@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 FLOORS: list[tuple[str, ...]] = [
-    ("deco", "deco.config", "deco.errors", "deco.atomic", "deco.portable"),
+    ("deco", "deco.config", "deco.errors", "deco.atomic", "deco.portable", "deco.safe_load"),
     ("deco.release",),
     ("deco.reference", "deco.optimized"),
-    ("deco.outputs", "deco.data", "deco.distributed", "deco.checkpoint"),
+    ("deco.outputs", "deco.output_policy", "deco.plan_identity", "deco.data", "deco.distributed",
+     "deco.checkpoint"),
     ("deco.generate",),
     ("deco.evaluate", "deco.text", "deco.deploy", "deco.conformance", "deco.diffusers", "deco.vectors"),
     ("deco.train",),

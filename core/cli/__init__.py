@@ -48,8 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Any = args.handler
     try:
         return int(handler(args) or 0)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, IsADirectoryError) as exc:
+    except (UsageError, ValueError, TypeError) as exc:
         print(f"deco {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # every command: no permission, a full disk, a missing file, ...
+        from deco.atomic import describe_os_error
+
+        print(f"deco {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"deco {args.command}: interrupted", file=sys.stderr)

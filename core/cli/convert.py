@@ -8,6 +8,7 @@ from typing import Any
 
 from deco.cli.common import existing_file
 from deco.errors import UsageError
+from deco.output_policy import add_force, check_output
 
 
 def register(sub: Any) -> None:
@@ -22,7 +23,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("checkpoint", type=existing_file, help="release .ckpt file (or, with --to "
                    "diffusers, a DeCo .safetensors file)")
-    p.add_argument("output", type=Path, help="output .safetensors file (--to diffusers: a new folder)")
+    p.add_argument("output", type=Path, help="output .safetensors file (--to diffusers: a folder); an "
+                   "existing one is refused unless --force")
     p.add_argument("--weights", choices=["ema", "online"], default="ema",
                    help="which weight set to convert (default: %(default)s)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
@@ -37,6 +39,7 @@ def register(sub: Any) -> None:
                    "for 1000 classes, none otherwise)")
     p.add_argument("--sample-size", type=int, default=256,
                    help="--to diffusers: the pipeline's default image side in pixels (default: %(default)s)")
+    add_force(p)
     p.set_defaults(handler=convert)
 
     p = sub.add_parser(
@@ -52,6 +55,7 @@ def register(sub: Any) -> None:
 
 
 def convert(args: argparse.Namespace) -> int:
+    check_output(args.output, args.force, folder=args.to == "diffusers")
     if args.to == "diffusers":
         return convert_to_diffusers(args)
     for flag, value in (("--text-encoder", args.text_encoder), ("--labels", args.labels)):
@@ -63,8 +67,6 @@ def convert(args: argparse.Namespace) -> int:
     from deco.release import read_release_checkpoint
 
     config, state = read_release_checkpoint(args.checkpoint, args.weights)
-    if not args.output.parent.is_dir():
-        raise FileNotFoundError(f"output: folder {args.output.parent} does not exist")
     weights = {k: v.detach().cpu().numpy() for k, v in state.items()}
     save_weights(args.output, config, weights, dtype=np.dtype(args.dtype))
     print(f"wrote {args.output} ({config.architecture}, {len(weights)} tensors, {args.weights})")
@@ -80,13 +82,10 @@ def convert_to_diffusers(args: argparse.Namespace) -> int:
                          f"'deco-diffusion[diffusers]'): {exc}") from None
     import torch
 
-    try:
-        pipe = write_pipeline(args.checkpoint, args.output, weights=args.weights,
-                              dtype=getattr(torch, args.dtype),
-                              text_encoder=args.text_encoder, sample_size=args.sample_size,
-                              id2label=read_id2label(args.labels) if args.labels else None)
-    except FileExistsError as exc:
-        raise UsageError(str(exc)) from None
+    pipe = write_pipeline(args.checkpoint, args.output, weights=args.weights,
+                          dtype=getattr(torch, args.dtype), overwrite=args.force,
+                          text_encoder=args.text_encoder, sample_size=args.sample_size,
+                          id2label=read_id2label(args.labels) if args.labels else None)
     print(f"wrote {args.output} ({type(pipe).__name__}, {pipe.transformer.deco_config.architecture})")
     return 0
 

@@ -10,6 +10,7 @@ from deco.cli.common import default_of, existing_file
 from deco.deploy.check import check_onnx
 from deco.deploy.export import DEFAULT_OPSET
 from deco.errors import UsageError
+from deco.output_policy import add_force, check_output
 
 
 def register(sub: Any) -> None:
@@ -23,7 +24,7 @@ def register(sub: Any) -> None:
         "returns u + g (c - u), both branches in one batch.",
     )
     p.add_argument("checkpoint", type=existing_file, help="weight file (as deco.optimized.load_model reads)")
-    p.add_argument("output", type=Path, help="output .onnx file")
+    p.add_argument("output", type=Path, help="output .onnx file (an existing one is refused unless --force)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help="ONNX opset, 17..20 (default %(default)s)")
     p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
@@ -39,6 +40,7 @@ def register(sub: Any) -> None:
     p.add_argument("--external-data", action="store_true", default=None,
                    help="always write the weights to one external file OUTPUT.data beside the "
                    "graph (default: only when they exceed 1 GiB, as protobuf cannot hold 2 GiB)")
+    add_force(p)
     p.set_defaults(handler=export_onnx)
 
     p = sub.add_parser(
@@ -78,9 +80,11 @@ def register(sub: Any) -> None:
     action.add_argument("--onnx", type=existing_file, metavar="FILE",
                         help="a graph exported from a forward vector's weights (forward and "
                         "t2i_forward vectors only)")
-    action.add_argument("--write", type=Path, metavar="DIR", help="regenerate the vectors into DIR")
+    action.add_argument("--write", type=Path, metavar="DIR", help="regenerate the vectors into DIR "
+                        "(a non-empty DIR is refused unless --force)")
     action.add_argument("--export-vector-model", type=Path, metavar="OUT",
-                        help="export the forward vector's model to OUT.onnx (see --architecture)")
+                        help="export the forward vector's model to OUT.onnx (see --architecture; an "
+                        "existing OUT is refused unless --force)")
     action.add_argument("--outputs", type=Path, metavar="DIR",
                         help="check the outputs a port in any language wrote: DIR/<vector>.safetensors "
                         "with the tensor `out` (spec/vectors/README.md, File protocol)")
@@ -95,7 +99,8 @@ def register(sub: Any) -> None:
     p.add_argument("--junit", type=Path, metavar="FILE", default=None,
                    help="also write the run's report as JUnit XML to FILE")
     p.add_argument("--force", action="store_true",
-                   help="--export-vectors: overwrite the vector files in a non-empty DIR")
+                   help="--write, --export-vector-model: replace an existing output atomically; "
+                   "--export-vectors: overwrite the vector files in a non-empty DIR")
     p.add_argument("--vectors", type=Path, default=None,
                    help="vector folder (default: $DECO_VECTORS or spec/vectors of the checkout)")
     p.add_argument("--precision", choices=["float32", "float64"], default=None,
@@ -120,6 +125,7 @@ def _batch(text: str) -> int | None:
 def export_onnx(args: argparse.Namespace) -> int:
     from deco.deploy.export import data_file, export_checkpoint
 
+    check_output(args.output, args.force)
     resolution = tuple(args.resolution) if args.resolution else None
     path = export_checkpoint(args.checkpoint, args.output, opset=args.opset,
                              batch=_batch(args.batch), resolution=resolution, cfg=args.cfg,
@@ -154,6 +160,7 @@ def conformance(args: argparse.Namespace) -> int:
     if args.write is not None:
         from deco.conformance.vectors import write_vectors
 
+        check_output(args.write, args.force, "--write", folder=True)
         paths = write_vectors(args.write)
         size = sum(p.stat().st_size for p in paths)
         print(f"wrote {len(paths)} vectors to {args.write} ({size / 1024:.0f} KiB)")
@@ -173,6 +180,7 @@ def conformance(args: argparse.Namespace) -> int:
     if args.export_vector_model is not None:
         from deco.deploy.check import export_vector_model
 
+        check_output(args.export_vector_model, args.force, "--export-vector-model")
         path = export_vector_model(vectors, args.architecture, args.export_vector_model)
         print(f"wrote {path} (forward vector of the {args.architecture} model; run "
               f"deco conformance --onnx {path})")

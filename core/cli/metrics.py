@@ -10,6 +10,7 @@ from typing import Any
 from deco.cli.common import default_of, existing_file
 from deco.errors import UsageError
 from deco.evaluate.adm import evaluate_sample_batches
+from deco.output_policy import add_force, check_output
 
 
 def register(sub: Any) -> None:
@@ -31,7 +32,9 @@ def register(sub: Any) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--ignore-reference-stats", action="store_true",
                    help="recompute the reference statistics from its images instead of using mu/sigma")
-    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON "
+                   "(an existing FILE is refused unless --force)")
+    add_force(p)
     p.set_defaults(handler=fid)
 
 
@@ -47,8 +50,8 @@ def fid(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device: cuda requested but torch sees no CUDA device")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    if args.json is not None and not args.json.parent.is_dir():
-        raise FileNotFoundError(f"--json: folder {args.json.parent} does not exist")
+    if args.json is not None:
+        check_output(args.json, args.force, "--json")
     try:
         inception = load_inception(args.inception_weights, device)
     except ImportError as exc:

@@ -18,6 +18,7 @@ from deco.errors import UsageError
 from deco.evaluate.sample_batches import ShardPlan
 from deco.generate import generate
 from deco.optimized.sampling import SampleSettings
+from deco.output_policy import add_force, check_output, sample_output
 
 #: What `deco sample` uses for a class model without a run's settings: the spec's defaults.
 SPEC_SAMPLING = SampleSettings()
@@ -71,7 +72,10 @@ def _register_sample(sub: Any) -> None:
                    help="images per forward pass (%(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, default=Path("samples.png"),
-                   help="a .png grid, an .npz (uint8 NHWC arr_0, labels arr_1) or a folder (samples.png)")
+                   help="an image grid (.png, .jpg or another image suffix), an .npz (uint8 NHWC "
+                   "arr_0, labels arr_1) or a folder of PNGs (a path without a suffix). An existing "
+                   "output is refused unless --force; with --count the shards resume instead (see "
+                   "--restart) (default: %(default)s)")
     p.add_argument("--count", type=int, default=None,
                    help="generate COUNT class-balanced samples (50 per class for 50000: the ADM/DiT "
                    "protocol) into the ADM sample batch --out X.npz, in shards written as they "
@@ -81,6 +85,10 @@ def _register_sample(sub: Any) -> None:
                    help="samples per shard with --count (%(default)s)")
     p.add_argument("--shard-dir", type=Path, default=None,
                    help="folder of the shards with --count (default: OUT without .npz + '.shards')")
+    p.add_argument("--restart", action="store_true",
+                   help="with --count: delete the shards of an earlier run of another plan (model or "
+                   "settings) and start over, instead of refusing them")
+    add_force(p)
     cli_sample_text.add_options(p)
     p.set_defaults(handler=sample)
 
@@ -139,6 +147,9 @@ def sample(args: argparse.Namespace) -> int:
     settings = _settings(args, loaded)
     if args.count is not None:
         return _sample_batch(args, loaded, settings, resolution)
+    if args.restart:
+        raise UsageError("--restart: only with --count (it deletes the shards of another plan)")
+    sample_output(args.out, args.force)
     labels = [y for y in labels for _ in range(args.per_label)]
     images = generate(loaded.model, labels, settings, seed=args.seed, batch_size=args.batch_size,
                       resolution=resolution)
@@ -152,11 +163,11 @@ def _sample_batch(args: argparse.Namespace, loaded: Any, settings: Any, resoluti
     from deco.distributed import setup_distributed
     from deco.evaluate.sample_batches import generate_sample_batch
     from deco.outputs import to_uint8
+    from deco.plan_identity import PlanMismatch
 
     if args.out.suffix.lower() != ".npz":
         raise UsageError(f"--out: --count writes an ADM sample batch; expected a .npz path, got {args.out}")
-    if not args.out.parent.is_dir():
-        raise UsageError(f"--out: folder {args.out.parent} does not exist")
+    check_output(args.out, args.force, "--out")
     try:
         plan = ShardPlan(count=args.count, num_classes=loaded.model.config.num_classes,
                          shard_size=args.shard_size, seed=args.seed)
@@ -171,8 +182,14 @@ def _sample_batch(args: argparse.Namespace, loaded: Any, settings: Any, resoluti
         return to_uint8(generate(model, labels, settings, seed=seed, batch_size=args.batch_size,
                                  resolution=resolution))
 
+    inputs = sampling_inputs(loaded.model, settings, resolution)
     try:
-        out = generate_sample_batch(images, shards, args.out, plan, progress=d.is_main)
+        out = generate_sample_batch(images, shards, args.out, plan, progress=d.is_main, inputs=inputs,
+                                    restart=args.restart)
+    except PlanMismatch as exc:
+        where = "--shard-dir" if args.shard_dir else "--out"
+        raise UsageError(f"{where}: {shards} holds shards of another plan ({exc.shown}); give --restart "
+                         f"to delete them and start over, or choose another {where}") from None
     finally:
         if d.world_size > 1:
             import torch.distributed as dist
@@ -181,6 +198,19 @@ def _sample_batch(args: argparse.Namespace, loaded: Any, settings: Any, resoluti
     if out is not None:
         print(f"wrote {out} ({args.count} samples, {resolution}x{resolution}; shards in {shards}/)")
     return 0
+
+
+def sampling_inputs(model: Any, settings: Any, resolution: int) -> dict[str, Any]:
+    """Everything besides the shard plan that decides the images of `deco sample --count`: the
+    model (config and a hash of its weights, so another checkpoint of the same shape differs),
+    the weights' dtype, the sampler settings and the resolution. Not the batch size or the
+    device: they change how the images are computed, not which (deco.generate.generate draws
+    the noise of a shard at once), so a rerun may use others, e.g. to fit another GPU."""
+    from deco.plan_identity import tensors_sha256
+
+    return {"model_sha256": tensors_sha256(model.state_dict()), "config": model.config.to_dict(),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "sampler": settings.to_dict(), "resolution": resolution}
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -203,7 +233,8 @@ def _register_evaluate(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (%(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON file (default: metrics.json in the run folder, else in the current folder)")
+                   help="JSON file (default: metrics.json in the run folder, else in the current "
+                   "folder); its 'evaluation' section is replaced, other sections are kept")
     p.set_defaults(handler=evaluate)
 
 
@@ -258,7 +289,9 @@ def _register_spectrum(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for spectrum.png/json (default: the run folder, else the current folder)")
+                   help="folder for spectrum.png/json (default: the run folder, else the current "
+                   "folder); existing ones are refused unless --force")
+    add_force(p)
     p.set_defaults(handler=spectrum)
 
 
@@ -277,6 +310,8 @@ def spectrum(args: argparse.Namespace) -> int:
     out = args.out or (args.checkpoint if args.checkpoint.is_dir() else Path("."))
     if not out.is_dir():
         raise FileNotFoundError(f"--out: no such folder: {out}")
+    for name in ("spectrum.png", "spectrum.json"):
+        check_output(out / name, args.force, "--out")
     report = spectrum_report(models, data=args.data, resolution=args.resolution, count=args.count,
                              times=args.times, seed=args.seed, out=out)
     for name, res in report["models"].items():

@@ -98,11 +98,15 @@ def sample(args: argparse.Namespace, loaded: Any, settings: SampleSettings, devi
     with prompts.txt beside it."""
     import torch
 
+    from deco.output_policy import image_format, sample_output, write_folder
     from deco.outputs import grid_image, save_png, save_samples, to_uint8
     from deco.text.sampling import PROMPTS_NAME, generate_text, write_prompts
 
     if args.labels is not None:
         raise UsageError("--labels: this is a text-to-image model; give --prompt TEXT instead")
+    if args.count is not None:
+        raise UsageError("--count: the sharded sample batch is for class-conditional models")
+    kind = sample_output(args.out, args.force)
     if args.per_prompt < 1:
         raise UsageError(f"--per-prompt: expected a positive int, got {args.per_prompt}")
     prompts = read_prompts(args)
@@ -113,22 +117,22 @@ def sample(args: argparse.Namespace, loaded: Any, settings: SampleSettings, devi
     images = generate_text(loaded.model, text, encoder.null(args.negative_prompt), settings,
                            seed=args.seed, size=size, batch_size=args.batch_size)
     out: Path = args.out
-    if out.suffix.lower() == ".png":
-        if not out.parent.is_dir():
-            raise UsageError(f"--out: folder {out.parent} does not exist")
-        save_png(grid_image(to_uint8(images), args.per_prompt), out)
+    if kind == "image":
+        save_png(grid_image(to_uint8(images), args.per_prompt), out, image_format(out) or "PNG")
         written, beside = f"a {len(rows)}-image grid {out}", out.parent / PROMPTS_NAME
-    elif out.suffix.lower() == ".npz":
+    elif kind == "npz":
         written = save_samples(images, [i // args.per_prompt for i in range(len(rows))], out, args.per_prompt)
         beside = out.with_suffix(".prompts.txt")
     else:
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out: {out} is a file; use a .png, a .npz or a folder")
-        out.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(to_uint8(images)):
-            save_png(image, out / f"{i // args.per_prompt:04d}_{i % args.per_prompt:02d}.png")
+        def fill(folder: Path) -> None:
+            for i, image in enumerate(to_uint8(images)):
+                save_png(image, folder / f"{i // args.per_prompt:04d}_{i % args.per_prompt:02d}.png")
+            write_prompts(folder / PROMPTS_NAME, prompts)
+
+        write_folder(out, fill)
         written, beside = f"{len(rows)} PNGs in {out}/ (PROMPT_SAMPLE.png)", out / PROMPTS_NAME
-    write_prompts(beside, prompts)
+    if kind != "folder":
+        write_prompts(beside, prompts)
     print(f"wrote {written} and {beside}")
     return 0
 

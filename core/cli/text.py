@@ -19,7 +19,8 @@ def register(sub: Any) -> None:
         "embeddings to OUT as safetensors shards with an index.json, in dataset order, plus the "
         "null embedding of the empty prompt. DATASET is a folder of images with a caption file "
         "beside each (x.jpg + x.txt) or WebDataset .tar shards of jpg/txt pairs. Rerunning "
-        "resumes: finished shards are kept; a different encoder, T, E or dtype is an error.",
+        "resumes: finished shards are kept; a different encoder, T, E, dtype or caption list is "
+        "an error (--restart starts over).",
     )
     p.add_argument("dataset", type=Path, help="caption folder, or a .tar shard / folder of shards")
     p.add_argument("out", type=Path, help="output folder (created; resumed when it exists)")
@@ -39,6 +40,9 @@ def register(sub: Any) -> None:
     p.add_argument("--device", default=None,
                    help="torch device of the encoder (default: cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--restart", action="store_true",
+                   help="delete the embeddings of an earlier run in OUT (another encoder, settings or "
+                   "captions) and start over, instead of refusing them")
     p.set_defaults(handler=embed_text)
 
 
@@ -63,7 +67,8 @@ def embed_text(args: argparse.Namespace) -> int:
     captions = list(dataset.iter_captions())
     encoder = Qwen3TextEncoder(args.text_encoder, args.length, args.width, device=device)
     index = embed_captions(captions, encoder, args.out, dtype=args.dtype, shard_size=args.shard_size,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+                           batch_size=args.batch_size, progress=not args.no_progress,
+                           restart=args.restart)
     print(f"wrote {index['count']} embeddings ({args.length} x {args.width}, {args.dtype}) in "
           f"{len(index['shards'])} shards to {args.out}")
     return 0

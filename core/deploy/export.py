@@ -41,7 +41,6 @@ import copy
 import hashlib
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deco.atomic import fsync_dir
+from deco.atomic import fsync_dir, make_temporary_folder, writing
 from deco.config import DeCoConfig
 from deco.deploy.symbolics import symbolics
 
@@ -210,18 +209,19 @@ def export_onnx(
     p = config.patch_size
     # Trace at a non-square size so that a height/width mix-up cannot hide in the trace.
     example = _example_inputs(config, batch or 2, resolution or (2 * p, 3 * p), cfg)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    folder = make_temporary_folder(path)
     try:
-        traced = folder / "trace" / "model.onnx"  # the exporter may scatter tensor files here
-        traced.parent.mkdir()
-        _trace(net, example, traced, opset, input_names(config, cfg), batch is None,
-               resolution is None)
-        staged = folder / path.name
-        props = _properties(config, cfg, batch, resolution, dtype, metadata)
-        external = _finish(traced, staged, props, external_data)
-        shutil.rmtree(traced.parent)
-        _check_other_shapes(reference, staged, config, cfg, batch, resolution, dtype)
-        _install(staged, path, external)
+        with writing(path, folder, data_file(path)):
+            traced = folder / "trace" / "model.onnx"  # the exporter may scatter tensor files here
+            traced.parent.mkdir()
+            _trace(net, example, traced, opset, input_names(config, cfg), batch is None,
+                   resolution is None)
+            staged = folder / path.name
+            props = _properties(config, cfg, batch, resolution, dtype, metadata)
+            external = _finish(traced, staged, props, external_data)
+            shutil.rmtree(traced.parent)
+            _check_other_shapes(reference, staged, config, cfg, batch, resolution, dtype)
+            _install(staged, path, external)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return path
@@ -338,14 +338,30 @@ def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bo
         entry.key, entry.value = key, value
     external = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     if external:
-        onnx.save_model(proto, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_file(staged).name)
+        _mark_external(proto, data_file(staged).name)
+        onnx.save_model(proto, str(staged))  # writes the marked tensors to the one data file
     else:
         onnx.save_model(proto, str(staged))
     del proto
     # On the path, not the proto: the checker then reads external data itself, with no 2 GiB limit.
     onnx.checker.check_model(str(staged), full_check=True)
     return external
+
+
+def _mark_external(proto: Any, location: str) -> None:
+    """Mark the initializers for ONE external data file `location` (beside the graph), as
+    onnx.save_model(save_as_external_data=True) does, minus its check that `location` does not
+    exist, which it makes relative to the working directory rather than to the graph: an earlier
+    export's data file in the working directory made every re-export (--force, or a re-run
+    after a kill) fail."""
+    import sys
+
+    from onnx import external_data_helper as helper
+
+    tensors = getattr(helper, "_get_initializer_tensors", lambda m: m.graph.initializer)(proto)
+    for tensor in tensors:  # onnx's default size_threshold: 1024 bytes
+        if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= 1024:
+            helper.set_external_data(tensor, location)
 
 
 def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: bool,

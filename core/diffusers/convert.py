@@ -9,9 +9,6 @@ never sees a half-written folder.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,8 +16,8 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from deco.atomic import fsync_dir
 from deco.optimized.weights import load_weights
+from deco.output_policy import write_folder
 
 from .pipelines import DeCoPipeline, DeCoPipelineBase, DeCoTextPipeline
 from .schedulers import DeCoAdamsScheduler
@@ -63,7 +60,9 @@ def build_pipeline(checkpoint: str | Path, *, weights: str = "ema", text_encoder
     transformer.model.load_state_dict(state, strict=True, assign=True)
     transformer.eval()
     if dtype is not None:
-        transformer.to(dtype)
+        # nn.Module's own cast: diffusers' `to` warns on any dtype cast that "modules ... should
+        # be kept in float32: []" even when the list is empty, as it is for DeCo.
+        torch.nn.Module.to(transformer, dtype)
     if text_encoder is None:
         return DeCoPipeline(transformer, FlowMatchEulerDiscreteScheduler())
     tokenizer, encoder = load_text_encoder(text_encoder)
@@ -83,21 +82,16 @@ def load_text_encoder(folder: str | Path) -> tuple[Any, Any]:
     return tokenizer, encoder
 
 
-def write_pipeline(checkpoint: str | Path, out_dir: str | Path, **options: Any) -> DeCoPipelineBase:
-    """Convert `checkpoint` into the pipeline folder `out_dir` (which must not exist yet);
-    `options` are `build_pipeline`'s. Returns the pipeline."""
+def write_pipeline(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                   **options: Any) -> DeCoPipelineBase:
+    """Convert `checkpoint` into the pipeline folder `out_dir`, which must not exist yet unless
+    `overwrite` (then it is replaced as a whole: deco.output_policy.write_folder); `options` are
+    `build_pipeline`'s. Returns the pipeline."""
     out = Path(out_dir)
-    if out.exists():
+    if out.exists() and not overwrite:
         raise FileExistsError(f"output: {out} already exists")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output: folder {out.parent} does not exist")
     pipe = build_pipeline(checkpoint, **options)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        pipe.save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(out.parent)
+    write_folder(out, pipe.save_pretrained)
     return pipe

@@ -138,10 +138,12 @@ def load_inception(weights: str | Path, device: str | torch.device = "cpu") -> I
     if not path.is_file():
         raise FileNotFoundError(f"inception_weights: no such file: {path}")
     data = path.read_bytes()
+    from deco.safe_load import load_weights_only
+
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several kinds on a bad file
-        raise ValueError(f"inception_weights: cannot read {path}: {first_line(exc)}") from exc
+        state = load_weights_only(data, name=str(path))
+    except ValueError as exc:
+        raise ValueError(f"inception_weights: {exc}") from None
     if not isinstance(state, dict) or "Mixed_6d.branch1x1.conv.weight" not in state:
         raise ValueError(f"inception_weights: {path} is not torch-fidelity's Inception-v3 state dict")
     cls = _fidelity_inception_class()

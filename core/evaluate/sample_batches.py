@@ -19,8 +19,10 @@ Choices:
   the output depends on the plan only, not on the number of processes. Rank r of W takes shards
   r, r + W, r + 2W, ...
 - A shard (`shard_00000.npz`: `images`, `labels`) is written atomically when it completes, so a
-  file that exists is complete; a restarted run skips it. `plan.json` records the plan: a folder
-  holding another plan's shards is refused rather than mixed.
+  file that exists is complete; a restarted run skips it. `plan.json` records the plan and the
+  caller's `inputs` (what else decides the images: the model's hash, the sampler settings,
+  the resolution; deco.plan_identity): a folder holding another plan's shards is refused
+  rather than mixed, naming what changed; `restart=True` deletes them first.
 - The batch file is written member by member through `numpy.lib.format` onto open zip members, so
   assembling 50k 256² images (9.8 GB) holds one shard in memory, not all of them.
 """
@@ -38,6 +40,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from deco.atomic import atomic_write
+from deco.plan_identity import check_plan
 
 #: generate(labels (n,) int64, seed) -> images (n, H, W, 3) uint8
 Generate = Callable[[NDArray[np.int64], int], Any]
@@ -108,18 +111,18 @@ def _distributed_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _check_plan_file(folder: Path, plan: ShardPlan) -> None:
-    """Write plan.json, or check that the one there is this plan."""
+def _check_plan_file(folder: Path, plan: ShardPlan, inputs: dict[str, Any] | None) -> None:
+    """Write plan.json, or check that the one there is this plan (PlanMismatch naming the
+    changed fields otherwise)."""
     path = folder / PLAN_FILE
-    wanted = asdict(plan)
+    wanted = {**asdict(plan), **({} if inputs is None else {"inputs": inputs})}
     if path.is_file():
         try:
             found = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"folder: unreadable {path}: {exc}") from exc
-        if found != wanted:
-            raise ValueError(f"folder: {folder} holds shards of another plan ({found}), not {wanted}; "
-                             "use an empty folder")
+        # JSON has no tuples: compare what a reload of `wanted` would give
+        check_plan(found, json.loads(json.dumps(wanted)), f"folder: {folder} holds shards of another plan")
         return
     # Every rank may get here at once; each writes the same content atomically.
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(wanted, indent=1) + "\n"))
@@ -151,13 +154,24 @@ def read_shard(path: str | Path) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
         raise ValueError(f"shard: cannot read {path}: {exc}") from exc
 
 
+def clear_shards(folder: str | Path) -> None:
+    """Delete the shards, plan and torn temporaries of `folder` (and nothing else)."""
+    folder = Path(folder)
+    for pattern in ("shard_*.npz", PLAN_FILE, ".shard_*.tmp", f".{PLAN_FILE}.*.tmp"):
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
 def generate_shards(generate: Generate, folder: str | Path, plan: ShardPlan, *,
                     rank: int | None = None, world_size: int | None = None,
-                    progress: bool = True) -> list[int]:
+                    progress: bool = True, inputs: dict[str, Any] | None = None,
+                    restart: bool = False) -> list[int]:
     """Generate this rank's missing shards into `folder`; return the indices it generated.
 
     rank/world_size default to torch.distributed's when a process group is initialised, else
-    0 and 1. Shards already on disk are skipped (resume after a crash or pre-emption)."""
+    0 and 1. Shards already on disk are skipped (resume after a crash or pre-emption) when
+    plan.json records this plan and these `inputs` (JSON: the model's hash, settings, ...);
+    otherwise a PlanMismatch, unless `restart`, which first deletes the earlier shards."""
     if not callable(generate):
         raise TypeError("generate: expected a callable (labels, seed) -> images, "
                         f"got {type(generate).__name__}")
@@ -169,8 +183,14 @@ def generate_shards(generate: Generate, folder: str | Path, plan: ShardPlan, *,
     if rank is None or world_size is None:
         rank, world_size = _distributed_rank_world()
     folder = Path(folder)
+    if restart and rank == 0:
+        clear_shards(folder)
+    if restart and _distributed_rank_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank checks the plan before rank 0 has cleared the folder
     folder.mkdir(parents=True, exist_ok=True)
-    _check_plan_file(folder, plan)
+    _check_plan_file(folder, plan, inputs)
     mine = plan.shards_of_rank(rank, world_size)
     todo = [i for i in mine if not shard_path(folder, i).is_file()]
 
@@ -239,10 +259,11 @@ def assemble_sample_batch(folder: str | Path, out: str | Path, plan: ShardPlan) 
 
 
 def generate_sample_batch(generate: Generate, folder: str | Path, out: str | Path, plan: ShardPlan, *,
-                          progress: bool = True) -> Path | None:
+                          progress: bool = True, inputs: dict[str, Any] | None = None,
+                          restart: bool = False) -> Path | None:
     """generate_shards on every rank, a barrier, then rank 0 assembles `out` (returned there;
     None on the other ranks)."""
-    generate_shards(generate, folder, plan, progress=progress)
+    generate_shards(generate, folder, plan, progress=progress, inputs=inputs, restart=restart)
     rank, world_size = _distributed_rank_world()
     if world_size > 1:
         import torch.distributed as dist

@@ -144,8 +144,11 @@ def shard_done(out: Path, plan: ShardPlan) -> bool:
 
 def embed_captions(captions: Iterable[str], encoder: TextEncoder, out: str | Path, *,
                    dtype: str = "bfloat16", shard_size: int = 1024, batch_size: int = 32,
-                   progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Encode `captions` (in order) into the folder `out`; resumable. Returns the index."""
+                   progress: bool = True, log: Callable[[str], None] = print,
+                   restart: bool = False) -> dict[str, Any]:
+    """Encode `captions` (in order) into the folder `out`; resumable. Returns the index.
+    restart: delete an earlier run's index and shards in `out` first (else a different encoder,
+    setting or caption list is refused)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
@@ -155,6 +158,10 @@ def embed_captions(captions: Iterable[str], encoder: TextEncoder, out: str | Pat
     if not texts:
         raise ValueError("data: the dataset has no captions")
     out = prepare_output(Path(out))
+    if restart:
+        for pattern in (INDEX, "shard-*.safetensors", NULL_FILE, ".*.tmp"):
+            for path in out.glob(pattern):
+                path.unlink()
     digests = caption_digests(texts)
     plans = plan_shards(digests, shard_size)
     index = {"format": FORMAT, "version": VERSION, "encoder": encoder.identity, "length": encoder.length,
@@ -190,6 +197,8 @@ def prepare_output(out: Path) -> Path:
     embedding folder, is an error (so a mistyped path never fills an unrelated folder)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {out} is a file, expected a folder")
+    for stale in out.glob(".*.tmp"):  # temporaries of a write cut short by a kill
+        stale.unlink(missing_ok=True)
     if out.is_dir() and not (out / INDEX).exists() and any(out.iterdir()):
         raise ValueError(f"out: {out} is not empty and has no {INDEX}; expected a new folder or one "
                          "made by deco embed-text")
@@ -222,7 +231,8 @@ def check_resume(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
         if old.get(field) != new[field]:
             what = "the captions" if field in ("count", "captions_sha256") else field
             raise ValueError(f"out: {out} holds embeddings made with a different {what} "
-                             f"({old.get(field)!r}, now {new[field]!r}); use a new output folder")
+                             f"({old.get(field)!r}, now {new[field]!r}); give --restart to delete "
+                             "them and start over, or use a new output folder")
 
 
 class EmbeddingStore:

@@ -48,6 +48,9 @@ from deco.train.memory import check_memory
 from deco.train.run_config import (
     RunConfig,
     changed_fields,
+    check_inputs,
+    check_model_file,
+    input_identity,
     model_config,
     resolve,
     with_overrides,
@@ -96,10 +99,16 @@ class Job:
             stored = resolve(RunConfig.from_dict(state["run"]))
             run = with_overrides(stored, changed_fields(run, stored, explicit))
             run = dataclasses.replace(run, resume=True)
+            check_model_file(stored, state["config"], out)
         elif (out / CHECKPOINT_NAME).exists():
             raise FieldError("out", f"{out} already holds a run; continue it with --resume or choose "
                                     f"another folder")
+        elif self.d.is_main and (out / LOG_NAME).exists():
+            (out / LOG_NAME).unlink()  # records of a run killed before its first checkpoint
         self.run = resolve(dataclasses.replace(run, out=out))
+        self.inputs = input_identity(self.run)
+        if state is not None and "inputs" in state:  # checkpoints from before issue 20 have none
+            check_inputs(state["inputs"], self.inputs, out)
         return state
 
     def _build(self, dataset: TrainDataset | None, state: dict[str, Any] | None) -> None:
@@ -208,6 +217,7 @@ class Job:
             "run": self.run.to_dict(),
             "config": self.config.to_dict(),
             "elapsed": self.elapsed,
+            "inputs": self.inputs,
         }
 
     def save(self) -> None:

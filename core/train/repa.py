@@ -271,10 +271,12 @@ def config_from_original(state: dict[str, Tensor]) -> Dinov2Config:
 
 def _load_original(path: Path) -> Dinov2Model:
     transformers = _require_transformers()
+    from deco.safe_load import load_weights_only
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several kinds (pickle, zip, runtime) on a bad file
-        raise ValueError(f"path: cannot read {path} as a DINOv2 state dict: {first_line(exc)}") from exc
+        state = load_weights_only(path)
+    except ValueError as exc:
+        raise ValueError(f"path: {exc} (expected a DINOv2 state dict)") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # some exports wrap the weights
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

@@ -25,7 +25,8 @@ from deco.optimized.trainer import TrainConfig
 from deco.text.job import T2I_DEFAULTS, T2I_DEMO_DEFAULTS
 
 __all__ = ["DIGITS_DEFAULTS", "FOLDER_DEFAULTS", "TRAJECTORY_FIELDS", "RunConfig", "changed_fields",
-           "defaults", "model_config", "resolve", "with_overrides"]
+           "check_inputs", "check_model_file", "defaults", "input_identity", "model_config", "resolve",
+           "with_overrides"]
 
 
 @dataclass(frozen=True)
@@ -174,3 +175,52 @@ def model_config(model: str, num_classes: int | None) -> DeCoConfig:
         except (ValueError, TypeError) as exc:
             raise FieldError("model", f"{path}: {exc}") from None
     return config if num_classes is None else dataclasses.replace(config, num_classes=num_classes)
+
+
+def check_model_file(stored: RunConfig, config: dict[str, Any], out: Path) -> None:
+    """On --resume: a FieldError if the run's --model .json file now describes another model than
+    the checkpoint's `config` (a dict): the resumed run keeps the checkpoint's model, so an
+    edited file would be silently ignored. A file that is gone is no conflict."""
+    from deco.plan_identity import plan_changes
+
+    if stored.model is None or stored.model in PRESETS or not Path(stored.model).is_file():
+        return
+    wanted = model_config(stored.model, None if stored.task == "t2i" else config.get("num_classes"))
+    changes = plan_changes(config, wanted.to_dict())
+    if changes:
+        raise FieldError("model", f"{stored.model} changed since the run in {out} started "
+                                  f"({'; '.join(changes[:3])}); a resumed run keeps its model: restore "
+                                  f"the file, or start a new run with another --out")
+
+
+def input_identity(run: RunConfig) -> dict[str, Any]:
+    """What the files a run reads are, beyond their paths (which `changed_fields` compares): the
+    text embeddings' encoder and captions (index.json) and the REPA encoder file's SHA-256.
+    Recorded in every checkpoint; a --resume whose files now differ is refused (`check_inputs`)."""
+    from deco.plan_identity import file_sha256
+
+    inputs: dict[str, Any] = {}
+    if run.embeddings is not None and (run.embeddings / "index.json").is_file():
+        import json
+
+        try:
+            index = json.loads((run.embeddings / "index.json").read_text())
+        except (OSError, ValueError):
+            index = {}
+        inputs["embeddings"] = {k: index.get(k) for k in ("encoder", "length", "width", "dtype", "count",
+                                                           "captions_sha256")}
+    if run.repa_encoder is not None and run.repa_encoder.is_file():
+        inputs["repa_encoder"] = {"sha256": file_sha256(run.repa_encoder)}
+    return inputs
+
+
+def check_inputs(recorded: dict[str, Any], current: dict[str, Any], out: Path) -> None:
+    """A FieldError naming the first input file that changed since the checkpoint was written."""
+    from deco.plan_identity import plan_changes
+
+    changes = plan_changes(recorded, current)
+    if changes:
+        field = changes[0].split(".", 1)[0].split(" ", 1)[0]
+        raise FieldError(field, f"changed since the run in {out} started ({'; '.join(changes[:3])}); a "
+                                f"resumed run needs the same files: restore them, or start a new run "
+                                f"with another --out")
