@@ -476,3 +476,55 @@ def recorded_settings(loaded: Any) -> SampleSettings:
     if loaded.sample is not None:
         return loaded.sample  # type: ignore[no-any-return]
     return RELEASE_T2I_SAMPLING if loaded.model.config.is_text else SampleSettings()
+
+
+# ------------------------------------------------------------------------------ deco onnx-check
+def recorded_graph_settings(metadata: dict[str, str]) -> SampleSettings:
+    """The sampler settings a generator graph's metadata records."""
+    low, high = (float(v) for v in metadata["deco_interval"].split())
+    return SampleSettings(steps=int(metadata["deco_steps"]), guidance=float(metadata["deco_guidance"]),
+                          interval=(low, high), timeshift=float(metadata["deco_timeshift"]),
+                          solver=metadata["deco_solver"])
+
+
+def check_generator(path: Path, metadata: dict[str, str], checkpoint: Path, batch: int,
+                    resolution: tuple[int, int] | None, guidance: float, seed: int) -> list[Any]:
+    """`deco onnx-check` of a generator graph: its `sample` against `deco.optimized.sample` in
+    float64 and float32 (the model of `checkpoint`, loaded like `deco sample` does), and its
+    `image` against `deco.outputs.to_uint8` of its own `sample`: the same float32 operations,
+    so they must agree exactly (bound 0)."""
+    from deco.fixtures import error_measure
+
+    from .evaluation import load_for_sampling
+    from .onnx_check import CheckRow
+    from .onnx_export import ONNX_CHECK_RTOL, RTOL_BY_DTYPE
+    from .outputs import to_uint8
+
+    config = DeCoConfig.from_json(metadata["config"])
+    settings = recorded_graph_settings(metadata)
+    guided = metadata["deco_guided"] == "true"
+    if metadata.get("deco_batch", "dynamic") != "dynamic":
+        batch = int(metadata["deco_batch"])
+    if metadata.get("deco_resolution", "dynamic") != "dynamic":
+        h, w = (int(s) for s in metadata["deco_resolution"].split("x"))
+    else:
+        h, w = resolution or (2 * config.patch_size, 3 * config.patch_size)
+    feed = example_feed(config, guided, batch, (h, w), guidance, seed)
+    model = load_for_sampling(checkpoint, torch.device("cpu"), text=True).model
+    if model.config != config:
+        raise ValueError(f"checkpoint: {checkpoint} holds a different config than the graph")
+    dtype = metadata.get("deco_dtype", "float32")
+    sample, image = run_generator(path, feed, dtype)
+    with torch.no_grad():
+        mine32 = torch_sample(model.float(), feed, settings)
+        exact = torch_sample(model.double(), feed, settings).numpy()
+    mine = mine32.double().numpy()
+    bound = RTOL_BY_DTYPE.get(dtype, ONNX_CHECK_RTOL)
+    rows = [CheckRow(pair, *error_measure(np.asarray(a, np.float64), b), bound=limit)
+            for pair, a, b, limit in [("onnxruntime vs float64", sample, exact, bound),
+                                      ("torch vs float64", mine, exact, ONNX_CHECK_RTOL),
+                                      ("onnxruntime vs torch", sample, mine, bound)]]
+    pixels = to_uint8(torch.from_numpy(np.asarray(sample))).astype(np.int64)
+    levels = float(np.max(np.abs(image.astype(np.int64) - pixels)))
+    rows.append(CheckRow("image vs to_uint8(sample)", levels, levels / 255, bound=0.0))
+    return rows
