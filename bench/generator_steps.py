@@ -22,14 +22,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import our_model  # noqa: E402
+from common import our_model
 
-from deco.config import DeCoConfig  # noqa: E402
-from deco.onnx_export import export_onnx  # noqa: E402
-from deco.onnx_generator import example_feed, export_generator, torch_sample  # noqa: E402
-from deco.onnx_runtime import OnnxVelocityModel, _session  # noqa: E402
-from deco.onnx_runtime import sample as onnx_sample  # noqa: E402
-from deco.optimized.sampling import SampleSettings  # noqa: E402
+from deco.config import DeCoConfig
+from deco.onnx_export import export_onnx
+from deco.onnx_generator import example_feed, export_generator, torch_sample
+from deco.onnx_runtime import OnnxVelocityModel, _session
+from deco.onnx_runtime import sample as onnx_sample
+from deco.optimized.sampling import SampleSettings
 
 
 def median_seconds(fn: Any, rounds: int = 3) -> float:
@@ -56,27 +56,31 @@ def main(argv: list[str]) -> None:
     print("| steps | graph | file MB | export s | session s | s / image |")
     print("| --- | --- | --- | --- | --- | --- |")
     for steps in steps_list:
-        settings = SampleSettings(steps=steps, guidance=3.0, solver="euler")
-        feed = example_feed(model.config, True, 1, (size, size), 3.0)
-        for mode in ("loop", "unrolled"):
-            path = folder / f"{mode}{steps}.onnx"
-            t0 = time.perf_counter()
-            export_generator(model, path, settings, unrolled=mode == "unrolled")
-            export_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            session = _session(path, ["CPUExecutionProvider"], 1)
-            session_s = time.perf_counter() - t0
-            latency = median_seconds(lambda s=session: s.run(["sample"], feed))
-            print(f"| {steps} | {mode} | {path.stat().st_size / 1e6:.1f} | {export_s:.1f} | "
-                  f"{session_s:.2f} | {latency:.3f} |", flush=True)
-        labels = feed["labels"]
-        python_loop = median_seconds(lambda: onnx_sample(velocity, feed["noise"], labels,
-                                                         **settings.options()))
-        print(f"| {steps} | velocity graph, Python steps | {vsize / 1e6:.1f} | | | {python_loop:.3f} |")
-        with torch.no_grad():
-            eager = median_seconds(lambda: torch_sample(model, feed, settings))
-        print(f"| {steps} | torch deco.optimized.sample | | | | {eager:.3f} |", flush=True)
+        rows(model, velocity, folder, steps, size)
 
+
+def rows(model: Any, velocity: OnnxVelocityModel, folder: Path, steps: int, size: int) -> None:
+    """The table's rows for one step count."""
+    settings = SampleSettings(steps=steps, guidance=3.0, solver="euler")
+    feed = example_feed(model.config, True, 1, (size, size), 3.0)
+    for mode in ("loop", "unrolled"):
+        path = folder / f"{mode}{steps}.onnx"
+        t0 = time.perf_counter()
+        export_generator(model, path, settings, unrolled=mode == "unrolled")
+        export_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        session = _session(path, ["CPUExecutionProvider"], 1)
+        session_s = time.perf_counter() - t0
+        latency = median_seconds(lambda s=session: s.run(["sample"], feed))
+        print(f"| {steps} | {mode} | {path.stat().st_size / 1e6:.1f} | {export_s:.1f} | "
+              f"{session_s:.2f} | {latency:.3f} |", flush=True)
+    python_loop = median_seconds(lambda: onnx_sample(velocity, feed["noise"], feed["labels"],
+                                                     **settings.options()))
+    vsize = velocity.path.stat().st_size
+    print(f"| {steps} | velocity graph, Python steps | {vsize / 1e6:.1f} | | | {python_loop:.3f} |")
+    with torch.no_grad():
+        eager = median_seconds(lambda: torch_sample(model, feed, settings))
+    print(f"| {steps} | torch deco.optimized.sample | | | | {eager:.3f} |", flush=True)
 
 if __name__ == "__main__":
     main(sys.argv[1:])
