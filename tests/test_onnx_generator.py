@@ -94,8 +94,15 @@ def test_class_generator_matches_the_optimized_sampler_at_two_batches_and_sizes(
 
 
 def test_unguided_export_has_no_guidance_input(class_model: torch.nn.Module, tmp_path: Path) -> None:
+    """Also the external-data path of XL/XXL generators: weights in ONE file beside the graph."""
+    from deco.onnx_export import data_file
+
     settings = SampleSettings(steps=3, guidance=1.0, solver="heun", timeshift=2.0)
-    path = export_generator(class_model, tmp_path / "u.onnx", settings)
+    path = export_generator(class_model, tmp_path / "u.onnx", settings, external_data=True)
+    weights = sum(p.numel() * 4 for p in class_model.parameters())
+    # Once: about the float32 parameters (tensors under 1 KiB stay in the graph, onnx's default).
+    assert 0.9 * weights < data_file(path).stat().st_size < 1.1 * weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u.onnx", "u.onnx.data"]
     proto = onnx.load(str(path))
     names = [i.name for i in proto.graph.input]
     assert names == ["noise", "labels"] == input_names(class_model.config, False)
