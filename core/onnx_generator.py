@@ -234,7 +234,10 @@ def _loop(g: _Emitter, plan: _Plan, steps: int, state: list[str]) -> list[str]:
          *[helper.make_tensor_value_info(n, _FLOAT, None) for n in outs]])
     names = [f"loop_out{i}" for i in range(len(state))]
     trips = g.const(steps, np.int64)
-    g.nodes.append(helper.make_node("Loop", [trips, "", *state], names, body=graph, name="steps"))
+    # An explicit `true` condition rather than "" (allowed too): onnx's reference evaluator runs
+    # no iteration for an empty condition input.
+    always = g.const(True, np.bool_)
+    g.nodes.append(helper.make_node("Loop", [trips, always, *state], names, body=graph, name="steps"))
     return names
 
 
