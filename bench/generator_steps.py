@@ -1,6 +1,7 @@
 """Generator graphs: ONNX `Loop` vs unrolled steps (deco.onnx_generator), side by side in one process.
 
     OMP_NUM_THREADS=1 python bench/generator_steps.py [PRESET] [RESOLUTION] [STEPS ...]
+    OMP_NUM_THREADS=1 python bench/generator_steps.py --guidance-cost [PRESET] [RESOLUTION] [STEPS]
 
 For each step count: the file size, the export time, onnxruntime's session creation time and
 the latency of one image (median of 3, 1 intra-op thread) of the Loop and the unrolled graph
@@ -8,6 +9,10 @@ the latency of one image (median of 3, 1 intra-op thread) of the Loop and the un
 sampling driven step by step from Python over the velocity graph (`deco.onnx_runtime.sample`) and
 `deco.optimized.sample` in torch. Random non-zero weights (bench/common.py). Prints a Markdown
 table for bench/RESULTS.md.
+
+--guidance-cost: what the `guidance` input costs. A guided Loop graph fed g = 3 and g = 1 against
+an unguided one (exported with guidance 1: no null branch, no guidance input), rounds
+interleaved (median of 5 each).
 """
 
 from __future__ import annotations
@@ -40,6 +45,37 @@ def median_seconds(fn: Any, rounds: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def guidance_cost(argv: list[str]) -> None:
+    preset = argv[0] if argv else "DeCo-S/16"
+    size = int(argv[1]) if len(argv) > 1 else 64
+    steps = int(argv[2]) if len(argv) > 2 else 25
+    torch.set_num_threads(1)
+    model = our_model(DeCoConfig.preset(preset)).eval()
+    folder = Path(tempfile.mkdtemp(prefix="deco-gen-bench-"))
+    runs = {}
+    for guidance in (3.0, 1.0):
+        path = export_generator(model, folder / f"g{guidance:g}.onnx",
+                                SampleSettings(steps=steps, guidance=guidance, solver="euler"))
+        session = _session(path, ["CPUExecutionProvider"], 1)
+        if guidance == 1.0:
+            feed = example_feed(model.config, False, 1, (size, size), 1.0)
+            runs["unguided graph"] = (session, feed)
+        else:
+            for g in (3.0, 1.0):
+                feed = example_feed(model.config, True, 1, (size, size), g)
+                runs[f"guided graph, g = {g:g}"] = (session, feed)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(5):
+        for name, (session, feed) in runs.items():
+            t0 = time.perf_counter()
+            session.run(["sample"], feed)
+            times[name].append(time.perf_counter() - t0)
+    print(f"{preset}, {size}x{size}, batch 1, Euler {steps} steps, interval (0, 1)")
+    print("| graph | s / image |\n| --- | --- |")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values):.3f} |")
 
 
 def main(argv: list[str]) -> None:
@@ -83,4 +119,7 @@ def rows(model: Any, velocity: OnnxVelocityModel, folder: Path, steps: int, size
     print(f"| {steps} | torch deco.optimized.sample | | | | {eager:.3f} |", flush=True)
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["--guidance-cost"]:
+        guidance_cost(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
