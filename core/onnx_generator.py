@@ -406,14 +406,14 @@ def torch_sample(model: nn.Module, feed: dict[str, np.ndarray], settings: Sample
     from deco.optimized.sampling import sample
 
     dtype = next(model.parameters()).dtype
-    noise = torch.from_numpy(feed["noise"]).to(dtype)
-    cond = torch.from_numpy(feed["text" if "text" in feed else "labels"])
-    null = feed.get("null_text")
+    noise = torch.tensor(feed["noise"], dtype=dtype)
+    cond = torch.tensor(feed["text" if "text" in feed else "labels"])
     if cond.is_floating_point():
         cond = cond.to(dtype)
+    null = None if "null_text" not in feed else torch.tensor(feed["null_text"], dtype=dtype)
     options = settings.options()
     options["guidance"] = float(feed["guidance"]) if "guidance" in feed else 1.0
-    out = sample(model, noise, cond, None if null is None else torch.from_numpy(null).to(dtype), **options)
+    out = sample(model, noise, cond, null, **options)
     assert isinstance(out, torch.Tensor)
     return out.clamp(-1.0, 1.0)
 

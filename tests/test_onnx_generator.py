@@ -180,6 +180,28 @@ def test_release_fixture_generators_from_the_command_line(tmp_path: Path,
     assert "onnxruntime vs float64" in text and "image vs to_uint8(sample)" in text and "PASS" in text
 
 
+def test_export_and_check_commands_on_a_class_model(class_model: torch.nn.Module, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """deco export-onnx --generator with every sampler option, then deco onnx-check (float64
+    sampler, float32 sampler, image vs to_uint8) at another batch and size."""
+    checkpoint = save_checkpoint(class_model, tmp_path)
+    out = tmp_path / "g.onnx"
+    assert main(["export-onnx", str(checkpoint), str(out), "--generator", "--solver", "heun", "--steps",
+                 "5", "--guidance", "2", "--interval", "0.2", "0.8", "--timeshift", "2"]) == 0
+    assert "generator graph: heun, 5 steps, guidance 2 (an input)" in capsys.readouterr().out
+    assert main(["onnx-check", str(out), "--batch", "3", "--resolution", "12", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "onnxruntime vs float64" in text and "PASS" in text
+
+
+def save_checkpoint(model: torch.nn.Module, folder: Path) -> Path:
+    from deco.reference import save_weights
+
+    checkpoint = folder / "m.safetensors"
+    save_weights(checkpoint, model.config, {k: v.numpy() for k, v in model.state_dict().items()})
+    return checkpoint
+
+
 # ------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("flags, message", [
     (["--generator", "--solver", "rk4"], "--solver: "),
@@ -194,11 +216,7 @@ def test_release_fixture_generators_from_the_command_line(tmp_path: Path,
 def test_bad_generator_options_are_one_line_and_write_nothing(
         class_model: torch.nn.Module, tmp_path: Path, flags: list[str], message: str,
         capsys: pytest.CaptureFixture[str]) -> None:
-    from deco.reference import save_weights
-
-    checkpoint = tmp_path / "m.safetensors"
-    save_weights(checkpoint, class_model.config,
-                 {k: v.numpy() for k, v in class_model.state_dict().items()})
+    checkpoint = save_checkpoint(class_model, tmp_path)
     out = tmp_path / "out" / "g.onnx"
     out.parent.mkdir()
     assert main(["export-onnx", str(checkpoint), str(out), *flags]) == 2
