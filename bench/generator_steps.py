@@ -31,7 +31,8 @@ from common import our_model
 
 from deco.config import DeCoConfig
 from deco.onnx_export import export_onnx
-from deco.onnx_generator import example_feed, export_generator, torch_sample
+from deco.onnx_generator import export_generator
+from deco.onnx_generator_check import example_feed, torch_sample
 from deco.onnx_runtime import OnnxVelocityModel, _session
 from deco.onnx_runtime import sample as onnx_sample
 from deco.optimized.sampling import SampleSettings

@@ -14,7 +14,8 @@ import torch
 from deco.config import DeCoConfig
 
 from .onnx_export import GRAPH_CFG, ONNX_CHECK_RTOL, RTOL_BY_DTYPE, export_onnx, guided, sha256_file
-from .onnx_generator import GRAPH_GENERATOR, check_generator
+from .onnx_generator import GRAPH_GENERATOR
+from .onnx_generator_check import check_generator
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def check_onnx(
     inputs, and the onnxruntime providers used. A "cfg" graph is compared on the guided
     velocity; the reference's is `deco.reference.sampling.guided_velocity`. A text model gets
     random text (B, T, E) and, for a cfg graph, one random null text (T, E) for the batch. A
-    generator graph is compared with `deco.optimized.sample` (`deco.onnx_generator.check_generator`)."""
+    generator graph is compared with `deco.optimized.sample` (`deco.onnx_generator_check.check_generator`)."""
     import numpy as np
 
     from deco.fixtures import error_measure

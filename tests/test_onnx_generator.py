@@ -16,7 +16,8 @@ from helpers import random_weights, rel_err, release_fixtures, tiny_config
 from deco.cli import main
 from deco.config import DeCoConfig
 from deco.onnx_export import export_onnx
-from deco.onnx_generator import example_feed, export_generator, input_names, torch_sample
+from deco.onnx_generator import export_generator, input_names
+from deco.onnx_generator_check import example_feed, torch_sample
 from deco.optimized.model import build_model, load_model
 from deco.optimized.sampling import SampleSettings
 from deco.outputs import to_uint8
