@@ -24,6 +24,7 @@ Every solver is one evaluation per iteration (N iterations for N steps):
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -365,14 +366,17 @@ def export_generator(
                                dtype=dtype, external_data=external_data)
         import onnx
 
-        proto = build_generator(onnx.load(str(velocity)), config, settings, guided, batch, resolution,
-                                unrolled)
-        velocity.unlink()
-        data_file(velocity).unlink(missing_ok=True)
         staged = folder / path.name
+        external = data_file(velocity).is_file()
+        proto = build_generator(onnx.load(str(velocity), load_external_data=False), config, settings,
+                                guided, batch, resolution, unrolled)
+        if external:  # the weights stay in the velocity export's data file: renamed, not rewritten
+            os.replace(data_file(velocity), data_file(staged))
+            _relocate(proto, data_file(staged).name)
+        velocity.unlink()
         props = generator_properties(config, settings, guided, "unrolled" if unrolled else "loop",
                                      batch, resolution, dtype, metadata)
-        external = save_checked(proto, staged, props, external_data)
+        external = save_checked(proto, staged, props, False if external else external_data) or external
         from .onnx_generator_check import check_export
 
         check_export(model, staged, settings, guided, batch, resolution, dtype)
@@ -380,6 +384,18 @@ def export_generator(
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return path
+
+
+def _relocate(proto: Any, location: str) -> None:
+    """Point every initializer held in external data at the data file `location` (the offsets
+    stay: the file is the velocity export's, renamed)."""
+    import onnx
+
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
 
 
 def export_generator_checkpoint(checkpoint: str | Path, path: str | Path, *, steps: int | None = None,
