@@ -334,14 +334,15 @@ def export_generator(
     model: nn.Module, path: str | Path, settings: SampleSettings, *, guided: bool | None = None,
     opset: int | None = None, batch: int | None = None, resolution: tuple[int, int] | None = None,
     dtype: str = "float32", metadata: dict[str, str] | None = None,
-    external_data: bool | None = None, unrolled: bool = False,
+    external_data: bool | None = None, unrolled: bool = False, **velocity_options: Any,
 ) -> Path:
     """Export the generator graph of `model` (a `deco.optimized` model) sampling with `settings`.
 
     guided: whether the graph has the null branch and the `guidance` input (default: when
     settings.guidance != 1; the graph's default scale is settings.guidance, recorded in the
     metadata). `unrolled` writes every step's nodes instead of one Loop (for measurements).
-    Other options as `deco.onnx_export.export_onnx`, whose velocity graph this wraps; the
+    Other options as `deco.onnx_export.export_onnx`, whose velocity graph this wraps (any
+    further keyword goes to it unchanged, so an export option added there applies here too); the
     velocity graph keeps a dynamic batch (a guided step evaluates 2B). Built in a temporary
     folder and moved into place only after the ONNX checker passes and the graph matches
     `deco.optimized.sample` in onnxruntime (ValueError otherwise); nothing is left on failure.
@@ -363,7 +364,7 @@ def export_generator(
     folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         velocity = export_onnx(model, folder / "velocity.onnx", opset=opset, resolution=resolution,
-                               dtype=dtype, external_data=external_data)
+                               dtype=dtype, external_data=external_data, **velocity_options)
         import onnx
 
         staged = folder / path.name
