@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/generator_steps.py [PRESET] [RESOLUTION] [STEPS ...]
     OMP_NUM_THREADS=1 python bench/generator_steps.py --guidance-cost [PRESET] [RESOLUTION] [STEPS]
+    OMP_NUM_THREADS=1 python bench/generator_steps.py --interleaved [PRESET] [RESOLUTION] [STEPS]
 
 For each step count: the file size, the export time, onnxruntime's session creation time and
 the latency of one image (median of 3, 1 intra-op thread) of the Loop and the unrolled graph
@@ -13,6 +14,9 @@ table for bench/RESULTS.md.
 --guidance-cost: what the `guidance` input costs. A guided Loop graph fed g = 3 and g = 1 against
 an unguided one (exported with guidance 1: no null branch, no guidance input), rounds
 interleaved (median of 5 each).
+
+--interleaved: the Loop graph, the Python steps over the velocity graph and torch, one round of
+each in turn (median of 3), so that a changing machine load hits all three alike.
 """
 
 from __future__ import annotations
@@ -79,6 +83,34 @@ def guidance_cost(argv: list[str]) -> None:
         print(f"| {name} | {statistics.median(values):.3f} |")
 
 
+def interleaved(argv: list[str]) -> None:
+    preset = argv[0] if argv else "DeCo-S/16"
+    size = int(argv[1]) if len(argv) > 1 else 64
+    steps = int(argv[2]) if len(argv) > 2 else 100
+    torch.set_num_threads(1)
+    model = our_model(DeCoConfig.preset(preset)).eval()
+    folder = Path(tempfile.mkdtemp(prefix="deco-gen-bench-"))
+    settings = SampleSettings(steps=steps, guidance=3.0, solver="euler")
+    feed = example_feed(model.config, True, 1, (size, size), 3.0)
+    session = _session(export_generator(model, folder / "loop.onnx", settings), ["CPUExecutionProvider"], 1)
+    velocity = OnnxVelocityModel(export_onnx(model, folder / "velocity.onnx"), threads=1)
+    runs = {"Loop graph": lambda: session.run(["sample"], feed),
+            "velocity graph, Python steps": lambda: onnx_sample(
+                velocity, feed["noise"], feed["labels"], **settings.options()),
+            "torch deco.optimized.sample": lambda: torch_sample(model, feed, settings)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for _ in range(4):  # the first round warms up
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    print(f"{preset}, {size}x{size}, batch 1, Euler {steps} steps, guidance 3, interval (0, 1)")
+    print("| runner | s / image |\n| --- | --- |")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values[1:]):.3f} |")
+
+
 def main(argv: list[str]) -> None:
     preset = argv[0] if argv else "DeCo-S/16"
     size = int(argv[1]) if len(argv) > 1 else 64
@@ -122,5 +154,7 @@ def rows(model: Any, velocity: OnnxVelocityModel, folder: Path, steps: int, size
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--guidance-cost"]:
         guidance_cost(sys.argv[2:])
+    elif sys.argv[1:2] == ["--interleaved"]:
+        interleaved(sys.argv[2:])
     else:
         main(sys.argv[1:])
