@@ -9,16 +9,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from deco.config import DeCoConfig
+from deco.conformance.fixtures import error_measure
 from deco.deploy.export import GRAPH_CFG, ONNX_CHECK_RTOL, RTOL_BY_DTYPE, export_onnx, guided, sha256_file
+from deco.deploy.generator import GRAPH_GENERATOR
+from deco.deploy.generator_check import example_feed, recorded_graph_settings, run_generator, torch_sample
+from deco.deploy.runtime import OnnxVelocityModel
+from deco.generate import load_for_sampling
+from deco.optimized.weights import build_model, load_model
+from deco.outputs import to_uint8
+from deco.reference import Model, load_weights
+from deco.reference.sampling import guided_velocity
+from deco.release import read_release_checkpoint
 
 
 @dataclass(frozen=True)
 class CheckRow:
     """One comparison of `deco onnx-check`; it passes when max_rel <= bound."""
-
     pair: str
     max_abs: float
     max_rel: float
@@ -28,9 +38,6 @@ class CheckRow:
 def _reference_weights(checkpoint: Path) -> dict[str, Any]:
     """float64 weights read without deco.optimized: a DeCo .safetensors file through the
     reference's loader, anything else as a release checkpoint."""
-    from deco.reference import load_weights
-    from deco.release import read_release_checkpoint
-
     if checkpoint.suffix == ".safetensors":
         return load_weights(checkpoint)[1]
     state = read_release_checkpoint(checkpoint)[1]
@@ -60,8 +67,6 @@ def _random_inputs(config: DeCoConfig, meta: dict[str, str], batch: int,
                    resolution: tuple[int, int] | None, seed: int) -> tuple[Any, Any, Any, Any]:
     """(x, t, condition, null): labels with the null class among them and null None for a class
     model; for the text model random text (B, T, E) and one random null text (T, E)."""
-    import numpy as np
-
     if meta.get("deco_batch", "dynamic") != "dynamic":
         batch = int(meta["deco_batch"])
     if meta.get("deco_resolution", "dynamic") != "dynamic":
@@ -88,17 +93,14 @@ def check_onnx(
     """Errors between onnxruntime, deco.optimized (float32) and the float64 reference on random
     inputs, and the onnxruntime providers used. A "cfg" graph is compared on the guided
     velocity; the reference's is `deco.reference.sampling.guided_velocity`. A text model gets
-    random text (B, T, E) and, for a cfg graph, one random null text (T, E) for the batch."""
-    import numpy as np
-
-    from deco.conformance.fixtures import error_measure
-    from deco.deploy.runtime import OnnxVelocityModel
-    from deco.optimized.weights import load_model
-    from deco.reference import Model
-    from deco.reference.sampling import guided_velocity
+    random text (B, T, E) and, for a cfg graph, one random null text (T, E) for the batch. A
+    generator graph is compared with `deco.optimized.sample` (`check_generator`)."""
 
     graph = OnnxVelocityModel(path)
     source = _recorded_checkpoint(graph.metadata, None if checkpoint is None else Path(checkpoint))
+    if graph.graph == GRAPH_GENERATOR:
+        rows = check_generator(graph.path, graph.metadata, source, batch, resolution, guidance, seed)
+        return rows, graph.providers
     reference = Model(graph.config, _reference_weights(source))
     if reference.config != graph.config:
         raise ValueError(f"checkpoint: {source} holds a different config than the graph")
@@ -137,8 +139,6 @@ def format_check(rows: list[CheckRow]) -> str:
 def export_vector_model(vectors: list[Any], architecture: str, path: str | Path) -> Path:
     """Export the model of the conformance kit's forward vector for `architecture` (its weights
     are in the vector file), for `deco conformance --onnx`."""
-    from deco.optimized.weights import build_model
-
     matches = [v for v in vectors if v.component in ("forward", "t2i_forward")
                and (v.config or {}).get("architecture") == architecture]
     if not matches:
@@ -147,3 +147,39 @@ def export_vector_model(vectors: list[Any], architecture: str, path: str | Path)
     model = build_model(DeCoConfig.from_dict(vector.config))
     model.load_state_dict({k: torch.from_numpy(v) for k, v in vector.weights.items()})
     return export_onnx(model, path, metadata={"deco_vector": vector.name})
+
+
+def check_generator(path: Path, metadata: dict[str, str], checkpoint: Path, batch: int,
+                    resolution: tuple[int, int] | None, guidance: float, seed: int) -> list[Any]:
+    """`deco onnx-check` of a generator graph: its `sample` against `deco.optimized.sample` in
+    float64 and float32 (the model of `checkpoint`, loaded like `deco sample` does), and its
+    `image` against `deco.outputs.to_uint8` of its own `sample`: the same float32 operations,
+    so they must agree exactly (bound 0)."""
+    config = DeCoConfig.from_json(metadata["config"])
+    settings = recorded_graph_settings(metadata)
+    guided = metadata["deco_guided"] == "true"
+    if metadata.get("deco_batch", "dynamic") != "dynamic":
+        batch = int(metadata["deco_batch"])
+    if metadata.get("deco_resolution", "dynamic") != "dynamic":
+        h, w = (int(s) for s in metadata["deco_resolution"].split("x"))
+    else:
+        h, w = resolution or (2 * config.patch_size, 3 * config.patch_size)
+    feed = example_feed(config, guided, batch, (h, w), guidance, seed)
+    model = load_for_sampling(checkpoint, torch.device("cpu"), text=True).model
+    if model.config != config:
+        raise ValueError(f"checkpoint: {checkpoint} holds a different config than the graph")
+    dtype = metadata.get("deco_dtype", "float32")
+    sample, image = run_generator(path, feed, dtype)
+    with torch.no_grad():
+        mine32 = torch_sample(model.float(), feed, settings)
+        exact = torch_sample(model.double(), feed, settings).numpy()
+    mine = mine32.double().numpy()
+    bound = RTOL_BY_DTYPE.get(dtype, ONNX_CHECK_RTOL)
+    rows = [CheckRow(pair, *error_measure(np.asarray(a, np.float64), b), bound=limit)
+            for pair, a, b, limit in [("onnxruntime vs float64", sample, exact, bound),
+                                      ("torch vs float64", mine, exact, ONNX_CHECK_RTOL),
+                                      ("onnxruntime vs torch", sample, mine, bound)]]
+    pixels = to_uint8(torch.from_numpy(np.asarray(sample))).astype(np.int64)
+    levels = float(np.max(np.abs(image.astype(np.int64) - pixels)))
+    rows.append(CheckRow("image vs to_uint8(sample)", levels, levels / 255, bound=0.0))
+    return rows
