@@ -35,6 +35,11 @@ def register(sub: Any) -> None:
     p.add_argument("--external-data", action="store_true", default=None,
                    help="always write the weights to one external file OUTPUT.data beside the "
                    "graph (default: only when they exceed 1 GiB, as protobuf cannot hold 2 GiB)")
+    p.add_argument("--generator", action="store_true",
+                   help="export the whole sampler instead: noise and condition in, `sample` in [-1, 1] "
+                   "and uint8 `image` out (spec/04 §7); the sampler options below default to the "
+                   "checkpoint's recorded settings (deco sample's); excludes --cfg")
+    _generator_options(p)
     p.set_defaults(handler=export_onnx)
 
     p = sub.add_parser(
@@ -53,7 +58,7 @@ def register(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=2, help="batch for a dynamic-batch graph (default 2)")
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="image size for a dynamic-size graph (default 2p x 3p)")
-    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for a --cfg graph")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for a --cfg graph or a guided generator graph")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=onnx_check)
 
@@ -83,6 +88,18 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=conformance)
 
 
+def _generator_options(p: argparse.ArgumentParser) -> None:
+    what = "(--generator; default: the checkpoint's)"
+    p.add_argument("--solver", default=None, help=f"euler, heun or adams {what}")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps {what}")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"default guidance scale {what}; the graph takes the scale as an input, "
+                   "except with 1, which exports a graph without the null branch")
+    p.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help=f"guidance interval {what}")
+    p.add_argument("--timeshift", type=float, default=None, help=f"time-grid shift {what}")
+
+
 def _batch(text: str) -> int | None:
     if text == "dynamic":
         return None
@@ -98,6 +115,11 @@ def _batch(text: str) -> int | None:
 def export_onnx(args: argparse.Namespace) -> int:
     from .onnx_export import data_file, export_checkpoint
 
+    if args.generator:
+        return _export_generator(args)
+    for flag in ("solver", "steps", "guidance", "interval", "timeshift"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag}: a sampler option; it needs --generator")
     resolution = tuple(args.resolution) if args.resolution else None
     path = export_checkpoint(args.checkpoint, args.output, opset=args.opset,
                              batch=_batch(args.batch), resolution=resolution, cfg=args.cfg,
@@ -108,6 +130,33 @@ def export_onnx(args: argparse.Namespace) -> int:
     extra = f"; weights in {data}" if data.is_file() else ""
     print(f"wrote {path} ({'cfg' if args.cfg else 'velocity'} graph, opset {args.opset}, {shape}, "
           f"{args.dtype}{extra})")
+    return 0
+
+
+def _export_generator(args: argparse.Namespace) -> int:
+    """`deco export-onnx --generator`: every setting checked before anything is written."""
+    from deco.optimized.checks import FieldError
+
+    from .onnx_export import data_file
+    from .onnx_generator import export_generator_checkpoint
+
+    if args.cfg:
+        raise UsageError("--cfg: a generator graph guides inside itself; give --generator or --cfg, not both")
+    resolution = tuple(args.resolution) if args.resolution else None
+    interval = tuple(args.interval) if args.interval is not None else None
+    try:
+        path, settings = export_generator_checkpoint(
+            args.checkpoint, args.output, steps=args.steps, guidance=args.guidance, interval=interval,
+            timeshift=args.timeshift, solver=args.solver, opset=args.opset, batch=_batch(args.batch),
+            resolution=resolution, dtype=args.dtype, external_data=args.external_data)
+    except FieldError as exc:
+        raise UsageError(f"--{exc.field}: {exc.message}") from None
+    guided = f"guidance {settings.guidance:g} (an input)" if settings.guidance != 1 else "no guidance"
+    data = data_file(path)
+    extra = f"; weights in {data}" if data.is_file() else ""
+    print(f"wrote {path} (generator graph: {settings.solver}, {settings.steps} steps, {guided}, interval "
+          f"{settings.interval[0]:g}..{settings.interval[1]:g}, time shift {settings.timeshift:g}; opset "
+          f"{args.opset}, {args.dtype}{extra})")
     return 0
 
 

@@ -14,6 +14,7 @@ import torch
 from deco.config import DeCoConfig
 
 from .onnx_export import GRAPH_CFG, ONNX_CHECK_RTOL, RTOL_BY_DTYPE, export_onnx, guided, sha256_file
+from .onnx_generator import GRAPH_GENERATOR, check_generator
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ def check_onnx(
     """Errors between onnxruntime, deco.optimized (float32) and the float64 reference on random
     inputs, and the onnxruntime providers used. A "cfg" graph is compared on the guided
     velocity; the reference's is `deco.reference.sampling.guided_velocity`. A text model gets
-    random text (B, T, E) and, for a cfg graph, one random null text (T, E) for the batch."""
+    random text (B, T, E) and, for a cfg graph, one random null text (T, E) for the batch. A
+    generator graph is compared with `deco.optimized.sample` (`deco.onnx_generator.check_generator`)."""
     import numpy as np
 
     from deco.fixtures import error_measure
@@ -101,6 +103,9 @@ def check_onnx(
 
     graph = OnnxVelocityModel(path)
     source = _recorded_checkpoint(graph.metadata, None if checkpoint is None else Path(checkpoint))
+    if graph.graph == GRAPH_GENERATOR:
+        rows = check_generator(graph.path, graph.metadata, source, batch, resolution, guidance, seed)
+        return rows, graph.providers
     reference = Model(graph.config, _reference_weights(source))
     if reference.config != graph.config:
         raise ValueError(f"checkpoint: {source} holds a different config than the graph")

@@ -334,6 +334,15 @@ def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bo
     import onnx
 
     proto = onnx.load(str(traced))  # with any tensor files the exporter wrote beside it
+    return save_checked(proto, staged, props, external_data)
+
+
+def save_checked(proto: Any, staged: Path, props: dict[str, str], external_data: bool | None) -> bool:
+    """Save `proto` with `props` added to its metadata at `staged` (weights in `<staged>.data`
+    when external; None: above `EXTERNAL_DATA_THRESHOLD`), run the full ONNX checker on the path,
+    and say whether the data is external. The caller's `proto` is consumed."""
+    import onnx
+
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

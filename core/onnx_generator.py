@@ -1,0 +1,530 @@
+"""Generator graphs (`deco export-onnx --generator`): noise and condition in, image out, the whole
+sampler of spec/04 inside ONE ONNX graph (spec/04-sampling.md §7 defines the interface).
+
+The graph wraps the velocity graph that `deco.onnx_export.export_onnx` writes (same symbolics,
+same optimisations): its nodes become the body of an ONNX `Loop` with one model evaluation per
+iteration, and its weights stay initializers of the main graph, which the body reads from the
+outer scope, so they are stored once whatever the number of steps. The sampler's constants are
+fixed at export (steps, time shift, solver, interval): per evaluation the model's time, whether
+the step is guided, and the update's coefficients are small constant tables indexed by the
+iteration number. The guidance scale stays an input; a step guides (2B batch [null; cond],
+u + g (c - u)) where the interval says so and g != 1, else it evaluates the condition alone
+(batch B), as `deco.optimized.sample` does.
+
+Every solver is one evaluation per iteration (N iterations for N steps):
+- Euler: x <- x + dt_k v(x, t_k).
+- Heun (the release's, corrector velocity reused; spec/04 §4): evaluation k is the corrector of
+  step k - 1 (k = 0: the first predictor); carried x_k, the predicted point and the previous
+  velocity; x_k = x_{k-1} + c_k (v_prev + v), c_0 = 0, c_k = dt_{k-1} / 2, and the next point
+  x_k + dt_k v. The last point is x_N.
+- Adams (order 2, spec/04 §6): the last order - 1 velocities are carried, the weights are
+  zero-padded rows of `adams_weights` (a zero weight on a zero or finite velocity adds exactly 0,
+  so the sum equals the optimized sampler's).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deco.config import DeCoConfig
+from deco.optimized.sampling import SampleSettings, adams_weights, time_grid
+
+GRAPH_GENERATOR = "generator"
+#: Adams order of the generator (the release's and `deco.optimized.sample`'s default).
+ADAMS_ORDER = 2
+OUTPUTS = ["sample", "image"]
+_FLOAT, _INT64, _BOOL, _UINT8 = 1, 7, 9, 2  # onnx.TensorProto data types
+
+
+def input_names(config: DeCoConfig, guided: bool) -> list[str]:
+    """The generator's inputs, in order: noise, the condition (labels, or text and for a guided
+    graph null_text), and for a guided graph the scalar guidance."""
+    cond = (["text", *(["null_text"] if guided else [])]) if config.is_text else ["labels"]
+    return ["noise", *cond, *(["guidance"] if guided else [])]
+
+
+# ------------------------------------------------------------------------------ sampler tables
+@dataclass(frozen=True)
+class Tables:
+    """Per evaluation k = 0..N-1: the model's time, whether the interval guides it, and the
+    update coefficients (`coefficients[k]`, solver-specific, see the module docstring)."""
+
+    times: np.ndarray  # (N,) float32
+    guided: np.ndarray  # (N,) bool
+    coefficients: np.ndarray  # (N, m) float32
+
+
+def sampler_tables(settings: SampleSettings) -> Tables:
+    """The constant tables of `settings`, computed in float64 with the arithmetic of
+    `deco.optimized.sampling` (the Adams time is its running sum, not the grid)."""
+    grid = time_grid(settings.steps, settings.timeshift)
+    low, high = settings.interval
+    n = settings.steps
+    dts = [grid[i + 1] - grid[i] for i in range(n)]
+    if settings.solver == "adams":
+        times, t = [], 0.0
+        for dt in dts:
+            times.append(t)
+            t += dt
+        guided = [low < s < high for s in times]
+        rows = adams_weights(grid, ADAMS_ORDER)
+        weights = [[0.0] * (ADAMS_ORDER - len(r)) + r for r in rows]
+        coefficients = [[dt, *w] for dt, w in zip(dts, weights, strict=True)]
+    else:
+        times = grid[:n]
+        step_guided = [low < s <= high for s in grid[:n]]
+        if settings.solver == "euler":
+            guided, coefficients = step_guided, [[dt] for dt in dts]
+        else:  # heun: evaluation k >= 1 is step k-1's corrector, with step k-1's scale
+            guided = [step_guided[0], *step_guided[: n - 1]]
+            coefficients = [[dts[k], 0.0 if k == 0 else dts[k - 1] * 0.5] for k in range(n)]
+    return Tables(np.asarray(times, np.float32), np.asarray(guided, bool),
+                  np.asarray(coefficients, np.float32))
+
+
+# ------------------------------------------------------------------------------ graph building
+class _Emitter:
+    """ONNX nodes being appended to one graph, each output named `<prefix><op>_<n>`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix, self.nodes, self.count = prefix, [], 0
+        self.nodes: list[Any]
+
+    def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
+        from onnx import helper
+
+        name = f"{self.prefix}{op_type}_{self.count}"
+        self.count += 1
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], name=name, **attrs))
+        return name
+
+    def const(self, value: Any, dtype: Any = np.float32) -> str:
+        from onnx import numpy_helper
+
+        return self.op("Constant", value=numpy_helper.from_array(np.asarray(value, dtype=dtype)))
+
+    def take(self, table: str, index: str) -> str:
+        """table[index] (a scalar for a 1-D table, a row for a 2-D one)."""
+        return self.op("Gather", table, index, axis=0)
+
+
+@dataclass
+class _Velocity:
+    """The velocity graph split for inlining: its Constant nodes and initializers (emitted once,
+    in the main graph) and its other nodes (copied into each evaluation)."""
+
+    shared: list[Any]
+    body: list[Any]
+    initializers: list[Any]
+    cond: str  # "y" or "text"
+
+    def emit(self, g: _Emitter, x: str, t: str, cond: str) -> str:
+        """Copy the model's nodes into `g`, fed x, t and the condition; returns v's name."""
+        from onnx import helper
+
+        rename = {"x": x, "t": t, self.cond: cond}
+        for node in self.body:
+            for out in node.output:
+                rename[out] = f"{g.prefix}v/{out}"
+            g.nodes.append(helper.make_node(
+                node.op_type, [rename.get(i, i) for i in node.input],
+                [rename[o] for o in node.output], name=f"{g.prefix}v/{node.name}", domain=node.domain,
+            ))
+            g.nodes[-1].attribute.extend(node.attribute)
+        return rename["v"]
+
+
+def _split_velocity(proto: Any, config: DeCoConfig) -> _Velocity:
+    import onnx
+
+    for node in proto.graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ValueError(f"model: the velocity graph has a subgraph node ({node.op_type}); "
+                             "the generator cannot inline it")
+    shared = [n for n in proto.graph.node if n.op_type == "Constant"]
+    body = [n for n in proto.graph.node if n.op_type != "Constant"]
+    return _Velocity(shared, body, list(proto.graph.initializer), "text" if config.is_text else "y")
+
+
+@dataclass
+class _Plan:
+    """Names of main-graph values every evaluation reads."""
+
+    velocity: _Velocity
+    solver: str
+    guided: bool
+    batch: str  # (1,) int64: B
+    cond: str  # (B, ...) the condition
+    cond2: str  # (2B, ...) [null; cond], guided graphs only
+    not_one: str  # bool scalar: guidance != 1, guided graphs only
+
+
+def _evaluate(g: _Emitter, plan: _Plan, point: str, time: str, interval_guides: str) -> str:
+    """The (guided) velocity at `point`, time `time` (float32 scalar)."""
+    if not plan.guided:
+        t = g.op("Expand", time, g.op("Shape", point, start=0, end=1))
+        return plan.velocity.emit(g, point, t, plan.cond)
+    flag = g.op("And", interval_guides, plan.not_one)
+    flag_int = g.op("Cast", flag, to=_INT64)
+    repeats = g.op("Concat", g.op("Add", flag_int, g.const([1], np.int64)), g.const([1, 1, 1], np.int64),
+                   axis=0)
+    x2 = g.op("Tile", point, repeats)  # [x; x] when guided, else x
+    t2 = g.op("Expand", time, g.op("Shape", x2, start=0, end=1))
+    # [null; cond] from row 0 when guided, cond (rows B..2B) otherwise
+    start = g.op("Mul", plan.batch, g.op("Sub", g.const([1], np.int64), flag_int))
+    y2 = g.op("Slice", plan.cond2, start, g.const([np.iinfo(np.int64).max], np.int64), g.const([0], np.int64))
+    out = plan.velocity.emit(g, x2, t2, y2)
+    zero = g.const([0], np.int64)
+    axes = g.const([0], np.int64)
+    uncond = g.op("Slice", out, zero, plan.batch, axes)
+    cond = g.op("Slice", out, g.op("Neg", plan.batch), g.const([np.iinfo(np.int64).max], np.int64), axes)
+    scale = g.op("Where", flag, "guidance", g.const(1.0))
+    # u + g (c - u), as deco.optimized; unguided, u and c are the same rows and this is c + 1 * 0.
+    return g.op("Add", uncond, g.op("Mul", scale, g.op("Sub", cond, uncond)))
+
+
+def _step(g: _Emitter, plan: _Plan, k: str, state: list[str]) -> list[str]:
+    """One iteration: evaluation k and its update of the carried state (see the module docs)."""
+    time, guides = g.take("deco_times", k), g.take("deco_guided", k)
+    row = g.take("deco_coefficients", k)
+    columns = {"euler": 1, "heun": 2, "adams": 1 + ADAMS_ORDER}[plan.solver]
+    coeff = [g.op("Gather", row, g.const(j, np.int64), axis=0) for j in range(columns)]
+    if plan.solver == "euler":
+        (x,) = state
+        v = _evaluate(g, plan, x, time, guides)
+        return [g.op("Add", x, g.op("Mul", coeff[0], v))]
+    if plan.solver == "heun":
+        x, point, v_prev = state
+        v = _evaluate(g, plan, point, time, guides)
+        x = g.op("Add", x, g.op("Mul", coeff[1], g.op("Add", v_prev, v)))
+        return [x, g.op("Add", x, g.op("Mul", coeff[0], v)), v]
+    x, v_prev = state  # adams, order 2: w0 v_{k-1} + w1 v_k
+    v = _evaluate(g, plan, x, time, guides)
+    combined = g.op("Add", g.op("Mul", coeff[1], v_prev), g.op("Mul", coeff[2], v))
+    return [g.op("Add", x, g.op("Mul", coeff[0], combined)), v]
+
+
+def _initial_state(g: _Emitter, solver: str) -> list[str]:
+    zeros = g.op("Mul", "noise", g.const(0.0))
+    return {"euler": ["noise"], "heun": ["noise", "noise", zeros], "adams": ["noise", zeros]}[solver]
+
+
+def _loop(g: _Emitter, plan: _Plan, steps: int, state: list[str]) -> list[str]:
+    """An ONNX Loop of `steps` iterations of `_step` over the carried `state`."""
+    from onnx import helper
+
+    body = _Emitter("b/")
+    carried = [f"b/in{i}" for i in range(len(state))]
+    outs = _step(body, plan, "b/k", carried)
+    body.nodes.append(helper.make_node("Identity", ["b/cond_in"], ["b/cond_out"]))
+    float_value = [helper.make_tensor_value_info(n, _FLOAT, None) for n in carried]
+    graph = helper.make_graph(
+        body.nodes, "generator_step",
+        [helper.make_tensor_value_info("b/k", _INT64, []), helper.make_tensor_value_info("b/cond_in", _BOOL, []),
+         *float_value],
+        [helper.make_tensor_value_info("b/cond_out", _BOOL, []),
+         *[helper.make_tensor_value_info(n, _FLOAT, None) for n in outs]])
+    names = [f"loop_out{i}" for i in range(len(state))]
+    trips = g.const(steps, np.int64)
+    g.nodes.append(helper.make_node("Loop", [trips, "", *state], names, body=graph, name="steps"))
+    return names
+
+
+def _unrolled(g: _Emitter, plan: _Plan, steps: int, state: list[str]) -> list[str]:
+    """`steps` copies of `_step` (for measurement: the export uses the Loop)."""
+    for k in range(steps):
+        sub = _Emitter(f"s{k}/")
+        state = _step(sub, plan, sub.const(k, np.int64), state)
+        g.nodes.extend(sub.nodes)
+    return state
+
+
+def build_generator(velocity: Any, config: DeCoConfig, settings: SampleSettings, guided: bool,
+                    batch: int | None, resolution: tuple[int, int] | None,
+                    unrolled: bool = False) -> Any:
+    """The generator ModelProto around the exported velocity ModelProto `velocity`."""
+    from onnx import helper, numpy_helper
+
+    parts = _split_velocity(velocity, config)
+    tables = sampler_tables(settings)
+    g = _Emitter("g/")
+    g.nodes.extend(parts.shared)
+    batch_of = g.op("Shape", "noise", start=0, end=1)
+    cond = "text" if config.is_text else "labels"
+    cond2 = not_one = ""
+    if guided:
+        null = "null_text" if config.is_text else g.op(
+            "Expand", g.const(config.num_classes, np.int64), g.op("Shape", "labels"))
+        cond2 = g.op("Concat", null, cond, axis=0)
+        not_one = g.op("Not", g.op("Equal", "guidance", g.const(1.0)))
+    plan = _Plan(parts, settings.solver, guided, batch_of, cond, cond2, not_one)
+    state = _initial_state(g, settings.solver)
+    run = _unrolled if unrolled else _loop
+    final = run(g, plan, settings.steps, state)
+    x = final[1] if settings.solver == "heun" else final[0]
+    g.nodes.append(helper.make_node("Clip", [x, g.const(-1.0), g.const(1.0)], ["sample"], name="clamp"))
+    # deco.outputs.to_uint8: round((x + 1) * 127.5), half to even (ONNX Round, torch.round)
+    pixels = g.op("Round", g.op("Mul", g.op("Add", "sample", g.const(1.0)), g.const(127.5)))
+    g.nodes.append(helper.make_node("Transpose", [g.op("Cast", pixels, to=_UINT8)], ["image"],
+                                    perm=[0, 2, 3, 1], name="nhwc"))
+    tensors = [numpy_helper.from_array(tables.times, "deco_times"),
+               numpy_helper.from_array(tables.guided, "deco_guided"),
+               numpy_helper.from_array(tables.coefficients, "deco_coefficients")]
+    graph = helper.make_graph(g.nodes, "deco_generator", _inputs(config, guided, batch, resolution),
+                              _outputs(config.in_channels, batch, resolution), [*parts.initializers, *tensors])
+    model = helper.make_model(graph, opset_imports=list(velocity.opset_import),
+                              producer_name="deco", ir_version=velocity.ir_version)
+    return model
+
+
+def _inputs(config: DeCoConfig, guided: bool, batch: int | None,
+            resolution: tuple[int, int] | None) -> list[Any]:
+    from onnx import helper
+
+    b: Any = batch or "batch"
+    h, w = resolution or ("height", "width")
+    text = (b, config.text_length, config.text_dim)
+    shapes = {"noise": (_FLOAT, [b, config.in_channels, h, w]), "labels": (_INT64, [b]),
+              "text": (_FLOAT, text), "null_text": (_FLOAT, text), "guidance": (_FLOAT, [])}
+    return [helper.make_tensor_value_info(n, *shapes[n]) for n in input_names(config, guided)]
+
+
+def _outputs(channels: int, batch: int | None, resolution: tuple[int, int] | None) -> list[Any]:
+    from onnx import helper
+
+    b: Any = batch or "batch"
+    h, w = resolution or ("height", "width")
+    return [helper.make_tensor_value_info("sample", _FLOAT, [b, channels, h, w]),
+            helper.make_tensor_value_info("image", _UINT8, [b, h, w, channels])]
+
+
+# ------------------------------------------------------------------------------ export
+def generator_properties(config: DeCoConfig, settings: SampleSettings, guided: bool, steps_mode: str,
+                         batch: int | None, resolution: tuple[int, int] | None,
+                         dtype: str, metadata: dict[str, str] | None) -> dict[str, str]:
+    """The metadata_props of a generator graph (spec/04 §7)."""
+    from .onnx_export import FORMAT_VERSION
+
+    low, high = settings.interval
+    return {"deco_format": FORMAT_VERSION, "config": config.to_json(), "deco_graph": GRAPH_GENERATOR,
+            "deco_solver": settings.solver, "deco_steps": str(settings.steps),
+            "deco_guidance": repr(settings.guidance), "deco_guided": "true" if guided else "false",
+            "deco_interval": f"{low!r} {high!r}", "deco_timeshift": repr(settings.timeshift),
+            "deco_adams_order": str(ADAMS_ORDER), "deco_steps_mode": steps_mode,
+            "deco_inputs": ",".join(input_names(config, guided)), "deco_outputs": ",".join(OUTPUTS),
+            "deco_batch": "dynamic" if batch is None else str(batch),
+            "deco_resolution": "dynamic" if resolution is None else f"{resolution[0]}x{resolution[1]}",
+            "deco_dtype": dtype, **(metadata or {})}
+
+
+def export_generator(
+    model: nn.Module, path: str | Path, settings: SampleSettings, *, guided: bool | None = None,
+    opset: int | None = None, batch: int | None = None, resolution: tuple[int, int] | None = None,
+    dtype: str = "float32", metadata: dict[str, str] | None = None,
+    external_data: bool | None = None, unrolled: bool = False,
+) -> Path:
+    """Export the generator graph of `model` (a `deco.optimized` model) sampling with `settings`.
+
+    guided: whether the graph has the null branch and the `guidance` input (default: when
+    settings.guidance != 1; the graph's default scale is settings.guidance, recorded in the
+    metadata). `unrolled` writes every step's nodes instead of one Loop (for measurements).
+    Other options as `deco.onnx_export.export_onnx`, whose velocity graph this wraps; the
+    velocity graph keeps a dynamic batch (a guided step evaluates 2B). Built in a temporary
+    folder and moved into place only after the ONNX checker passes and the graph matches
+    `deco.optimized.sample` in onnxruntime (ValueError otherwise); nothing is left on failure.
+    """
+    from .onnx_export import DEFAULT_OPSET, _check_options, _install, data_file, export_onnx, save_checked
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, DeCoConfig):
+        raise TypeError(f"model: expected a deco.optimized model with a DeCoConfig, got {type(model).__name__}")
+    if not isinstance(settings, SampleSettings):
+        raise TypeError(f"settings: expected a SampleSettings, got {type(settings).__name__}")
+    opset = DEFAULT_OPSET if opset is None else opset
+    _check_options(config, opset, batch, resolution)
+    guided = settings.guidance != 1.0 if guided is None else bool(guided)
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output: folder {path.parent} does not exist")
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        velocity = export_onnx(model, folder / "velocity.onnx", opset=opset, resolution=resolution,
+                               dtype=dtype, external_data=external_data)
+        import onnx
+
+        proto = build_generator(onnx.load(str(velocity)), config, settings, guided, batch, resolution,
+                                unrolled)
+        velocity.unlink()
+        data_file(velocity).unlink(missing_ok=True)
+        staged = folder / path.name
+        props = generator_properties(config, settings, guided, "unrolled" if unrolled else "loop",
+                                     batch, resolution, dtype, metadata)
+        external = save_checked(proto, staged, props, external_data)
+        _check_generator(model, staged, settings, guided, batch, resolution, dtype)
+        _install(staged, path, external)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return path
+
+
+def example_feed(config: DeCoConfig, guided: bool, batch: int, size: tuple[int, int], guidance: float,
+                 seed: int = 0) -> dict[str, np.ndarray]:
+    """Random generator inputs: labels with the null class among them, or random text with one
+    random null text broadcast over the batch."""
+    rng = np.random.default_rng(seed)
+    feed = {"noise": rng.standard_normal((batch, config.in_channels, *size)).astype(np.float32)}
+    if config.is_text:
+        shape = (config.text_length, config.text_dim)
+        feed["text"] = rng.standard_normal((batch, *shape)).astype(np.float32)
+        if guided:
+            null = rng.standard_normal(shape).astype(np.float32)
+            feed["null_text"] = np.ascontiguousarray(np.broadcast_to(null, (batch, *shape)))
+    else:
+        labels = rng.integers(0, config.num_classes + 1, batch)
+        labels[-1] = config.num_classes
+        feed["labels"] = labels.astype(np.int64)
+    if guided:
+        feed["guidance"] = np.asarray(guidance, dtype=np.float32)
+    return feed
+
+
+def torch_sample(model: nn.Module, feed: dict[str, np.ndarray], settings: SampleSettings) -> torch.Tensor:
+    """`deco.optimized.sample` on a generator feed (the model's own dtype; float32 noise cast to it)."""
+    from deco.optimized.sampling import sample
+
+    dtype = next(model.parameters()).dtype
+    noise = torch.from_numpy(feed["noise"]).to(dtype)
+    cond = torch.from_numpy(feed["text" if "text" in feed else "labels"])
+    null = feed.get("null_text")
+    if cond.is_floating_point():
+        cond = cond.to(dtype)
+    options = settings.options()
+    options["guidance"] = float(feed["guidance"]) if "guidance" in feed else 1.0
+    out = sample(model, noise, cond, None if null is None else torch.from_numpy(null).to(dtype), **options)
+    assert isinstance(out, torch.Tensor)
+    return out.clamp(-1.0, 1.0)
+
+
+def run_generator(path: Path, feed: dict[str, np.ndarray], dtype: str = "float32") -> list[Any]:
+    """[sample, image] of the graph at `path` on the CPU: onnxruntime, or onnx's reference
+    evaluator for bfloat16 (onnxruntime's CPU provider has no bfloat16 kernels)."""
+    if dtype == "bfloat16":
+        from onnx.reference import ReferenceEvaluator
+
+        outputs: Any = ReferenceEvaluator(str(path)).run(OUTPUTS, feed)
+        return list(outputs)
+    from .onnx_runtime import _session
+
+    return list(_session(path, ["CPUExecutionProvider"], None).run(OUTPUTS, feed))
+
+
+def _check_generator(model: nn.Module, path: Path, settings: SampleSettings, guided: bool,
+                     batch: int | None, resolution: tuple[int, int] | None, dtype: str) -> None:
+    """The exported generator against `deco.optimized.sample` (float32, CPU) on random inputs
+    at a small size, to the dtype's bound (relative to max|expected|)."""
+    from .onnx_export import RTOL_BY_DTYPE, _cpu_copy
+
+    config: DeCoConfig = model.config  # type: ignore[assignment]
+    p = config.patch_size
+    scale = settings.guidance if settings.guidance != 1.0 else 3.0
+    feed = example_feed(config, guided, batch or 2, resolution or (p, 2 * p), scale)
+    with torch.no_grad():
+        expected = torch_sample(_cpu_copy(model, torch.float32), feed, settings).double().numpy()
+    got = np.asarray(run_generator(path, feed, dtype)[0], dtype=np.float64)
+    err = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+    if not err <= RTOL_BY_DTYPE[dtype]:
+        raise ValueError(f"model: the generator graph differs from deco.optimized.sample by a relative "
+                         f"{err:.1e} (bound {RTOL_BY_DTYPE[dtype]:g})")
+
+
+def export_generator_checkpoint(checkpoint: str | Path, path: str | Path, *, steps: int | None = None,
+                                guidance: float | None = None, interval: tuple[float, float] | None = None,
+                                timeshift: float | None = None, solver: str | None = None,
+                                **options: Any) -> tuple[Path, SampleSettings]:
+    """Export the generator of a weight file, training checkpoint or run folder, sampling with the
+    settings it records (`deco sample`'s defaults) overridden by the arguments given. The
+    weight file's path and SHA-256 go into the metadata, as for the velocity graph. Returns the
+    path and the settings used. An invalid setting raises deco.optimized.checks.FieldError."""
+    import dataclasses
+
+    from .checkpoint import find_checkpoint
+    from .evaluation import load_for_sampling
+    from .onnx_export import sha256_file
+
+    loaded = load_for_sampling(Path(checkpoint), torch.device("cpu"), text=True)
+    file = find_checkpoint(checkpoint).resolve()
+    settings = dataclasses.replace(recorded_settings(loaded), **{k: v for k, v in {
+        "steps": steps, "guidance": guidance, "timeshift": timeshift, "solver": solver,
+        "interval": interval}.items() if v is not None})
+    meta = {"deco_checkpoint": str(file), "deco_checkpoint_sha256": sha256_file(file)}
+    return export_generator(loaded.model, path, settings, metadata=meta, **options), settings
+
+
+def recorded_settings(loaded: Any) -> SampleSettings:
+    """`deco sample`'s defaults for a loaded model: its run's settings, else the release's
+    text-to-image ones for a text model, else the spec's (50 Euler steps, no guidance)."""
+    from .cli_sample_text import RELEASE_T2I_SAMPLING
+
+    if loaded.sample is not None:
+        return loaded.sample  # type: ignore[no-any-return]
+    return RELEASE_T2I_SAMPLING if loaded.model.config.is_text else SampleSettings()
+
+
+# ------------------------------------------------------------------------------ deco onnx-check
+def recorded_graph_settings(metadata: dict[str, str]) -> SampleSettings:
+    """The sampler settings a generator graph's metadata records."""
+    low, high = (float(v) for v in metadata["deco_interval"].split())
+    return SampleSettings(steps=int(metadata["deco_steps"]), guidance=float(metadata["deco_guidance"]),
+                          interval=(low, high), timeshift=float(metadata["deco_timeshift"]),
+                          solver=metadata["deco_solver"])
+
+
+def check_generator(path: Path, metadata: dict[str, str], checkpoint: Path, batch: int,
+                    resolution: tuple[int, int] | None, guidance: float, seed: int) -> list[Any]:
+    """`deco onnx-check` of a generator graph: its `sample` against `deco.optimized.sample` in
+    float64 and float32 (the model of `checkpoint`, loaded like `deco sample` does), and its
+    `image` against `deco.outputs.to_uint8` of its own `sample`: the same float32 operations,
+    so they must agree exactly (bound 0)."""
+    from deco.fixtures import error_measure
+
+    from .evaluation import load_for_sampling
+    from .onnx_check import CheckRow
+    from .onnx_export import ONNX_CHECK_RTOL, RTOL_BY_DTYPE
+    from .outputs import to_uint8
+
+    config = DeCoConfig.from_json(metadata["config"])
+    settings = recorded_graph_settings(metadata)
+    guided = metadata["deco_guided"] == "true"
+    if metadata.get("deco_batch", "dynamic") != "dynamic":
+        batch = int(metadata["deco_batch"])
+    if metadata.get("deco_resolution", "dynamic") != "dynamic":
+        h, w = (int(s) for s in metadata["deco_resolution"].split("x"))
+    else:
+        h, w = resolution or (2 * config.patch_size, 3 * config.patch_size)
+    feed = example_feed(config, guided, batch, (h, w), guidance, seed)
+    model = load_for_sampling(checkpoint, torch.device("cpu"), text=True).model
+    if model.config != config:
+        raise ValueError(f"checkpoint: {checkpoint} holds a different config than the graph")
+    dtype = metadata.get("deco_dtype", "float32")
+    sample, image = run_generator(path, feed, dtype)
+    with torch.no_grad():
+        mine32 = torch_sample(model.float(), feed, settings)
+        exact = torch_sample(model.double(), feed, settings).numpy()
+    mine = mine32.double().numpy()
+    bound = RTOL_BY_DTYPE.get(dtype, ONNX_CHECK_RTOL)
+    rows = [CheckRow(pair, *error_measure(np.asarray(a, np.float64), b), bound=limit)
+            for pair, a, b, limit in [("onnxruntime vs float64", sample, exact, bound),
+                                      ("torch vs float64", mine, exact, ONNX_CHECK_RTOL),
+                                      ("onnxruntime vs torch", sample, mine, bound)]]
+    pixels = to_uint8(torch.from_numpy(np.asarray(sample))).astype(np.int64)
+    levels = float(np.max(np.abs(image.astype(np.int64) - pixels)))
+    rows.append(CheckRow("image vs to_uint8(sample)", levels, levels / 255, bound=0.0))
+    return rows
