@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from helpers import random_weights, tiny_config
+from helpers import random_weights, rel_err, tiny_config
 
 from deco.config import DeCoConfig
 from deco.onnx_export import RTOL_BY_DTYPE, export_onnx
@@ -121,19 +121,20 @@ def to_uint8(sample: np.ndarray) -> np.ndarray:
 
 
 def generator_case(model: TinyModel, folder: Path, height: int = HEIGHT, width: int = WIDTH,
-                   labels: np.ndarray | None = None, seed: int = 12) -> Case:
-    """The generator graph of `model` (exported by the command), with torch's sample."""
+                   labels: np.ndarray | None = None, seed: int = 12, dtype: str = "float32") -> Case:
+    """The generator graph of `model` in `dtype` (exported by the command), with the float32
+    torch model's sample."""
     from deco.cli import main
     from deco.optimized.sampling import sample
 
     options = GENERATOR_OPTIONS[model.kind]
-    path = folder / f"{model.kind}-generator.onnx"
+    path = folder / f"{model.kind}-generator-{dtype}.onnx"
     if not path.is_file():
         lo, hi = options["interval"]
         argv = ["export-onnx", str(model.checkpoint), str(path), "--generator",
                 "--solver", options["solver"], "--steps", str(options["steps"]),
                 "--guidance", str(options["guidance"]), "--interval", str(lo), str(hi),
-                "--timeshift", str(options["timeshift"])]
+                "--timeshift", str(options["timeshift"]), "--dtype", dtype]
         if main(argv) != 0:
             raise RuntimeError(f"deco {' '.join(argv)} failed")
     rng = np.random.default_rng(seed)
@@ -153,9 +154,10 @@ def generator_case(model: TinyModel, folder: Path, height: int = HEIGHT, width: 
         out = sample(model.torch, torch.from_numpy(noise), cond, null_t, guidance=float(g), **settings)
     assert isinstance(out, torch.Tensor)
     expected = np.clip(out.numpy(), -1.0, 1.0)
-    return Case(f"{model.kind}-generator-float32", model.kind, "generator", "float32", path,
+    rtol = RTOL_BY_DTYPE[dtype] if dtype != "float32" else FLOAT32_RTOL
+    return Case(f"{model.kind}-generator-{dtype}", model.kind, "generator", dtype, path,
                 {**inputs, "guidance": np.asarray(g)}, {"sample": expected, "image": to_uint8(expected)},
-                FLOAT32_RTOL, options)
+                rtol, options)
 
 
 def feed_for(case: Case, input_names: list[str]) -> dict[str, np.ndarray]:
@@ -175,10 +177,33 @@ def runtime_cases(folder: Path) -> tuple[list[Case], str | None]:
             cases += velocity_cases(model, folder, dtype)
     missing = None
     if generator_export_available():
-        cases += [generator_case(m, folder) for m in models.values()]
+        cases += [generator_case(m, folder, dtype=d) for m in models.values() for d in ("float32", "float16")]
     else:
         missing = "this deco has no `deco export-onnx --generator` yet (issue 18 section 1)"
     return cases, missing
+
+
+def check_outputs(runtime: str, case: Case, got: dict[str, np.ndarray]) -> None:
+    """A runtime's outputs `got` against torch's: every float output to the case's bound (spec/00
+    §5 measure); the uint8 image equal, up to one level, to round((clip(sample) + 1) 127.5) of
+    the runtime's own sample and, for float32, of torch's (a value within ~1e-6 of a rounding
+    boundary may round either way, hence one level)."""
+    for name, expected in case.expected.items():
+        if name == "image":
+            image = got["image"]
+            assert image.dtype == np.uint8 and image.shape == expected.shape, (image.dtype, image.shape)
+            assert int(np.max(np.abs(image.astype(int) - to_uint8(got["sample"])))) <= 1
+            if case.dtype == "float32":
+                assert int(np.max(np.abs(image.astype(int) - expected))) <= 1
+        else:
+            err = rel_err(got[name], expected)
+            print(f"{runtime} {case.name} {name}: {err:.1e}")
+            assert err <= case.rtol, f"{name}: {err:.2e} > {case.rtol}"
+
+
+#: Every case's name, for parametrising the runtime tests.
+VELOCITY_CASES = [f"{k}-{g}-{d}" for k in KINDS for g in ("velocity", "cfg") for d in ("float32", "float16")]
+GENERATOR_CASES = [f"{k}-generator-{d}" for k in KINDS for d in ("float32", "float16")]
 
 
 def session_folder(factory: Any) -> Path:

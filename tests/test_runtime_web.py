@@ -33,16 +33,24 @@ import numpy as np
 import onnx
 import pytest
 from helpers import REPO_ROOT, missing_extra, rel_err
-from runtime_graphs import Case, TinyModel, feed_for, generator_case, runtime_cases, session_folder
+from runtime_graphs import (
+    GENERATOR_CASES,
+    VELOCITY_CASES,
+    Case,
+    TinyModel,
+    check_outputs,
+    feed_for,
+    generator_case,
+    runtime_cases,
+    session_folder,
+)
 from safetensors.numpy import load_file, save_file
 
 pytestmark = pytest.mark.slow
 
 EXAMPLES = REPO_ROOT / "examples"
 CHROMIUM = os.environ.get("DECO_CHROMIUM", "/usr/bin/chromium")
-CASES = [f"{k}-{g}-{d}" for k in ("class", "text") for g in ("velocity", "cfg")
-         for d in ("float32", "float16")]
-GENERATORS = ["class-generator-float32", "text-generator-float32"]
+CASES, GENERATORS = VELOCITY_CASES, GENERATOR_CASES
 DIGIT, SIZE = 7, 32  # the demo's digit and image size (the built-in digits' 32x32)
 SCREENSHOT = EXAMPLES / "web" / "screenshot.png"
 
@@ -135,14 +143,7 @@ def check_run(browser: Browser, case: Case) -> None:
     outcome = browser.results["runs"][case.name]
     assert "error" not in outcome, outcome
     got = load_file(str(browser.outputs[case.name]))
-    for name, expected in case.expected.items():
-        if name == "image":  # see the module's docstring for the bound
-            assert got[name].dtype == np.uint8
-            assert int(np.max(np.abs(got[name].astype(int) - expected))) <= 1
-        else:
-            err = rel_err(got[name], expected)
-            print(f"web {case.name} {name}: {err:.1e}")
-            assert err <= case.rtol, f"{name}: {err:.2e} > {case.rtol}"
+    check_outputs("web", case, got)
 
 
 @pytest.mark.parametrize("name", CASES)
