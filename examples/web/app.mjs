@@ -97,10 +97,14 @@ async function main() {
     $('digits').insertAdjacentHTML('beforeend', `<label><input type="radio" name="digit" ` +
       `value="${d}"${d === 0 ? ' checked' : ''}> ${d}</label>`);
   }
-  if (names.includes('guidance')) $('guidance-label').hidden = false;
+  if (names.includes('guidance')) {
+    $('guidance-label').hidden = false;
+    if (metadata.deco_guidance) $('guidance').value = metadata.deco_guidance; // the export's default
+  }
   const [h, w] = imageSize(session, metadata);
   $('generate').disabled = false;
-  status(`Ready: ${modelUrl}, ${h}x${w}. Pick a digit and press Generate.`);
+  const sampler = metadata.deco_solver ? ` (${metadata.deco_solver}, ${metadata.deco_steps} steps)` : '';
+  status(`Ready: ${modelUrl}${sampler}, ${h}x${w}. Pick a digit and press Generate.`);
   state('ready');
   $('controls').addEventListener('submit', (event) => {
     event.preventDefault();
