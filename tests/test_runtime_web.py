@@ -123,6 +123,8 @@ class Browser:
             demos.append({"name": "digit", "url": url,
                           "digit": DIGIT, "noise": self.demo_case.inputs["noise"].ravel().tolist(),
                           "screenshot": str(work / "demo.png")})
+            demos.append({"name": "bad size", "url": f"{url}&size=30", "digit": DIGIT, "noise": None,
+                          "screenshot": None})
         jobs = {"base": base, "chromium": CHROMIUM, "tmp": str(work), "runs": runs, "demos": demos}
         (work / "jobs.json").write_text(json.dumps(jobs))
         result = subprocess.run([node, str(EXAMPLES / "web" / "drive.mjs"), str(work / "jobs.json"),
@@ -190,6 +192,14 @@ def test_demo_page_says_when_the_model_file_is_missing(browser: Browser) -> None
     assert page["state"] == "error"
     assert page["status"].startswith("model: /models/absent.onnx not found (HTTP 404)")
     assert "deco export-onnx" in page["status"]
+
+
+def test_demo_page_says_when_the_size_does_not_fit_the_model(browser: Browser) -> None:
+    if browser.missing:
+        missing_extra(browser.missing)
+    page = browser.results["demos"]["bad size"]
+    assert page["state"] == "error" and page["runs"] == 0
+    assert page["status"] == "noise: height and width must be multiples of the patch size 4, got 30x30"
 
 
 def test_no_page_error_besides_the_missing_model(browser: Browser) -> None:
