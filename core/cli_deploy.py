@@ -58,7 +58,8 @@ def register(sub: Any) -> None:
     p.add_argument("--batch", type=int, default=2, help="batch for a dynamic-batch graph (default 2)")
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="image size for a dynamic-size graph (default 2p x 3p)")
-    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale for a --cfg graph or a guided generator graph")
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="guidance scale for a --cfg graph or a guided generator graph")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=onnx_check)
 

@@ -95,8 +95,8 @@ class _Emitter:
     """ONNX nodes being appended to one graph, each output named `<prefix><op>_<n>`."""
 
     def __init__(self, prefix: str) -> None:
-        self.prefix, self.nodes, self.count = prefix, [], 0
-        self.nodes: list[Any]
+        self.prefix, self.count = prefix, 0
+        self.nodes: list[Any] = []
 
     def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
         from onnx import helper
@@ -228,13 +228,16 @@ def _loop(g: _Emitter, plan: _Plan, steps: int, state: list[str]) -> list[str]:
     float_value = [helper.make_tensor_value_info(n, _FLOAT, None) for n in carried]
     graph = helper.make_graph(
         body.nodes, "generator_step",
-        [helper.make_tensor_value_info("b/k", _INT64, []), helper.make_tensor_value_info("b/cond_in", _BOOL, []),
-         *float_value],
+        [helper.make_tensor_value_info("b/k", _INT64, []),
+         helper.make_tensor_value_info("b/cond_in", _BOOL, []), *float_value],
         [helper.make_tensor_value_info("b/cond_out", _BOOL, []),
          *[helper.make_tensor_value_info(n, _FLOAT, None) for n in outs]])
     names = [f"loop_out{i}" for i in range(len(state))]
     trips = g.const(steps, np.int64)
-    g.nodes.append(helper.make_node("Loop", [trips, "", *state], names, body=graph, name="steps"))
+    # An explicit `true` condition rather than "" (allowed too): onnx's reference evaluator runs
+    # no iteration for an empty condition input.
+    always = g.const(True, np.bool_)
+    g.nodes.append(helper.make_node("Loop", [trips, always, *state], names, body=graph, name="steps"))
     return names
 
 
@@ -279,7 +282,8 @@ def build_generator(velocity: Any, config: DeCoConfig, settings: SampleSettings,
                numpy_helper.from_array(tables.guided, "deco_guided"),
                numpy_helper.from_array(tables.coefficients, "deco_coefficients")]
     graph = helper.make_graph(g.nodes, "deco_generator", _inputs(config, guided, batch, resolution),
-                              _outputs(config.in_channels, batch, resolution), [*parts.initializers, *tensors])
+                              _outputs(config.in_channels, batch, resolution),
+                              [*parts.initializers, *tensors])
     model = helper.make_model(graph, opset_imports=list(velocity.opset_import),
                               producer_name="deco", ir_version=velocity.ir_version)
     return model
@@ -345,7 +349,8 @@ def export_generator(
 
     config = getattr(model, "config", None)
     if not isinstance(config, DeCoConfig):
-        raise TypeError(f"model: expected a deco.optimized model with a DeCoConfig, got {type(model).__name__}")
+        raise TypeError(
+            f"model: expected a deco.optimized model with a DeCoConfig, got {type(model).__name__}")
     if not isinstance(settings, SampleSettings):
         raise TypeError(f"settings: expected a SampleSettings, got {type(settings).__name__}")
     opset = DEFAULT_OPSET if opset is None else opset
@@ -461,9 +466,10 @@ def export_generator_checkpoint(checkpoint: str | Path, path: str | Path, *, ste
 
     loaded = load_for_sampling(Path(checkpoint), torch.device("cpu"), text=True)
     file = find_checkpoint(checkpoint).resolve()
-    settings = dataclasses.replace(recorded_settings(loaded), **{k: v for k, v in {
+    changes: dict[str, Any] = {k: v for k, v in {
         "steps": steps, "guidance": guidance, "timeshift": timeshift, "solver": solver,
-        "interval": interval}.items() if v is not None})
+        "interval": interval}.items() if v is not None}
+    settings = dataclasses.replace(recorded_settings(loaded), **changes)
     meta = {"deco_checkpoint": str(file), "deco_checkpoint_sha256": sha256_file(file)}
     return export_generator(loaded.model, path, settings, metadata=meta, **options), settings
 
