@@ -23,7 +23,7 @@ export async function loadModel(url) {
   }
   if (!response.ok) {
     throw new InputError(`model: ${url} not found (HTTP ${response.status}). Export one with ` +
-      '`deco export-onnx runs/RUN examples/web/model.onnx --generator`');
+      '`deco export-onnx runs/RUN/checkpoint.safetensors examples/web/model.onnx --generator`');
   }
   const bytes = new Uint8Array(await response.arrayBuffer());
   const metadata = onnxMetadata(bytes);
