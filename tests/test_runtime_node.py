@@ -3,7 +3,8 @@ model kinds and agrees with torch (deco.optimized) to 1e-4 in float32 (the float
 deco.onnx_export for float16 graphs); its user errors are one line with exit status 2.
 
 Needs `node` and `npm ci --ignore-scripts` in examples/ (skipped without, failed under CI).
-About 15 s: 10 tiny exports (shared with the other runtime tests) and one Node process per case.
+About 10 s of CPU beyond the 12 tiny exports shared with the other runtime tests (about 15 s):
+one Node process per case.
 """
 
 from __future__ import annotations
