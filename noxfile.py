@@ -30,7 +30,7 @@ def install(session: nox.Session, extras: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The test-suite (pytest + hypothesis), against the installed package."""
-    install(session, "test,onnx,text,repa,diffusers")
+    install(session, "test,onnx,text,repa,diffusers,deploy")
     # deco fid's Inception without torchvision (see the `metrics` extra in pyproject.toml)
     session.install("--no-deps", "torch-fidelity==0.4.0")
     # bench/ runs once as a smoke test (tiny sizes, no timing): every benchmark's code path works.
