@@ -1,0 +1,46 @@
+"""Pins for `deco.optimized.trainer` found by mutation testing (tests/MUTATION.md).
+
+The training defaults are the release's class-to-image recipe as spec/01 §6 states it (AdamW with
+PyTorch's default betas and eps, lr 1e-4, weight decay 0; EMA 0.9999; label dropout 0.1;
+logit-normal(0, 1) times, no shift; REPA at block 8, weight 0.5, DINOv2-B's 768 features; bf16
+mixed precision) and spec/02's frequency-loss defaults (quality 85, gamma 1, weight 1), plus the
+one stated deviation (gradient clipping at 1.0). The expected numbers are the spec's, and AdamW's
+defaults are read off PyTorch's own signature; the optimizer is checked to receive them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from test_optimized_trainer import tiny_model
+
+from deco.optimized import trainer as T
+
+SPEC_DEFAULTS = {
+    "lr": 1e-4, "weight_decay": 0.0, "grad_clip": 1.0, "ema_decay": 0.9999, "label_dropout": 0.1,
+    "time_sampling": "logit_normal", "time_mean": 0.0, "time_std": 1.0, "timeshift": 1.0,
+    "freq_weight": 1.0, "quality": 85, "gamma": 1.0, "repa_weight": 0.5, "repa_layer": 8,
+    "repa_encoder_dim": 768, "repa_hidden": None, "bf16": True,
+}
+
+
+def test_train_config_defaults_are_the_spec_recipe() -> None:
+    config = T.TrainConfig()
+    for name, value in SPEC_DEFAULTS.items():
+        assert getattr(config, name) == value, name
+    adamw = inspect.signature(torch.optim.AdamW).parameters
+    assert config.betas == tuple(adamw["betas"].default)
+    assert config.eps == adamw["eps"].default
+
+
+OTHER = {"lr": 3e-3, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.05}
+
+
+@pytest.mark.parametrize("overrides", [{}, OTHER])
+def test_optimizer_receives_the_configured_hyper_parameters(overrides: dict[str, object]) -> None:
+    config = T.TrainConfig(**overrides)  # type: ignore[arg-type]
+    group = T.Trainer(tiny_model(), config).optimizer.param_groups[0]
+    assert group["lr"] == config.lr and tuple(group["betas"]) == config.betas
+    assert group["eps"] == config.eps and group["weight_decay"] == config.weight_decay
