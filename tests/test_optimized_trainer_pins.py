@@ -5,7 +5,8 @@ PyTorch's default betas and eps, lr 1e-4, weight decay 0; EMA 0.9999; label drop
 logit-normal(0, 1) times, no shift; REPA at block 8, weight 0.5, DINOv2-B's 768 features; bf16
 mixed precision) and spec/02's frequency-loss defaults (quality 85, gamma 1, weight 1), plus the
 one stated deviation (gradient clipping at 1.0). The expected numbers are the spec's, and AdamW's
-defaults are read off PyTorch's own signature; the optimizer is checked to receive them.
+defaults are read off PyTorch's own signature; the optimizer is checked to receive them. The
+REPA encoder is documented as frozen: the Trainer switches off its gradients and dropout.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import inspect
 
 import pytest
 import torch
-from test_optimized_trainer import tiny_model
+from test_optimized_trainer import STEP_CONFIG, PatchEncoder, tiny_model
 
 from deco.optimized import trainer as T
 
@@ -44,3 +45,10 @@ def test_optimizer_receives_the_configured_hyper_parameters(overrides: dict[str,
     group = T.Trainer(tiny_model(), config).optimizer.param_groups[0]
     assert group["lr"] == config.lr and tuple(group["betas"]) == config.betas
     assert group["eps"] == config.eps and group["weight_decay"] == config.weight_decay
+
+
+def test_the_repa_encoder_is_frozen_and_in_eval_mode() -> None:
+    encoder = PatchEncoder().train()
+    assert all(p.requires_grad for p in encoder.parameters())
+    T.Trainer(tiny_model(), STEP_CONFIG, encoder=encoder)
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
