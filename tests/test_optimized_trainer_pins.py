@@ -6,7 +6,9 @@ logit-normal(0, 1) times, no shift; REPA at block 8, weight 0.5, DINOv2-B's 768 
 mixed precision) and spec/02's frequency-loss defaults (quality 85, gamma 1, weight 1), plus the
 one stated deviation (gradient clipping at 1.0). The expected numbers are the spec's, and AdamW's
 defaults are read off PyTorch's own signature; the optimizer is checked to receive them. The
-REPA encoder is documented as frozen: the Trainer switches off its gradients and dropout.
+REPA encoder is documented as frozen: the Trainer switches off its gradients and dropout. A step's
+draws are made on the run's device, not torch's default device (on a CPU-only machine a "meta"
+default device stands in for a run on CUDA while the default is the CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import inspect
 
 import pytest
 import torch
-from test_optimized_trainer import STEP_CONFIG, PatchEncoder, tiny_model
+from test_optimized_trainer import STEP_CONFIG, PatchEncoder, batch, tiny_model
 
 from deco.optimized import trainer as T
 
@@ -52,3 +54,17 @@ def test_the_repa_encoder_is_frozen_and_in_eval_mode() -> None:
     assert all(p.requires_grad for p in encoder.parameters())
     T.Trainer(tiny_model(), STEP_CONFIG, encoder=encoder)
     assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+
+
+@pytest.mark.parametrize("time_sampling", ["logit_normal", "uniform"])
+def test_draws_are_made_on_the_runs_device_not_the_default_device(time_sampling: str) -> None:
+    trainer = T.Trainer(tiny_model(), T.TrainConfig(time_sampling=time_sampling))  # type: ignore[arg-type]
+    x, _ = batch(0)
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        draws = trainer.draw(x)
+    finally:
+        torch.set_default_device(previous)
+    for tensor in (draws.label_uniform, draws.time, draws.noise):
+        assert tensor.device == trainer.device and tensor.dtype == trainer.dtype
