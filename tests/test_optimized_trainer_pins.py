@@ -8,16 +8,20 @@ one stated deviation (gradient clipping at 1.0). The expected numbers are the sp
 defaults are read off PyTorch's own signature; the optimizer is checked to receive them. The
 REPA encoder is documented as frozen: the Trainer switches off its gradients and dropout. A step's
 draws are made on the run's device, not torch's default device (on a CPU-only machine a "meta"
-default device stands in for a run on CUDA while the default is the CPU).
+default device stands in for a run on CUDA while the default is the CPU). The bf16 autocast of the
+default config is for CUDA only: a float32 step on the CPU computes its losses in float32, within
+1e-5 of the float64 reference (bf16 products would be off by ~1e-2).
 """
 
 from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
-from test_optimized_trainer import STEP_CONFIG, PatchEncoder, batch, tiny_model
+from helpers import random_weights, rel_err, tiny_config
+from test_optimized_trainer import STEP_CONFIG, PatchEncoder, batch, reference_step_losses, tiny_model
 
 from deco.optimized import trainer as T
 
@@ -68,3 +72,21 @@ def test_draws_are_made_on_the_runs_device_not_the_default_device(time_sampling:
         torch.set_default_device(previous)
     for tensor in (draws.label_uniform, draws.time, draws.noise):
         assert tensor.device == trainer.device and tensor.dtype == trainer.dtype
+
+
+def test_float32_cpu_step_is_not_autocast_to_bf16() -> None:
+    config = tiny_config()
+    weights = {k: v.astype(np.float32).astype(np.float64) for k, v in random_weights(config, seed=3).items()}
+    model = tiny_model(torch.float32, weight_seed=3)
+    trainer = T.Trainer(model, STEP_CONFIG, encoder=PatchEncoder(dtype=torch.float32))
+    assert trainer.config.bf16
+    x, y = batch(0)
+    generator = torch.Generator().manual_seed(5)
+    draws = T.Draws(torch.tensor([0.2, 0.7, 0.4]), torch.randn(3, generator=generator),
+                    torch.randn(x.shape, generator=generator))
+    x = x.float()
+    got = trainer.losses(x, y, draws)
+    draws64 = T.Draws(draws.label_uniform.double(), draws.time.double(), draws.noise.double())
+    expected = reference_step_losses(trainer, weights, x.double(), y, draws64)
+    errors = {k: rel_err(float(got[k]), expected[k]) for k in expected}
+    assert max(errors.values()) <= 1e-5, errors
