@@ -7,22 +7,27 @@
   `sample`'s (read off its signature), its interval rule is the spec's 0 <= low <= high <= 1 with
   both ends allowed, errors name the field, it is immutable (frozen) and `from_dict` fills what a
   dict leaves out with the defaults.
+- `adams` (public, like the reference's) defaults to order 2, the spec's: checked against the
+  reference `adams` with its default on a smooth stand-in velocity field, where order 3 differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from helpers import cases
+from helpers import cases, rel_err
 from torch import Tensor
 
 from deco import reference as R
 from deco.optimized.checks import FieldError
-from deco.optimized.sampling import SampleSettings, guided_velocity
+from deco.optimized.sampling import SampleSettings, adams, guided_velocity, time_grid
+from deco.reference import sampling as RS
 
 
 class Recorder:
@@ -96,3 +101,27 @@ def test_sample_settings_are_frozen_and_from_dict_fills_the_defaults() -> None:
     assert SampleSettings.from_dict({}) == SampleSettings()
     again = SampleSettings.from_dict({"steps": 7, "interval": [0.1, 0.9], "solver": "heun"})
     assert again == settings and again.interval == (0.1, 0.9)
+
+
+class Field:
+    """A smooth stand-in velocity field v(x, t) = cos(3 t) + x / 2 for both implementations."""
+
+    config = SimpleNamespace(num_classes=10, is_text=False)
+
+    def __call__(self, x: Any, t: Any, y: Any) -> Any:
+        if isinstance(x, Tensor):
+            return torch.cos(3 * t)[:, None, None, None] + 0.5 * x
+        return np.cos(3 * t)[:, None, None, None] + 0.5 * x
+
+    forward = __call__
+
+
+def test_adams_defaults_to_order_2_like_the_reference() -> None:
+    noise = np.random.default_rng(0).standard_normal((2, 3, 4, 4))
+    labels, grid = np.array([1, 2]), time_grid(6)
+    states = adams(Field(), torch.from_numpy(noise), torch.from_numpy(labels), torch.full((2,), 10),
+                   grid, 1.0, (0.0, 1.0))
+    expected = RS.adams(Field(), noise, labels, np.array(grid), 1.0, (0.0, 1.0))
+    assert rel_err(states[-1].numpy(), expected) <= 1e-12
+    third = RS.adams(Field(), noise, labels, np.array(grid), 1.0, (0.0, 1.0), order=3)
+    assert rel_err(expected, third) > 1e-6
