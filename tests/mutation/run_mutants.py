@@ -3,6 +3,9 @@
     python tests/mutation/run_mutants.py --cap 35 --seed 20 --out results.tsv
     python tests/mutation/run_mutants.py --only survivors.tsv --pins --out after.tsv
 
+In --only files, index -1 runs the module's tests on the unmutated code (a baseline: it must
+survive, or every "killed" means nothing).
+
 The checkout's tracked files are copied to a scratch folder with a `deco` package overlay (the
 folders mapped as pyproject.toml maps them), so the mutants never touch the checkout and the
 installed editable `deco` is shadowed. The heavy imports happen once; each mutant runs pytest in
@@ -141,7 +144,7 @@ def main() -> None:
             for module, index in rows:
                 path = tree / "optimized" / f"{module}.py"
                 original = path.read_text()
-                code, description = mutant(original, index)
+                code, description = mutant(original, index) if index >= 0 else (original, "baseline")
                 path.write_text(code)
                 files = [*FIRST[module], *COMMON, *(WIDER[module] if args.pins else [])]
                 start = time.time()
