@@ -10,18 +10,23 @@ REPA encoder is documented as frozen: the Trainer switches off its gradients and
 draws are made on the run's device, not torch's default device (on a CPU-only machine a "meta"
 default device stands in for a run on CUDA while the default is the CPU). The bf16 autocast of the
 default config is for CUDA only: a float32 step on the CPU computes its losses in float32, within
-1e-5 of the float64 reference (bf16 products would be off by ~1e-2).
+1e-5 of the float64 reference (bf16 products would be off by ~1e-2). With gradient accumulation
+under a DDP-like net, every micro-batch but the last runs inside `no_sync` (the gradients are
+all-reduced once, after the last one), and the step's bookkeeping lives on the run's device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 from helpers import random_weights, rel_err, tiny_config
 from test_optimized_trainer import STEP_CONFIG, PatchEncoder, batch, reference_step_losses, tiny_model
+from torch import Tensor, nn
 
 from deco.optimized import trainer as T
 
@@ -90,3 +95,54 @@ def test_float32_cpu_step_is_not_autocast_to_bf16() -> None:
     expected = reference_step_losses(trainer, weights, x.double(), y, draws64)
     errors = {k: rel_err(float(got[k]), expected[k]) for k in expected}
     assert max(errors.values()) <= 1e-5, errors
+
+
+class NoSyncRecorder(nn.Module):
+    """A DDP stand-in: forwards to the model and records, per call, whether `no_sync` was active."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.inside = False
+        self.calls: list[bool] = []
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        self.calls.append(self.inside)
+        out: Tensor = self.model(x, t, y)
+        return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_only_the_last_micro_batch_synchronises(k: int) -> None:
+    model = tiny_model()
+    net = NoSyncRecorder(model)
+    trainer = T.Trainer(model, T.TrainConfig(), net=net)
+    x, y = batch(0, b=6)
+    trainer.step(x, y, accumulation=k)
+    assert net.calls == [True] * (k - 1) + [False]
+
+
+def test_step_bookkeeping_is_on_the_runs_device_not_the_default_device() -> None:
+    """A step with torch's default device elsewhere ("meta") still runs. The first step, on the
+    CPU default, builds the frequency loss's cached operator (its construction reads the default
+    device, see tests/MUTATION.md)."""
+    trainer = T.Trainer(tiny_model(), T.TrainConfig())
+    x, y = batch(0, b=4)
+    trainer.step(x, y, accumulation=2)
+    draws = trainer.draw(x)
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        logs = trainer.step(x, y, draws, accumulation=2)
+    finally:
+        torch.set_default_device(previous)
+    assert all(np.isfinite(v) for v in logs.values())
+    assert all(p.device == trainer.device for p in trainer.model.parameters())
