@@ -21,7 +21,7 @@ import torch
 from helpers import rel_err, tiny_config
 
 from deco.optimized import layers
-from deco.optimized.model import build_model
+from deco.optimized.weights import build_model
 from deco.reference import model as RM
 from deco.reference import text_to_image as RT
 

@@ -25,7 +25,7 @@ from helpers import cases, rel_err
 from torch import Tensor
 
 from deco import reference as R
-from deco.optimized.checks import FieldError
+from deco.errors import FieldError
 from deco.optimized.sampling import SampleSettings, adams, guided_velocity, time_grid
 from deco.reference import sampling as RS
 
