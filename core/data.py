@@ -38,7 +38,7 @@ def load_digits_arrays() -> tuple[np.ndarray[Any, np.dtype[np.float64]], np.ndar
     """scikit-learn's handwritten digits: (1797, 8, 8) intensities in [0, 16] and labels 0..9.
 
     The data ship with scikit-learn (no download)."""
-    from sklearn.datasets import load_digits  # here: importing scikit-learn costs ~1 s
+    from sklearn.datasets import load_digits  # here: importing scikit-learn takes seconds
 
     bunch = load_digits()
     return np.asarray(bunch.images, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64)

@@ -19,6 +19,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from PIL import Image
+
 from deco.atomic import default_modes, fsync_dir, make_temporary_folder, writing
 from deco.errors import UsageError
 
@@ -79,8 +81,6 @@ def write_folder(out: Path, fill: Callable[[Path], object]) -> None:
 
 def image_format(path: Path) -> str | None:
     """The Pillow format that writes `path`'s suffix (".jpg" -> "JPEG"), None if none does."""
-    from PIL import Image
-
     Image.init()
     name = Image.registered_extensions().get(path.suffix.lower())
     return name if name is not None and name in Image.SAVE else None

@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.typing import NDArray
+from PIL import Image
 from torch import Tensor
 
 from deco.atomic import atomic_write
+from deco.output_policy import image_format, sample_output, write_folder
 
 
 def to_uint8(images: Tensor) -> NDArray[np.uint8]:
@@ -39,8 +41,6 @@ def grid_image(images: NDArray[np.uint8], columns: int, pad: int = 2) -> NDArray
 
 def save_png(array: NDArray[np.uint8], path: Path, format: str = "PNG") -> None:
     """Write an (H, W, C) uint8 image; `format` a Pillow format name (PNG, JPEG, ...)."""
-    from PIL import Image
-
     image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     options = {"quality": 95} if format == "JPEG" else {}
     atomic_write(path, lambda tmp: image.save(tmp, format=format, **options))
@@ -51,8 +51,6 @@ def save_samples(images: Tensor, labels: Sequence[int], out: Path, columns: int)
     ADM-style `.npz` (uint8 NHWC `arr_0`, labels in `arr_1`) or a folder of PNGs (a path without
     a suffix), replacing `out` atomically (the caller applies deco.output_policy's rule first).
     Returns a description of what was written."""
-    from deco.output_policy import image_format, sample_output, write_folder
-
     arrays = to_uint8(images)
     kind = sample_output(out, force=True)
     if kind == "image":
@@ -99,10 +97,10 @@ def merge_json(path: Path, update: dict[str, Any]) -> None:
 
 def plot_loss(records: list[dict[str, float]], path: Path) -> None:
     """Loss terms against step (log scale), raw and smoothed."""
-    import matplotlib
+    import matplotlib  # here: importing matplotlib takes 1-2 s
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: importing matplotlib takes 1-2 s
 
     fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     steps = np.array([r["step"] for r in records])
@@ -129,7 +127,7 @@ def finish_axis(ax: Any, xlabel: str, ylabel: str) -> None:
 
 def save_figure(fig: Any, path: Path) -> None:
     """Write a matplotlib figure as a PNG, atomically, and close it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: importing matplotlib takes 1-2 s
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

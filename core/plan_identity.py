@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = ["PlanMismatch", "check_plan", "file_sha256", "plan_changes", "tensors_sha256"]
 
@@ -50,7 +51,6 @@ def tensors_sha256(tensors: Mapping[str, Any]) -> str:
     for name in sorted(tensors):
         value = tensors[name]
         if hasattr(value, "detach"):  # torch: bfloat16 has no NumPy dtype, so hash raw bytes
-            import torch
 
             value = value.detach().cpu().contiguous()
             dtype, shape = str(value.dtype).removeprefix("torch."), tuple(value.shape)

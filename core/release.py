@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 from deco.config import DeCoConfig, parameter_shapes
+from deco.safe_load import load_weights_only
 
 
 class HasShape(Protocol):
@@ -184,8 +185,6 @@ def read_release_checkpoint(
 ) -> tuple[DeCoConfig, dict[str, Any]]:
     """(config, portable-name -> torch.Tensor) from a release `.ckpt`, loaded with
     `torch.load(weights_only=True)` (no code from the file is ever run)."""
-    from deco.safe_load import load_weights_only
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file: {path}")

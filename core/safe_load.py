@@ -25,7 +25,7 @@ def load_weights_only(source: str | Path | bytes, name: str | None = None) -> An
     """torch.load(source, map_location="cpu", weights_only=True); a ValueError "NAME is not a
     checkpoint (...)" in one line for anything it cannot or will not load (no field prefix: the
     caller adds its own). name: what to call `source` (default: its path)."""
-    import torch
+    import torch  # here: deco.release (and so deco.reference) reads through this module without torch
 
     data: Path | io.BytesIO
     if isinstance(source, bytes):

@@ -4,7 +4,9 @@ User errors (bad arguments, missing or malformed files, invalid values) exit wit
 single line on stderr, never a traceback. The defaults that `--help` shows are read from their
 homes (the config dataclasses, the defaults tables, the functions that use them) through
 `deco.cli.common.default_of`, so the command modules import those at module level; the work
-itself, and any optional dependency, is imported inside the handlers.
+itself, and any optional dependency, is imported inside the handlers, so that `deco --help` and a
+usage error do not load every command's machinery (scikit-learn, matplotlib, the ONNX exporter,
+the text encoder's packages).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from deco.atomic import describe_os_error
 from deco.cli import convert, deploy, metrics, sample, text, train
 from deco.errors import UsageError
 
@@ -52,7 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deco {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # every command: no permission, a full disk, a missing file, ...
-        from deco.atomic import describe_os_error
 
         print(f"deco {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2

@@ -147,7 +147,7 @@ class OptimizedPort:
     precision: Precision = "float64"
 
     def __init__(self) -> None:
-        import torch
+        import torch  # here: the kit runs without torch (module docstring)
 
         self.torch = torch
         self.dtype = torch.float64 if self.precision == "float64" else torch.float32
@@ -164,37 +164,47 @@ class OptimizedPort:
         return module.eval()
 
     def rgb_to_ycbcr(self, x: Array) -> Array:
-        from deco.optimized.frequency import rgb_to_ycbcr
+        from deco.optimized.frequency import (
+            rgb_to_ycbcr,  # here: the kit runs without torch (module docstring)
+        )
 
         return self._np(rgb_to_ycbcr(self._t(x)))
 
     def block_dct(self, x: Array) -> Array:
-        from deco.optimized.frequency import block_dct
+        from deco.optimized.frequency import block_dct  # here: the kit runs without torch (module docstring)
 
         return self._np(block_dct(self._t(x)))
 
     def frequency_weights(self, quality: int, gamma: float) -> Array:
-        from deco.optimized.frequency import frequency_weights
+        from deco.optimized.frequency import (
+            frequency_weights,  # here: the kit runs without torch (module docstring)
+        )
 
         return self._np(frequency_weights(quality, gamma, dtype=self.dtype))
 
     def frequency_aware_loss(self, pred: Array, target: Array, quality: int, gamma: float) -> float:
-        from deco.optimized.frequency import frequency_aware_loss
+        from deco.optimized.frequency import (
+            frequency_aware_loss,  # here: the kit runs without torch (module docstring)
+        )
 
         return float(frequency_aware_loss(self._t(pred), self._t(target), quality, gamma))
 
     def timestep_features(self, t: Array) -> Array:
-        from deco.optimized.layers import timestep_features
+        from deco.optimized.layers import (
+            timestep_features,  # here: the kit runs without torch (module docstring)
+        )
 
         return self._np(timestep_features(self._t(t), self.dtype))
 
     def rope_angles(self, grid_h: int, grid_w: int, head_dim: int) -> Array:
-        from deco.optimized.layers import rope_angles
+        from deco.optimized.layers import rope_angles  # here: the kit runs without torch (module docstring)
 
         return self._angles(rope_angles(grid_h, grid_w, head_dim, self.torch.device("cpu"), self.dtype))
 
     def text_rope_angles(self, grid_h: int, grid_w: int, head_dim: int) -> Array:
-        from deco.optimized.layers import text_rope_angles
+        from deco.optimized.layers import (
+            text_rope_angles,  # here: the kit runs without torch (module docstring)
+        )
 
         return self._angles(text_rope_angles(grid_h, grid_w, head_dim, self.torch.device("cpu"),
                                              self.dtype))
@@ -206,14 +216,14 @@ class OptimizedPort:
         return self._np(self.torch.atan2(sin, cos)[:, 0, :])
 
     def apply_rope(self, x: Array, angles: Array) -> Array:
-        from deco.optimized.layers import apply_rope
+        from deco.optimized.layers import apply_rope  # here: the kit runs without torch (module docstring)
 
         a = self._t(angles)[:, None, :]
         return self._np(apply_rope(self._t(x), self.torch.cos(a), self.torch.sin(a)))
 
     def dit_block(self, x: Array, c: Array, weights: Mapping[str, Array], num_heads: int,
                   angles: Array) -> Array:
-        from deco.optimized.layers import DiTBlock
+        from deco.optimized.layers import DiTBlock  # here: the kit runs without torch (module docstring)
 
         width, mlp_hidden = weights["mlp.w1.weight"].shape[1], weights["mlp.w1.weight"].shape[0]
         block = self._load(DiTBlock(width, num_heads, mlp_hidden), weights)
@@ -223,7 +233,7 @@ class OptimizedPort:
 
     def _text_block(self, weights: Mapping[str, Array], num_heads: int, joint: bool) -> Any:
         """A text-model DiTBlock (fused SwiGLU) holding `weights`: mlp.w3 is (D, F)."""
-        from deco.optimized.layers import DiTBlock
+        from deco.optimized.layers import DiTBlock  # here: the kit runs without torch (module docstring)
 
         width, mlp_hidden = weights["mlp.w3.weight"].shape
         block = DiTBlock(width, num_heads, mlp_hidden, joint=joint, fused_mlp=True)
@@ -244,7 +254,9 @@ class OptimizedPort:
                                   self._t(text)))
 
     def text_embedding(self, text: Array, weights: Mapping[str, Array]) -> Array:
-        from deco.optimized.text_to_image import TextEmbedder
+        from deco.optimized.text_to_image import (
+            TextEmbedder,  # here: the kit runs without torch (module docstring)
+        )
 
         width, text_dim = weights["text_embed.weight"].shape
         local = {k.removeprefix("text_embed."): v for k, v in weights.items() if k != "text_pos_embed"}
@@ -253,17 +265,21 @@ class OptimizedPort:
             return self._np(embedder(self._t(text)) + self._t(weights["text_pos_embed"]))
 
     def text_position_features(self, patch_size: int) -> Array:
-        from deco.optimized.layers import text_position_features
+        from deco.optimized.layers import (
+            text_position_features,  # here: the kit runs without torch (module docstring)
+        )
 
         return self._np(text_position_features(patch_size, self.torch.device("cpu"), self.dtype))
 
     def dct_position_features(self, patch_size: int) -> Array:
-        from deco.optimized.layers import dct_position_features
+        from deco.optimized.layers import (
+            dct_position_features,  # here: the kit runs without torch (module docstring)
+        )
 
         return self._np(dct_position_features(patch_size, self.torch.device("cpu"), self.dtype))
 
     def decoder_block(self, x: Array, cond: Array, weights: Mapping[str, Array]) -> Array:
-        from deco.optimized.layers import DecoderBlock
+        from deco.optimized.layers import DecoderBlock  # here: the kit runs without torch (module docstring)
 
         width = x.shape[-1]
         block = self._load(DecoderBlock(width), weights)
@@ -276,7 +292,7 @@ class OptimizedPort:
 
     def forward(self, config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
                 y: Array) -> Array:
-        from deco.optimized.weights import build_model
+        from deco.optimized.weights import build_model  # here: the kit runs without torch (module docstring)
 
         model = self._load(build_model(DeCoConfig.from_dict(config)), weights)
         with self.torch.no_grad():
@@ -284,21 +300,21 @@ class OptimizedPort:
 
     def t2i_forward(self, config: dict[str, Any], weights: Mapping[str, Array], x: Array, t: Array,
                     text: Array) -> Array:
-        from deco.optimized.weights import build_model
+        from deco.optimized.weights import build_model  # here: the kit runs without torch (module docstring)
 
         model = self._load(build_model(_text_config(config)), weights)
         with self.torch.no_grad():
             return self._np(model(self._t(x), self._t(t), self._t(text)))
 
     def time_grid(self, steps: int, timeshift: float) -> Array:
-        from deco.optimized.sampling import time_grid
+        from deco.optimized.sampling import time_grid  # here: the kit runs without torch (module docstring)
 
         return np.asarray(time_grid(steps, timeshift))
 
     def _sample(self, model: Any, noise: Array, cond: Array, steps: int, timeshift: float,
                 guidance: float, interval: tuple[float, float], solver: str, *, exact: bool = False,
                 null: Array | None = None, order: int = 2) -> Array:
-        from deco.optimized.sampling import sample
+        from deco.optimized.sampling import sample  # here: the kit runs without torch (module docstring)
 
         is_text = model.config.is_text  # text (B, T, E) in the model's dtype, else int labels
         convert = self._t if is_text else self.torch.as_tensor
@@ -319,7 +335,9 @@ class OptimizedPort:
                             exact=exact)
 
     def adams_weights(self, grid: Array, order: int) -> list[list[float]]:
-        from deco.optimized.sampling import adams_weights
+        from deco.optimized.sampling import (
+            adams_weights,  # here: the kit runs without torch (module docstring)
+        )
 
         return adams_weights([float(t) for t in grid], order)
 

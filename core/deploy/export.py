@@ -41,16 +41,20 @@ import copy
 import hashlib
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from deco.atomic import fsync_dir, make_temporary_folder, writing
 from deco.config import DeCoConfig
+from deco.deploy.runtime import OnnxVelocityModel
 from deco.deploy.symbolics import symbolics
+from deco.optimized.weights import load_model
 
 DEFAULT_OPSET = 17
 #: Opsets the export is tested with (the TorchScript exporter stops at 20).
@@ -245,11 +249,10 @@ def _run_on_cpu(path: Path, feed: dict[str, Any], dtype: str) -> Any:
     CPU provider cannot run (no bfloat16 Gemm/MatMul kernels); then onnx's reference evaluator
     (NumPy, in the graph's own types: slow, but DeCo-XL/16 at the check's size takes seconds)."""
     if dtype == "bfloat16":
-        from onnx.reference import ReferenceEvaluator
+        from onnx.reference import ReferenceEvaluator  # here: onnx is an optional extra
 
         outputs: Any = ReferenceEvaluator(str(path)).run(["v"], feed)  # typed as list or dict
         return outputs[0]
-    from deco.deploy.runtime import OnnxVelocityModel
 
     return OnnxVelocityModel(path, providers=["CPUExecutionProvider"]).session.run(["v"], feed)[0]
 
@@ -319,7 +322,7 @@ def _properties(config: DeCoConfig, cfg: bool, batch: int | None, resolution: tu
 
 def tensor_bytes(proto: Any) -> int:
     """Bytes of tensor data in a model's main graph: initializers and Constant nodes."""
-    import onnx
+    import onnx  # here: onnx is an optional extra
 
     total = sum(t.ByteSize() for t in proto.graph.initializer)
     for node in proto.graph.node:
@@ -330,7 +333,7 @@ def tensor_bytes(proto: Any) -> int:
 def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bool | None) -> bool:
     """Save the traced graph with its metadata at `staged` (weights in `<staged>.data` when
     external), run the full ONNX checker on the path, and say whether the data is external."""
-    import onnx
+    import onnx  # here: onnx is an optional extra
 
     proto = onnx.load(str(traced))  # with any tensor files the exporter wrote beside it
     return save_checked(proto, staged, props, external_data)
@@ -340,7 +343,7 @@ def save_checked(proto: Any, staged: Path, props: dict[str, str], external_data:
     """Save `proto` with `props` added to its metadata at `staged` (weights in `<staged>.data`
     when external; None: above `EXTERNAL_DATA_THRESHOLD`), run the full ONNX checker on the path,
     and say whether the data is external. The caller's `proto` is consumed."""
-    import onnx
+    import onnx  # here: onnx is an optional extra
 
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -363,9 +366,7 @@ def _mark_external(proto: Any, location: str) -> None:
     exist, which it makes relative to the working directory rather than to the graph: an earlier
     export's data file in the working directory made every re-export (--force, or a re-run
     after a kill) fail."""
-    import sys
-
-    from onnx import external_data_helper as helper
+    from onnx import external_data_helper as helper  # here: onnx is an optional extra
 
     tensors = getattr(helper, "_get_initializer_tensors", lambda m: m.graph.initializer)(proto)
     for tensor in tensors:  # onnx's default size_threshold: 1024 bytes
@@ -379,8 +380,6 @@ def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: boo
     dynamic) and compare with the float32 torch model `net` to the dtype's bound: tracing
     silently freezes any shape the model's Python code computes, and this is where such a freeze
     shows. The size has a one-row token grid, the edge case of the RoPE positions."""
-    import numpy as np
-
     p = config.patch_size
     inputs = _example_inputs(config, batch or 3, resolution or (p, 5 * p), cfg)
     feed = dict(zip(input_names(config, cfg), (a.numpy() for a in inputs), strict=True))
@@ -406,8 +405,6 @@ def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: boo
 def export_checkpoint(checkpoint: str | Path, path: str | Path, **options: Any) -> Path:
     """Load a weight file with `deco.optimized.load_model` and export it; the file's absolute
     path and SHA-256 go into the metadata so the graph can be traced back to its weights."""
-    from deco.optimized.weights import load_model
-
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint: no such file: {checkpoint}")

@@ -114,7 +114,7 @@ class _Emitter:
         self.nodes: list[Any] = []
 
     def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
-        from onnx import helper
+        from onnx import helper  # here: onnx is an optional extra
 
         name = f"{self.prefix}{op_type}_{self.count}"
         self.count += 1
@@ -122,7 +122,7 @@ class _Emitter:
         return name
 
     def const(self, value: Any, dtype: Any = np.float32) -> str:
-        from onnx import numpy_helper
+        from onnx import numpy_helper  # here: onnx is an optional extra
 
         return self.op("Constant", value=numpy_helper.from_array(np.asarray(value, dtype=dtype)))
 
@@ -143,7 +143,7 @@ class _Velocity:
 
     def emit(self, g: _Emitter, x: str, t: str, cond: str) -> str:
         """Copy the model's nodes into `g`, fed x, t and the condition; returns v's name."""
-        from onnx import helper
+        from onnx import helper  # here: onnx is an optional extra
 
         rename = {"x": x, "t": t, self.cond: cond}
         for node in self.body:
@@ -158,7 +158,7 @@ class _Velocity:
 
 
 def _split_velocity(proto: Any, config: DeCoConfig) -> _Velocity:
-    import onnx
+    import onnx  # here: onnx is an optional extra
 
     for node in proto.graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
@@ -234,7 +234,7 @@ def _initial_state(g: _Emitter, solver: str) -> list[str]:
 
 def _loop(g: _Emitter, plan: _Plan, steps: int, state: list[str]) -> list[str]:
     """An ONNX Loop of `steps` iterations of `_step` over the carried `state`."""
-    from onnx import helper
+    from onnx import helper  # here: onnx is an optional extra
 
     body = _Emitter("b/")
     carried = [f"b/in{i}" for i in range(len(state))]
@@ -269,7 +269,7 @@ def build_generator(velocity: Any, config: DeCoConfig, settings: SampleSettings,
                     batch: int | None, resolution: tuple[int, int] | None,
                     unrolled: bool = False) -> Any:
     """The generator ModelProto around the exported velocity ModelProto `velocity`."""
-    from onnx import helper, numpy_helper
+    from onnx import helper, numpy_helper  # here: onnx is an optional extra
 
     parts = _split_velocity(velocity, config)
     tables = sampler_tables(settings)
@@ -306,7 +306,7 @@ def build_generator(velocity: Any, config: DeCoConfig, settings: SampleSettings,
 
 def _inputs(config: DeCoConfig, guided: bool, batch: int | None,
             resolution: tuple[int, int] | None) -> list[Any]:
-    from onnx import helper
+    from onnx import helper  # here: onnx is an optional extra
 
     b: Any = batch or "batch"
     h, w = resolution or ("height", "width")
@@ -317,7 +317,7 @@ def _inputs(config: DeCoConfig, guided: bool, batch: int | None,
 
 
 def _outputs(channels: int, batch: int | None, resolution: tuple[int, int] | None) -> list[Any]:
-    from onnx import helper
+    from onnx import helper  # here: onnx is an optional extra
 
     b: Any = batch or "batch"
     h, w = resolution or ("height", "width")
@@ -375,7 +375,7 @@ def export_generator(
     try:
         velocity = export_onnx(model, folder / "velocity.onnx", opset=opset, resolution=resolution,
                                dtype=dtype, external_data=external_data, **velocity_options)
-        import onnx
+        import onnx  # here: onnx is an optional extra
 
         staged = folder / path.name
         external = data_file(velocity).is_file()
@@ -398,7 +398,7 @@ def export_generator(
 def _relocate(proto: Any, location: str) -> None:
     """Point every initializer held in external data at the data file `location` (the offsets
     stay: the file is the velocity export's, renamed)."""
-    import onnx
+    import onnx  # here: onnx is an optional extra
 
     for tensor in proto.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

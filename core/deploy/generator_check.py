@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from deco.config import DeCoConfig
-from deco.optimized.sampling import SampleSettings
+from deco.deploy.export import RTOL_BY_DTYPE, _cpu_copy
+from deco.deploy.runtime import _session
+from deco.optimized.sampling import SampleSettings, sample
 
 
 def example_feed(config: DeCoConfig, guided: bool, batch: int, size: tuple[int, int], guidance: float,
@@ -38,8 +40,6 @@ def example_feed(config: DeCoConfig, guided: bool, batch: int, size: tuple[int, 
 
 def torch_sample(model: nn.Module, feed: dict[str, np.ndarray], settings: SampleSettings) -> torch.Tensor:
     """`deco.optimized.sample` on a generator feed (the model's own dtype; float32 noise cast to it)."""
-    from deco.optimized.sampling import sample
-
     dtype = next(model.parameters()).dtype
     noise = torch.tensor(feed["noise"], dtype=dtype)
     cond = torch.tensor(feed["text" if "text" in feed else "labels"])
@@ -57,11 +57,10 @@ def run_generator(path: Path, feed: dict[str, np.ndarray], dtype: str = "float32
     """[sample, image] of the graph at `path` on the CPU: onnxruntime, or onnx's reference
     evaluator for bfloat16 (onnxruntime's CPU provider has no bfloat16 kernels)."""
     if dtype == "bfloat16":
-        from onnx.reference import ReferenceEvaluator
+        from onnx.reference import ReferenceEvaluator  # here: onnx is an optional extra
 
         outputs: Any = ReferenceEvaluator(str(path)).run(None, feed)  # all outputs: sample, image
         return list(outputs)
-    from deco.deploy.runtime import _session
 
     return list(_session(path, ["CPUExecutionProvider"], None).run(None, feed))  # sample, image
 
@@ -70,8 +69,6 @@ def check_export(model: nn.Module, path: Path, settings: SampleSettings, guided:
                      batch: int | None, resolution: tuple[int, int] | None, dtype: str) -> None:
     """The exported generator against `deco.optimized.sample` (float32, CPU) on random inputs
     at a small size, to the dtype's bound (relative to max|expected|)."""
-    from deco.deploy.export import RTOL_BY_DTYPE, _cpu_copy
-
     config: DeCoConfig = model.config  # type: ignore[assignment]
     p = config.patch_size
     scale = settings.guidance if settings.guidance != 1.0 else 3.0

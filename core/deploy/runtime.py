@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from deco.config import DeCoConfig
+from deco.reference import sample as reference_sample
 from deco.reference.checks import as_condition, as_float_array
 from deco.reference.sampling import check_conditions
 
@@ -24,14 +25,14 @@ Array = NDArray[np.float64]
 
 def default_providers() -> list[str]:
     """CUDAExecutionProvider where onnxruntime has it, then CPU."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # here: onnxruntime is an optional extra
 
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 def _session(path: Path, providers: list[str] | None, threads: int | None) -> Any:
-    import onnxruntime as ort
+    import onnxruntime as ort  # here: onnxruntime is an optional extra
 
     chosen = providers or default_providers()
     session_options = ort.SessionOptions()
@@ -129,6 +130,4 @@ def sample(model: OnnxVelocityModel, noise: Any, labels: Any, null: Any = None,
     timeshift, solver ("euler", "heun", "adams"), exact_heun and order as there; float64 state,
     float32 velocities. For a text model `labels` is the text (B, T, E) and `null` the null text
     embedding, (T, E) or (B, T, E), needed when guidance != 1."""
-    from deco.reference import sample as reference_sample
-
     return reference_sample(model, noise, labels, null, **options)

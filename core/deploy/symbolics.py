@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.onnx import symbolic_helper, utils
 
 
 def _check_last_axis(normalized_shape: Any, op: str) -> None:
@@ -18,8 +19,6 @@ def _check_last_axis(normalized_shape: Any, op: str) -> None:
     if node.kind() == "prim::ListConstruct":
         count = len(list(node.inputs()))
     else:
-        from torch.onnx import symbolic_helper
-
         count = len(symbolic_helper._maybe_get_const(normalized_shape, "is"))
     if count != 1:
         raise ValueError(f"model: {op} over {count} axes is not supported by the ONNX export")
@@ -33,16 +32,12 @@ def _mean_last(g: Any, x: Any) -> Any:
 
 
 def _eps(g: Any, eps: Any, like: Any) -> Any:
-    from torch.onnx import symbolic_helper
-
     value = symbolic_helper._maybe_get_const(eps, "f")
     return g.op("CastLike", g.op("Constant", value_t=torch.tensor(float(value))), like)
 
 
 def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
     """x / sqrt(mean(x^2) + eps) * weight; onnxruntime fuses this pattern into one kernel."""
-    from torch.onnx import symbolic_helper
-
     _check_last_axis(normalized_shape, "rms_norm")
     square = g.op("Pow", x, g.op("CastLike", g.op("Constant", value_t=torch.tensor(2.0)), x))
     out = g.op("Div", x, g.op("Sqrt", g.op("Add", _mean_last(g, square), _eps(g, eps, x))))
@@ -52,8 +47,6 @@ def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> A
 def _layer_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any,
                 cudnn_enable: Any) -> Any:
     """(x - mean) / sqrt(var + eps) (* weight + bias) over the last axis."""
-    from torch.onnx import symbolic_helper
-
     _check_last_axis(normalized_shape, "layer_norm")
     centred = g.op("Sub", x, _mean_last(g, x))
     var = _mean_last(g, g.op("Mul", centred, centred))
@@ -67,8 +60,6 @@ def _addcmul(g: Any, x: Any, t1: Any, t2: Any, value: Any) -> Any:
     """x + value t1 t2 in the inputs' own type. The exporter's symbolic multiplies by `value` as
     a float32 constant, which turns every float16/bfloat16 AdaLN modulation (and all that
     follows it) into float32."""
-    from torch.onnx import symbolic_helper
-
     product = g.op("Mul", t1, t2)
     scale = symbolic_helper._maybe_get_const(value, "f")
     if not isinstance(scale, (int, float)):
@@ -90,8 +81,6 @@ def _linspace(g: Any, start: Any, end: Any, steps: Any, dtype: Any, layout: Any,
     The exporter's own linspace divides by steps - 1, which is 0 for a one-row or one-column
     token grid (the RoPE positions): with a dynamic grid size that is inf * 0 = NaN at run time,
     whereas torch returns [start]."""
-    from torch.onnx import symbolic_helper
-
     code = symbolic_helper._maybe_get_const(dtype, "i")
     target = _ONNX_FLOAT if symbolic_helper._is_none(dtype) else _TORCH_TO_ONNX.get(code)
     if target is None:
@@ -109,8 +98,6 @@ def _linspace(g: Any, start: Any, end: Any, steps: Any, dtype: Any, layout: Any,
 @contextlib.contextmanager
 def symbolics(opset: int) -> Iterator[None]:
     """Register our symbolics for the duration of one export (they are global state)."""
-    from torch.onnx import utils
-
     pairs: list[tuple[str, Callable[..., Any]]] = [
         ("aten::rms_norm", _rms_norm), ("aten::layer_norm", _layer_norm),
         ("aten::linspace", _linspace), ("aten::addcmul", _addcmul)]

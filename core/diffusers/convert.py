@@ -71,7 +71,7 @@ def build_pipeline(checkpoint: str | Path, *, weights: str = "ema", text_encoder
 
 def load_text_encoder(folder: str | Path) -> tuple[Any, Any]:
     """(tokenizer, text encoder's base model) from a transformers folder, offline."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # here: transformers is an optional extra
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from deco.errors import first_line
 from deco.evaluate.frechet import frechet_distance, gaussian_stats
+from deco.safe_load import load_weights_only
 
 Array = NDArray[np.float64]
 
@@ -138,7 +139,6 @@ def load_inception(weights: str | Path, device: str | torch.device = "cpu") -> I
     if not path.is_file():
         raise FileNotFoundError(f"inception_weights: no such file: {path}")
     data = path.read_bytes()
-    from deco.safe_load import load_weights_only
 
     try:
         state = load_weights_only(data, name=str(path))

@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import torch.distributed as dist
 from numpy.typing import NDArray
+from tqdm import tqdm
 
 from deco.atomic import atomic_write
 from deco.plan_identity import check_plan
@@ -186,15 +188,11 @@ def generate_shards(generate: Generate, folder: str | Path, plan: ShardPlan, *,
     if restart and rank == 0:
         clear_shards(folder)
     if restart and _distributed_rank_world()[1] > 1:
-        import torch.distributed as dist
-
         dist.barrier()  # no rank checks the plan before rank 0 has cleared the folder
     folder.mkdir(parents=True, exist_ok=True)
     _check_plan_file(folder, plan, inputs)
     mine = plan.shards_of_rank(rank, world_size)
     todo = [i for i in mine if not shard_path(folder, i).is_file()]
-
-    from tqdm import tqdm
 
     done: list[int] = []
     with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard",
@@ -266,8 +264,6 @@ def generate_sample_batch(generate: Generate, folder: str | Path, out: str | Pat
     generate_shards(generate, folder, plan, progress=progress, inputs=inputs, restart=restart)
     rank, world_size = _distributed_rank_world()
     if world_size > 1:
-        import torch.distributed as dist
-
         dist.barrier()
     if rank != 0:
         return None

@@ -89,10 +89,10 @@ def model_spectra(model: nn.Module, x: Tensor, y: Tensor, times: Sequence[float]
 
 def plot_spectra(results: dict[str, dict[str, Any]], target: Sequence[float], path: Path) -> None:
     """Two panels (DiT output, predicted velocity), one curve per model, log energy per band."""
-    import matplotlib  # here: matplotlib's import costs ~0.5 s, paid only when a plot is drawn
+    import matplotlib  # here: importing matplotlib takes 1-2 s, paid only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: importing matplotlib takes 1-2 s
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     bands = np.arange(BANDS)

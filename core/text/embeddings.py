@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
+from tqdm import tqdm
 
 from deco.atomic import atomic_write
 from deco.text.encoder import TextEncoder
@@ -104,16 +107,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-    from safetensors.torch import save_file
-
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
 
 def open_shard(path: Path) -> Any:
     """A safetensors handle on a shard file (rows are read lazily: a shard of 1024 captions at
     T = 128, E = 2048 in bfloat16 is 512 MiB); a missing or unreadable file is an error naming it."""
-    from safetensors import SafetensorError, safe_open
-
     if not path.is_file():
         raise FileNotFoundError(f"embeddings: missing shard {path}")
     try:
@@ -180,7 +179,6 @@ def embed_captions(captions: Iterable[str], encoder: TextEncoder, out: str | Pat
         null = check_embeddings(encoder.null("")[None], 1, encoder)  # (1, T, E)
         write_tensors(out / NULL_FILE, {"embeddings": null.to("cpu", DTYPES[dtype]),
                                         "caption_sha256": null_plan.digests})
-    from tqdm import tqdm
 
     with tqdm(total=sum(p.stop - p.start for p in todo), unit="caption", disable=not progress,
               desc="embed-text") as bar:

@@ -110,7 +110,7 @@ def check_prompts(prompts: Sequence[str]) -> list[str]:
 
 def require_text_packages() -> None:
     """A ModuleNotFoundError with the install command when the `text` extra is missing."""
-    import importlib.util
+    import importlib.util  # here: only to name missing extras
 
     missing = [m for m in ("transformers", "tokenizers") if importlib.util.find_spec(m) is None]
     if missing:
@@ -236,7 +236,7 @@ class Qwen3TextEncoder:
 def load_tokenizer(folder: Path) -> Any:
     """The folder's tokenizer, offline, right padding; a tokenizer without a pad token is an
     error (padding to T needs one; Qwen's is <|endoftext|>)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # here: an optional extra (text)
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     # Set after loading rather than passed to from_pretrained: the keyword handling of the
@@ -252,7 +252,7 @@ def load_qwen3(folder: Path, dtype: torch.dtype) -> Any:
 
     Missing weights are an error: transformers would otherwise initialise them at random and
     only warn, which silently gives meaningless embeddings."""
-    from transformers import Qwen3Model
+    from transformers import Qwen3Model  # here: an optional extra (text)
 
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != "qwen3":
@@ -274,8 +274,16 @@ def write_tiny_tokenizer(out: Path, vocab_size: int) -> int:
     no BOS or EOS added) on a fixed corpus and write it as Qwen checkpoints ship theirs
     (tokenizer.json, vocab.json + merges.txt, tokenizer_config.json naming Qwen2Tokenizer).
     Returns the vocabulary size."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import (  # here: an optional extra (text)
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast  # here: an optional extra (text)
 
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
@@ -306,7 +314,7 @@ def build_tiny_qwen3(folder: str | Path, seed: int = 0, *, hidden: int = 32, lay
     the tokenizer files of `write_tiny_tokenizer`; tied input/output embeddings like Qwen3-1.7B,
     <|endoftext|> as pad token), so it loads through the same code path. The same arguments
     give byte-identical files. The global torch RNG is left untouched."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM  # here: an optional extra (text)
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)

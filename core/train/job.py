@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from deco.checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_checkpoint
 from deco.config import DeCoConfig, parameter_count
@@ -41,10 +43,13 @@ from deco.data import BatchStream, TrainDataset, open_dataset
 from deco.distributed import Dist, all_ok, broadcast_object, setup_distributed
 from deco.errors import FieldError
 from deco.generate import class_labels, generate
+from deco.optimized import NonFiniteLossError, Trainer, build_model, cpu_gemm
 from deco.optimized.trainer import TrainConfig
 from deco.outputs import grid_image, plot_loss, read_log, save_png, to_uint8, write_json, write_log
 from deco.text.job import ShardStream, TextSource, open_text_source
+from deco.text.sampling import text_grid
 from deco.train.memory import check_memory
+from deco.train.repa import load_repa_encoder
 from deco.train.run_config import (
     RunConfig,
     changed_fields,
@@ -113,8 +118,6 @@ class Job:
 
     def _build(self, dataset: TrainDataset | None, state: dict[str, Any] | None) -> None:
         """Dataset, model (checked against the memory it will need), Trainer and data stream."""
-        from deco.optimized import Trainer, build_model
-
         run = self.run
         assert run.batch_size is not None and run.model is not None and run.train is not None
         assert run.accumulation is not None
@@ -165,8 +168,6 @@ class Job:
         """Under torchrun, the Trainer's forward goes through DistributedDataParallel, which
         all-reduces the gradients in backward; checkpoints, EMA and REPA hooks use the bare model."""
         if self.d.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [self.d.local_rank] if self.d.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         train_config, encoder = self._repa()
@@ -183,7 +184,6 @@ class Job:
         assert train_config is not None
         if self.run.repa_encoder is None:
             return train_config, None
-        from deco.train.repa import load_repa_encoder
 
         try:
             encoder = load_repa_encoder(self.run.repa_encoder, self.d.device,
@@ -249,10 +249,6 @@ class Job:
             yield x.to(self.d.device, non_blocking=True), cond
 
     def fit(self) -> None:
-        from tqdm import tqdm
-
-        from deco.optimized import NonFiniteLossError
-
         run = self.run
         assert run.steps is not None and run.checkpoint_every is not None and run.accumulation is not None
         start = self.trainer.step_count
@@ -300,8 +296,6 @@ class Job:
     # ---------------------------------------------------------------------------- outputs
     def finish(self) -> dict[str, Any]:
         """Sample grid, loss curve, portable EMA weights and metrics.json (rank 0)."""
-        from deco.optimized import cpu_gemm
-
         run = self.run
         assert run.sample is not None and run.steps is not None and run.train is not None
         summary: dict[str, Any] = {}
@@ -311,8 +305,6 @@ class Job:
         ema.save(self.out / MODEL_NAME)
         t0 = time.perf_counter()
         if self.text is not None:
-            from deco.text.sampling import text_grid
-
             text_grid(ema, self.text, run.sample, self.out / SAMPLES_NAME, seed=run.train.seed,
                       size=(self.dataset.resolution, getattr(self.dataset, "width", self.dataset.resolution)))
         else:

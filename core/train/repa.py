@@ -35,9 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from deco.errors import first_line, quiet_transformers
+from deco.safe_load import load_weights_only
 
 if TYPE_CHECKING:
     from transformers import Dinov2Config, Dinov2Model
@@ -52,7 +54,7 @@ POSITION_OFFSET = 0.1
 
 def _require_transformers() -> Any:
     try:
-        import transformers
+        import transformers  # here: transformers is an optional extra
     except ImportError as exc:
         raise ImportError("REPA's DINOv2 encoder needs transformers: "
                           "pip install 'deco-diffusion[repa]'") from exc
@@ -271,7 +273,6 @@ def config_from_original(state: dict[str, Tensor]) -> Dinov2Config:
 
 def _load_original(path: Path) -> Dinov2Model:
     transformers = _require_transformers()
-    from deco.safe_load import load_weights_only
 
     try:
         state = load_weights_only(path)
@@ -309,7 +310,6 @@ def _load_hf_folder(path: Path) -> Dinov2Model:
         raise ValueError(f"path: unreadable {config_file}: {exc}") from exc
     if model_type != "dinov2":
         raise ValueError(f"path: {config_file} is model_type {model_type!r}, expected 'dinov2'")
-    from safetensors import SafetensorError
 
     try:
         model: Dinov2Model = transformers.Dinov2Model.from_pretrained(str(path), local_files_only=True)

@@ -12,6 +12,7 @@ TrainConfig). `with_overrides` applies "train.lr"-style overrides (the command l
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from deco.config import PRESETS, DeCoConfig, config_from_dict, config_to_dict
 from deco.errors import FieldError, field_int
 from deco.optimized.sampling import SampleSettings
 from deco.optimized.trainer import TrainConfig
+from deco.plan_identity import file_sha256, plan_changes
 from deco.text.job import T2I_DEFAULTS, T2I_DEMO_DEFAULTS
 
 __all__ = ["DIGITS_DEFAULTS", "FOLDER_DEFAULTS", "TRAJECTORY_FIELDS", "RunConfig", "changed_fields",
@@ -181,8 +183,6 @@ def check_model_file(stored: RunConfig, config: dict[str, Any], out: Path) -> No
     """On --resume: a FieldError if the run's --model .json file now describes another model than
     the checkpoint's `config` (a dict): the resumed run keeps the checkpoint's model, so an
     edited file would be silently ignored. A file that is gone is no conflict."""
-    from deco.plan_identity import plan_changes
-
     if stored.model is None or stored.model in PRESETS or not Path(stored.model).is_file():
         return
     wanted = model_config(stored.model, None if stored.task == "t2i" else config.get("num_classes"))
@@ -197,12 +197,8 @@ def input_identity(run: RunConfig) -> dict[str, Any]:
     """What the files a run reads are, beyond their paths (which `changed_fields` compares): the
     text embeddings' encoder and captions (index.json) and the REPA encoder file's SHA-256.
     Recorded in every checkpoint; a --resume whose files now differ is refused (`check_inputs`)."""
-    from deco.plan_identity import file_sha256
-
     inputs: dict[str, Any] = {}
     if run.embeddings is not None and (run.embeddings / "index.json").is_file():
-        import json
-
         try:
             index = json.loads((run.embeddings / "index.json").read_text())
         except (OSError, ValueError):
@@ -216,8 +212,6 @@ def input_identity(run: RunConfig) -> dict[str, Any]:
 
 def check_inputs(recorded: dict[str, Any], current: dict[str, Any], out: Path) -> None:
     """A FieldError naming the first input file that changed since the checkpoint was written."""
-    from deco.plan_identity import plan_changes
-
     changes = plan_changes(recorded, current)
     if changes:
         field = changes[0].split(".", 1)[0].split(" ", 1)[0]
