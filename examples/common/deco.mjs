@@ -137,6 +137,18 @@ const SAFETENSORS_TYPES = {
 const ORT_TO_SAFETENSORS = Object.fromEntries(
   Object.entries(SAFETENSORS_TYPES).map(([code, [type]]) => [type, code]));
 
+/** The `__metadata__` of safetensors bytes (an object of strings; {} when there is none). */
+export function safetensorsMetadata(bytes, what = 'inputs') {
+  if (bytes.length < 8) throw new InputError(`${what}: not a safetensors file (too short)`);
+  const length = Number(new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength).getBigUint64(0, true));
+  if (8 + length > bytes.length) throw new InputError(`${what}: not a safetensors file (bad header)`);
+  try {
+    return JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + length))).__metadata__ ?? {};
+  } catch {
+    throw new InputError(`${what}: not a safetensors file (header is not JSON)`);
+  }
+}
+
 /** Parses safetensors bytes into {name: {type, dims, data}} (type: onnxruntime's name). */
 export function readSafetensors(bytes, what = 'inputs') {
   if (bytes.length < 8) throw new InputError(`${what}: not a safetensors file (too short)`);
