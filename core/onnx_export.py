@@ -37,6 +37,7 @@ constant folding renames and merges).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -44,6 +45,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,6 +54,7 @@ from torch import Tensor, nn
 from deco.atomic import fsync_dir
 from deco.config import DeCoConfig
 
+from .onnx_optimize import DEFAULT_CHUNK_ROWS, lower_decoders, lowered_decoders
 from .onnx_symbolics import symbolics
 
 DEFAULT_OPSET = 17
@@ -166,7 +169,7 @@ def export_onnx(
     model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET, batch: int | None = None,
     resolution: tuple[int, int] | None = None, cfg: bool = False,
     metadata: dict[str, str] | None = None, external_data: bool | None = None,
-    dtype: str = "float32",
+    dtype: str = "float32", decoder_chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
 ) -> Path:
     """Export `model` (a `deco.optimized` DeCo or BaselineDiT with a `.config`) to `path`.
 
@@ -189,6 +192,10 @@ def export_onnx(
     included, the folder is removed and nothing is left (an earlier export at `path` is left as
     it was). The data file is moved first and the graph last, so a graph is never visible
     without its own data (see `_install`).
+
+    `decoder_chunk_rows` (default 4096): a DeCo's pixel decoder becomes a standard ONNX Loop over
+    chunks of that many pixels (`deco.onnx_optimize`: onnxruntime runs it faster than one pass
+    over all pixels); None keeps the straight-line decoder.
     """
     config = getattr(model, "config", None)
     if not isinstance(config, DeCoConfig):
@@ -211,15 +218,20 @@ def export_onnx(
     p = config.patch_size
     # Trace at a non-square size so that a height/width mix-up cannot hide in the trace.
     example = _example_inputs(config, batch or 2, resolution or (2 * p, 3 * p), cfg)
+    if decoder_chunk_rows is not None and (isinstance(decoder_chunk_rows, bool) or not isinstance(
+            decoder_chunk_rows, int) or decoder_chunk_rows < 1):
+        raise ValueError(f"decoder_chunk_rows: expected a positive int or None, got {decoder_chunk_rows!r}")
     folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         traced = folder / "trace" / "model.onnx"  # the exporter may scatter tensor files here
         traced.parent.mkdir()
-        _trace(net, example, traced, opset, input_names(config, cfg), batch is None,
-               resolution is None)
+        with lowered_decoders() if decoder_chunk_rows else contextlib.nullcontext([]) as decoders:
+            _trace(net, example, traced, opset, input_names(config, cfg), batch is None,
+                   resolution is None)
         staged = folder / path.name
         props = _properties(config, cfg, batch, resolution, dtype, metadata)
-        external = _finish(traced, staged, props, external_data)
+        external = _finish(traced, staged, props, external_data,
+                           lambda proto: lower_decoders(proto, decoders, decoder_chunk_rows or 1))
         shutil.rmtree(traced.parent)
         _check_other_shapes(reference, staged, config, cfg, batch, resolution, dtype)
         _install(staged, path, external)
@@ -328,12 +340,13 @@ def tensor_bytes(proto: Any) -> int:
     return int(total)
 
 
-def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bool | None) -> bool:
+def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bool | None,
+            rewrite: Callable[[Any], Any]) -> bool:
     """Save the traced graph with its metadata at `staged` (weights in `<staged>.data` when
     external), run the full ONNX checker on the path, and say whether the data is external."""
     import onnx
 
-    proto = onnx.load(str(traced))  # with any tensor files the exporter wrote beside it
+    proto = rewrite(onnx.load(str(traced)))  # with any tensor files the exporter wrote beside it
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
