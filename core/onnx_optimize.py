@@ -86,7 +86,8 @@ def _tensor(name: str, value: Tensor) -> Any:
     import onnx
 
     types = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
-             torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.int64: onnx.TensorProto.INT64}
+             torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.int64: onnx.TensorProto.INT64,
+             torch.bool: onnx.TensorProto.BOOL}
     value = value.detach().cpu().contiguous()
     raw = (value.view(torch.int16) if value.dtype == torch.bfloat16 else value).numpy().tobytes()
     return onnx.helper.make_tensor(name, types[value.dtype], list(value.shape), raw, raw=True)
@@ -182,7 +183,10 @@ def _lower_one(node: Any, decoder: Any, index: int, chunk_rows: int) -> tuple[li
     s_pad = b.op("Pad", s, b.op("Concat", zeros, extra, i64("zero1", [0]), axis=0))
     graph = _body(decoder, b, body, pix_pad, s_pad, patches)
     loop_out = b.prefix + "chunks"
-    b.nodes.append(onnx.helper.make_node("Loop", [trips, ""], [loop_out], name=loop_out, body=graph))
+    # An explicit true condition: onnx's reference evaluator runs no iteration without one.
+    true = b.const("true", torch.tensor(True))
+    b.nodes.append(onnx.helper.make_node("Loop", [trips, true], [loop_out], name=loop_out, body=graph))
+    # The chunks' rows, (M, k*P, C) stacked (onnx's reference evaluator concatenates: (M*k*P, C)).
     flat = b.op("Reshape", loop_out, i64("shape", [-1, c]))
     count = b.op("Unsqueeze", b.op("Mul", n, i64("P", p2)), b.prefix + "axis0")
     b.nodes.append(onnx.helper.make_node("Slice", [flat, b.prefix + "zero1", count, b.prefix + "axis0"],
