@@ -23,12 +23,15 @@ Three parts:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from deco.atomic import fsync_dir
 
 DOMAIN, OP = "ai.deco", "PixelDecoderRows"
 #: Rows (pixels) per Loop iteration of a lowered decoder: 4096 x 32 floats (512 KiB) per
@@ -266,6 +269,15 @@ def optimize_for_ort(path: str | Path, level: str = "extended", out: str | Path 
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file: {path}")
     target = Path(out) if out is not None else optimized_path(path, level)
-    options = session_options(level=level, optimized_model_path=target)
-    ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    # onnxruntime writes the file itself: into a temporary name, moved into place when complete.
+    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        options = session_options(level=level, optimized_model_path=partial)
+        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    fsync_dir(target.parent)
     return target
