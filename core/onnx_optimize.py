@@ -79,7 +79,10 @@ def _placeholder(decoder: Any, index: int, original: Any) -> Any:
 
         @staticmethod
         def symbolic(g: Any, pixels: Any, s: Any) -> Any:
-            return g.op(f"{DOMAIN}::{OP}", pixels, s, index_i=index)
+            out = g.op(f"{DOMAIN}::{OP}", pixels, s, index_i=index)
+            # (N*P, C), N dynamic: a typed output keeps the exporter from warning on stderr.
+            out.setType(pixels.type().with_sizes([None, decoder.final.out_features]))
+            return out
 
     return Rows
 
