@@ -55,8 +55,9 @@ def decomposed_layer_norm() -> Iterator[None]:
 @contextlib.contextmanager
 def contrib_attention() -> Iterator[None]:
     """SDPA exported as onnxruntime's contrib com.microsoft::MultiHeadAttention."""
-    import deco.onnx_export as export
     from torch.onnx import utils
+
+    import deco.onnx_export as export
 
     def sdpa(g: Any, q: Any, k: Any, v: Any, *_: Any) -> Any:
         from torch.onnx import symbolic_helper

@@ -44,8 +44,8 @@ import os
 import shutil
 import tempfile
 import warnings
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -225,7 +225,9 @@ def export_onnx(
     try:
         traced = folder / "trace" / "model.onnx"  # the exporter may scatter tensor files here
         traced.parent.mkdir()
-        with lowered_decoders() if decoder_chunk_rows else contextlib.nullcontext([]) as decoders:
+        lowering: contextlib.AbstractContextManager[list[Any]] = (
+            lowered_decoders() if decoder_chunk_rows else contextlib.nullcontext([]))
+        with lowering as decoders:
             _trace(net, example, traced, opset, input_names(config, cfg), batch is None,
                    resolution is None)
         staged = folder / path.name

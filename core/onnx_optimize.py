@@ -67,14 +67,14 @@ def lowered_decoders() -> Iterator[list[Any]]:
 def _placeholder(decoder: Any, index: int, original: Any) -> Any:
     class Rows(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, pixels: Tensor, s: Tensor) -> Tensor:  # noqa: ARG004
+        def forward(ctx: Any, pixels: Tensor, s: Tensor) -> Tensor:
             # Computed outside the trace: only the placeholder node is recorded.
             state = torch._C._get_tracing_state()
-            torch._C._set_tracing_state(None)
+            torch._C._set_tracing_state(None)  # type: ignore[attr-defined]
             try:
                 out: Tensor = original(decoder, pixels, s)
             finally:
-                torch._C._set_tracing_state(state)
+                torch._C._set_tracing_state(state)  # type: ignore[attr-defined]
             return out
 
         @staticmethod
@@ -100,10 +100,12 @@ def _tensor(name: str, value: Tensor) -> Any:
 
 
 class _Builder:
-    """Nodes and initializers with unique names under one prefix."""
+    """Initializers named under `prefix` (one per decoder: shared by all its Loops) and nodes
+    under `node_prefix` (one per Loop: a generator graph calls the same decoder at every step)."""
 
-    def __init__(self, prefix: str) -> None:
-        self.prefix, self.nodes, self.initializers, self.count = prefix, [], [], 0  # type: ignore[var-annotated]
+    def __init__(self, prefix: str, node_prefix: str) -> None:
+        self.prefix, self.node_prefix = prefix, node_prefix
+        self.nodes, self.initializers, self.count = [], [], 0  # type: ignore[var-annotated]
 
     def const(self, name: str, value: Tensor) -> str:
         """The initializer `name` (the first value given under that name)."""
@@ -112,11 +114,15 @@ class _Builder:
             self.initializers.append(_tensor(full, value))
         return full
 
+    def int64(self, name: str, value: Any) -> str:
+        """The int64 initializer `name` holding `value` (a number or a list)."""
+        return self.const(name, torch.tensor(value, dtype=torch.int64))
+
     def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
         import onnx
 
         self.count += 1
-        out = f"{self.prefix}{op_type}_{self.count}"
+        out = f"{self.node_prefix}{op_type}_{self.count}"
         self.nodes.append(onnx.helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
         return out
 
@@ -131,8 +137,9 @@ def _body(decoder: Any, b: _Builder, body: _Builder, pix: str, s: str, patches: 
     rows = patches * p2
     e_weight, e_bias = decoder.embed_weights(dtype)  # (w, C), (P, w)
     ones = b.const("ones", torch.ones(width, dtype=dtype))
-    i64 = lambda name, v: b.const(name, torch.tensor(v, dtype=torch.int64))  # noqa: E731
-    start = body.op("Unsqueeze", body.op("Mul", "iter", i64("k", patches)), i64("axis0", [0]))
+    i64 = b.int64
+    step, cond_in = body.node_prefix + "iter", body.node_prefix + "cond"
+    start = body.op("Unsqueeze", body.op("Mul", step, i64("k", patches)), i64("axis0", [0]))
     end = body.op("Add", start, i64("k1", [patches]))
     chunk_pix = body.op("Slice", pix, start, end, b.prefix + "axis0")  # (k, P, C)
     chunk_s = body.op("Slice", s, start, end, b.prefix + "axis0")  # (k, D)
@@ -161,26 +168,27 @@ def _body(decoder: Any, b: _Builder, body: _Builder, pix: str, s: str, patches: 
                  f"blocks.{j}.fc2", block.fc2.weight, block.fc2.bias)
         z = body.op("Add", z, body.op("Mul", gate, h))
     out = gemm(norm(z), "final", decoder.final.weight, decoder.final.bias)  # (k*P, C)
-    body.nodes.append(onnx.helper.make_node("Identity", ["cond"], ["cond_out"]))
+    cond_out = body.op("Identity", cond_in)
     elem = _tensor("x", torch.zeros(0, dtype=dtype)).data_type
     return onnx.helper.make_graph(
         body.nodes, "decoder_chunk",
-        [onnx.helper.make_tensor_value_info("iter", onnx.TensorProto.INT64, []),
-         onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
-        [onnx.helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+        [onnx.helper.make_tensor_value_info(step, onnx.TensorProto.INT64, []),
+         onnx.helper.make_tensor_value_info(cond_in, onnx.TensorProto.BOOL, [])],
+        [onnx.helper.make_tensor_value_info(cond_out, onnx.TensorProto.BOOL, []),
          onnx.helper.make_tensor_value_info(out, elem, [rows, c])])
 
 
-def _lower_one(node: Any, decoder: Any, index: int, chunk_rows: int) -> tuple[list[Any], list[Any]]:
+def _lower_one(node: Any, decoder: Any, index: int, loop: int,
+               chunk_rows: int) -> tuple[list[Any], list[Any]]:
     """(nodes, initializers) computing the placeholder's output with a Loop over chunks."""
     import onnx
 
     p2, c = decoder.patch_size ** 2, decoder.final.out_features
     patches = max(1, chunk_rows // p2)
-    b = _Builder(f"/decoder_loop{index}/")
-    body = _Builder(f"/decoder_loop{index}/body/")
+    b = _Builder(f"/decoder{index}/", f"/decoder_loop{loop}/")
+    body = _Builder(b.prefix, f"/decoder_loop{loop}/body/")
     pixels, s = node.input
-    i64 = lambda name, v: b.const(name, torch.tensor(v, dtype=torch.int64))  # noqa: E731
+    i64 = b.int64
     n = b.op("Gather", b.op("Shape", pixels), i64("zero", 0), axis=0)
     trips = b.op("Div", b.op("Add", n, i64("k_minus_1", patches - 1)), i64("k", patches))
     extra = b.op("Unsqueeze", b.op("Sub", b.op("Mul", trips, b.prefix + "k"), n), i64("axis0", [0]))
@@ -188,7 +196,7 @@ def _lower_one(node: Any, decoder: Any, index: int, chunk_rows: int) -> tuple[li
     pix_pad = b.op("Pad", pixels, b.op("Concat", i64("zeros3", [0, 0, 0]), extra, zeros, axis=0))
     s_pad = b.op("Pad", s, b.op("Concat", zeros, extra, i64("zero1", [0]), axis=0))
     graph = _body(decoder, b, body, pix_pad, s_pad, patches)
-    loop_out = b.prefix + "chunks"
+    loop_out = b.node_prefix + "chunks"
     # An explicit true condition: onnx's reference evaluator runs no iteration without one.
     true = b.const("true", torch.tensor(True))
     b.nodes.append(onnx.helper.make_node("Loop", [trips, true], [loop_out], name=loop_out, body=graph))
@@ -196,7 +204,7 @@ def _lower_one(node: Any, decoder: Any, index: int, chunk_rows: int) -> tuple[li
     flat = b.op("Reshape", loop_out, i64("shape", [-1, c]))
     count = b.op("Unsqueeze", b.op("Mul", n, i64("P", p2)), b.prefix + "axis0")
     b.nodes.append(onnx.helper.make_node("Slice", [flat, b.prefix + "zero1", count, b.prefix + "axis0"],
-                                         list(node.output), name=b.prefix + "rows"))
+                                         list(node.output), name=b.node_prefix + "rows"))
     return b.nodes, b.initializers
 
 
@@ -208,12 +216,16 @@ def lower_decoders(proto: Any, decoders: list[Any], chunk_rows: int = DEFAULT_CH
     graph = proto.graph
     nodes = list(graph.node)
     del graph.node[:]
+    names = {t.name for t in graph.initializer}
+    loops = 0
     for node in nodes:
         if node.domain == DOMAIN and node.op_type == OP:
             index = next(a.i for a in node.attribute if a.name == "index")
-            new_nodes, inits = _lower_one(node, decoders[index], index, chunk_rows)
+            new_nodes, inits = _lower_one(node, decoders[index], index, loops, chunk_rows)
+            loops += 1
             graph.node.extend(new_nodes)
-            graph.initializer.extend(inits)
+            graph.initializer.extend(t for t in inits if t.name not in names)  # once per decoder
+            names.update(t.name for t in inits)
         else:
             graph.node.append(node)
     del graph.value_info[:]  # the trace's shapes after the placeholder were static; onnxruntime re-infers

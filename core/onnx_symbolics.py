@@ -1,7 +1,8 @@
 """ONNX symbolics for the TorchScript exporter (deco.onnx_export), written for what the model
 uses: `rms_norm` (no built-in symbolic), `layer_norm` over the last axis with a traced normalized
-shape (as ONNX's LayerNormalization op), `linspace` (the built-in one returns NaN for one step) and an `addcmul` that keeps a
-float16/bfloat16 graph in its dtype (the built-in one multiplies by a float32 constant).
+shape (as ONNX's LayerNormalization op), `linspace` (the built-in one returns NaN for one step)
+and an `addcmul` that keeps a float16/bfloat16 graph in its dtype (the built-in one multiplies
+by a float32 constant).
 """
 
 from __future__ import annotations

@@ -135,3 +135,48 @@ def test_export_rejects_bad_chunk_rows(rows: object, tmp_path: Path) -> None:
 def test_optimize_for_ort_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="path: no such file"):
         optimize_for_ort(tmp_path / "absent.onnx")
+
+
+class TwoEulerSteps(torch.nn.Module):
+    """A generator-like graph: the same velocity model (hence the same decoder) called twice."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        t0, t1 = torch.full_like(x[:, 0, 0, 0], 0.2), torch.full_like(x[:, 0, 0, 0], 0.6)
+        x = x + 0.4 * self.model(x, t0, y)
+        out: torch.Tensor = x + 0.4 * self.model(x, t1, y)
+        return out
+
+
+def test_one_decoder_called_twice_shares_its_weights(tmp_path: Path) -> None:
+    """What a generator graph (deco.onnx_generator) does: two Loops, one set of decoder weights,
+    the same result as the torch steps."""
+    import onnxruntime as ort
+
+    from deco.onnx_optimize import lower_decoders, lowered_decoders
+    from deco.onnx_symbolics import symbolics
+
+    model, _ = models("deco")
+    net = TwoEulerSteps(model).eval()
+    x, y = torch.randn(2, 3, 8, 12), torch.tensor([1, 4])
+    traced = tmp_path / "two.onnx"
+    with symbolics(17), lowered_decoders() as decoders, torch.no_grad():
+        torch.onnx.export(net, (x, y), str(traced), dynamo=False, opset_version=17,
+                          input_names=["x", "y"], output_names=["out"],
+                          dynamic_axes={"x": {0: "b"}, "y": {0: "b"}, "out": {0: "b"}})
+    assert len(decoders) == 1
+    proto = lower_decoders(onnx.load(str(traced)), decoders, chunk_rows=2 * 16)
+    onnx.checker.check_model(proto, full_check=True)
+    assert [n.op_type for n in proto.graph.node].count("Loop") == 2
+    names = [t.name for t in proto.graph.initializer]
+    assert len(names) == len(set(names))
+    assert sum(name.startswith("/decoder0/blocks.0.fc1") for name in names) == 2  # weight + bias, once
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x3, y3 = torch.randn(3, 3, 8, 12), torch.tensor([0, 7, 10])  # another batch
+    with torch.no_grad():
+        expected = net(x3, y3).numpy()
+    got = session.run(["out"], {"x": x3.numpy(), "y": y3.numpy()})[0]
+    assert rel_err(got, expected) <= ONNX_CHECK_RTOL
