@@ -29,6 +29,12 @@ beside the graph (protobuf cannot hold 2 GiB; DeCo-XL/16 has 2.7 GB of float32 w
 onnxruntime relative to the graph's path. `dtype="float16"|"bfloat16"` stores and computes in that
 type behind a float32 interface (`RTOL_BY_DTYPE` states the agreement).
 
+A DeCo's pixel decoder is exported as a standard ONNX `Loop` over chunks of 4096 pixels
+(`deco.onnx_optimize`; `decoder_chunk_rows=None` keeps the straight-line decoder): onnxruntime's
+CPU provider then runs it from cache instead of through memory, the largest of the levers in
+bench/RESULTS.md §5. Only standard operators are written; onnxruntime's own fusions (contrib
+operators) are left to its session or to `deco.onnx_optimize.optimize_for_ort`.
+
 The file carries `metadata_props`: `deco_format`, `config` (JSON), `deco_graph`, and the
 SHA-256 and path of the weight file it came from, so `deco onnx-check` can rebuild the float64
 reference from the very same weights (rather than guess them back from initializers, which
