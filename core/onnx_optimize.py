@@ -26,12 +26,12 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from deco.atomic import fsync_dir
+
+if TYPE_CHECKING:  # torch only where a graph is built: deco.onnx_runtime runs without it
+    from torch import Tensor
 
 DOMAIN, OP = "ai.deco", "PixelDecoderRows"
 #: Rows (pixels) per Loop iteration of a lowered decoder: 4096 x 32 floats (512 KiB) per
@@ -65,6 +65,8 @@ def lowered_decoders() -> Iterator[list[Any]]:
 
 
 def _placeholder(decoder: Any, index: int, original: Any) -> Any:
+    import torch
+
     class Rows(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, pixels: Tensor, s: Tensor) -> Tensor:
@@ -90,6 +92,7 @@ def _placeholder(decoder: Any, index: int, original: Any) -> Any:
 def _tensor(name: str, value: Tensor) -> Any:
     """An ONNX tensor of `value` in its own dtype (raw bytes: NumPy has no bfloat16)."""
     import onnx
+    import torch
 
     types = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
              torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.int64: onnx.TensorProto.INT64,
@@ -116,6 +119,8 @@ class _Builder:
 
     def int64(self, name: str, value: Any) -> str:
         """The int64 initializer `name` holding `value` (a number or a list)."""
+        import torch
+
         return self.const(name, torch.tensor(value, dtype=torch.int64))
 
     def op(self, op_type: str, *inputs: str, **attrs: Any) -> str:
@@ -127,10 +132,10 @@ class _Builder:
         return out
 
 
-@torch.no_grad()
 def _body(decoder: Any, b: _Builder, body: _Builder, pix: str, s: str, patches: int) -> Any:
     """The Loop body decoding chunk `iter` of the padded (N', P, C) pixels and (N', D) tokens."""
     import onnx
+    import torch
 
     p2, c = decoder.patch_size ** 2, decoder.final.out_features
     width, dtype = decoder.final.in_features, decoder.final.weight.dtype
@@ -195,7 +200,10 @@ def _lower_one(node: Any, decoder: Any, index: int, loop: int,
     zeros = i64("zeros2", [0, 0])
     pix_pad = b.op("Pad", pixels, b.op("Concat", i64("zeros3", [0, 0, 0]), extra, zeros, axis=0))
     s_pad = b.op("Pad", s, b.op("Concat", zeros, extra, i64("zero1", [0]), axis=0))
-    graph = _body(decoder, b, body, pix_pad, s_pad, patches)
+    import torch
+
+    with torch.no_grad():  # the folded weights are plain tensors
+        graph = _body(decoder, b, body, pix_pad, s_pad, patches)
     loop_out = b.node_prefix + "chunks"
     # An explicit true condition: onnx's reference evaluator runs no iteration without one.
     true = b.const("true", torch.tensor(True))
