@@ -349,12 +349,14 @@ def tensor_bytes(proto: Any) -> int:
 
 
 def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bool | None,
-            rewrite: Callable[[Any], Any]) -> bool:
+            rewrite: Callable[[Any], Any] | None = None) -> bool:
     """Save the traced graph with its metadata at `staged` (weights in `<staged>.data` when
     external), run the full ONNX checker on the path, and say whether the data is external."""
     import onnx
 
-    proto = rewrite(onnx.load(str(traced)))  # with any tensor files the exporter wrote beside it
+    proto = onnx.load(str(traced))  # with any tensor files the exporter wrote beside it
+    if rewrite is not None:  # e.g. the decoder placeholders lowered to Loops
+        proto = rewrite(proto)
     for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
