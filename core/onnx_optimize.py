@@ -132,8 +132,9 @@ class _Builder:
         return out
 
 
-def _body(decoder: Any, b: _Builder, body: _Builder, pix: str, s: str, patches: int) -> Any:
-    """The Loop body decoding chunk `iter` of the padded (N', P, C) pixels and (N', D) tokens."""
+def _body(decoder: Any, b: _Builder, body: _Builder, pix: str, cond_all: str, patches: int) -> Any:
+    """The Loop body decoding chunk `iter` of the padded (N', P, C) pixels and (N', P*w)
+    conditions."""
     import onnx
     import torch
 
@@ -147,7 +148,7 @@ def _body(decoder: Any, b: _Builder, body: _Builder, pix: str, s: str, patches: 
     start = body.op("Unsqueeze", body.op("Mul", step, i64("k", patches)), i64("axis0", [0]))
     end = body.op("Add", start, i64("k1", [patches]))
     chunk_pix = body.op("Slice", pix, start, end, b.prefix + "axis0")  # (k, P, C)
-    chunk_s = body.op("Slice", s, start, end, b.prefix + "axis0")  # (k, D)
+    cond = body.op("Slice", cond_all, start, end, b.prefix + "axis0")  # (k, P*w)
 
     def gemm(x: str, name: str, weight: Tensor, bias: Tensor) -> str:
         return body.op("Gemm", x, b.const(name + ".w", weight), b.const(name + ".b", bias), transB=1)
@@ -159,7 +160,6 @@ def _body(decoder: Any, b: _Builder, body: _Builder, pix: str, s: str, patches: 
         return body.op("LayerNormalization", x, ones, axis=-1, epsilon=float(decoder.blocks[0].norm.eps))
 
     flat = i64("rows", [rows, width])
-    cond = gemm(chunk_s, "cond_proj", decoder.cond_proj.weight, decoder.cond_proj.bias)  # (k, P*w)
     u = silu(body.op("Reshape", cond, flat))  # (k*P, w)
     z = body.op("Add", body.op("MatMul", chunk_pix, b.const("embed.w", e_weight.T)),
                 b.const("embed.b", e_bias))  # (k, P, w)
@@ -199,11 +199,15 @@ def _lower_one(node: Any, decoder: Any, index: int, loop: int,
     extra = b.op("Unsqueeze", b.op("Sub", b.op("Mul", trips, b.prefix + "k"), n), i64("axis0", [0]))
     zeros = i64("zeros2", [0, 0])
     pix_pad = b.op("Pad", pixels, b.op("Concat", i64("zeros3", [0, 0, 0]), extra, zeros, axis=0))
-    s_pad = b.op("Pad", s, b.op("Concat", zeros, extra, i64("zero1", [0]), axis=0))
+    # cond_proj once over all patches, outside the Loop: inside, each chunk of a few patches
+    # would read its whole (P*w, D) weight (12 MiB at D = 384) again.
+    cond = b.op("Gemm", s, b.const("cond_proj.w", decoder.cond_proj.weight),
+                b.const("cond_proj.b", decoder.cond_proj.bias), transB=1)  # (N, P*w)
+    cond_pad = b.op("Pad", cond, b.op("Concat", zeros, extra, i64("zero1", [0]), axis=0))
     import torch
 
     with torch.no_grad():  # the folded weights are plain tensors
-        graph = _body(decoder, b, body, pix_pad, s_pad, patches)
+        graph = _body(decoder, b, body, pix_pad, cond_pad, patches)
     loop_out = b.node_prefix + "chunks"
     # An explicit true condition: onnx's reference evaluator runs no iteration without one.
     true = b.const("true", torch.tensor(True))
