@@ -252,10 +252,12 @@ def lower_decoders(proto: Any, decoders: list[Any], chunk_rows: int = DEFAULT_CH
 # ---------------------------------------------------------------------- onnxruntime sessions
 def session_options(threads: int | None = None, level: str = "all",
                     optimized_model_path: str | Path | None = None, sequential: bool = True,
-                    memory_pattern: bool = True, cpu_arena: bool = True) -> Any:
+                    memory_pattern: bool = True, cpu_arena: bool = True, spinning: bool = True) -> Any:
     """`onnxruntime.SessionOptions` for a DeCo graph: `threads` intra-op threads (None:
     onnxruntime's choice), graph optimisation `level` (one of LEVELS), and where onnxruntime
-    should save the graph it optimised (`optimized_model_path`). Errors only in the log: a
+    should save the graph it optimised (`optimized_model_path`). `spinning` False makes idle
+    intra-op threads sleep instead of spin: on a host whose cores other processes share, that
+    halved a 2-thread run (bench/RESULTS.md §5). Errors only in the log: a
     float16 graph makes the CPU provider warn once per node it cannot constant-fold."""
     import onnxruntime as ort
 
@@ -275,6 +277,8 @@ def session_options(threads: int | None = None, level: str = "all",
                               else ort.ExecutionMode.ORT_PARALLEL)
     options.enable_mem_pattern = memory_pattern
     options.enable_cpu_mem_arena = cpu_arena
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_model_path is not None:
         options.optimized_model_filepath = str(optimized_model_path)
     return options

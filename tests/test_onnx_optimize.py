@@ -116,12 +116,13 @@ def test_session_options_set_what_they_say(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     options = session_options(threads=2, level="basic", optimized_model_path=tmp_path / "o.onnx",
-                              sequential=False, memory_pattern=False, cpu_arena=False)
+                              sequential=False, memory_pattern=False, cpu_arena=False, spinning=False)
     assert options.intra_op_num_threads == 2
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert options.optimized_model_filepath == str(tmp_path / "o.onnx")
     assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
     assert not options.enable_mem_pattern and not options.enable_cpu_mem_arena
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.parametrize("rows", [0, -4, True, 2.5])
