@@ -34,7 +34,8 @@ def layer_norm(x: Tensor) -> Tensor:
     Without autograd it is written as centring + F.rms_norm: on the decoder's narrow (w = 32)
     rows that is ~2x faster than F.layer_norm on the CPU. With autograd F.layer_norm wins: its
     backward is one fused kernel, the other's a chain of elementwise ops."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.onnx.is_in_onnx_export():
+        # (exported as the one ONNX LayerNormalization op, which onnxruntime runs as one kernel)
         return F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS)
     return F.rms_norm(x - x.mean(-1, keepdim=True), (x.shape[-1],), eps=NORM_EPS)
 
@@ -329,17 +330,23 @@ class PixelDecoder(nn.Module):
         n = b * gh * gw
         # Pixels as (N, P, C): patches row-major, pixels row-major inside a patch.
         pixels = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(n, p * p, c)
-        embed = self.embed_weights(x.dtype)
+        out = self.rows(pixels, s.reshape(n, s.shape[-1]))  # (N*P, C)
+        return out.view(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w_img)
+
+    def rows(self, pixels: Tensor, s: Tensor) -> Tensor:
+        """pixels (N, P, C), s (N, D) -> velocity rows (N*P, C). (The ONNX export may stand in
+        its own lowering for this method: deco.onnx_optimize.)"""
+        embed = self.embed_weights(pixels.dtype)
         mods = [block.modulation_weights() for block in self.blocks if isinstance(block, DecoderBlock)]
-        cond = self.cond_proj(s.reshape(n, s.shape[-1]))  # (N, P*w): one GEMM, weight read once
-        chunked = x.device.type == "cpu" and not is_tracing()
-        chunks = max(1, -(-n // max(1, self.chunk_rows // (p * p)))) if chunked else 1
+        cond = self.cond_proj(s)  # (N, P*w): one GEMM, weight read once
+        n, pp = pixels.shape[0], pixels.shape[1]
+        chunked = pixels.device.type == "cpu" and not is_tracing()
+        chunks = max(1, -(-n // max(1, self.chunk_rows // pp))) if chunked else 1
         # chunk (not slicing): its backward is one cat, not a full-size zero tensor per chunk.
-        out = torch.cat([
+        return torch.cat([
             self.decode(pix, con, embed, mods)
             for pix, con in zip(pixels.chunk(chunks), cond.chunk(chunks), strict=True)
         ])  # (N*P, C)
-        return out.view(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w_img)
 
     def decode(self, pixels: Tensor, cond: Tensor, embed: tuple[Tensor, Tensor],
                mods: list[tuple[Tensor, Tensor]]) -> Tensor:

@@ -29,6 +29,12 @@ beside the graph (protobuf cannot hold 2 GiB; DeCo-XL/16 has 2.7 GB of float32 w
 onnxruntime relative to the graph's path. `dtype="float16"|"bfloat16"` stores and computes in that
 type behind a float32 interface (`RTOL_BY_DTYPE` states the agreement).
 
+A DeCo's pixel decoder is exported as a standard ONNX `Loop` over chunks of 4096 pixels
+(`deco.deploy.optimize`; `decoder_chunk_rows=None` keeps the straight-line decoder): onnxruntime's
+CPU provider then runs it from cache instead of through memory, the largest of the levers in
+bench/RESULTS.md §5. Only standard operators are written; onnxruntime's own fusions (contrib
+operators) are left to its session or to `deco.deploy.optimize.optimize_for_ort`.
+
 The file carries `metadata_props`: `deco_format`, `config` (JSON), `deco_graph`, and the
 SHA-256 and path of the weight file it came from, so `deco onnx-check` can rebuild the float64
 reference from the very same weights (rather than guess them back from initializers, which
@@ -37,12 +43,14 @@ constant folding renames and merges).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +60,7 @@ from torch import Tensor, nn
 
 from deco.atomic import fsync_dir, make_temporary_folder, writing
 from deco.config import DeCoConfig
+from deco.deploy.optimize import DEFAULT_CHUNK_ROWS, lower_decoders, lowered_decoders
 from deco.deploy.runtime import OnnxVelocityModel
 from deco.deploy.symbolics import symbolics
 from deco.optimized.weights import load_model
@@ -168,7 +177,7 @@ def export_onnx(
     model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET, batch: int | None = None,
     resolution: tuple[int, int] | None = None, cfg: bool = False,
     metadata: dict[str, str] | None = None, external_data: bool | None = None,
-    dtype: str = "float32",
+    dtype: str = "float32", decoder_chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
 ) -> Path:
     """Export `model` (a `deco.optimized` DeCo or BaselineDiT with a `.config`) to `path`.
 
@@ -191,6 +200,10 @@ def export_onnx(
     included, the folder is removed and nothing is left (an earlier export at `path` is left as
     it was). The data file is moved first and the graph last, so a graph is never visible
     without its own data (see `_install`).
+
+    `decoder_chunk_rows` (default 4096): a DeCo's pixel decoder becomes a standard ONNX Loop over
+    chunks of that many pixels (`deco.deploy.optimize`: onnxruntime runs it faster than one pass
+    over all pixels); None keeps the straight-line decoder.
     """
     config = getattr(model, "config", None)
     if not isinstance(config, DeCoConfig):
@@ -213,16 +226,23 @@ def export_onnx(
     p = config.patch_size
     # Trace at a non-square size so that a height/width mix-up cannot hide in the trace.
     example = _example_inputs(config, batch or 2, resolution or (2 * p, 3 * p), cfg)
+    if decoder_chunk_rows is not None and (isinstance(decoder_chunk_rows, bool) or not isinstance(
+            decoder_chunk_rows, int) or decoder_chunk_rows < 1):
+        raise ValueError(f"decoder_chunk_rows: expected a positive int or None, got {decoder_chunk_rows!r}")
     folder = make_temporary_folder(path)
     try:
         with writing(path, folder, data_file(path)):
             traced = folder / "trace" / "model.onnx"  # the exporter may scatter tensor files here
             traced.parent.mkdir()
-            _trace(net, example, traced, opset, input_names(config, cfg), batch is None,
-                   resolution is None)
+            lowering: contextlib.AbstractContextManager[list[Any]] = (
+                lowered_decoders() if decoder_chunk_rows else contextlib.nullcontext([]))
+            with lowering as decoders:
+                _trace(net, example, traced, opset, input_names(config, cfg), batch is None,
+                       resolution is None)
             staged = folder / path.name
             props = _properties(config, cfg, batch, resolution, dtype, metadata)
-            external = _finish(traced, staged, props, external_data)
+            external = _finish(traced, staged, props, external_data,
+                               lambda proto: lower_decoders(proto, decoders, decoder_chunk_rows or 1))
             shutil.rmtree(traced.parent)
             _check_other_shapes(reference, staged, config, cfg, batch, resolution, dtype)
             _install(staged, path, external)
@@ -330,12 +350,15 @@ def tensor_bytes(proto: Any) -> int:
     return int(total)
 
 
-def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bool | None) -> bool:
+def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bool | None,
+            rewrite: Callable[[Any], Any] | None = None) -> bool:
     """Save the traced graph with its metadata at `staged` (weights in `<staged>.data` when
     external), run the full ONNX checker on the path, and say whether the data is external."""
     import onnx  # here: onnx is an optional extra
 
     proto = onnx.load(str(traced))  # with any tensor files the exporter wrote beside it
+    if rewrite is not None:  # e.g. the decoder placeholders lowered to Loops
+        proto = rewrite(proto)
     return save_checked(proto, staged, props, external_data)
 
 

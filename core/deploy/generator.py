@@ -373,8 +373,11 @@ def export_generator(
         raise FileNotFoundError(f"output: folder {path.parent} does not exist")
     folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        # The straight-line decoder: the inliner copies the velocity graph's nodes into the Loop
+        # body and cannot yet carry a nested Loop (the chunked decoder of deco.deploy.optimize).
+        options = {"decoder_chunk_rows": None, **velocity_options}
         velocity = export_onnx(model, folder / "velocity.onnx", opset=opset, resolution=resolution,
-                               dtype=dtype, external_data=external_data, **velocity_options)
+                               dtype=dtype, external_data=external_data, **options)
         import onnx  # here: onnx is an optional extra
 
         staged = folder / path.name

@@ -16,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from deco.config import DeCoConfig
+from deco.deploy.optimize import session_options as make_options
 from deco.reference import sample as reference_sample
 from deco.reference.checks import as_condition, as_float_array
 from deco.reference.sampling import check_conditions
@@ -31,16 +32,11 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def _session(path: Path, providers: list[str] | None, threads: int | None) -> Any:
+def _session(path: Path, providers: list[str] | None, threads: int | None, level: str = "all") -> Any:
     import onnxruntime as ort  # here: onnxruntime is an optional extra
 
     chosen = providers or default_providers()
-    session_options = ort.SessionOptions()
-    # Errors only: a float16 graph makes the CPU provider warn once per node it cannot
-    # constant-fold, which says nothing about the results.
-    session_options.log_severity_level = 3
-    if threads is not None:
-        session_options.intra_op_num_threads = threads
+    session_options = make_options(threads=threads, level=level)
     # TF32 matmuls on NVIDIA GPUs round inputs to 10 mantissa bits: float32 results would then
     # miss the 1e-4 agreement that `deco onnx-check` promises.
     options = [{"use_tf32": 0} if p == "CUDAExecutionProvider" else {} for p in chosen]
@@ -60,18 +56,20 @@ class OnnxVelocityModel:
 
     `config` comes from the file's metadata; `graph` is "velocity" or "cfg". Inputs are cast to
     float32 (the graph's type) and outputs returned as float64, like the reference's. `threads`
-    sets onnxruntime's intra-op thread count (default: its own choice, one per physical core).
+    sets onnxruntime's intra-op thread count (default: its own choice, one per physical core);
+    `level` its graph optimisation level (`deco.deploy.optimize.LEVELS`; "disable" for a graph
+    that `optimize_for_ort` saved already optimised).
     """
 
     def __init__(self, path: str | Path, providers: list[str] | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, level: str = "all") -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"path: no such file: {path}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads: expected a positive int or None, got {threads!r}")
         self.path = path
-        self.session = _session(path, providers, threads)
+        self.session = _session(path, providers, threads, level)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         if "config" not in self.metadata or "deco_graph" not in self.metadata:
             raise ValueError(f"path: {path} has no DeCo metadata (not written by deco export-onnx)")

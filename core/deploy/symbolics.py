@@ -1,7 +1,8 @@
 """ONNX symbolics for the TorchScript exporter (deco.deploy.export), written for what the model
 uses: `rms_norm` (no built-in symbolic), `layer_norm` over the last axis with a traced normalized
-shape, `linspace` (the built-in one returns NaN for one step) and an `addcmul` that keeps a
-float16/bfloat16 graph in its dtype (the built-in one multiplies by a float32 constant).
+shape (as ONNX's LayerNormalization op), `linspace` (the built-in one returns NaN for one step)
+and an `addcmul` that keeps a float16/bfloat16 graph in its dtype (the built-in one multiplies
+by a float32 constant).
 """
 
 from __future__ import annotations
@@ -46,14 +47,18 @@ def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> A
 
 def _layer_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, bias: Any, eps: Any,
                 cudnn_enable: Any) -> Any:
-    """(x - mean) / sqrt(var + eps) (* weight + bias) over the last axis."""
+    """ONNX's LayerNormalization (opset 17) over the last axis: one kernel in onnxruntime, where
+    the decomposed mean/centre/variance/divide chain makes six passes over the activations (the
+    pixel decoder's are (N*P, w) with N*P = 65536 at 256x256). Without a weight its required
+    Scale input is ones of the last axis' (run-time) size."""
     _check_last_axis(normalized_shape, "layer_norm")
-    centred = g.op("Sub", x, _mean_last(g, x))
-    var = _mean_last(g, g.op("Mul", centred, centred))
-    out = g.op("Div", centred, g.op("Sqrt", g.op("Add", var, _eps(g, eps, x))))
-    if not symbolic_helper._is_none(weight):
-        out = g.op("Mul", out, weight)
-    return out if symbolic_helper._is_none(bias) else g.op("Add", out, bias)
+    value = float(symbolic_helper._maybe_get_const(eps, "f"))
+    if symbolic_helper._is_none(weight):
+        last = g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([-1])),
+                    g.op("Constant", value_t=torch.tensor([torch.iinfo(torch.int64).max])))
+        weight = g.op("CastLike", g.op("ConstantOfShape", last, value_t=torch.tensor([1.0])), x)
+    inputs = [x, weight] if symbolic_helper._is_none(bias) else [x, weight, bias]
+    return g.op("LayerNormalization", *inputs, axis_i=-1, epsilon_f=value)
 
 
 def _addcmul(g: Any, x: Any, t1: Any, t2: Any, value: Any) -> Any:
