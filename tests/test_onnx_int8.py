@@ -6,17 +6,20 @@ generator), the float32 export's own interface (the int8 graph must offer the sa
 initializers as onnx reads them, and `deco.outputs.to_uint8` for the image output.
 
 Bounds (max |int8 - torch| / max |torch|), measured on random tiny models (helpers.random_weights,
-every weight non-zero, activations O(1): harsher than trained weights, whose velocity is smooth),
-10 seeds each of DeCo-tiny/4, DiT-tiny/4 and DeCo-T2I-tiny/4 (/tmp measurements, see
-bench/RESULTS.md "int8 on the digits demo"):
-- velocity graph: int8 error 0.02..0.11 (worst: DeCo-tiny/4 seed 0); a model with other weights
-  (a wrong export) is off by 1.3..1.9. VELOCITY_BOUND = 0.25: about 2x the worst int8 error
-  measured, and 5x below the closest wrong model.
-- generator (8 steps; Euler unguided, Heun and Adams guided with g = 3): int8 error 0.03..0.32,
-  as the error compounds over the steps and the guidance amplifies it 3x; a wrong model differs by
-  2 (the clamped samples of two random models disagree at full scale). GENERATOR_BOUND = 0.5
-  (the export's own check uses the same, `RTOL_BY_DTYPE["int8"]`), 4x below a wrong model. The
-  models here are those seeds' and a small scale, where the measured error is lower still.
+every weight non-zero, activations O(1)), seeds 0..9 each of DeCo-tiny/4, DiT-tiny/4 and
+DeCo-T2I-tiny/4 (30 models):
+- velocity graph: int8 error 0.021..0.113 (worst: DeCo-tiny/4 seed 0); a model with other weights
+  (what a wrong export would compute) is off by 1.04..1.95. VELOCITY_BOUND = 0.25 =
+  RTOL_BY_DTYPE["int8"]: 2.2x the worst int8 error measured, 4x below the closest wrong model.
+- generator (8 steps; Euler unguided, Heun and Adams guided with g = 3): int8 error 0.03..0.66
+  (worst: DeCo-tiny/4 seed 3, Heun): a random model amplifies each step's rounding, and the guidance
+  3x more; two different models' clamped samples differ by 2 (opposite saturation).
+  GENERATOR_BOUND = 1.0 = GENERATOR_RTOL_BY_DTYPE["int8"] (the export's own check): 1.5x the worst
+  measured, 2x below a wrong model. That is a weak separation, so the velocity tests carry the
+  precision; the generator tests carry the wrapping (interface, metadata, weights, image output).
+On the trained digits model (bench/RESULTS.md, "int8 on the digits demo"): velocity 0.03..0.13 on
+noised real digits at t = 0..0.96 (the worst near t = 1, where v is small), 1.9x below the bound;
+the 25-step guided generator 0.27 (mean |error| 0.015 on [-1, 1]).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from helpers import random_weights, rel_err, tiny_config
 
 from deco.cli import main
 from deco.config import DeCoConfig
-from deco.deploy.export import RTOL_BY_DTYPE, export_onnx
+from deco.deploy.export import GENERATOR_RTOL_BY_DTYPE, RTOL_BY_DTYPE, export_onnx
 from deco.deploy.generator import export_generator
 from deco.deploy.generator_check import example_feed, torch_sample
 from deco.deploy.quantize import export_int8, export_int8_generator
@@ -41,8 +44,8 @@ from deco.optimized.weights import build_model
 from deco.outputs import to_uint8
 
 VELOCITY_BOUND = 0.25
-GENERATOR_BOUND = 0.5
-#: A wrong model (other random weights) is off by at least this much (measured: >= 1.29).
+GENERATOR_BOUND = 1.0
+#: A wrong model (other random weights) is off by at least this much (measured: >= 1.04).
 WRONG_FLOOR = 1.0
 TEXT = DeCoConfig.preset("DeCo-T2I-tiny/4")
 
@@ -148,7 +151,7 @@ def test_int8_generator_graph(class_model: torch.nn.Module, settings: SampleSett
         expected = torch_sample(class_model, feed, settings).numpy()
     assert rel_err(sample, expected) <= GENERATOR_BOUND
     np.testing.assert_array_equal(image, to_uint8(torch.from_numpy(sample)))
-    assert GENERATOR_BOUND == RTOL_BY_DTYPE["int8"]
+    assert GENERATOR_BOUND == GENERATOR_RTOL_BY_DTYPE["int8"] and VELOCITY_BOUND == RTOL_BY_DTYPE["int8"]
 
 
 def test_quantizer_leaves_no_float_linear_weights(class_model: torch.nn.Module, tmp_path: Path) -> None:

@@ -127,7 +127,8 @@ def export_int8_generator(
 ) -> Path:
     """Export the int8 generator graph of `model` sampling with `settings` (a SampleSettings):
     the generator of `deco.deploy.generator` around the quantised velocity graph, checked against
-    `deco.optimized.sample` (float32) to `RTOL_BY_DTYPE["int8"]`; atomic like `export_int8`."""
+    `deco.optimized.sample` (float32) to `GENERATOR_RTOL_BY_DTYPE["int8"]` (the error compounds
+    over the steps); atomic like `export_int8`."""
     from deco.deploy.generator import build_generator, generator_properties
     from deco.deploy.generator_check import check_export
     from deco.optimized.sampling import SampleSettings
