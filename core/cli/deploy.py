@@ -31,12 +31,13 @@ def register(sub: Any) -> None:
     p.add_argument("--resolution", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="fix the image size (default: dynamic height and width)")
     p.add_argument("--cfg", action="store_true", help="export the classifier-free-guided velocity")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "int8"], default="float32",
                    help="weight and compute dtype; inputs and output stay float32. float16/bfloat16 "
                    "are for GPU runtimes (onnxruntime-gpu, TensorRT) and agree with the float32 "
                    "model to a relative 1e-2 / 5e-2 (float32: 1e-4). onnxruntime's CPU provider "
                    "cannot run bfloat16, so the export checks such a graph with onnx's reference "
-                   "evaluator, and onnx-check needs a GPU provider for it")
+                   "evaluator, and onnx-check needs a GPU provider for it. int8: onnxruntime's "
+                   "dynamic quantisation of the linear layers, for CPUs (deco.deploy.quantize)")
     p.add_argument("--external-data", action="store_true", default=None,
                    help="always write the weights to one external file OUTPUT.data beside the "
                    "graph (default: only when they exceed 1 GiB, as protobuf cannot hold 2 GiB)")
@@ -143,6 +144,10 @@ def export_onnx(args: argparse.Namespace) -> int:
     from deco.deploy.export import data_file, export_checkpoint
 
     check_output(args.output, args.force)
+    if args.dtype == "int8":
+        from deco.cli.int8 import export_int8
+
+        return export_int8(args, _batch(args.batch))
     if args.generator:
         return _export_generator(args)
     for flag in ("solver", "steps", "guidance", "interval", "timeshift"):

@@ -14,7 +14,15 @@ import torch
 
 from deco.config import DeCoConfig
 from deco.conformance.fixtures import error_measure
-from deco.deploy.export import GRAPH_CFG, ONNX_CHECK_RTOL, RTOL_BY_DTYPE, export_onnx, guided, sha256_file
+from deco.deploy.export import (
+    GENERATOR_RTOL_BY_DTYPE,
+    GRAPH_CFG,
+    ONNX_CHECK_RTOL,
+    RTOL_BY_DTYPE,
+    export_onnx,
+    guided,
+    sha256_file,
+)
 from deco.deploy.generator import GRAPH_GENERATOR
 from deco.deploy.generator_check import example_feed, recorded_graph_settings, run_generator, torch_sample
 from deco.deploy.runtime import OnnxVelocityModel
@@ -174,7 +182,7 @@ def check_generator(path: Path, metadata: dict[str, str], checkpoint: Path, batc
         mine32 = torch_sample(model.float(), feed, settings)
         exact = torch_sample(model.double(), feed, settings).numpy()
     mine = mine32.double().numpy()
-    bound = RTOL_BY_DTYPE.get(dtype, ONNX_CHECK_RTOL)
+    bound = GENERATOR_RTOL_BY_DTYPE.get(dtype, ONNX_CHECK_RTOL)
     rows = [CheckRow(pair, *error_measure(np.asarray(a, np.float64), b), bound=limit)
             for pair, a, b, limit in [("onnxruntime vs float64", sample, exact, bound),
                                       ("torch vs float64", mine, exact, ONNX_CHECK_RTOL),

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from deco.config import DeCoConfig
-from deco.deploy.export import RTOL_BY_DTYPE, _cpu_copy
+from deco.deploy.export import GENERATOR_RTOL_BY_DTYPE, _cpu_copy
 from deco.deploy.runtime import _session
 from deco.optimized.sampling import SampleSettings, sample
 
@@ -77,9 +77,9 @@ def check_export(model: nn.Module, path: Path, settings: SampleSettings, guided:
         expected = torch_sample(_cpu_copy(model, torch.float32), feed, settings).double().numpy()
     got = np.asarray(run_generator(path, feed, dtype)[0], dtype=np.float64)
     err = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
-    if not err <= RTOL_BY_DTYPE[dtype]:
+    if not err <= GENERATOR_RTOL_BY_DTYPE[dtype]:
         raise ValueError(f"model: the generator graph differs from deco.optimized.sample by a relative "
-                         f"{err:.1e} (bound {RTOL_BY_DTYPE[dtype]:g})")
+                         f"{err:.1e} (bound {GENERATOR_RTOL_BY_DTYPE[dtype]:g})")
 
 
 # ------------------------------------------------------------------------------ deco onnx-check
