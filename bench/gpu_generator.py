@@ -6,7 +6,8 @@ Rows (keys `generator/<row>`), in this order:
 - export: the generator graph of a random DeCo-XL/16 (Euler, 100 steps, guidance 3.2 on
   (0.1, 1], the paper's class setting; weights in external data), then the torch reference:
   `deco.optimized.sample` in float32 with TF32 off on the check's device at batch 1, whose time
-  per image is the row's median_s. Every other row needs this one.
+  per image is the row's median_s. Every other row needs this one; it is skipped (saving minutes
+  of a lease) when onnxruntime has neither GPU provider, e.g. the plain CPU `onnxruntime` wheel.
 - cuda: CUDAExecutionProvider (TF32 off): time per image at batch 1 and at batch 8, first_s (the
   session's creation and first run), agreement with torch <= 1e-4 (relative to max|torch|).
 - tensorrt: TensorrtExecutionProvider (CUDA and CPU behind it for the nodes it declines), float32
@@ -28,6 +29,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +150,16 @@ def engine_files(cache: Path) -> int:
 
 
 # ------------------------------------------------------------------------------ rows
-def export_row(report: Any, plan: Any, device: Any, shared: Shared, scratch: Path) -> None:
+def missing_gpu_providers(available: list[str]) -> str:
+    """The reason to skip the export when no row could use it (CPU-only onnxruntime, as on a
+    machine with the plain `onnxruntime` wheel), else ""; it would cost minutes of a lease."""
+    if set(PROVIDERS.values()) & set(available):
+        return ""
+    return (f"no GPU execution provider in this onnxruntime (providers: {', '.join(available)}): every "
+            "row would skip; install onnxruntime-gpu (and TensorRT for its rows)")
+
+
+def export_row(report: Any, plan: Any, device: Any, shared: Shared, scratch: Path, dry_run: bool) -> None:
     """Export the generator graph and run the torch reference (see the module docstring)."""
     import numpy as np
     import torch
@@ -160,6 +171,15 @@ def export_row(report: Any, plan: Any, device: Any, shared: Shared, scratch: Pat
     from deco.optimized.gemm import full_float32_products
     from deco.optimized.sampling import sample
 
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        report.add("generator", "export", "skip", "onnxruntime is not installed")
+        return
+    reason = "" if dry_run else missing_gpu_providers(ort.get_available_providers())
+    if reason:
+        report.add("generator", "export", "skip", reason)
+        return
     config = DeCoConfig.preset(plan.preset)
     model = our_model(config).eval()
     sampler = settings(plan.steps)
@@ -219,7 +239,9 @@ def provider_row(report: Any, plan: Any, shared: Shared, row: str, dry_run: bool
         cache.mkdir(parents=True, exist_ok=True)
         metrics["cached_engines_before"] = engine_files(cache)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # Warnings on a GPU (why a provider was replaced, which nodes TensorRT declined); errors only
+    # on the CPU stand-in.
+    options.log_severity_level = 3 if dry_run else 2
     start = time.perf_counter()
     with no_tf32(row == "tensorrt" and not dry_run):
         session = ort.InferenceSession(str(shared.path), sess_options=options,
@@ -248,7 +270,7 @@ def _times(session: Any, shared: Shared, row: str, plan: Any) -> dict[str, Any]:
     call and `plan.rounds // 2` timed ones (at least 1): seconds per image."""
     out = repeat(lambda: session.run(["sample"], shared.feeds[1]), plan.warmup, plan.rounds, lambda: None)
     for batch in BATCHES[row][1:]:
-        timed = repeat(lambda: session.run(["sample"], shared.feeds[batch]), 1, max(1, plan.rounds // 2),
+        timed = repeat(partial(session.run, ["sample"], shared.feeds[batch]), 1, max(1, plan.rounds // 2),
                        lambda: None)
         out[f"batch{batch}_median_s_per_image"] = timed["median_s"] / batch
     return out
@@ -262,5 +284,5 @@ def steps(report: Any, plan: Any, device: Any, scratch: Path,
     def row_step(row: str) -> tuple[str, Callable[[], None]]:
         return f"generator/{row}", lambda: provider_row(report, plan, shared, row, dry_run)
 
-    return [("generator/export", lambda: export_row(report, plan, device, shared, scratch)),
+    return [("generator/export", lambda: export_row(report, plan, device, shared, scratch, dry_run)),
             *(row_step(r) for r in ROWS[1:])]
