@@ -38,12 +38,13 @@ ROWS = ("export", "cuda", "tensorrt", "tensorrt-fp16")
 GUIDANCE, INTERVAL, SOLVER = 3.2, (0.1, 1.0), "euler"
 #: float32 agreement of a graph with torch, as `deco onnx-check` and the export's own check ask.
 FP32_BOUND = 1e-4
-#: TensorRT fp16 vs torch float32, relative to max|torch| of the clamped sample. The export check
-#: holds a float16-weight generator graph (everything in float16, onnxruntime CPU) to
-#: RTOL_BY_DTYPE["float16"] = 1e-2 through the whole guided sampler; TensorRT fp16 keeps float32
-#: where its kernels ask for it, so it should not be worse. Measured on the CPU with that float16
-#: graph, Euler 100 steps, guidance 3.2 on (0.1, 1], random weights: see bench/RESULTS.md
-#: ("generator graph, float16"). Recalibrate from the first GPU run's `rel_err_vs_torch`.
+#: TensorRT fp16 vs torch float32, relative to max|torch| of the clamped sample: the project's
+#: float16 bound (deco.deploy.export.RTOL_BY_DTYPE["float16"]), which the export's own check holds a
+#: float16-weight generator graph to. Calibration on the CPU (bench/generator_fp16.py, bench/RESULTS.md
+#: §6): that graph, with every operation in float16, is within 1.7e-4 of torch on DeCo-XL/16 at 32x32
+#: (Euler 100 steps, guidance 3.2 on (0.1, 1], random weights); TensorRT fp16 keeps float32 where
+#: its kernels need it, so should be no worse. The 60x margin is for trained weights (larger
+#: activations) and 256x256; recalibrate from the first GPU run's `rel_err_vs_torch`.
 FP16_BOUND = 1e-2
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
              "tensorrt-fp16": "TensorrtExecutionProvider"}
