@@ -1,6 +1,7 @@
 """One command for a short GPU lease: every CUDA check and the paper's GPU numbers in one run.
 
     python bench/gpu_check.py --out DIR            # on a CUDA machine (~7 minutes on an H100/H200)
+    python bench/gpu_check.py --out DIR --only generator --budget-s 540   # section 6 alone
     python bench/gpu_check.py --out DIR --dry-run  # the same code paths on the CPU, tiny sizes
     nox -s gpu -- --out DIR                        # the same, through nox (no install step)
 
@@ -23,7 +24,12 @@ take the run past `--budget-s`; the cheap, decisive ones come first):
    the same loss and AdamW (bench/common.py); the release needs $DECO_RELEASE_SRC and is skipped
    with a message without it (it is not on a GPU machine unless carried there);
 5. onnxruntime: the XL graph (external data) on onnxruntime-gpu's CUDA provider, float32 (vs torch
-   <= 1e-4) and float16 (<= 1e-2), when that provider is installed.
+   <= 1e-4) and float16 (<= 1e-2), when that provider is installed;
+6. generator: the XL generator graph (the whole 100-step guided Euler sampler in one ONNX graph)
+   on onnxruntime's CUDA and TensorRT (float32, fp16) providers vs torch's sample on the same
+   noise: time per image, first run (session and engine build), agreement (bench/gpu_generator.py;
+   TensorRT engines are cached in DIR/trt-engines). With the default budget it is mostly skipped
+   after sections 1-5: run it alone with `--only generator`.
 
 Writes DIR/gpu_check.json (every number, the card, versions and command) and DIR/gpu_check.md
 (the same as a table) after every section, so a run cut short still leaves its results; the
@@ -99,7 +105,11 @@ class Plan:
 FULL = Plan("DeCo-XL/16", 256, 100, 32, rounds=5, warmup=2, test_targets=("tests",), estimates={
     "cuda-tests": 90, "sampling/eager": 20, "sampling/cuda-graphs": 25, "training/ours-trainer": 30,
     "training/ours": 30, "training/release": 40, "sampling/compile": 120,
-    "sampling/compile-reduce-overhead": 90, "onnxruntime/float32": 100, "onnxruntime/float16": 90})
+    "sampling/compile-reduce-overhead": 90, "onnxruntime/float32": 100, "onnxruntime/float16": 90,
+    # export ~120 s on 16 CPU cores, torch reference ~1.5 s per image; a TensorRT engine build of
+    # the XL loop may take minutes
+    "generator/export": 150, "generator/cuda": 60, "generator/tensorrt": 240,
+    "generator/tensorrt-fp16": 240})
 DRY = Plan("DeCo-tiny/4", 16, 3, 2, rounds=2, warmup=1,
            test_targets=("tests/test_cuda_device.py", "tests/test_sync_free.py"))
 #: The paper's reference number and the brief's target for the sampling run.
@@ -456,8 +466,11 @@ SAMPLING_FIRST = ("eager", "cuda-graphs")
 SAMPLING_LAST = ("compile", "compile-reduce-overhead")
 
 
-def sections(report: Report, plan: Plan, device: Any, scratch: Path) -> list[tuple[str, Callable[[], None]]]:
+def sections(report: Report, plan: Plan, device: Any, scratch: Path,
+             dry_run: bool = False) -> list[tuple[str, Callable[[], None]]]:
     """(key, run) in priority order."""
+    import gpu_generator
+
     eager: dict[str, Any] = {}
 
     def sample_step(v: str) -> tuple[str, Callable[[], None]]:
@@ -473,7 +486,8 @@ def sections(report: Report, plan: Plan, device: Any, scratch: Path) -> list[tup
             *(sample_step(v) for v in SAMPLING_FIRST),
             *(train_step_(i) for i in ("ours-trainer", "ours", "release")),
             *(sample_step(v) for v in SAMPLING_LAST),
-            onnx_step("float32"), onnx_step("float16")]
+            onnx_step("float32"), onnx_step("float16"),
+            *gpu_generator.steps(report, plan, device, scratch, dry_run)]
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -485,14 +499,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="skip the sections that would end after this many seconds (default 450)")
     p.add_argument("--only", nargs="+", metavar="KEY", default=None,
                    help="run only these sections or section/name keys (e.g. cuda-tests sampling "
-                   "training/ours onnxruntime/float32)")
+                   "training/ours onnxruntime/float32 generator)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     shadow = ensure_deco()
-    sys.path.insert(0, str(BENCH_DIR))  # common.py, test_bench_cuda.py
+    sys.path.insert(0, str(BENCH_DIR))  # common.py, test_bench_cuda.py, gpu_generator.py
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
@@ -508,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.out, plan, args.budget_s)
     environment(report, device, args.dry_run, shadow)
     with tempfile.TemporaryDirectory(prefix="deco-gpu-check-onnx-") as scratch:
-        steps = sections(report, plan, device, Path(scratch))
+        steps = sections(report, plan, device, Path(scratch), args.dry_run)
         keys = [k for k, _ in steps]
         names = set(keys) | {k.partition("/")[0] for k in keys}
         unknown = set(args.only or []) - names
