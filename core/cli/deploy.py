@@ -37,7 +37,7 @@ def register(sub: Any) -> None:
                    "model to a relative 1e-2 / 5e-2 (float32: 1e-4). onnxruntime's CPU provider "
                    "cannot run bfloat16, so the export checks such a graph with onnx's reference "
                    "evaluator, and onnx-check needs a GPU provider for it. int8: onnxruntime's "
-                   "dynamic quantisation of the linear layers, for CPUs (deco.deploy.quantize)")
+                   "dynamic quantisation of the linear layers, for CPUs, see deco.deploy.quantize")
     p.add_argument("--external-data", action="store_true", default=None,
                    help="always write the weights to one external file OUTPUT.data beside the "
                    "graph (default: only when they exceed 1 GiB, as protobuf cannot hold 2 GiB)")

@@ -105,8 +105,10 @@ def export_int8(
     folder = make_temporary_folder(path)
     try:
         with writing(path, folder, data_file(path)):
+            # The straight-line decoder: onnxruntime's quantizer breaks the chunked decoder's Loop
+            # body (its rewritten nodes lose their topological order).
             velocity = export_onnx(model, folder / "float32.onnx", opset=opset, batch=batch,
-                                   resolution=resolution, cfg=cfg)
+                                   resolution=resolution, cfg=cfg, decoder_chunk_rows=None)
             proto = quantize_graph(velocity, folder / "quantized.onnx")
             props = _properties(config, cfg, batch, resolution, INT8, metadata)
             props["deco_quantization"] = quantization_label()
@@ -145,7 +147,8 @@ def export_int8_generator(
     try:
         with writing(path, folder, data_file(path)):
             # The velocity graph keeps a dynamic batch: a guided step evaluates 2B.
-            velocity = export_onnx(model, folder / "float32.onnx", opset=opset, resolution=resolution)
+            velocity = export_onnx(model, folder / "float32.onnx", opset=opset, resolution=resolution,
+                                   decoder_chunk_rows=None)  # straight-line: see export_int8
             quantized = quantize_graph(velocity, folder / "quantized.onnx")
             proto = build_generator(quantized, config, settings, is_guided, batch, resolution)
             props = generator_properties(config, settings, is_guided, "loop", batch, resolution, INT8,
