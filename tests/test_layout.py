@@ -135,3 +135,20 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_circle_finder_finds_circles() -> None:
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert strongly_connected({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_readme_layout_table_names_every_module() -> None:
+    """README "Layout": the row of each folder of core/ names every module in it (in backticks)."""
+    from helpers import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`"): line for line in readme.splitlines()
+            if line.startswith("| `core/")}
+    missing = []
+    for folder in sorted({p.parent for p in (REPO_ROOT / "core").rglob("*.py")}):
+        key = folder.relative_to(REPO_ROOT).as_posix() + "/"
+        assert key in rows, f"README's layout table has no row for {key}"
+        for module in sorted(folder.glob("*.py")):
+            if module.stem not in ("__init__", "__main__") and f"`{module.stem}`" not in rows[key]:
+                missing.append(f"{key}{module.name}")
+    assert not missing, f"modules the README's layout table does not name: {missing}"
