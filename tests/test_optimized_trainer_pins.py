@@ -69,12 +69,8 @@ def test_the_repa_encoder_is_frozen_and_in_eval_mode() -> None:
 def test_draws_are_made_on_the_runs_device_not_the_default_device(time_sampling: str) -> None:
     trainer = T.Trainer(tiny_model(), T.TrainConfig(time_sampling=time_sampling))  # type: ignore[arg-type]
     x, _ = batch(0)
-    previous = torch.get_default_device()
-    torch.set_default_device("meta")
-    try:
+    with torch.device("meta"):  # the default device for factories, restored exactly on exit
         draws = trainer.draw(x)
-    finally:
-        torch.set_default_device(previous)
     for tensor in (draws.label_uniform, draws.time, draws.noise):
         assert tensor.device == trainer.device and tensor.dtype == trainer.dtype
 
@@ -138,11 +134,7 @@ def test_step_bookkeeping_is_on_the_runs_device_not_the_default_device() -> None
     x, y = batch(0, b=4)
     trainer.step(x, y, accumulation=2)
     draws = trainer.draw(x)
-    previous = torch.get_default_device()
-    torch.set_default_device("meta")
-    try:
+    with torch.device("meta"):  # the default device for factories, restored exactly on exit
         logs = trainer.step(x, y, draws, accumulation=2)
-    finally:
-        torch.set_default_device(previous)
     assert all(np.isfinite(v) for v in logs.values())
     assert all(p.device == trainer.device for p in trainer.model.parameters())
