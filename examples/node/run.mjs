@@ -12,6 +12,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import * as ort from 'onnxruntime-node';
+import { writeAtomically } from '../common/files.mjs';
 import { checkFeeds, decoConfig, InputError, onnxMetadata, readSafetensors, writeSafetensors }
   from '../common/deco.mjs';
 
@@ -22,18 +23,6 @@ function readFile(file, what) {
     throw new InputError(`${what}: no such file: ${file}`);
   }
   return new Uint8Array(fs.readFileSync(file));
-}
-
-/** Writes next to the target and renames, so a reader never sees half a file. */
-function writeAtomically(file, bytes) {
-  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
-  try {
-    fs.writeFileSync(tmp, bytes);
-    fs.renameSync(tmp, file);
-  } catch (err) {
-    fs.rmSync(tmp, { force: true });
-    throw err;
-  }
 }
 
 async function main(argv) {

@@ -21,6 +21,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import * as ort from 'onnxruntime-node';
+import { writeAtomically } from '../../common/files.mjs';
 import {
   checkFeeds, decoConfig, InputError, onnxMetadata, readSafetensors, safetensorsMetadata,
   writeSafetensors,
@@ -37,17 +38,6 @@ function folder(dir, what) {
   return dir;
 }
 
-/** Writes next to the target and renames, so that the kit never reads half a file. */
-function writeAtomically(file, bytes) {
-  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
-  try {
-    fs.writeFileSync(tmp, bytes);
-    fs.renameSync(tmp, file);
-  } catch (err) {
-    fs.rmSync(tmp, { force: true });
-    throw err;
-  }
-}
 
 /** The key of `vectorConfig` whose value the graph's config does not share, or null. */
 function configDifference(vectorConfig, graphConfig) {
