@@ -7,6 +7,8 @@ release fixtures, so that every test compares an implementation against an indep
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,33 @@ def missing_extra(message: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message, allow_module_level=True)
+
+
+def umask_fixture(*masks: int) -> Callable[..., Iterator[int]]:
+    """A fixture that runs each test under every umask in `masks` and restores the previous one
+    afterwards; assign it in a test module: `umask = umask_fixture(0o022, 0o077)`."""
+
+    @pytest.fixture(params=masks)
+    def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+        mask: int = request.param
+        old = os.umask(mask)
+        try:
+            yield mask
+        finally:
+            os.umask(old)
+
+    return umask
+
+
+def node_with_onnxruntime() -> str:
+    """The `node` executable, with examples/node_modules installed (onnxruntime-node); skipped
+    locally and failed under CI without them (`missing_extra`)."""
+    path = shutil.which("node")
+    if path is None:
+        missing_extra("node is not installed (Node.js 20 or later)")
+    if not (REPO_ROOT / "examples" / "node_modules" / "onnxruntime-node").is_dir():
+        missing_extra("examples/node_modules is missing: run `npm ci --ignore-scripts` in examples/")
+    return str(path)
 
 
 def require_module(name: str) -> Any:

@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import umask_fixture
 
 from deco import atomic
 
-
-@pytest.fixture(params=[0o022, 0o077, 0o002])
-def umask(request: pytest.FixtureRequest) -> Iterator[int]:
-    """Run the test under a given umask and restore the previous one afterwards."""
-    mask: int = request.param
-    old = os.umask(mask)
-    try:
-        yield mask
-    finally:
-        os.umask(old)
+umask = umask_fixture(0o022, 0o077, 0o002)
 
 
 def _mode(path: Path) -> int:

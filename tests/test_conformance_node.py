@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO_ROOT, missing_extra, rel_err
+from helpers import REPO_ROOT, node_with_onnxruntime, rel_err
 from safetensors import safe_open
 
 from deco.cli import main
@@ -50,12 +50,7 @@ ALL_VECTORS = {p.stem for p in VECTORS.glob("*.safetensors")}
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    path = shutil.which("node")
-    if path is None:
-        missing_extra("node is not installed (Node.js 20 or later)")
-    if not (EXAMPLES / "node_modules" / "onnxruntime-node").is_dir():
-        missing_extra("examples/node_modules is missing: run `npm ci --ignore-scripts` in examples/")
-    return str(path)
+    return node_with_onnxruntime()
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ created by `mkdir` under the same umask, measured in the same folder."""
 
 from __future__ import annotations
 
-import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import umask_fixture
 
 from deco.cli import main
 from deco.config import DeCoConfig
@@ -23,14 +22,7 @@ from deco.config import DeCoConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(params=[0o022, 0o077])
-def umask(request: pytest.FixtureRequest) -> Iterator[int]:
-    mask: int = request.param
-    old = os.umask(mask)
-    try:
-        yield mask
-    finally:
-        os.umask(old)
+umask = umask_fixture(0o022, 0o077)
 
 
 def _mode(path: Path) -> int:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from helpers import REPO_ROOT, missing_extra
+from helpers import REPO_ROOT, missing_extra, node_with_onnxruntime
 from runtime_graphs import (
     GENERATOR_CASES,
     VELOCITY_CASES,
@@ -37,12 +36,7 @@ CASES, GENERATORS = VELOCITY_CASES, GENERATOR_CASES
 
 @pytest.fixture(scope="module")
 def node() -> str:
-    path = shutil.which("node")
-    if path is None:
-        missing_extra("node is not installed (Node.js 20 or later)")
-    if not (EXAMPLES / "node_modules" / "onnxruntime-node").is_dir():
-        missing_extra("examples/node_modules is missing: run `npm ci --ignore-scripts` in examples/")
-    return str(path)
+    return node_with_onnxruntime()
 
 
 @pytest.fixture(scope="module")
