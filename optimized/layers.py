@@ -101,7 +101,39 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
 
 
+def widen_rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The (L, 1, hd/2) RoPE tables as `rope_as_products` takes them: (L, 1, hd) tables
+    c = (cos_k, cos_k) and s = (-sin_k, sin_k) per pair. An ONNX export builds them once per
+    forward (in the model), not once per attention."""
+    return torch.stack((cos, cos), dim=-1).flatten(-2), torch.stack((-sin, sin), dim=-1).flatten(-2)
+
+
+def pair_swap(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(hd, hd) 0/1 matrix exchanging the two values of each pair: (x @ swap)[2k] = x[2k+1] and
+    (x @ swap)[2k+1] = x[2k]. Built from a Python int, so an export stores it as a constant."""
+    i = torch.arange(head_dim, device=device)
+    return (i[:, None] == (i + 1 - 2 * (i % 2))).to(dtype)  # partner of i: 1, 0, 3, 2, ...
+
+
+def rope_as_products(x: Tensor, c: Tensor, s: Tensor, swap: Tensor) -> Tensor:
+    """`apply_rope` as an ONNX export writes it: x * c + (x @ swap) * s with the tables of
+    `widen_rope_tables` and `pair_swap` (exact: each output of the product is one x times 1, the
+    other terms x times 0). The same arithmetic as `apply_rope` in three passes; onnxruntime ran
+    the split, rotated and re-stacked version 2-3x slower (bench/RESULTS.md §6)."""
+    return x * c + (x @ swap) * s
+
+
 # ------------------------------------------------------------------------------------ DiT block
+def split_product(x: Tensor, layer: Linear, parts: int) -> tuple[Tensor, ...]:
+    """layer(x).chunk(parts, dim=-1) for a layer without bias. In an ONNX export it is written as
+    `parts` products of row blocks of the weight: onnxruntime copies each slice of one product's
+    output, where separate products write their own (bench/RESULTS.md §6). Eager torch slices
+    views of one product, which copies nothing."""
+    if torch.onnx.is_in_onnx_export():
+        return tuple(F.linear(x, w) for w in layer.weight.chunk(parts))
+    return layer(x).chunk(parts, dim=-1)
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + 1e-6) * weight over the last axis."""
 
@@ -125,7 +157,7 @@ class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, joint: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
-        head_dim = hidden_size // num_heads
+        self.head_dim = head_dim = hidden_size // num_heads
         self.qkv = Linear(hidden_size, 3 * hidden_size, bias=False)
         self.kv_text = Linear(hidden_size, 2 * hidden_size, bias=False) if joint else None
         self.q_norm = RMSNorm(head_dim)
@@ -136,14 +168,18 @@ class Attention(nn.Module):
                 text: Tensor | None = None) -> Tensor:
         """x (B, L, D), text (B, T, D) for a joint block -> (B, L, D)."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).unbind(2)  # (B, L, h, hd)
+        heads, hd = self.num_heads, self.head_dim
+        q, k, v = (part.view(b, n, heads, hd) for part in split_product(x, self.qkv, 3))  # (B, L, h, hd)
         q, k = self.q_norm(q), self.k_norm(k)
-        if cos is not None and sin is not None:
+        if cos is not None and sin is not None and torch.onnx.is_in_onnx_export():
+            swap = pair_swap(self.head_dim, q.dtype, q.device)  # cos, sin: widen_rope_tables
+            q, k = rope_as_products(q, cos, sin, swap), rope_as_products(k, cos, sin, swap)
+        elif cos is not None and sin is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_text is not None:
             if text is None:
                 raise ValueError("text: a joint attention block needs the text tokens")
-            k_text, v_text = self.kv_text(text).view(b, text.shape[1], 2, self.num_heads, -1).unbind(2)
+            k_text, v_text = (part.view(b, text.shape[1], heads, hd) for part in split_product(text, self.kv_text, 2))
             k = torch.cat([k, self.k_norm(k_text)], dim=1)  # (B, L + T, h, hd)
             v = torch.cat([v, v_text], dim=1)
         # SDPA wants (B, h, L, hd); its default scale is 1/sqrt(hd), as in the spec.
@@ -177,7 +213,7 @@ class FusedSwiGLU(nn.Module):
         self.w3 = Linear(inner, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.w12(x).chunk(2, dim=-1)  # each (..., F)
+        a, b = split_product(x, self.w12, 2)  # each (..., F)
         out: Tensor = self.w3(F.silu(a) * b)
         return out
 
@@ -245,6 +281,29 @@ def text_position_features(p: int, device: torch.device, dtype: torch.dtype) -> 
     f_k = 10000^(-k/32), x_j, y_i in linspace(0, p, p)."""
     cos, _ = text_rope_angles(p, p, 2 * DCT_FREQS * DCT_FREQS, device, dtype)  # (P, 1, 64)
     return cos.reshape(p * p, DCT_FREQS * DCT_FREQS)
+
+
+def image_to_pixels(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (N, P, C) pixels: patches row-major, pixels row-major inside a patch.
+
+    An ONNX export writes it as two transposes, channels last first and then (p*C)-value blocks:
+    onnxruntime runs those 5x faster than the one six-axis permutation (bench/RESULTS.md §6)."""
+    b, c, h, w = x.shape
+    gh, gw = h // p, w // p
+    if torch.onnx.is_in_onnx_export():
+        nhwc = x.permute(0, 2, 3, 1).reshape(b, gh, p, gw, p * c)
+        return nhwc.transpose(2, 3).reshape(b * gh * gw, p * p, c)
+    return x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b * gh * gw, p * p, c)
+
+
+def pixels_to_image(rows: Tensor, b: int, c: int, h: int, w: int, p: int) -> Tensor:
+    """(N*P, C) rows in the order of `image_to_pixels` -> (B, C, H, W) (in an export also as two
+    transposes)."""
+    gh, gw = h // p, w // p
+    if torch.onnx.is_in_onnx_export():
+        nhwc = rows.view(b, gh, gw, p, p * c).transpose(2, 3).reshape(b, h, w, c)
+        return nhwc.permute(0, 3, 1, 2)
+    return rows.view(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
 
 class DecoderBlock(nn.Module):
@@ -325,13 +384,9 @@ class PixelDecoder(nn.Module):
     def forward(self, x: Tensor, s: Tensor) -> Tensor:
         """x (B, C, H, W) noisy image, s (B, L, D) semantic condition -> velocity (B, C, H, W)."""
         b, c, h, w_img = x.shape
-        p = self.patch_size
-        gh, gw = h // p, w_img // p
-        n = b * gh * gw
-        # Pixels as (N, P, C): patches row-major, pixels row-major inside a patch.
-        pixels = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(n, p * p, c)
-        out = self.rows(pixels, s.reshape(n, s.shape[-1]))  # (N*P, C)
-        return out.view(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w_img)
+        pixels = image_to_pixels(x, self.patch_size)  # (N, P, C)
+        out = self.rows(pixels, s.reshape(pixels.shape[0], s.shape[-1]))  # (N*P, C)
+        return pixels_to_image(out, b, c, h, w_img, self.patch_size)  # (B, C, H, W)
 
     def rows(self, pixels: Tensor, s: Tensor) -> Tensor:
         """pixels (N, P, C), s (N, D) -> velocity rows (N*P, C). (The ONNX export may stand in

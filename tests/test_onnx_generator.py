@@ -156,6 +156,36 @@ def test_weights_are_stored_once_and_metadata_records_every_setting(
         "deco_inputs": "noise,labels,guidance", "deco_outputs": "sample,image"}
 
 
+def test_generator_carries_the_chunked_decoder(class_graphs: dict[str, Path]) -> None:
+    """The sampling Loop's body holds the velocity graph's decoder Scan (deco.deploy.optimize), whose
+    own body reads the decoder's weights from the main graph."""
+    graph = onnx.load(str(class_graphs["euler"])).graph
+    (loop,) = [n for n in graph.node if n.op_type == "Loop"]
+    scans = [n for n in loop.attribute[0].g.node if n.op_type == "Scan"]
+    assert len(scans) == 1
+    weights = {t.name for t in graph.initializer}
+    assert "/decoder0/blocks.0.fc1" in weights and "/decoder0/blocks.0.fc1" in {
+        i for n in scans[0].attribute[0].g.node for i in n.input}
+
+
+def test_generator_refuses_a_subgraph_reading_other_outer_values(tmp_path: Path) -> None:
+    """The inliner renames the velocity graph's node outputs, so a subgraph may read only weights."""
+    from onnx import TensorProto, helper
+
+    from deco.deploy.generator import _split_velocity
+
+    inner = helper.make_graph([helper.make_node("Identity", ["h"], ["out"])], "then", [],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("If", ["c"], ["v"], then_branch=inner,
+                                                                  else_branch=inner)],
+        "velocity", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+                     helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("v", TensorProto.FLOAT, None)])
+    with pytest.raises(ValueError, match="the velocity graph's If node reads 'h' from outside"):
+        _split_velocity(helper.make_model(graph), tiny_config("deco"))
+
+
 # ------------------------------------------------------------------------ release checkpoints
 def test_release_fixture_generators_from_the_command_line(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:

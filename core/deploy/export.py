@@ -153,13 +153,16 @@ def sha256_file(path: str | Path) -> str:
 
 def _example_inputs(config: DeCoConfig, batch: int, resolution: tuple[int, int],
                     cfg: bool) -> tuple[Tensor, ...]:
-    """Random inputs in the order of `input_names`."""
+    """Random inputs in the order of `input_names`, the same at every call (a seeded generator:
+    the export's checks do not depend on what else the process drew)."""
     h, w = resolution
-    x = torch.randn(batch, config.in_channels, h, w)
-    t = torch.rand(batch)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, config.in_channels, h, w, generator=g)
+    t = torch.rand(batch, generator=g)
     if config.is_text:
         text_shape = (batch, config.text_length, config.text_dim)
-        cond: tuple[Tensor, ...] = (torch.randn(text_shape), *([torch.randn(text_shape)] if cfg else []))
+        cond: tuple[Tensor, ...] = (torch.randn(text_shape, generator=g),
+                                    *([torch.randn(text_shape, generator=g)] if cfg else []))
     else:
         cond = (torch.arange(batch) % (config.num_classes + 1),)
     return (x, t, *cond, torch.tensor(2.0)) if cfg else (x, t, *cond)

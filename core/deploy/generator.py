@@ -157,13 +157,35 @@ class _Velocity:
         return rename["v"]
 
 
+def _outer_names(graph: Any) -> set[str]:
+    """The names a subgraph reads from enclosing scopes (its own and its nested subgraphs')."""
+    import onnx  # here: onnx is an optional extra
+
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    read: set[str] = set()
+    for node in graph.node:
+        read.update(i for i in node.input if i)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                        attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                read |= _outer_names(sub)
+        local.update(node.output)
+    return read - local
+
+
 def _split_velocity(proto: Any, config: DeCoConfig) -> _Velocity:
     import onnx  # here: onnx is an optional extra
 
+    # A subgraph node (the chunked decoder's Scan) is copied as it is: its body may read outer
+    # values only from the initializers, which keep their names in the generator's main graph.
+    weights = {t.name for t in proto.graph.initializer}
     for node in proto.graph.node:
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise ValueError(f"model: the velocity graph has a subgraph node ({node.op_type}); "
-                             "the generator cannot inline it")
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            outer = set().union(*(_outer_names(sub) for sub in subs)) - weights
+            if outer:
+                raise ValueError(f"model: the velocity graph's {node.op_type} node reads "
+                                 f"{sorted(outer)[0]!r} from outside; the generator cannot inline it")
     shared = [n for n in proto.graph.node if n.op_type == "Constant"]
     body = [n for n in proto.graph.node if n.op_type != "Constant"]
     return _Velocity(shared, body, list(proto.graph.initializer), "text" if config.is_text else "y")
@@ -373,11 +395,8 @@ def export_generator(
         raise FileNotFoundError(f"output: folder {path.parent} does not exist")
     folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        # The straight-line decoder: the inliner copies the velocity graph's nodes into the Loop
-        # body and cannot yet carry a nested Loop (the chunked decoder of deco.deploy.optimize).
-        options = {"decoder_chunk_rows": None, **velocity_options}
         velocity = export_onnx(model, folder / "velocity.onnx", opset=opset, resolution=resolution,
-                               dtype=dtype, external_data=external_data, **options)
+                               dtype=dtype, external_data=external_data, **velocity_options)
         import onnx  # here: onnx is an optional extra
 
         staged = folder / path.name

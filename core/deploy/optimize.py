@@ -2,18 +2,21 @@
 
 Three parts:
 
-- **The pixel decoder as a Loop over chunks** (`lowered_decoders` + `lower_decoders`, used by
+- **The pixel decoder as a Scan over chunks** (`lowered_decoders` + `lower_decoders`, used by
   `deco.deploy.export` with `decoder_chunk_rows`). The decoder is a chain of small products and
   elementwise passes over (N*P, w) activations: 65536 x 32 floats (8 MiB) each at 256x256. torch
   runs it in chunks that stay in cache (`PixelDecoder.chunk_rows`); a traced graph runs every pass
   at full size through memory: onnxruntime took 109 ms for DeCo-S/16's decoder at 256x256 where
-  torch takes 81 ms (a decoder-only graph, one thread, CPU time, loaded machine). Here
-  the decoder becomes a standard ONNX `Loop` whose body decodes a fixed number of patches: inputs
+  torch takes 81 ms (a decoder-only graph, one thread, CPU time, loaded machine). Here the
+  decoder becomes a standard ONNX `Scan` whose body decodes a fixed number of patches: inputs
   padded with zero patches to a whole number of chunks, the rows of the padding dropped after.
-  The condition projection (`cond_proj`, one large weight) runs once before the Loop.
+  The condition projection (`cond_proj`, one large weight) runs once before the Scan.
   The body computes the decoder from weights folded exactly as `PixelDecoder.rows` folds them
-  (`embed_weights`, `modulation_weights`), with one product per shift/scale/gate (a Slice of one
-  product would copy) and ONNX's LayerNormalization; the export checks the result against torch.
+  (`embed_weights`, `modulation_weights`), in the forms onnxruntime runs fastest on these narrow
+  rows (each measured in bench/RESULTS.md §6): bias-free MatMuls, the biases carried by a
+  constant column (`CARRIER`), one product per shift/scale/gate (a Slice of one product would
+  copy), and InstanceNormalization for the LayerNorm (`norm_op`). The export checks the result
+  against torch; tests/test_onnx_optimize.py against the float64 reference.
 - **Session options** (`session_options`): threads, optimisation level, and a path where
   onnxruntime saves the graph it optimised.
 - **`optimize_for_ort`**: that offline optimisation as a file beside the graph, loaded back
@@ -36,7 +39,7 @@ if TYPE_CHECKING:  # torch only where a graph is built: deco.deploy.runtime runs
     from torch import Tensor
 
 DOMAIN, OP = "ai.deco", "PixelDecoderRows"
-#: Rows (pixels) per Loop iteration of a lowered decoder: 4096 x 32 floats (512 KiB) per
+#: Rows (pixels) per Scan iteration of a lowered decoder: 4096 x 32 floats (512 KiB) per
 #: activation, several of which stay in a 2 MiB L2 cache (bench/RESULTS.md §6 compares sizes).
 DEFAULT_CHUNK_ROWS = 4096
 LEVELS = ("disable", "basic", "extended", "all")
@@ -134,66 +137,111 @@ class _Builder:
         return out
 
 
-def _body(decoder: Any, b: _Builder, body: _Builder, pix: str, cond_all: str, patches: int) -> Any:
-    """The Loop body decoding chunk `iter` of the padded (N', P, C) pixels and (N', P*w)
-    conditions."""
+#: The constant channel the lowered decoder carries through SiLU in place of a bias: every weight
+#: row it meets is divided by it. A power of two (the division is exact) with sigmoid(32) = 1 to
+#: float32 rounding (1 - 1.3e-14), so silu(32) = 32.
+CARRIER = 32.0
+
+
+def _folded(decoder: Any, j: int) -> dict[str, Tensor]:
+    """Block j's weights for the lowered body as (inputs, outputs) matrices without bias: each
+    bias becomes a last row, read by a carrier column of value K = CARRIER.
+
+    With u' = [u, K] (the carrier comes out of cond_proj and through the SiLU) and shift',
+    scale', gate of `modulation_weights`: scale = u' @ scale, gate = u' @ gate,
+    pre = u' @ pre = shift' W1^T + b1 (fc1's input shift and its bias moved in front of it), so
+    f = (LN(z) * scale) @ fc1 + pre = fc1(LN(z) * scale + shift'); and with s' = [silu(f), K],
+    s' @ fc2 = fc2(silu(f)) with its bias."""
+    import torch  # here: deco.deploy.runtime's sampler runs without torch
+
+    block = decoder.blocks[j]
+    weight, bias = block.modulation_weights()
+    dtype, w = weight.dtype, weight.shape[1]
+    # Folded in float64, rounded once to the graph's dtype.
+    (w_shift, w_scale, w_gate), (b_shift, b_scale, b_gate) = weight.double().chunk(3), bias.double().chunk(3)
+    w1, b1 = block.fc1.weight.double(), block.fc1.bias.double()
+    w2, b2 = block.fc2.weight.double(), block.fc2.bias.double()
+
+    def carried(matrix: Tensor, row: Tensor) -> Tensor:  # (w, n) + bias row (n,) -> (w+1, n)
+        return torch.cat([matrix, row[None] / CARRIER])
+
+    out = {"scale": carried(w_scale.T, b_scale), "gate": carried(w_gate.T, b_gate),
+           "pre": carried(w_shift.T @ w1.T, b_shift @ w1.T + b1), "fc1": w1.T, "fc2": carried(w2.T, b2)}
+    return {k: v.to(dtype) for k, v in out.items()}
+
+
+def norm_op(dtype: Any) -> str:
+    """The ONNX operator of the lowered decoder's LayerNorm (no affine) for weights of `dtype`:
+    InstanceNormalization over (1, rows, w), each pixel a "channel" normalised over its w values,
+    because onnxruntime's LayerNormalization kernel is 1.3x slower on these 32-wide rows at one
+    thread and 3x at two (bench/RESULTS.md §6); LayerNormalization for bfloat16, which
+    InstanceNormalization does not take (to opset 21)."""
+    import torch  # here: deco.deploy.runtime's sampler runs without torch
+
+    return "LayerNormalization" if dtype == torch.bfloat16 else "InstanceNormalization"
+
+
+def _body(decoder: Any, b: _Builder, body: _Builder, patches: int) -> Any:
+    """The Scan body decoding one chunk: k = `patches` padded patches' pixels (k, P, C) and
+    conditions (k, P*(w+1)) (each pixel's w condition values and the carrier's input) -> (k*P, C)."""
     import onnx  # here: an optional extra
     import torch  # here: deco.deploy.runtime's sampler runs without torch
+
+    from deco.config import NORM_EPS
 
     p2, c = decoder.patch_size ** 2, decoder.final.out_features
     width, dtype = decoder.final.in_features, decoder.final.weight.dtype
     rows = patches * p2
     e_weight, e_bias = decoder.embed_weights(dtype)  # (w, C), (P, w)
-    ones = b.const("ones", torch.ones(width, dtype=dtype))
     i64 = b.int64
-    step, cond_in = body.node_prefix + "iter", body.node_prefix + "cond"
-    start = body.op("Unsqueeze", body.op("Mul", step, i64("k", patches)), i64("axis0", [0]))
-    end = body.op("Add", start, i64("k1", [patches]))
-    chunk_pix = body.op("Slice", pix, start, end, b.prefix + "axis0")  # (k, P, C)
-    cond = body.op("Slice", cond_all, start, end, b.prefix + "axis0")  # (k, P*w)
+    chunk_pix, cond = body.node_prefix + "pixels", body.node_prefix + "cond"
+    instance = norm_op(dtype) == "InstanceNormalization"
+    ones = b.const("norm.scale", torch.ones(rows if instance else width, dtype=dtype))
 
-    def gemm(x: str, name: str, weight: Tensor, bias: Tensor) -> str:
-        return body.op("Gemm", x, b.const(name + ".w", weight), b.const(name + ".b", bias), transB=1)
+    def norm(x: str) -> str:
+        if not instance:
+            return body.op("LayerNormalization", x, ones, axis=-1, epsilon=NORM_EPS)
+        zeros = b.const("norm.bias", torch.zeros(rows, dtype=dtype))
+        return body.op("InstanceNormalization", x, ones, zeros, epsilon=NORM_EPS)
 
     def silu(x: str) -> str:
         return body.op("Mul", x, body.op("Sigmoid", x))
 
-    def norm(x: str) -> str:
-        return body.op("LayerNormalization", x, ones, axis=-1, epsilon=float(decoder.blocks[0].norm.eps))
-
-    flat = i64("rows", [rows, width])
-    u = silu(body.op("Reshape", cond, flat))  # (k*P, w)
+    u = silu(body.op("Reshape", cond, i64("rows_carried", [1, rows, width + 1])))  # (1, rows, w+1)
     z = body.op("Add", body.op("MatMul", chunk_pix, b.const("embed.w", e_weight.T)),
                 b.const("embed.b", e_bias))  # (k, P, w)
-    z = body.op("Reshape", z, flat)
-    for j, block in enumerate(decoder.blocks):
-        weight, bias = block.modulation_weights()
-        shift, scale, gate = (gemm(u, f"blocks.{j}.mod{part}", w, bb)
-                              for part, w, bb in zip("012", weight.chunk(3), bias.chunk(3), strict=True))
-        h = body.op("Add", body.op("Mul", norm(z), scale), shift)
-        h = gemm(silu(gemm(h, f"blocks.{j}.fc1", block.fc1.weight, block.fc1.bias)),
-                 f"blocks.{j}.fc2", block.fc2.weight, block.fc2.bias)
+    z = body.op("Reshape", z, i64("rows", [1, rows, width]))
+    carrier = b.const("carrier", torch.full((1, rows, 1), CARRIER, dtype=dtype))
+    # Products without bias (MatMul): onnxruntime runs a Gemm, and a MatMul followed by a bias
+    # Add (which it fuses into a Gemm), on one thread only, and a broadcast bias Add is a pass of
+    # its own; a product with 33 outputs costs 1.5x one with 32, hence the Concat for fc2.
+    for j in range(len(decoder.blocks)):
+        folded = {k: b.const(f"blocks.{j}.{k}", v) for k, v in _folded(decoder, j).items()}
+        scale, gate, pre = (body.op("MatMul", u, folded[k]) for k in ("scale", "gate", "pre"))
+        f = body.op("Add", body.op("MatMul", body.op("Mul", norm(z), scale), folded["fc1"]), pre)
+        h = body.op("MatMul", body.op("Concat", silu(f), carrier, axis=-1), folded["fc2"])  # (1, rows, w)
         z = body.op("Add", z, body.op("Mul", gate, h))
-    out = gemm(norm(z), "final", decoder.final.weight, decoder.final.bias)  # (k*P, C)
-    cond_out = body.op("Identity", cond_in)
+    flat = body.op("Reshape", norm(z), i64("flat", [rows, width]))
+    out = body.op("Gemm", flat, b.const("final.w", decoder.final.weight), b.const("final.b", decoder.final.bias),
+                  transB=1)  # (rows, C)
     elem = _tensor("x", torch.zeros(0, dtype=dtype)).data_type
     return onnx.helper.make_graph(
         body.nodes, "decoder_chunk",
-        [onnx.helper.make_tensor_value_info(step, onnx.TensorProto.INT64, []),
-         onnx.helper.make_tensor_value_info(cond_in, onnx.TensorProto.BOOL, [])],
-        [onnx.helper.make_tensor_value_info(cond_out, onnx.TensorProto.BOOL, []),
-         onnx.helper.make_tensor_value_info(out, elem, [rows, c])])
+        [onnx.helper.make_tensor_value_info(chunk_pix, elem, [patches, p2, c]),
+         onnx.helper.make_tensor_value_info(cond, elem, [patches, p2 * (width + 1)])],
+        [onnx.helper.make_tensor_value_info(out, elem, [rows, c])])
 
 
-def _lower_one(node: Any, decoder: Any, index: int, loop: int,
+def _lower_one(node: Any, decoder: Any, index: int, scan: int,
                chunk_rows: int) -> tuple[list[Any], list[Any]]:
-    """(nodes, initializers) computing the placeholder's output with a Loop over chunks."""
+    """(nodes, initializers) computing the placeholder's output with a Scan over chunks."""
     import onnx  # here: an optional extra
+    import torch  # here: deco.deploy.runtime's sampler runs without torch
 
     p2, c = decoder.patch_size ** 2, decoder.final.out_features
     patches = max(1, chunk_rows // p2)
-    b = _Builder(f"/decoder{index}/", f"/decoder_loop{loop}/")
-    body = _Builder(b.prefix, f"/decoder_loop{loop}/body/")
+    b = _Builder(f"/decoder{index}/", f"/decoder_scan{scan}/")
+    body = _Builder(b.prefix, f"/decoder_scan{scan}/body/")
     pixels, s = node.input
     i64 = b.int64
     n = b.op("Gather", b.op("Shape", pixels), i64("zero", 0), axis=0)
@@ -201,29 +249,37 @@ def _lower_one(node: Any, decoder: Any, index: int, loop: int,
     extra = b.op("Unsqueeze", b.op("Sub", b.op("Mul", trips, b.prefix + "k"), n), i64("axis0", [0]))
     zeros = i64("zeros2", [0, 0])
     pix_pad = b.op("Pad", pixels, b.op("Concat", i64("zeros3", [0, 0, 0]), extra, zeros, axis=0))
-    # cond_proj once over all patches, outside the Loop: inside, each chunk of a few patches
-    # would read its whole (P*w, D) weight (12 MiB at D = 384) again.
-    cond = b.op("Gemm", s, b.const("cond_proj.w", decoder.cond_proj.weight),
-                b.const("cond_proj.b", decoder.cond_proj.bias), transB=1)  # (N, P*w)
-    cond_pad = b.op("Pad", cond, b.op("Concat", zeros, extra, i64("zero1", [0]), axis=0))
-    import torch  # here: deco.deploy.runtime's sampler runs without torch
-
+    # cond_proj once over all patches, outside the chunks (per chunk of a few patches it would
+    # read its whole (P*w, D) weight, 12 MiB at D = 384, again), as a MatMul on s padded with
+    # zero patches and a column of ones for the bias: onnxruntime's Gemm, and a MatMul plus a
+    # broadcast bias Add, are slower (bench/RESULTS.md §6); padding s instead of the product also
+    # copies 20x less. Each pixel gets one more output: the carrier's input, weight 0, bias CARRIER.
+    s_pad = b.op("Pad", s, b.op("Concat", zeros, extra, i64("one1", [1]), axis=0),
+                 b.const("one", torch.ones((), dtype=decoder.cond_proj.weight.dtype)))  # (N', D+1)
     with torch.no_grad():  # the folded weights are plain tensors
-        graph = _body(decoder, b, body, pix_pad, cond_pad, patches)
-    loop_out = b.node_prefix + "chunks"
-    # An explicit true condition: onnx's reference evaluator runs no iteration without one.
-    true = b.const("true", torch.tensor(True))
-    b.nodes.append(onnx.helper.make_node("Loop", [trips, true], [loop_out], name=loop_out, body=graph))
-    # The chunks' rows, (M, k*P, C) stacked (onnx's reference evaluator concatenates: (M*k*P, C)).
-    flat = b.op("Reshape", loop_out, i64("shape", [-1, c]))
+        proj = decoder.cond_proj
+        width, d = decoder.final.in_features, proj.weight.shape[1]
+        weight = torch.cat([proj.weight.reshape(p2, width, d), proj.weight.new_zeros(p2, 1, d)], dim=1)
+        bias = torch.cat([proj.bias.reshape(p2, width), proj.bias.new_full((p2, 1), CARRIER)], dim=1)
+        affine = torch.cat([weight.reshape(-1, d), bias.reshape(-1, 1)], dim=1).T  # (D+1, P*(w+1))
+        cond_pad = b.op("MatMul", s_pad, b.const("cond_proj", affine))  # (N', P*(w+1))
+        graph = _body(decoder, b, body, patches)
+    # Scan hands the body each chunk as a view of its input (a Loop body would Slice a copy)
+    # and writes each chunk's rows into place in its (M, k*P, C) output.
+    pix_chunks = b.op("Reshape", pix_pad, i64("pix_chunks", [-1, patches, p2, c]))
+    cond_chunks = b.op("Reshape", cond_pad, i64("cond_chunks", [-1, patches, p2 * (width + 1)]))
+    scan_out = b.node_prefix + "chunks"
+    b.nodes.append(onnx.helper.make_node("Scan", [pix_chunks, cond_chunks], [scan_out], name=scan_out,
+                                         body=graph, num_scan_inputs=2))
+    flat = b.op("Reshape", scan_out, i64("shape", [-1, c]))
     count = b.op("Unsqueeze", b.op("Mul", n, i64("P", p2)), b.prefix + "axis0")
-    b.nodes.append(onnx.helper.make_node("Slice", [flat, b.prefix + "zero1", count, b.prefix + "axis0"],
+    b.nodes.append(onnx.helper.make_node("Slice", [flat, i64("zero1", [0]), count, b.prefix + "axis0"],
                                          list(node.output), name=b.node_prefix + "rows"))
     return b.nodes, b.initializers
 
 
 def lower_decoders(proto: Any, decoders: list[Any], chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Any:
-    """Replace every placeholder of `lowered_decoders` in `proto` (in place) by a Loop decoding
+    """Replace every placeholder of `lowered_decoders` in `proto` (in place) by a Scan decoding
     `chunk_rows` pixels per iteration (whole patches, at least one); returns `proto`."""
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"decoder_chunk_rows: expected a positive int, got {chunk_rows!r}")
@@ -231,12 +287,12 @@ def lower_decoders(proto: Any, decoders: list[Any], chunk_rows: int = DEFAULT_CH
     nodes = list(graph.node)
     del graph.node[:]
     names = {t.name for t in graph.initializer}
-    loops = 0
+    scans = 0
     for node in nodes:
         if node.domain == DOMAIN and node.op_type == OP:
             index = next(a.i for a in node.attribute if a.name == "index")
-            new_nodes, inits = _lower_one(node, decoders[index], index, loops, chunk_rows)
-            loops += 1
+            new_nodes, inits = _lower_one(node, decoders[index], index, scans, chunk_rows)
+            scans += 1
             graph.node.extend(new_nodes)
             graph.initializer.extend(t for t in inits if t.name not in names)  # once per decoder
             names.update(t.name for t in inits)
