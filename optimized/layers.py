@@ -131,7 +131,8 @@ def split_product(x: Tensor, layer: Linear, parts: int) -> tuple[Tensor, ...]:
     views of one product, which copies nothing."""
     if torch.onnx.is_in_onnx_export():
         return tuple(F.linear(x, w) for w in layer.weight.chunk(parts))
-    return layer(x).chunk(parts, dim=-1)
+    out: Tensor = layer(x)
+    return out.chunk(parts, dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -179,7 +180,8 @@ class Attention(nn.Module):
         if self.kv_text is not None:
             if text is None:
                 raise ValueError("text: a joint attention block needs the text tokens")
-            k_text, v_text = (part.view(b, text.shape[1], heads, hd) for part in split_product(text, self.kv_text, 2))
+            k_text, v_text = (part.view(b, text.shape[1], heads, hd)
+                              for part in split_product(text, self.kv_text, 2))
             k = torch.cat([k, self.k_norm(k_text)], dim=1)  # (B, L + T, h, hd)
             v = torch.cat([v, v_text], dim=1)
         # SDPA wants (B, h, L, hd); its default scale is 1/sqrt(hd), as in the spec.

@@ -156,7 +156,7 @@ def _folded(decoder: Any, j: int) -> dict[str, Tensor]:
 
     block = decoder.blocks[j]
     weight, bias = block.modulation_weights()
-    dtype, w = weight.dtype, weight.shape[1]
+    dtype = weight.dtype
     # Folded in float64, rounded once to the graph's dtype.
     (w_shift, w_scale, w_gate), (b_shift, b_scale, b_gate) = weight.double().chunk(3), bias.double().chunk(3)
     w1, b1 = block.fc1.weight.double(), block.fc1.bias.double()
@@ -222,7 +222,8 @@ def _body(decoder: Any, b: _Builder, body: _Builder, patches: int) -> Any:
         h = body.op("MatMul", body.op("Concat", silu(f), carrier, axis=-1), folded["fc2"])  # (1, rows, w)
         z = body.op("Add", z, body.op("Mul", gate, h))
     flat = body.op("Reshape", norm(z), i64("flat", [rows, width]))
-    out = body.op("Gemm", flat, b.const("final.w", decoder.final.weight), b.const("final.b", decoder.final.bias),
+    final = decoder.final
+    out = body.op("Gemm", flat, b.const("final.w", final.weight), b.const("final.b", final.bias),
                   transB=1)  # (rows, C)
     elem = _tensor("x", torch.zeros(0, dtype=dtype)).data_type
     return onnx.helper.make_graph(
