@@ -1,14 +1,17 @@
 """onnxruntime (CPU provider) vs torch eager, lever by lever, side by side in one process
 (bench/RESULTS.md §6).
 
-    python bench/ort_levers.py s16 [--rounds 15]   # DeCo-S/16, 256x256, batch 1, velocity graph
-    python bench/ort_levers.py t2i [--rounds 15]   # the text model of RESULTS_t2i.md, batch 2
+    python bench/ort_levers.py s16 [--rounds 11]   # DeCo-S/16, 256x256, batch 1, velocity graph
+    python bench/ort_levers.py t2i [--rounds 11]   # the text model of RESULTS_t2i.md, batch 2
+    python bench/ort_levers.py t2i --graph previous=OLD.onnx   # also a graph exported elsewhere
 
-Each lever is one graph (an export variant) or one set of session options. Every round runs torch
-once and then each onnxruntime session once, so load from other processes spreads over all of
-them alike; the table gives medians over the rounds. One intra-op thread for both sides is timed
-in process CPU time (robust on a shared machine); two threads for both sides in wall-clock time.
-Every graph is first checked against torch (<= 1e-4 relative to max|v|). Prints a Markdown table.
+Each lever is one graph (the default export with one of its forms undone, or another decoder
+chunk size) or one set of session options. Every graph is first checked against torch (<= 1e-4
+relative to max|v|). Then, for one intra-op thread on both sides (timed in process CPU time) and
+for two (wall clock), every round runs torch once and each onnxruntime session once, each run
+after a pause of `--pause` seconds: the other side's idle threads have stopped spinning by then
+(torch's OpenMP threads and onnxruntime's pool spin after a run; without the pause each slowed
+the other's next run by 5-15 % at two threads). Medians over the rounds; prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from common import our_model, randomize
 from torch import Tensor
 
+import deco.deploy.optimize as optimize
 import deco.optimized.layers as layers
-from deco.config import NORM_EPS, DeCoConfig
+import deco.optimized.model as model_module
+from deco.config import DeCoConfig
 from deco.deploy.export import export_onnx
 from deco.deploy.optimize import optimize_for_ort, session_options
 from deco.optimized import build_model
@@ -41,66 +45,57 @@ T2I = DeCoConfig("t2i", 3, 16, 384, 6, 8, 3, 32, 0, 4.0, 2, 512, 64)  # bench/te
 
 
 @contextlib.contextmanager
-def decomposed_layer_norm() -> Iterator[None]:
-    """The export before this work: the decoder's LayerNorm traced as centring + rms_norm
-    (mean, sub, pow, mean, add, sqrt, div in the graph)."""
-    saved = layers.layer_norm
-    layers.layer_norm = lambda x: F.rms_norm(x - x.mean(-1, keepdim=True), (x.shape[-1],), eps=NORM_EPS)
+def patched(module: Any, **values: Any) -> Iterator[None]:
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
     try:
         yield
     finally:
-        layers.layer_norm = saved
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def fused_products() -> contextlib.AbstractContextManager[None]:
+    """Trunk: q/k/v (and the text model's w12 halves) as slices of one product."""
+    return patched(layers, split_product=lambda x, layer, parts: layer(x).chunk(parts, dim=-1))
 
 
 @contextlib.contextmanager
-def contrib_attention() -> Iterator[None]:
-    """SDPA exported as onnxruntime's contrib com.microsoft::MultiHeadAttention."""
-    from torch.onnx import utils
-
-    import deco.deploy.export as export
-
-    def sdpa(g: Any, q: Any, k: Any, v: Any, *_: Any) -> Any:
-        from torch.onnx import symbolic_helper
-
-        heads = symbolic_helper._get_tensor_sizes(q)[1] or HEADS[0]
-        shape3 = g.op("Constant", value_t=torch.tensor([0, 0, -1]))
-
-        def to3(t: Any) -> Any:
-            return g.op("Reshape", g.op("Transpose", t, perm_i=[0, 2, 1, 3]), shape3)
-
-        out = g.op("com.microsoft::MultiHeadAttention", to3(q), to3(k), to3(v), num_heads_i=heads)
-        out = g.op("Reshape", out, g.op("Constant", value_t=torch.tensor([0, 0, heads, -1])))
-        return g.op("Transpose", out, perm_i=[0, 2, 1, 3])
-
-    saved = export.symbolics
-
-    @contextlib.contextmanager
-    def with_mha(opset: int) -> Iterator[None]:
-        with saved(opset):
-            utils.register_custom_op_symbolic("aten::scaled_dot_product_attention", sdpa, opset)
-            try:
-                yield
-            finally:
-                utils.unregister_custom_op_symbolic("aten::scaled_dot_product_attention", opset)
-
-    export.symbolics = with_mha  # type: ignore[assignment]
-    try:
+def rope_split_and_stacked() -> Iterator[None]:
+    """Trunk: RoPE as the eager form (pairs split, rotated, stacked)."""
+    with patched(model_module, widen_rope_tables=lambda cos, sin: (cos, sin)), \
+            patched(layers, rope_as_products=lambda x, cos, sin, swap: layers.apply_rope(x, cos, sin)):
         yield
-    finally:
-        export.symbolics = saved  # type: ignore[assignment]
 
 
-HEADS = [6]
+def six_axis_transposes() -> contextlib.AbstractContextManager[None]:
+    """Decoder: the pixels gathered from and scattered to the image by one six-axis permutation."""
+    def to_pixels(x: Tensor, p: int) -> Tensor:
+        b, c, h, w = x.shape
+        return x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(-1, p * p, c)
+
+    def to_image(rows: Tensor, b: int, c: int, h: int, w: int, p: int) -> Tensor:
+        return rows.view(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+    return patched(layers, image_to_pixels=to_pixels, pixels_to_image=to_image)
+
+
+def layer_normalization() -> contextlib.AbstractContextManager[None]:
+    """Decoder: its LayerNorm as ONNX LayerNormalization instead of InstanceNormalization."""
+    return patched(optimize, norm_op=lambda dtype: "LayerNormalization")
+
 
 #: export variant -> (context while exporting, export_onnx options)
-EXPORTS: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
-    "before": (decomposed_layer_norm, {"decoder_chunk_rows": None}),
-    "layernorm-op": (contextlib.nullcontext, {"decoder_chunk_rows": None}),
-    "loop-only": (decomposed_layer_norm, {}),
+EXPORTS: dict[str, tuple[Callable[[], contextlib.AbstractContextManager[None]], dict[str, Any]]] = {
     "default": (contextlib.nullcontext, {}),
-    "loop-2048": (contextlib.nullcontext, {"decoder_chunk_rows": 2048}),
-    "loop-8192": (contextlib.nullcontext, {"decoder_chunk_rows": 8192}),
-    "default+mha": (contrib_attention, {}),
+    "decoder straight-line (no Scan)": (contextlib.nullcontext, {"decoder_chunk_rows": None}),
+    "decoder chunks of 2048 pixels": (contextlib.nullcontext, {"decoder_chunk_rows": 2048}),
+    "decoder chunks of 8192 pixels": (contextlib.nullcontext, {"decoder_chunk_rows": 8192}),
+    "decoder norm as LayerNormalization": (layer_normalization, {}),
+    "decoder pixels by one six-axis transpose": (six_axis_transposes, {}),
+    "trunk q/k/v as slices of one product": (fused_products, {}),
+    "trunk RoPE split, rotated and stacked": (rope_split_and_stacked, {}),
 }
 
 
@@ -118,34 +113,36 @@ def build(which: str) -> tuple[Any, dict[str, np.ndarray], tuple[Tensor, ...]]:
             else torch.randint(0, config.num_classes, (batch,), generator=g))
     names = ["x", "t", "text" if config.is_text else "y"]
     feed = {n: a.numpy() for n, a in zip(names, (x, t, cond), strict=True)}
-    HEADS[0] = config.num_heads
     return model, feed, (x, t, cond)
 
 
-def sessions(model: Any, folder: Path, expected: np.ndarray, feed: dict[str, np.ndarray]) -> dict[str, Any]:
-    """lever -> an onnxruntime session with one intra-op thread, each checked against torch."""
-    import onnxruntime as ort
-
-    graphs = {}
+def graphs(model: Any, folder: Path, extra: dict[str, Path]) -> dict[str, Path]:
+    out = {}
     for name, (context, options) in EXPORTS.items():
         with context(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graphs[name] = export_onnx(model, folder / f"{name}.onnx", **options)
-    default = graphs["default"]
+            out[name] = export_onnx(model, folder / f"{len(out)}.onnx", **options)
+    return {**out, **extra}
+
+
+def sessions(paths: dict[str, Path], threads: int, expected: np.ndarray,
+             feed: dict[str, np.ndarray]) -> dict[str, Any]:
+    """lever -> an onnxruntime session, each checked against torch."""
+    import onnxruntime as ort
 
     def make(path: Path, **options: Any) -> Any:
-        return ort.InferenceSession(str(path), sess_options=session_options(**options),
+        return ort.InferenceSession(str(path), sess_options=session_options(threads=threads, **options),
                                     providers=["CPUExecutionProvider"])
 
-    out = {f"export {n}": make(p, threads=1) for n, p in graphs.items()}
-    for level in ("disable", "basic", "extended", "all"):
-        out[f"level {level}"] = make(default, threads=1, level=level)
-    for level in ("extended", "all"):
-        saved = optimize_for_ort(default, level=level)
-        out[f"saved {level}, loaded with level disable"] = make(saved, threads=1, level="disable")
-    out["execution mode parallel"] = make(default, threads=1, sequential=False)
-    out["memory pattern off"] = make(default, threads=1, memory_pattern=False)
-    out["cpu arena off"] = make(default, threads=1, cpu_arena=False)
+    default = paths["default"]
+    out = {name if name != "default" else "default export": make(p) for name, p in paths.items()}
+    for level in ("disable", "basic", "extended"):
+        out[f"optimisation level {level} (default: all)"] = make(default, level=level)
+    saved = optimize_for_ort(default, level="extended")
+    out["graph saved optimised at extended, loaded with level disable"] = make(saved, level="disable")
+    out["execution mode parallel"] = make(default, sequential=False)
+    out["memory pattern off"] = make(default, memory_pattern=False)
+    out["CPU memory arena off"] = make(default, cpu_arena=False)
     for name, session in out.items():
         got = session.run(["v"], feed)[0]
         err = float(np.abs(got - expected).max() / np.abs(expected).max())
@@ -155,15 +152,17 @@ def sessions(model: Any, folder: Path, expected: np.ndarray, feed: dict[str, np.
 
 
 def rounds(model: Any, inputs: tuple[Tensor, ...], runs: dict[str, Callable[[], Any]], count: int,
-           clock: Callable[[], float]) -> dict[str, float]:
+           clock: Callable[[], float], pause: float) -> dict[str, float]:
     """Median seconds of each run over `count` alternating rounds (torch first in each)."""
-    times: dict[str, list[float]] = {"torch": [], **{k: [] for k in runs}}
-    for _ in range(count + 1):  # the first round warms up
+    def torch_run() -> None:
         with torch.no_grad():
-            start = clock()
             model(*inputs)
-            times["torch"].append(clock() - start)
-        for name, run in runs.items():
+
+    every = {"torch": torch_run, **runs}
+    times: dict[str, list[float]] = {k: [] for k in every}
+    for _ in range(count + 1):  # the first round warms up
+        for name, run in every.items():
+            time.sleep(pause)
             start = clock()
             run()
             times[name].append(clock() - start)
@@ -173,43 +172,44 @@ def rounds(model: Any, inputs: tuple[Tensor, ...], runs: dict[str, Callable[[], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=("s16", "t2i"))
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--pause", type=float, default=0.2, help="seconds of idle before each run")
+    parser.add_argument("--graph", action="append", default=[], metavar="NAME=PATH",
+                        help="also time this graph (exported elsewhere, e.g. by an older commit)")
     args = parser.parse_args()
     import onnxruntime as ort
 
+    extra = {}
+    for item in args.graph:
+        name, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            parser.error(f"--graph: expected NAME=PATH of an existing file, got {item!r}")
+        extra[name] = Path(path)
     model, feed, inputs = build(args.model)
-    torch.set_num_threads(1)
     with torch.no_grad():
         expected = model(*inputs).numpy()
+    results = {}
+    load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
-        table = sessions(model, Path(tmp), expected, feed)
-        load = [os.getloadavg()[0]]
-        one = rounds(model, inputs, {k: (lambda s=s: s.run(["v"], feed)) for k, s in table.items()},
-                     args.rounds, time.process_time)
-        load.append(os.getloadavg()[0])
-        default = Path(tmp) / "default.onnx"
-        two_threads = ort.InferenceSession(str(default), sess_options=session_options(threads=2),
-                                           providers=["CPUExecutionProvider"])
-        one_wall = ort.InferenceSession(str(default), sess_options=session_options(threads=1),
-                                        providers=["CPUExecutionProvider"])
-        wall1 = rounds(model, inputs, {"1 thread, wall": lambda: one_wall.run(["v"], feed)},
-                       args.rounds, time.perf_counter)
-        torch.set_num_threads(2)
-        wall2 = rounds(model, inputs, {"2 threads, wall": lambda: two_threads.run(["v"], feed)},
-                       args.rounds, time.perf_counter)
-        load.append(os.getloadavg()[0])
-    print(f"| lever ({args.model}) | onnxruntime | torch | torch / onnxruntime |")
-    print("| --- | --- | --- | --- |")
-    for name, seconds in one.items():
+        paths = graphs(model, Path(tmp), extra)
+        for threads, clock in ((1, time.process_time), (2, time.perf_counter)):
+            torch.set_num_threads(threads)
+            table = sessions(paths, threads, expected, feed)
+            runs = {k: (lambda s=s: s.run(["v"], feed)) for k, s in table.items()}
+            results[threads] = rounds(model, inputs, runs, args.rounds, clock, args.pause)
+            load.append(os.getloadavg()[0])
+    one, two = results[1], results[2]
+    print(f"| lever ({args.model}) | 1 thread (CPU time): onnxruntime | torch | torch / ort "
+          "| 2 threads (wall): onnxruntime | torch | torch / ort |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in one:
         if name != "torch":
-            print(f"| {name} (1 thread, CPU time) | {seconds * 1e3:.0f} ms | {one['torch'] * 1e3:.0f} ms "
-                  f"| {one['torch'] / seconds:.2f}x |")
-    for result in (wall1, wall2):
-        name = next(k for k in result if k != "torch")
-        print(f"| default export, {name} | {result[name] * 1e3:.0f} ms | {result['torch'] * 1e3:.0f} ms "
-              f"| {result['torch'] / result[name]:.2f}x |")
-    print(f"\nload average (1 min) before / between / after: {', '.join(f'{x:.1f}' for x in load)}; "
-          f"onnxruntime {ort.__version__}, torch {torch.__version__}, rounds {args.rounds}", file=sys.stdout)
+            print(f"| {name} | {one[name] * 1e3:.0f} ms | {one['torch'] * 1e3:.0f} ms | "
+                  f"{one['torch'] / one[name]:.2f}x | {two[name] * 1e3:.0f} ms | {two['torch'] * 1e3:.0f} ms "
+                  f"| {two['torch'] / two[name]:.2f}x |")
+    print(f"\nload average (1 min) before / after 1 thread / after 2: {', '.join(f'{x:.1f}' for x in load)}; "
+          f"onnxruntime {ort.__version__}, torch {torch.__version__}, rounds {args.rounds}, "
+          f"pause {args.pause} s", file=sys.stdout)
 
 
 if __name__ == "__main__":
