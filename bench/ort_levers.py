@@ -35,7 +35,6 @@ from torch import Tensor
 
 import deco.deploy.optimize as optimize
 import deco.optimized.layers as layers
-import deco.optimized.model as model_module
 from deco.config import DeCoConfig
 from deco.deploy.export import export_onnx
 from deco.deploy.optimize import optimize_for_ort, session_options
@@ -59,14 +58,6 @@ def patched(module: Any, **values: Any) -> Iterator[None]:
 def fused_products() -> contextlib.AbstractContextManager[None]:
     """Trunk: q/k/v (and the text model's w12 halves) as slices of one product."""
     return patched(layers, split_product=lambda x, layer, parts: layer(x).chunk(parts, dim=-1))
-
-
-@contextlib.contextmanager
-def rope_split_and_stacked() -> Iterator[None]:
-    """Trunk: RoPE as the eager form (pairs split, rotated, stacked)."""
-    with patched(model_module, widen_rope_tables=lambda cos, sin: (cos, sin)), \
-            patched(layers, rope_as_products=lambda x, cos, sin, swap: layers.apply_rope(x, cos, sin)):
-        yield
 
 
 def six_axis_transposes() -> contextlib.AbstractContextManager[None]:
@@ -95,7 +86,6 @@ EXPORTS: dict[str, tuple[Callable[[], contextlib.AbstractContextManager[None]], 
     "decoder norm as LayerNormalization": (layer_normalization, {}),
     "decoder pixels by one six-axis transpose": (six_axis_transposes, {}),
     "trunk q/k/v as slices of one product": (fused_products, {}),
-    "trunk RoPE split, rotated and stacked": (rope_split_and_stacked, {}),
 }
 
 

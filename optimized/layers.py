@@ -101,28 +101,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
 
 
-def widen_rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """The (L, 1, hd/2) RoPE tables as `rope_as_products` takes them: (L, 1, hd) tables
-    c = (cos_k, cos_k) and s = (-sin_k, sin_k) per pair. An ONNX export builds them once per
-    forward (in the model), not once per attention."""
-    return torch.stack((cos, cos), dim=-1).flatten(-2), torch.stack((-sin, sin), dim=-1).flatten(-2)
-
-
-def pair_swap(head_dim: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(hd, hd) 0/1 matrix exchanging the two values of each pair: (x @ swap)[2k] = x[2k+1] and
-    (x @ swap)[2k+1] = x[2k]. Built from a Python int, so an export stores it as a constant."""
-    i = torch.arange(head_dim, device=device)
-    return (i[:, None] == (i + 1 - 2 * (i % 2))).to(dtype)  # partner of i: 1, 0, 3, 2, ...
-
-
-def rope_as_products(x: Tensor, c: Tensor, s: Tensor, swap: Tensor) -> Tensor:
-    """`apply_rope` as an ONNX export writes it: x * c + (x @ swap) * s with the tables of
-    `widen_rope_tables` and `pair_swap` (exact: each output of the product is one x times 1, the
-    other terms x times 0). The same arithmetic as `apply_rope` in three passes; onnxruntime ran
-    the split, rotated and re-stacked version 2-3x slower (bench/RESULTS.md §6)."""
-    return x * c + (x @ swap) * s
-
-
 # ------------------------------------------------------------------------------------ DiT block
 def split_product(x: Tensor, layer: Linear, parts: int) -> tuple[Tensor, ...]:
     """layer(x).chunk(parts, dim=-1) for a layer without bias. In an ONNX export it is written as
@@ -172,10 +150,7 @@ class Attention(nn.Module):
         heads, hd = self.num_heads, self.head_dim
         q, k, v = (part.view(b, n, heads, hd) for part in split_product(x, self.qkv, 3))  # (B, L, h, hd)
         q, k = self.q_norm(q), self.k_norm(k)
-        if cos is not None and sin is not None and torch.onnx.is_in_onnx_export():
-            swap = pair_swap(self.head_dim, q.dtype, q.device)  # cos, sin: widen_rope_tables
-            q, k = rope_as_products(q, cos, sin, swap), rope_as_products(k, cos, sin, swap)
-        elif cos is not None and sin is not None:
+        if cos is not None and sin is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_text is not None:
             if text is None:

@@ -37,7 +37,6 @@ from .layers import (
     layer_norm,
     rope_angles,
     timestep_features,
-    widen_rope_tables,
 )
 
 
@@ -126,8 +125,6 @@ class DiffusionTransformer(nn.Module):
         c, context = self.condition(t_emb, y)  # (B, D), text tokens (B, T, D) or None
         tokens = self.patch_embed(patchify(x, p))  # (B, L, D)
         cos, sin = self.rope(gh, gw, tokens)  # (L, 1, hd/2)
-        if torch.onnx.is_in_onnx_export():
-            cos, sin = widen_rope_tables(cos, sin)  # (L, 1, hd): layers.rope_as_products
         for block in self.blocks:
             tokens = block(tokens, c, cos, sin, context)
         return tokens, t_emb, c
