@@ -29,11 +29,13 @@ beside the graph (protobuf cannot hold 2 GiB; DeCo-XL/16 has 2.7 GB of float32 w
 onnxruntime relative to the graph's path. `dtype="float16"|"bfloat16"` stores and computes in that
 type behind a float32 interface (`RTOL_BY_DTYPE` states the agreement).
 
-A DeCo's pixel decoder is exported as a standard ONNX `Loop` over chunks of 4096 pixels
+A DeCo's pixel decoder is exported as a standard ONNX `Scan` over chunks of 4096 pixels
 (`deco.deploy.optimize`; `decoder_chunk_rows=None` keeps the straight-line decoder): onnxruntime's
 CPU provider then runs it from cache instead of through memory, the largest of the levers in
-bench/RESULTS.md §5. Only standard operators are written; onnxruntime's own fusions (contrib
-operators) are left to its session or to `deco.deploy.optimize.optimize_for_ort`.
+bench/RESULTS.md §6. A few of the model's own operations take an export form there too
+(`deco.optimized.layers.split_product`, `image_to_pixels`). Only standard operators are written;
+onnxruntime's own fusions (contrib operators) are left to its session or to
+`deco.deploy.optimize.optimize_for_ort`.
 
 The file carries `metadata_props`: `deco_format`, `config` (JSON), `deco_graph`, and the
 SHA-256 and path of the weight file it came from, so `deco onnx-check` can rebuild the float64
@@ -211,7 +213,7 @@ def export_onnx(
     it was). The data file is moved first and the graph last, so a graph is never visible
     without its own data (see `_install`).
 
-    `decoder_chunk_rows` (default 4096): a DeCo's pixel decoder becomes a standard ONNX Loop over
+    `decoder_chunk_rows` (default 4096): a DeCo's pixel decoder becomes a standard ONNX Scan over
     chunks of that many pixels (`deco.deploy.optimize`: onnxruntime runs it faster than one pass
     over all pixels); None keeps the straight-line decoder.
     """

@@ -105,8 +105,8 @@ def export_int8(
     folder = make_temporary_folder(path)
     try:
         with writing(path, folder, data_file(path)):
-            # The straight-line decoder: onnxruntime's quantizer breaks the chunked decoder's Loop
-            # body (its rewritten nodes lose their topological order).
+            # The straight-line decoder: onnxruntime's quantizer leaves the chunked decoder's
+            # products in float32 (their weights are outer-scope values of its Scan body).
             velocity = export_onnx(model, folder / "float32.onnx", opset=opset, batch=batch,
                                    resolution=resolution, cfg=cfg, decoder_chunk_rows=None)
             proto = quantize_graph(velocity, folder / "quantized.onnx")
