@@ -1,6 +1,6 @@
 """onnxruntime's CPU provider vs torch eager at ONE intra-op thread each, side by side in one run:
 the class model (DeCo-S/16, 256x256, batch 1) and the text model of RESULTS_t2i.md (256x256,
-batch 2), velocity graphs as `export_onnx` writes them by default (pixel decoder as a Loop over
+batch 2), velocity graphs as `export_onnx` writes them by default (pixel decoder as a Scan over
 chunks, deco.deploy.optimize), and the same graph saved by onnxruntime already optimised
 (`optimize_for_ort`, loaded back with optimisation off). Under --benchmark-disable (CI's smoke
 run) tiny models. bench/ort_levers.py measures each lever separately (bench/RESULTS.md §6).

@@ -264,7 +264,7 @@ def image_to_pixels(x: Tensor, p: int) -> Tensor:
     """(B, C, H, W) -> (N, P, C) pixels: patches row-major, pixels row-major inside a patch.
 
     An ONNX export writes it as two transposes, channels last first and then (p*C)-value blocks:
-    onnxruntime runs those 5x faster than the one six-axis permutation (bench/RESULTS.md §6)."""
+    onnxruntime runs those 4x faster than the one six-axis permutation (bench/RESULTS.md §6)."""
     b, c, h, w = x.shape
     gh, gw = h // p, w // p
     if torch.onnx.is_in_onnx_export():

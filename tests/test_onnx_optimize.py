@@ -1,4 +1,4 @@
-"""deco.deploy.optimize: the pixel decoder lowered to an ONNX Loop over chunks, onnxruntime session
+"""deco.deploy.optimize: the pixel decoder lowered to an ONNX Scan over chunks, onnxruntime session
 options and the saved onnxruntime-optimised graph, checked against the float64 reference."""
 
 from __future__ import annotations
@@ -71,15 +71,14 @@ def test_decoder_loop_over_uneven_chunks_matches_the_reference(architecture: str
 def test_straight_decoder_remains_available(tmp_path: Path) -> None:
     model, reference = models("deco")
     path = export_onnx(model, tmp_path / "g.onnx", decoder_chunk_rows=None)
-    assert ("", "Loop") not in ops(path)
+    assert ("", "Scan") not in ops(path)
     inputs = feed(model.config, 2, 8, 12)
     got = OnnxVelocityModel(path).forward(inputs["x"], inputs["t"], inputs["y"])
     assert rel_err(got, reference.forward(inputs["x"], inputs["t"], inputs["y"])) <= FLOAT32_RTOL
 
 
-def test_loop_graph_runs_in_the_onnx_reference_evaluator(tmp_path: Path) -> None:
-    """Another runtime than onnxruntime reads the Loop the same way (it stacks scan outputs
-    differently, which the graph's reshape after the Loop absorbs)."""
+def test_scan_graph_runs_in_the_onnx_reference_evaluator(tmp_path: Path) -> None:
+    """Another runtime than onnxruntime reads the Scan the same way."""
     model, reference = models("deco")
     path = export_onnx(model, tmp_path / "g.onnx", decoder_chunk_rows=2 * 16)
     inputs = feed(model.config, 1, 12, 8)
@@ -153,7 +152,7 @@ class TwoEulerSteps(torch.nn.Module):
 
 
 def test_one_decoder_called_twice_shares_its_weights(tmp_path: Path) -> None:
-    """What a generator graph (deco.deploy.generator) does: two Loops, one set of decoder weights,
+    """What a generator graph (deco.deploy.generator) does: two Scans, one set of decoder weights,
     the same result as the torch steps."""
     import onnxruntime as ort
 
