@@ -439,7 +439,9 @@ def onnxruntime_gpu(report: Report, plan: Plan, device: Any, dtype: str, folder:
     model = our_model(config).eval()
     path = folder / f"model-{dtype}.onnx"
     start = time.perf_counter()
-    export_onnx(model, path, dtype=dtype, external_data=True if device.type == "cpu" else None)
+    # The straight-line decoder, as in gpu_generator.export_row (the chunked one is a CPU lever).
+    export_onnx(model, path, dtype=dtype, external_data=True if device.type == "cpu" else None,
+                decoder_chunk_rows=None)
     metrics: dict[str, Any] = {"export_s": round(time.perf_counter() - start, 1), "preset": plan.preset,
                                "resolution": plan.resolution, "batch": 1,
                                "external_data": data_file(path).is_file(), "provider": provider}

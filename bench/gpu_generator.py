@@ -188,7 +188,10 @@ def export_row(report: Any, plan: Any, device: Any, shared: Shared, scratch: Pat
     start = time.perf_counter()
     # External data forced on the CPU (the tiny model would fit in the graph) so the dry run
     # covers the XL path; None lets the exporter choose, which is external data for XL.
-    export_generator(model, path, sampler, external_data=True if device.type == "cpu" else None)
+    # The straight-line decoder: the chunked one is a lever for CPU caches (bench/RESULTS.md §6);
+    # on a GPU its Scan would only cut the decoder into small kernels.
+    export_generator(model, path, sampler, external_data=True if device.type == "cpu" else None,
+                     decoder_chunk_rows=None)
     metrics: dict[str, Any] = {
         "export_s": round(time.perf_counter() - start, 1), "preset": plan.preset,
         "resolution": plan.resolution, "batch": 1, **sampler.to_dict(),

@@ -61,6 +61,7 @@ HOMES: dict[tuple[str, str], tuple[Any, str]] = {
     ("sample", "negative_prompt"): (Qwen3TextEncoder.null, "negative"),
     ("evaluate", "seed"): (generate, "seed"),
     ("export-onnx", "opset"): (export_onnx, "opset"),
+    ("export-onnx", "decoder_chunks"): (export_onnx, "decoder_chunk_rows"),
     ("onnx-check", "batch"): (check_onnx, "batch"),
     ("onnx-check", "guidance"): (check_onnx, "guidance"),
     ("onnx-check", "seed"): (check_onnx, "seed"),

@@ -180,3 +180,36 @@ def test_one_decoder_called_twice_shares_its_weights(tmp_path: Path) -> None:
         expected = net(x3, y3).numpy()
     got = session.run(["out"], {"x": x3.numpy(), "y": y3.numpy()})[0]
     assert rel_err(got, expected) <= ONNX_CHECK_RTOL
+
+
+@pytest.mark.parametrize("rows, scans", [("0", 0), ("32", 1)])
+def test_decoder_chunks_flag(rows: str, scans: int, tmp_path: Path) -> None:
+    """`deco export-onnx --decoder-chunks 0` writes the straight-line decoder (for GPU runtimes)."""
+    from deco.cli import main
+    from deco.reference import save_weights
+
+    model, reference = models("deco")
+    checkpoint = tmp_path / "m.safetensors"
+    save_weights(checkpoint, model.config, {k: v.numpy() for k, v in model.state_dict().items()})
+    out = tmp_path / "g.onnx"
+    assert main(["export-onnx", str(checkpoint), str(out), "--decoder-chunks", rows]) == 0
+    assert ops(out).count(("", "Scan")) == scans
+    inputs = feed(model.config, 2, 8, 12)
+    got = OnnxVelocityModel(out).forward(inputs["x"], inputs["t"], inputs["y"])
+    assert rel_err(got, reference.forward(inputs["x"], inputs["t"], inputs["y"])) <= FLOAT32_RTOL
+
+
+def test_negative_decoder_chunks_is_one_line_and_writes_nothing(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from deco.cli import main
+    from deco.reference import save_weights
+
+    model, _ = models("deco")
+    checkpoint = tmp_path / "m.safetensors"
+    save_weights(checkpoint, model.config, {k: v.numpy() for k, v in model.state_dict().items()})
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["export-onnx", str(checkpoint), str(out / "g.onnx"), "--decoder-chunks", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--decoder-chunks: expected 0" in err
+    assert list(out.iterdir()) == []

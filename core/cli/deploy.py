@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from deco.cli.common import default_of, existing_file
+from deco.deploy import export as deploy_export
 from deco.deploy.check import check_onnx
 from deco.deploy.export import DEFAULT_OPSET
 from deco.errors import FieldError, UsageError
@@ -41,6 +42,12 @@ def register(sub: Any) -> None:
     p.add_argument("--external-data", action="store_true", default=None,
                    help="always write the weights to one external file OUTPUT.data beside the "
                    "graph (default: only when they exceed 1 GiB, as protobuf cannot hold 2 GiB)")
+    p.add_argument("--decoder-chunks", type=int, metavar="ROWS",
+                   default=default_of(deploy_export.export_onnx, "decoder_chunk_rows"),
+                   help="pixels per iteration of the pixel decoder's ONNX Scan (default %(default)s), "
+                   "which onnxruntime's CPU provider runs from cache (bench/RESULTS.md §6); 0 writes "
+                   "the straight-line decoder, one pass over all pixels, e.g. for GPU runtimes, where "
+                   "chunks only add small kernels. int8 exports always write the straight-line one")
     p.add_argument("--generator", action="store_true",
                    help="export the whole sampler instead: noise and condition in, `sample` in [-1, 1] "
                    "and uint8 `image` out (spec/04 §7); the sampler options below default to the "
@@ -140,23 +147,32 @@ def _batch(text: str) -> int | None:
     return value
 
 
+def _decoder_chunks(rows: int) -> int | None:
+    if rows < 0:
+        raise UsageError(f"--decoder-chunks: expected 0 (the straight-line decoder) or a positive "
+                         f"number of pixels, got {rows}")
+    return rows or None
+
+
 def export_onnx(args: argparse.Namespace) -> int:
     from deco.deploy.export import data_file, export_checkpoint
 
     check_output(args.output, args.force)
+    chunks = _decoder_chunks(args.decoder_chunks)
     if args.dtype == "int8":
         from deco.cli.int8 import export_int8
 
         return export_int8(args, _batch(args.batch))
     if args.generator:
-        return _export_generator(args)
+        return _export_generator(args, chunks)
     for flag in ("solver", "steps", "guidance", "interval", "timeshift"):
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag}: a sampler option; it needs --generator")
     resolution = tuple(args.resolution) if args.resolution else None
     path = export_checkpoint(args.checkpoint, args.output, opset=args.opset,
                              batch=_batch(args.batch), resolution=resolution, cfg=args.cfg,
-                             dtype=args.dtype, external_data=args.external_data)
+                             dtype=args.dtype, external_data=args.external_data,
+                             decoder_chunk_rows=chunks)
     shape = f"batch {args.batch}, " + (f"{resolution[0]}x{resolution[1]}" if resolution else
                                        "dynamic height/width")
     data = data_file(path)
@@ -166,7 +182,7 @@ def export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_generator(args: argparse.Namespace) -> int:
+def _export_generator(args: argparse.Namespace, chunks: int | None) -> int:
     """`deco export-onnx --generator`: every setting checked before anything is written."""
     from deco.deploy.export import data_file
     from deco.deploy.generator import export_generator_checkpoint
@@ -178,7 +194,8 @@ def _export_generator(args: argparse.Namespace) -> int:
         path, settings = export_generator_checkpoint(
             args.checkpoint, args.output, steps=args.steps, guidance=args.guidance, interval=interval,
             timeshift=args.timeshift, solver=args.solver, opset=args.opset, batch=_batch(args.batch),
-            resolution=resolution, dtype=args.dtype, external_data=args.external_data)
+            resolution=resolution, dtype=args.dtype, external_data=args.external_data,
+            decoder_chunk_rows=chunks)
     except FieldError as exc:
         raise UsageError(f"--{exc.field}: {exc.message}") from None
     guided = f"guidance {settings.guidance:g} (an input)" if settings.guidance != 1 else "no guidance"
