@@ -214,7 +214,7 @@ def _body(decoder: Any, b: _Builder, body: _Builder, patches: int) -> Any:
     carrier = b.const("carrier", torch.full((1, rows, 1), CARRIER, dtype=dtype))
     # Products without bias (MatMul): onnxruntime runs a Gemm, and a MatMul followed by a bias
     # Add (which it fuses into a Gemm), on one thread only, and a broadcast bias Add is a pass of
-    # its own; a product with 33 outputs costs 1.5x one with 32, hence the Concat for fc2.
+    # its own; a product with 33 outputs costs 1.4x one with 32, hence the Concat for fc2.
     for j in range(len(decoder.blocks)):
         folded = {k: b.const(f"blocks.{j}.{k}", v) for k, v in _folded(decoder, j).items()}
         scale, gate, pre = (body.op("MatMul", u, folded[k]) for k in ("scale", "gate", "pre"))
