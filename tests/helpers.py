@@ -95,6 +95,25 @@ def tiny_config(architecture: str = "deco", **overrides: Any) -> DeCoConfig:
     return DeCoConfig.preset(name, **overrides)
 
 
+def tiny_model(config: DeCoConfig, seed: int) -> Any:
+    """The deco.optimized model of `config` (eval mode, float32) with `random_weights(config, seed)`."""
+    import torch  # here: the reference's tests import this module without torch
+
+    from deco.optimized.weights import build_model
+
+    model = build_model(config)
+    model.load_state_dict({k: torch.from_numpy(v.astype(np.float32))
+                           for k, v in random_weights(config, seed=seed).items()})
+    return model.eval()
+
+
+def save_checkpoint(model: Any, folder: Path) -> Path:
+    """`model` written as the weight file `folder`/m.safetensors (its own `save`); returns the path."""
+    path = folder / "m.safetensors"
+    model.save(path)
+    return path
+
+
 def cases(table: list[tuple[Any, ...]]) -> list[Any]:
     """`pytest.param(*row[1:], id=row[0])` for each row of a table whose first column is an id."""
     return [pytest.param(*row[1:], id=row[0]) for row in table]

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import random_weights, rel_err, release_fixtures, tiny_config
+from helpers import rel_err, release_fixtures, save_checkpoint, tiny_config, tiny_model
 
 from deco.cli import main
 from deco.config import DeCoConfig
@@ -19,7 +19,7 @@ from deco.deploy.export import export_onnx
 from deco.deploy.generator import export_generator, input_names
 from deco.deploy.generator_check import example_feed, torch_sample
 from deco.optimized.sampling import SampleSettings
-from deco.optimized.weights import build_model, load_model
+from deco.optimized.weights import load_model
 from deco.outputs import to_uint8
 
 #: The issue's bound for a whole sampling run, onnxruntime vs deco.optimized (relative to max|x|).
@@ -31,16 +31,9 @@ TEXT = DeCoConfig.preset("DeCo-T2I-tiny/4")
 EDGES = (0.25, 0.75)
 
 
-def tiny_model(config: DeCoConfig, seed: int = 3) -> torch.nn.Module:
-    model = build_model(config)
-    model.load_state_dict({k: torch.from_numpy(v.astype(np.float32))
-                           for k, v in random_weights(config, seed=seed).items()})
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def class_model() -> torch.nn.Module:
-    return tiny_model(tiny_config("deco"))
+    return tiny_model(tiny_config("deco"), seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +216,6 @@ def test_export_and_check_commands_on_a_class_model(class_model: torch.nn.Module
     assert main(["onnx-check", str(out), "--batch", "3", "--resolution", "12", "8"]) == 0
     text = capsys.readouterr().out
     assert "onnxruntime vs float64" in text and "PASS" in text
-
-
-def save_checkpoint(model: torch.nn.Module, folder: Path) -> Path:
-    from deco.reference import save_weights
-
-    checkpoint = folder / "m.safetensors"
-    save_weights(checkpoint, model.config, {k: v.numpy() for k, v in model.state_dict().items()})
-    return checkpoint
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -31,7 +31,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import random_weights, rel_err, tiny_config
+from helpers import rel_err, save_checkpoint, tiny_config, tiny_model
 
 from deco.cli import main
 from deco.config import DeCoConfig
@@ -40,7 +40,6 @@ from deco.deploy.generator import export_generator
 from deco.deploy.generator_check import example_feed, torch_sample
 from deco.deploy.quantize import export_int8, export_int8_generator
 from deco.optimized.sampling import SampleSettings
-from deco.optimized.weights import build_model
 from deco.outputs import to_uint8
 
 VELOCITY_BOUND = 0.25
@@ -48,13 +47,6 @@ GENERATOR_BOUND = 1.0
 #: A wrong model (other random weights) is off by at least this much (measured: >= 1.04).
 WRONG_FLOOR = 1.0
 TEXT = DeCoConfig.preset("DeCo-T2I-tiny/4")
-
-
-def tiny_model(config: DeCoConfig, seed: int) -> torch.nn.Module:
-    model = build_model(config)
-    model.load_state_dict({k: torch.from_numpy(v.astype(np.float32))
-                           for k, v in random_weights(config, seed=seed).items()})
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +163,6 @@ def test_quantizer_leaves_no_float_linear_weights(class_model: torch.nn.Module, 
 
 
 # ------------------------------------------------------------------------------ command line
-def save_checkpoint(model: torch.nn.Module, folder: Path) -> Path:
-    from deco.reference import save_weights
-
-    checkpoint = folder / "m.safetensors"
-    save_weights(checkpoint, model.config, {k: v.numpy() for k, v in model.state_dict().items()})
-    return checkpoint
-
-
 def test_command_line_int8_generator_and_overwrite(class_model: torch.nn.Module, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """deco export-onnx --generator --dtype int8, the --force rule, then deco onnx-check."""

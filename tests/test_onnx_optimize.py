@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import random_weights, rel_err, tiny_config
+from helpers import random_weights, rel_err, save_checkpoint, tiny_config
 from onnx.reference import ReferenceEvaluator
 
 from deco.config import DeCoConfig
@@ -186,11 +186,9 @@ def test_one_decoder_called_twice_shares_its_weights(tmp_path: Path) -> None:
 def test_decoder_chunks_flag(rows: str, scans: int, tmp_path: Path) -> None:
     """`deco export-onnx --decoder-chunks 0` writes the straight-line decoder (for GPU runtimes)."""
     from deco.cli import main
-    from deco.reference import save_weights
 
     model, reference = models("deco")
-    checkpoint = tmp_path / "m.safetensors"
-    save_weights(checkpoint, model.config, {k: v.numpy() for k, v in model.state_dict().items()})
+    checkpoint = save_checkpoint(model, tmp_path)
     out = tmp_path / "g.onnx"
     assert main(["export-onnx", str(checkpoint), str(out), "--decoder-chunks", rows]) == 0
     assert ops(out).count(("", "Scan")) == scans
@@ -202,11 +200,9 @@ def test_decoder_chunks_flag(rows: str, scans: int, tmp_path: Path) -> None:
 def test_negative_decoder_chunks_is_one_line_and_writes_nothing(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     from deco.cli import main
-    from deco.reference import save_weights
 
     model, _ = models("deco")
-    checkpoint = tmp_path / "m.safetensors"
-    save_weights(checkpoint, model.config, {k: v.numpy() for k, v in model.state_dict().items()})
+    checkpoint = save_checkpoint(model, tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     assert main(["export-onnx", str(checkpoint), str(out / "g.onnx"), "--decoder-chunks", "-1"]) == 2
