@@ -217,18 +217,13 @@ def export_onnx(
     chunks of that many pixels (`deco.deploy.optimize`: onnxruntime runs it faster than one pass
     over all pixels); None keeps the straight-line decoder.
     """
-    config = getattr(model, "config", None)
-    if not isinstance(config, DeCoConfig):
-        raise TypeError(
-            f"model: expected a deco.optimized model with a DeCoConfig, got {type(model).__name__}")
+    config = config_of(model)
     _check_options(config, opset, batch, resolution)
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     if external_data is not None and not isinstance(external_data, bool):
         raise TypeError(f"external_data: expected True, False or None, got {external_data!r}")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output: folder {path.parent} does not exist")
+    path = output_path(path)
     reference = _cpu_copy(model, torch.float32)
     net = _cpu_copy(model, DTYPES[dtype])
     if cfg:
@@ -437,12 +432,38 @@ def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: boo
         "and --resolution instead")
 
 
-def export_checkpoint(checkpoint: str | Path, path: str | Path, **options: Any) -> Path:
-    """Load a weight file with `deco.optimized.load_model` and export it; the file's absolute
-    path and SHA-256 go into the metadata so the graph can be traced back to its weights."""
+def config_of(model: nn.Module) -> DeCoConfig:
+    """The DeCoConfig of a deco.optimized model (TypeError for anything else)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, DeCoConfig):
+        raise TypeError(
+            f"model: expected a deco.optimized model with a DeCoConfig, got {type(model).__name__}")
+    return config
+
+
+def output_path(path: str | Path) -> Path:
+    """An export's output path, whose folder must exist (FileNotFoundError otherwise)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output: folder {path.parent} does not exist")
+    return path
+
+
+def checkpoint_metadata(file: Path) -> dict[str, str]:
+    """The metadata tracing a graph back to its weight file: absolute path and SHA-256."""
+    return {"deco_checkpoint": str(file.resolve()), "deco_checkpoint_sha256": sha256_file(file)}
+
+
+def load_checkpoint(checkpoint: str | Path) -> tuple[nn.Module, dict[str, str]]:
+    """A weight file loaded with `deco.optimized.load_model`, and its `checkpoint_metadata`."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint: no such file: {checkpoint}")
-    model = load_model(checkpoint)
-    meta = {"deco_checkpoint": str(checkpoint.resolve()), "deco_checkpoint_sha256": sha256_file(checkpoint)}
+    return load_model(checkpoint), checkpoint_metadata(checkpoint)
+
+
+def export_checkpoint(checkpoint: str | Path, path: str | Path, **options: Any) -> Path:
+    """Load a weight file with `deco.optimized.load_model` and export it; the file's absolute
+    path and SHA-256 go into the metadata so the graph can be traced back to its weights."""
+    model, meta = load_checkpoint(checkpoint)
     return export_onnx(model, path, metadata=meta, **options)

@@ -43,10 +43,12 @@ from deco.deploy.export import (
     FORMAT_VERSION,
     _check_options,
     _install,
+    checkpoint_metadata,
+    config_of,
     data_file,
     export_onnx,
+    output_path,
     save_checked,
-    sha256_file,
 )
 from deco.deploy.generator_check import check_export
 from deco.generate import load_for_sampling
@@ -381,18 +383,13 @@ def export_generator(
     folder and moved into place only after the ONNX checker passes and the graph matches
     `deco.optimized.sample` in onnxruntime (ValueError otherwise); nothing is left on failure.
     """
-    config = getattr(model, "config", None)
-    if not isinstance(config, DeCoConfig):
-        raise TypeError(
-            f"model: expected a deco.optimized model with a DeCoConfig, got {type(model).__name__}")
+    config = config_of(model)
     if not isinstance(settings, SampleSettings):
         raise TypeError(f"settings: expected a SampleSettings, got {type(settings).__name__}")
     opset = DEFAULT_OPSET if opset is None else opset
     _check_options(config, opset, batch, resolution)
     guided = settings.guidance != 1.0 if guided is None else bool(guided)
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output: folder {path.parent} does not exist")
+    path = output_path(path)
     folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         velocity = export_onnx(model, folder / "velocity.onnx", opset=opset, resolution=resolution,
@@ -437,14 +434,21 @@ def export_generator_checkpoint(checkpoint: str | Path, path: str | Path, *, ste
     settings it records (`deco sample`'s defaults) overridden by the arguments given. The
     weight file's path and SHA-256 go into the metadata, as for the velocity graph. Returns the
     path and the settings used. An invalid setting raises deco.errors.FieldError."""
-    loaded = load_for_sampling(Path(checkpoint), torch.device("cpu"), text=True)
-    file = find_checkpoint(checkpoint).resolve()
-    changes: dict[str, Any] = {k: v for k, v in {
+    model, settings, meta = load_for_generator(checkpoint, {
         "steps": steps, "guidance": guidance, "timeshift": timeshift, "solver": solver,
-        "interval": interval}.items() if v is not None}
-    settings = dataclasses.replace(recorded_settings(loaded), **changes)
-    meta = {"deco_checkpoint": str(file), "deco_checkpoint_sha256": sha256_file(file)}
-    return export_generator(loaded.model, path, settings, metadata=meta, **options), settings
+        "interval": interval})
+    return export_generator(model, path, settings, metadata=meta, **options), settings
+
+
+def load_for_generator(checkpoint: str | Path,
+                       changes: dict[str, Any]) -> tuple[nn.Module, SampleSettings, dict[str, str]]:
+    """The model of a weight file, training checkpoint or run folder, the settings it records
+    (`recorded_settings`) with `changes` applied (None entries ignored; an invalid one raises
+    deco.errors.FieldError), and the weight file's `checkpoint_metadata`."""
+    loaded = load_for_sampling(Path(checkpoint), torch.device("cpu"), text=True)
+    given = {k: v for k, v in changes.items() if v is not None}
+    settings = dataclasses.replace(recorded_settings(loaded), **given)
+    return loaded.model, settings, checkpoint_metadata(find_checkpoint(checkpoint))
 
 
 def recorded_settings(loaded: Any) -> SampleSettings:

@@ -28,7 +28,6 @@ graph, read by the body from the outer scope, stored once.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -38,7 +37,6 @@ import torch
 from torch import nn
 
 from deco.atomic import make_temporary_folder, writing
-from deco.config import DeCoConfig
 from deco.deploy.export import (
     DEFAULT_OPSET,
     RTOL_BY_DTYPE,
@@ -47,11 +45,13 @@ from deco.deploy.export import (
     _cpu_copy,
     _install,
     _properties,
+    config_of,
     data_file,
     export_onnx,
     guided,
+    load_checkpoint,
+    output_path,
     save_checked,
-    sha256_file,
 )
 
 INT8 = "int8"
@@ -99,9 +99,9 @@ def export_int8(
     (ValueError otherwise); nothing is left on failure. The weights stay in the graph: int8 is a
     quarter of float32, and a model whose int8 graph would pass 2 GiB is not a CPU model.
     """
-    config = _config_of(model)
+    config = config_of(model)
     _check_options(config, opset, batch, resolution)
-    path = _output(path)
+    path = output_path(path)
     folder = make_temporary_folder(path)
     try:
         with writing(path, folder, data_file(path)):
@@ -137,12 +137,12 @@ def export_int8_generator(
     from deco.deploy.generator_check import check_export
     from deco.optimized.sampling import SampleSettings
 
-    config = _config_of(model)
+    config = config_of(model)
     if not isinstance(settings, SampleSettings):
         raise TypeError(f"settings: expected a SampleSettings, got {type(settings).__name__}")
     _check_options(config, opset, batch, resolution)
     is_guided = settings.guidance != 1.0 if guided_graph is None else bool(guided_graph)
-    path = _output(path)
+    path = output_path(path)
     folder = make_temporary_folder(path)
     try:
         with writing(path, folder, data_file(path)):
@@ -171,39 +171,12 @@ def export_int8_checkpoint(checkpoint: str | Path, path: str | Path, *, generato
     path and the generator's SampleSettings (None for a velocity graph). The weight file's path
     and SHA-256 go into the metadata. An invalid sampler setting raises deco.errors.FieldError."""
     if not generator:
-        from deco.optimized.weights import load_model
+        model, meta = load_checkpoint(checkpoint)
+        return export_int8(model, path, metadata=meta, **options), None
+    from deco.deploy.generator import load_for_generator
 
-        checkpoint = Path(checkpoint)
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"checkpoint: no such file: {checkpoint}")
-        meta = {"deco_checkpoint": str(checkpoint.resolve()),
-                "deco_checkpoint_sha256": sha256_file(checkpoint)}
-        return export_int8(load_model(checkpoint), path, metadata=meta, **options), None
-    from deco.checkpoint import find_checkpoint
-    from deco.deploy.generator import recorded_settings
-    from deco.generate import load_for_sampling
-
-    loaded = load_for_sampling(Path(checkpoint), torch.device("cpu"), text=True)
-    file = find_checkpoint(checkpoint).resolve()
-    changes = {k: v for k, v in (sampler or {}).items() if v is not None}
-    settings = dataclasses.replace(recorded_settings(loaded), **changes)
-    meta = {"deco_checkpoint": str(file), "deco_checkpoint_sha256": sha256_file(file)}
-    return export_int8_generator(loaded.model, path, settings, metadata=meta, **options), settings
-
-
-def _config_of(model: nn.Module) -> DeCoConfig:
-    config = getattr(model, "config", None)
-    if not isinstance(config, DeCoConfig):
-        raise TypeError(
-            f"model: expected a deco.optimized model with a DeCoConfig, got {type(model).__name__}")
-    return config
-
-
-def _output(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output: folder {path.parent} does not exist")
-    return path
+    model, settings, meta = load_for_generator(checkpoint, sampler or {})
+    return export_int8_generator(model, path, settings, metadata=meta, **options), settings
 
 
 __all__ = ["INT8", "RTOL_BY_DTYPE", "export_int8", "export_int8_checkpoint", "export_int8_generator",
