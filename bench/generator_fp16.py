@@ -17,9 +17,10 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 from common import our_model
-from gpu_generator import feed, rel_err, settings
+from gpu_generator import feed, settings
 
 from deco.config import DeCoConfig
+from deco.deploy.export import relative_error
 from deco.deploy.generator import export_generator
 from deco.optimized.sampling import sample
 
@@ -43,7 +44,7 @@ def main(preset: str, resolution: int, seeds: list[int]) -> None:
                                   torch.from_numpy(inputs["labels"]), **sampler.options()).clamp(-1, 1)
             got = session.run(["sample"], inputs)[0]
             print(f"{preset} {resolution}x{resolution} seed {seed}: relative error "
-                  f"{rel_err(got, expected.numpy()):.2e}", flush=True)
+                  f"{relative_error(got, expected.numpy()):.2e}", flush=True)
 
 
 if __name__ == "__main__":

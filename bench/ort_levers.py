@@ -36,7 +36,7 @@ from torch import Tensor
 import deco.deploy.optimize as optimize
 import deco.optimized.layers as layers
 from deco.config import DeCoConfig
-from deco.deploy.export import export_onnx
+from deco.deploy.export import export_onnx, relative_error
 from deco.deploy.optimize import optimize_for_ort, session_options
 from deco.optimized import build_model
 
@@ -135,7 +135,7 @@ def sessions(paths: dict[str, Path], threads: int, expected: np.ndarray,
     out["CPU memory arena off"] = make(default, cpu_arena=False)
     for name, session in out.items():
         got = session.run(["v"], feed)[0]
-        err = float(np.abs(got - expected).max() / np.abs(expected).max())
+        err = relative_error(got, expected)
         if err > 1e-4:
             raise SystemExit(f"{name}: onnxruntime disagrees with torch: {err:.2e}")
     return out

@@ -417,11 +417,11 @@ def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: boo
         expected = net(*inputs).numpy()
     rtol = RTOL_BY_DTYPE[dtype]
     try:
-        got = np.asarray(_run_on_cpu(path, feed, dtype), dtype=np.float64)
+        got = _run_on_cpu(path, feed, dtype)
     except Exception as exc:  # onnxruntime's and the evaluator's own exception types
         got, reason = None, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     if got is not None:
-        err = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+        err = relative_error(got, expected)
         reason = f"relative error {err:.1e} vs torch (bound {rtol:g})"
         if err <= rtol:
             return
@@ -430,6 +430,12 @@ def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: boo
         f"model: the exported graph does not run correctly at {shape} (traced at another shape): "
         f"{reason}. The model's code fixes a shape while tracing; export with a fixed --batch "
         "and --resolution instead")
+
+
+def relative_error(got: Any, expected: Any) -> float:
+    """max |got - expected| / max |expected|, in float64: the measure of every bound here."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
 
 
 def config_of(model: nn.Module) -> DeCoConfig:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from deco.config import DeCoConfig
-from deco.deploy.export import GENERATOR_RTOL_BY_DTYPE, _cpu_copy
+from deco.deploy.export import GENERATOR_RTOL_BY_DTYPE, _cpu_copy, relative_error
 from deco.deploy.runtime import _session
 from deco.optimized.sampling import SampleSettings, sample
 
@@ -75,8 +75,7 @@ def check_export(model: nn.Module, path: Path, settings: SampleSettings, guided:
     feed = example_feed(config, guided, batch or 2, resolution or (p, 2 * p), scale)
     with torch.no_grad():
         expected = torch_sample(_cpu_copy(model, torch.float32), feed, settings).double().numpy()
-    got = np.asarray(run_generator(path, feed, dtype)[0], dtype=np.float64)
-    err = float(np.max(np.abs(got - expected)) / max(float(np.max(np.abs(expected))), 1e-30))
+    err = relative_error(run_generator(path, feed, dtype)[0], expected)
     if not err <= GENERATOR_RTOL_BY_DTYPE[dtype]:
         raise ValueError(f"model: the generator graph differs from deco.optimized.sample by a relative "
                          f"{err:.1e} (bound {GENERATOR_RTOL_BY_DTYPE[dtype]:g})")
