@@ -135,6 +135,9 @@ def _generator_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeshift", type=float, default=None, help=f"time-grid shift {what}")
 
 
+SAMPLER_FLAGS = ("solver", "steps", "guidance", "interval", "timeshift")
+
+
 def _batch(text: str) -> int | None:
     if text == "dynamic":
         return None
@@ -159,15 +162,13 @@ def export_onnx(args: argparse.Namespace) -> int:
 
     check_output(args.output, args.force)
     chunks = _decoder_chunks(args.decoder_chunks)
+    sampler = _sampler(args)
     if args.dtype == "int8":
         from deco.cli.int8 import export_int8
 
-        return export_int8(args, _batch(args.batch))
-    if args.generator:
-        return _export_generator(args, chunks)
-    for flag in ("solver", "steps", "guidance", "interval", "timeshift"):
-        if getattr(args, flag) is not None:
-            raise UsageError(f"--{flag}: a sampler option; it needs --generator")
+        return export_int8(args, _batch(args.batch), sampler)
+    if sampler is not None:
+        return _export_generator(args, chunks, sampler)
     resolution = tuple(args.resolution) if args.resolution else None
     path = export_checkpoint(args.checkpoint, args.output, opset=args.opset,
                              batch=_batch(args.batch), resolution=resolution, cfg=args.cfg,
@@ -182,18 +183,29 @@ def export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_generator(args: argparse.Namespace, chunks: int | None) -> int:
+def _sampler(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The sampler options given to `export-onnx --generator` (None entries: the checkpoint's
+    recorded ones), or None without --generator, where no sampler option may be given."""
+    if not args.generator:
+        for flag in SAMPLER_FLAGS:
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag}: a sampler option; it needs --generator")
+        return None
+    if args.cfg:
+        raise UsageError("--cfg: a generator graph guides inside itself; give --generator or --cfg, not both")
+    options = {flag: getattr(args, flag) for flag in SAMPLER_FLAGS}
+    options["interval"] = tuple(args.interval) if args.interval is not None else None
+    return options
+
+
+def _export_generator(args: argparse.Namespace, chunks: int | None, sampler: dict[str, Any]) -> int:
     """`deco export-onnx --generator`: every setting checked before anything is written."""
     from deco.deploy.export import data_file
     from deco.deploy.generator import export_generator_checkpoint
-    if args.cfg:
-        raise UsageError("--cfg: a generator graph guides inside itself; give --generator or --cfg, not both")
     resolution = tuple(args.resolution) if args.resolution else None
-    interval = tuple(args.interval) if args.interval is not None else None
     try:
         path, settings = export_generator_checkpoint(
-            args.checkpoint, args.output, steps=args.steps, guidance=args.guidance, interval=interval,
-            timeshift=args.timeshift, solver=args.solver, opset=args.opset, batch=_batch(args.batch),
+            args.checkpoint, args.output, **sampler, opset=args.opset, batch=_batch(args.batch),
             resolution=resolution, dtype=args.dtype, external_data=args.external_data,
             decoder_chunk_rows=chunks)
     except FieldError as exc:
