@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from deco.atomic import atomic_write
+from deco.paths_inside import resolve_inside
 
 FORMAT_KEY = "deco_training_checkpoint"
 FORMAT_VERSION = "1"
@@ -144,8 +145,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file from a run folder (its `checkpoint.safetensors`) or a file path."""
     path = Path(path)
-    if path.is_dir():
-        candidate = path / CHECKPOINT_NAME
+    if path.is_dir():  # the folder is the user's; its checkpoint stays inside it (deco.paths_inside)
+        candidate = resolve_inside(path, CHECKPOINT_NAME, what=f"checkpoint: run folder {path}")
         if not candidate.is_file():
             raise FileNotFoundError(f"checkpoint: run folder {path} has no {CHECKPOINT_NAME}")
         return candidate

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from deco.atomic import atomic_write
 from deco.output_policy import image_format, sample_output, write_folder
+from deco.paths_inside import resolve_inside
 
 
 def to_uint8(images: Tensor) -> NDArray[np.uint8]:
@@ -76,6 +77,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
+
+
+def metrics_in_run(folder: Path) -> Path:
+    """FOLDER/metrics.json, into which `deco evaluate` merges its section. Its earlier content is
+    copied into the new file, so a link out of the run folder is refused (deco.paths_inside)."""
+    return resolve_inside(folder, "metrics.json", what=f"evaluate: the run folder {folder}")
 
 
 def merge_json(path: Path, update: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from deco.atomic import describe_os_error
 from deco.cli import convert, deploy, metrics, sample, text, train
 from deco.errors import UsageError
+from deco.extras import missing_extra
 
 #: Modules that contribute sub-commands, in the order `deco --help` lists them.
 COMMAND_MODULES = [convert, deploy, train, sample, text, metrics]
@@ -51,6 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Any = args.handler
     try:
         return int(handler(args) or 0)
+    except ImportError as exc:  # an optional extra is missing (also below, wrapped by a library)
+        message = missing_extra(exc, _extra_key(args))
+        if message is None:
+            raise
+        print(f"deco {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except (UsageError, ValueError, TypeError) as exc:
         print(f"deco {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -61,3 +68,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"deco {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # e.g. torch.onnx's OnnxExporterError raised from onnx's ImportError
+        message = missing_extra(exc, _extra_key(args))
+        if message is None:
+            raise
+        print(f"deco {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _extra_key(args: argparse.Namespace) -> str:
+    """What decides the extra of a missing module (deco.extras.COMMAND_EXTRAS): the command,
+    or "repa" for a class-conditional training run with REPA (transformers then comes from [repa])."""
+    if getattr(args, "repa_encoder", None) is not None and getattr(args, "task", None) != "t2i":
+        return "repa"
+    return str(args.command)

@@ -75,12 +75,9 @@ def convert(args: argparse.Namespace) -> int:
 
 def convert_to_diffusers(args: argparse.Namespace) -> int:
     """`deco convert CKPT DIR --to diffusers`: a pipeline folder (deco.diffusers.write_pipeline)."""
-    try:
-        from deco.diffusers.convert import read_id2label, write_pipeline
-    except ImportError as exc:
-        raise UsageError(f"--to diffusers: needs the diffusers extra (pip install "
-                         f"'deco-diffusion[diffusers]'): {exc}") from None
     import torch
+
+    from deco.diffusers.convert import read_id2label, write_pipeline  # [diffusers]: deco.cli.main names it
 
     pipe = write_pipeline(args.checkpoint, args.output, weights=args.weights,
                           dtype=getattr(torch, args.dtype), overwrite=args.force,

@@ -10,6 +10,7 @@ from typing import Any
 from deco.cli.common import default_of, existing_file
 from deco.errors import UsageError
 from deco.evaluate.adm import evaluate_sample_batches
+from deco.extras import missing_module
 from deco.output_policy import add_force, check_output
 
 
@@ -55,6 +56,8 @@ def fid(args: argparse.Namespace) -> int:
     try:
         inception = load_inception(args.inception_weights, device)
     except ImportError as exc:
+        if missing_module(exc) is not None:
+            raise  # deco.cli.main names the extra, as for every command
         raise UsageError(str(exc)) from exc
     # TensorFlow's evaluator computes convolutions in float32; TF32 would move the features.
     with full_float32_products():

@@ -175,6 +175,10 @@ def _sample_batch(args: argparse.Namespace, loaded: Any, settings: Any, resoluti
         field, _, message = str(exc).partition(":")
         raise UsageError(f"--{field.replace('_', '-')}:{message}") from None
     shards = args.shard_dir or args.out.with_suffix(".shards")
+    if args.shard_dir is None:  # a folder we derive, not one the user named: never through a link
+        from deco.paths_inside import refuse_symlinked_output
+
+        refuse_symlinked_output(shards, what="--out")
     d = setup_distributed(args.device)
     model = loaded.model.to(d.device)
 
@@ -243,10 +247,12 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from deco.evaluate.digits import DigitsClassifier, digits_compatible, score_samples
     from deco.generate import class_labels, load_for_sampling
-    from deco.outputs import merge_json
+    from deco.outputs import merge_json, metrics_in_run
 
     if args.per_class < 2:
         raise UsageError(f"--per-class: expected an int >= 2, got {args.per_class}")
+    if args.out is None and args.checkpoint.is_dir():
+        metrics_in_run(args.checkpoint)  # a metrics.json linking out is refused before the work
     device = _device(args.device)
     loaded = load_for_sampling(args.checkpoint, device, text=True)
     if loaded.model.config.is_text:
@@ -261,7 +267,7 @@ def evaluate(args: argparse.Namespace) -> int:
     result = score_samples(images, labels, DigitsClassifier())
     result.update(checkpoint=str(args.checkpoint), sampler=settings.to_dict(), seed=args.seed,
                   sample_seconds=round(seconds, 2))
-    out = args.out or (args.checkpoint / "metrics.json" if args.checkpoint.is_dir() else Path("metrics.json"))
+    out = args.out or (metrics_in_run(args.checkpoint) if args.checkpoint.is_dir() else Path("metrics.json"))
     merge_json(out, {"evaluation": result})
     print(f"class accuracy {result['accuracy']:.3f} (classifier's own held-out accuracy on real "
           f"digits {result['classifier_test_accuracy']:.3f}); Fréchet distance "

@@ -52,6 +52,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def encoder_for(loaded: Any, folder: Path | None, device: Any) -> Any:
     """The Qwen3TextEncoder of a text model: `folder`, or the one its run recorded."""
+    from deco.extras import missing_module
+    from deco.paths_inside import resolve_inside
     from deco.text.demo_encoder import DemoEncoderConfig, train_demo_encoder
     from deco.text.encoder import Qwen3TextEncoder
     from deco.text.job import DEMO_ENCODER_DIR
@@ -59,21 +61,31 @@ def encoder_for(loaded: Any, folder: Path | None, device: Any) -> Any:
     config = loaded.model.config
     run = loaded.run or {}
     flag = "--text-encoder"
+    # A folder the checkpoint names is a path read from a file: it must lie inside the
+    # checkpoint's folder (a run folder shipping its encoder); elsewhere, the user names it.
+    home, recorded = Path(loaded.source).parent, f"{loaded.source}: run.text_encoder"
+    hint = ""  # for a folder the checkpoint names: how to name another
     if folder is None and run.get("task") == "t2i" and run.get("data") is None:
-        folder = Path(loaded.source).parent / DEMO_ENCODER_DIR
+        folder = resolve_inside(home, DEMO_ENCODER_DIR, what=f"the run folder {home}")
         if not (folder / "config.json").is_file():  # deterministic: rebuild it
             folder = train_demo_encoder(Path(tempfile.mkdtemp(prefix="deco-tiny-qwen3-")) / "enc",
                                         DemoEncoderConfig(length=config.text_length))
     elif folder is None and run.get("text_encoder") is not None:
-        folder = Path(run["text_encoder"])
+        hint = f" (recorded in {loaded.source}); give {flag} DIR to name the encoder yourself"
+        try:
+            folder = resolve_inside(home, run["text_encoder"], what=recorded)
+        except ValueError as exc:
+            raise UsageError(f"{exc}; give {flag} DIR to name the encoder yourself") from None
     if folder is None:
         raise UsageError(f"{flag}: {loaded.source} is a text-to-image model; give the Qwen3 folder "
                          f"of its text encoder (e.g. --text-encoder Qwen3-1.7B/)")
     try:
         return Qwen3TextEncoder(folder, config.text_length, config.text_dim, device=device)
     except (OSError, ValueError, ImportError) as exc:
+        if isinstance(exc, ImportError) and missing_module(exc) is not None:
+            raise  # deco.cli.main names the extra to install
         message = str(exc).removeprefix("text_encoder: ").removeprefix("folder: ")
-        raise UsageError(f"{flag}: {message}") from None
+        raise UsageError(f"{flag}: {message}{hint}") from None
 
 
 def image_size(loaded: Any, resolution: int | None) -> tuple[int, int]:
@@ -140,7 +152,7 @@ def sample(args: argparse.Namespace, loaded: Any, settings: SampleSettings, devi
 def evaluate(args: argparse.Namespace, loaded: Any, settings: SampleSettings, device: Any) -> int:
     """`deco evaluate` for the text demo: prompt accuracy on held-out pairs and wordings."""
     from deco.evaluate.digits import DigitsClassifier
-    from deco.outputs import merge_json
+    from deco.outputs import merge_json, metrics_in_run
     from deco.text.sampling import prompt_accuracy
 
     if image_size(loaded, None) != (32, 64) or loaded.model.config.in_channels != 3:
@@ -154,7 +166,7 @@ def evaluate(args: argparse.Namespace, loaded: Any, settings: SampleSettings, de
     result.update(checkpoint=str(args.checkpoint), sampler=settings.to_dict(), seed=args.seed,
                   classifier_test_accuracy=classifier.test_accuracy,
                   sample_seconds=round(time.perf_counter() - t0, 2))
-    out = args.out or (args.checkpoint / "metrics.json" if args.checkpoint.is_dir() else Path("metrics.json"))
+    out = args.out or (metrics_in_run(args.checkpoint) if args.checkpoint.is_dir() else Path("metrics.json"))
     merge_json(out, {"evaluation": result})
     total = result["held_out"]
     print(f"prompt accuracy on held-out prompts {total['guided']:.3f} with guidance {settings.guidance:g}, "

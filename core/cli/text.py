@@ -47,7 +47,6 @@ def register(sub: Any) -> None:
 
 
 def embed_text(args: argparse.Namespace) -> int:
-    from deco.errors import UsageError
     from deco.text.captions import open_caption_dataset
     from deco.text.encoder import Qwen3TextEncoder, check_encoder_folder, parse_device, require_text_packages
 
@@ -55,11 +54,7 @@ def embed_text(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive int, got {value}")
-    # Fail fast, before a long pass over the captions.
-    try:
-        require_text_packages()
-    except ModuleNotFoundError as exc:
-        raise UsageError(str(exc)) from None
+    require_text_packages()  # fail fast, before a long pass over the captions (deco.cli.main names the extra)
     check_encoder_folder(args.text_encoder)
     device = parse_device(args.device)
     # The resolution is irrelevant here: only the captions are read, never an image.

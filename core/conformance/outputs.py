@@ -26,6 +26,7 @@ from deco.conformance.kit import (
     judge,
 )
 from deco.conformance.ports import Precision
+from deco.paths_inside import resolve_inside
 
 OUTPUT_TENSOR = "out"
 OUTPUT_DTYPES = {"float64": "float64", "float32": "float32"}
@@ -51,6 +52,7 @@ def check_output(folder: Path, vector: Vector, vectors: dict[str, Vector],
     if not path.is_file():
         return Result(vector.name, vector.component, "skipped", note=f"no {path.name}")
     try:
+        resolve_inside(folder, path.name, what="outputs")  # a link out of the folder: not read
         got = read_output(path)
     except ValueError as exc:
         return Result(vector.name, vector.component, "FAIL", note=f"{path.name}: {exc}")

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from deco.errors import first_line
 from deco.evaluate.frechet import frechet_distance, gaussian_stats
+from deco.extras import install_command
 from deco.safe_load import load_weights_only
 
 Array = NDArray[np.float64]
@@ -80,7 +81,8 @@ def _fidelity_inception_class() -> Any:
     except (ImportError, RuntimeError, OSError) as exc:
         spec = importlib.util.find_spec("torch_fidelity")
         if spec is None:
-            raise ImportError("deco fid needs torch-fidelity: pip install 'deco-diffusion[metrics]'") from exc
+            raise ImportError(f"deco fid needs torch-fidelity: {install_command('metrics')}",
+                              name="torch_fidelity") from exc
         error = exc
     if name in sys.modules:  # imported fine before the package __init__ failed
         return sys.modules[name].FeatureExtractorInceptionV3

@@ -42,6 +42,7 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from deco.atomic import atomic_write
+from deco.paths_inside import resolve_inside
 from deco.plan_identity import check_plan
 
 #: generate(labels (n,) int64, seed) -> images (n, H, W, 3) uint8
@@ -116,7 +117,7 @@ def _distributed_rank_world() -> tuple[int, int]:
 def _check_plan_file(folder: Path, plan: ShardPlan, inputs: dict[str, Any] | None) -> None:
     """Write plan.json, or check that the one there is this plan (PlanMismatch naming the
     changed fields otherwise)."""
-    path = folder / PLAN_FILE
+    path = resolve_inside(folder, PLAN_FILE, what=f"folder: {folder}")  # a link out is refused, not read
     wanted = {**asdict(plan), **({} if inputs is None else {"inputs": inputs})}
     if path.is_file():
         try:
@@ -231,6 +232,8 @@ def assemble_sample_batch(folder: str | Path, out: str | Path, plan: ShardPlan) 
     labels = []
     size: tuple[int, int] | None = None
     for index, path in enumerate(paths):  # check everything before writing anything
+        # A shard is copied into `out`: one that links out of the folder is refused, not read.
+        resolve_inside(folder, path.name, what=f"folder: {folder}")
         images, shard_labels = read_shard(path)
         expected = plan.shard_labels(index)
         if not np.array_equal(shard_labels, expected) or images.shape[0] != len(expected):

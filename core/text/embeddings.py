@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from deco.atomic import atomic_write
+from deco.paths_inside import resolve_inside
 from deco.text.encoder import TextEncoder
 
 FORMAT = "deco-text-embeddings"
@@ -83,9 +84,15 @@ def plan_shards(digests: Tensor, shard_size: int) -> list[ShardPlan]:
             for i, start in enumerate(range(0, n, shard_size))]
 
 
+def member(out: Path, name: object, what: str) -> Path:
+    """OUT/name for a file of the folder (a shard named by index.json, or one of ours), kept
+    inside OUT: no absolute path, no `..`, no link out of it (deco.paths_inside)."""
+    return resolve_inside(out, name, what=f"embeddings: {what}")
+
+
 def read_index(out: Path) -> dict[str, Any]:
-    """OUT/index.json, checked to be an embedding index."""
-    path = out / INDEX
+    """OUT/index.json, checked to be an embedding index whose shard files lie inside OUT."""
+    path = member(out, INDEX, str(out))
     if not path.is_file():
         raise FileNotFoundError(f"embeddings: {out} has no {INDEX} (not made by deco embed-text?)")
     try:
@@ -96,6 +103,9 @@ def read_index(out: Path) -> dict[str, Any]:
         raise ValueError(f"embeddings: {path} is not a {FORMAT} index")
     if index.get("version") != VERSION:
         raise ValueError(f"embeddings: {path} has version {index.get('version')}, expected {VERSION}")
+    shards = index.get("shards")
+    for k, entry in enumerate(shards if isinstance(shards, list) else []):
+        member(out, entry.get("file") if isinstance(entry, dict) else entry, f"{path}: shards[{k}].file")
     return index
 
 
@@ -135,7 +145,7 @@ def shard_digests(path: Path) -> Tensor | None:
 
 def shard_done(out: Path, plan: ShardPlan) -> bool:
     """Whether the shard file exists, is readable and holds exactly the planned captions."""
-    digests = shard_digests(out / plan.file)
+    digests = shard_digests(member(out, plan.file, str(out)))
     if digests is None or digests.shape != plan.digests.shape:
         return False
     return bool(torch.equal(digests, plan.digests))
@@ -244,7 +254,8 @@ class EmbeddingStore:
         self.out = Path(out)
         self.index = read_index(self.out)
         if not self.index.get("complete"):
-            done = sum(shard_digests(self.out / s["file"]) is not None for s in self.index["shards"])
+            done = sum(shard_digests(member(self.out, s["file"], str(self.out))) is not None
+                       for s in self.index["shards"])
             raise ValueError(f"embeddings: {self.out} is incomplete ({done} of {len(self.index['shards'])} "
                              "shards readable); rerun deco embed-text to finish it")
         self.length, self.width = int(self.index["length"]), int(self.index["width"])
@@ -275,7 +286,7 @@ class EmbeddingStore:
         """The open handle of shard k, checked against the index on first use."""
         if k not in self._handles:
             entry = self.index["shards"][k]
-            path = self.out / entry["file"]
+            path = member(self.out, entry["file"], f"{self.out / INDEX}: shards[{k}].file")
             handle = open_shard(path)
             shape = tuple(handle.get_slice("embeddings").get_shape())
             want = (int(entry["rows"]), self.length, self.width)
@@ -332,7 +343,7 @@ class EmbeddingStore:
     @property
     def null(self) -> Tensor:
         """The null embedding (T, E) of the empty negative prompt."""
-        emb: Tensor = open_shard(self.out / NULL_FILE).get_tensor("embeddings")
+        emb: Tensor = open_shard(member(self.out, NULL_FILE, str(self.out))).get_tensor("embeddings")
         if tuple(emb.shape) != (1, self.length, self.width):
             raise ValueError(f"embeddings: {self.out / NULL_FILE} holds {tuple(emb.shape)}, "
                              f"expected (1, {self.length}, {self.width})")

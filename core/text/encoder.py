@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from deco.errors import quiet_transformers
+from deco.extras import install_command
 
 #: Files a tokenizer folder may provide; one of the two sets must be complete.
 _TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -115,7 +116,7 @@ def require_text_packages() -> None:
     missing = [m for m in ("transformers", "tokenizers") if importlib.util.find_spec(m) is None]
     if missing:
         raise ModuleNotFoundError(f"text_encoder: needs {' and '.join(missing)}: "
-                                  "pip install 'deco-diffusion[text]'")
+                                  f"{install_command('text')}", name=missing[0])
 
 
 def check_encoder_folder(folder: str | Path) -> Path:

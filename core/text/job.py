@@ -30,6 +30,7 @@ from deco.distributed import Dist
 from deco.errors import FieldError
 from deco.optimized.sampling import SampleSettings
 from deco.optimized.trainer import TrainConfig
+from deco.paths_inside import refuse_symlinked_output
 from deco.text.captions import CaptionFolderDataset, WebDatasetCaptions, open_caption_dataset
 from deco.text.demo_encoder import DemoEncoderConfig, train_demo_encoder
 from deco.text.digit_pairs import GRID_PROMPTS, DigitPairsDataset, all_captions
@@ -103,7 +104,9 @@ def demo_encoder_folder(out: Path, d: Dist, length: int) -> Path:
     `deco sample` finds it; a resumed run reuses it), the other ranks into a temporary folder
     (no concurrent writes)."""
     scratch = None if d.is_main else Path(tempfile.mkdtemp(prefix="deco-tiny-qwen3-"))
-    folder = out / DEMO_ENCODER_DIR if scratch is None else scratch / "enc"
+    # A link there (a copied run folder) would have the encoder written wherever it points.
+    folder = refuse_symlinked_output(out / DEMO_ENCODER_DIR, what=f"the run folder {out}") \
+        if scratch is None else scratch / "enc"
     if not (folder / "config.json").is_file():
         train_demo_encoder(folder, DemoEncoderConfig(length=length))
     return folder

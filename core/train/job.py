@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ from deco.generate import class_labels, generate
 from deco.optimized import NonFiniteLossError, Trainer, build_model, cpu_gemm
 from deco.optimized.trainer import TrainConfig
 from deco.outputs import grid_image, plot_loss, read_log, save_png, to_uint8, write_json, write_log
+from deco.paths_inside import refuse_symlinked_output, resolve_inside
 from deco.text.job import ShardStream, TextSource, open_text_source
 from deco.text.sampling import text_grid
 from deco.train.memory import check_memory
@@ -97,7 +99,7 @@ class Job:
         self.out = out
         state = None
         if run.resume:
-            ckpt = out / CHECKPOINT_NAME
+            ckpt = resolve_inside(out, CHECKPOINT_NAME, what=f"resume: the run folder {out}")
             if not ckpt.is_file():
                 raise FieldError("resume", f"no checkpoint {ckpt} (give the run folder with --out)")
             state = load_checkpoint(ckpt)
@@ -108,7 +110,7 @@ class Job:
         elif (out / CHECKPOINT_NAME).exists():
             raise FieldError("out", f"{out} already holds a run; continue it with --resume or choose "
                                     f"another folder")
-        elif self.d.is_main and (out / LOG_NAME).exists():
+        elif self.d.is_main and os.path.lexists(out / LOG_NAME):  # a dangling link too
             (out / LOG_NAME).unlink()  # records of a run killed before its first checkpoint
         self.run = resolve(dataclasses.replace(run, out=out))
         self.inputs = input_identity(self.run)
@@ -201,7 +203,9 @@ class Job:
         self.stream.load_state(state["data"])
         self.elapsed = float(state.get("elapsed", 0.0))
         # Records written after the checkpoint belong to steps that will be redone.
-        self.records = read_log(self.out / LOG_NAME, self.trainer.step_count)
+        # Its records are copied into the new log: a link out of the folder is refused, not read.
+        log = resolve_inside(self.out, LOG_NAME, what=f"resume: the run folder {self.out}")
+        self.records = read_log(log, self.trainer.step_count)
         if self.d.is_main:
             write_log(self.out / LOG_NAME, self.records)
             for stale in self.out.glob(".*.tmp"):  # temporaries of a write cut short by a kill
@@ -229,7 +233,8 @@ class Job:
         self.records.append(record)
         if self.d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / LOG_NAME, "a") as f:
+            log = refuse_symlinked_output(self.out / LOG_NAME, what=f"the run folder {self.out}")
+            with open(log, "a") as f:  # appends: a link would be written through
                 f.write(json.dumps(record) + "\n")
 
     # ---------------------------------------------------------------------------- steps
