@@ -21,9 +21,9 @@ MODULE_EXTRAS: dict[str, str] = {
     "torch_fidelity": "metrics",
 }
 
-#: Commands (or flags) for which another extra than MODULE_EXTRAS's installs the module.
+#: Commands (or flags) for which another extra than MODULE_EXTRAS's is the one to install: a
+#: class-conditional run with REPA needs transformers for DINOv2 only ([repa], not [text]).
 COMMAND_EXTRAS: dict[tuple[str, str], str] = {
-    ("convert", "transformers"): "diffusers",
     ("repa", "transformers"): "repa",
 }
 

@@ -306,11 +306,14 @@ def test_a_missing_extra_is_named_in_one_line(tmp_path: Path) -> None:
 
     weights = tiny_weights(tmp_path)
     (tmp_path / "data").mkdir()
+    (tmp_path / "dino").mkdir()
     commands = {
         "onnx": ["export-onnx", str(weights), str(tmp_path / "m.onnx")],
         "diffusers": ["convert", str(weights), str(tmp_path / "pipe"), "--to", "diffusers"],
         "text": ["embed-text", str(tmp_path / "data"), str(tmp_path / "emb"), "--text-encoder",
                  str(tmp_path), "--length", "4", "--width", "8"],
+        "repa": ["train", "--repa-encoder", str(tmp_path / "dino"), "--model", "DiT-tiny/4", "--batch-size", "8",
+                 "--steps", "1", "--out", str(tmp_path / "r")],
     }
     done = subprocess.run([sys.executable, "-c", _BLOCKED, "onnx,onnxruntime,onnxscript,diffusers,"
                            "transformers,tokenizers", json.dumps(list(commands.values()))],
@@ -322,4 +325,4 @@ def test_a_missing_extra_is_named_in_one_line(tmp_path: Path) -> None:
         assert code == 2 and len(lines) == 1, (argv[0], code, err[-2000:])
         assert lines[0].startswith(f"deco {argv[0]}: error: ") and \
             f"pip install 'deco-diffusion[{extra}]'" in lines[0], lines[0]
-    assert not any((tmp_path / n).exists() for n in ("m.onnx", "pipe", "emb"))
+    assert not any((tmp_path / n).exists() for n in ("m.onnx", "pipe", "emb", "r"))
