@@ -269,6 +269,18 @@ def test_evaluate_refuses_a_metrics_file_linking_out(run_folder: Path, arena: Ar
     assert "metrics.json" in line and "outside" in line, line
 
 
+def test_resume_names_the_input_paths_it_takes_from_the_checkpoint(tmp_path: Path) -> None:
+    """--resume continues the user's run with the paths its checkpoint records, and says so;
+    a path the user gives again is not listed."""
+    from deco.train.job import recorded_paths
+
+    stored = RunConfig(task="t2i", data=tmp_path / "d", embeddings=tmp_path / "e", model="m.json")
+    d, e = tmp_path / "d", tmp_path / "e"
+    assert recorded_paths(stored, set()) == f"--data {d}, --embeddings {e}, --model m.json"
+    assert recorded_paths(stored, {"data", "model"}) == f"--embeddings {tmp_path / 'e'}"
+    assert recorded_paths(RunConfig(), set()) == ""
+
+
 def test_a_fresh_run_does_not_append_to_a_planted_log_link(arena: Arena) -> None:
     """A dangling log.jsonl link in a new run folder is removed, not followed (appending would
     create its target outside)."""
@@ -312,8 +324,8 @@ def test_a_missing_extra_is_named_in_one_line(tmp_path: Path) -> None:
         "diffusers": ["convert", str(weights), str(tmp_path / "pipe"), "--to", "diffusers"],
         "text": ["embed-text", str(tmp_path / "data"), str(tmp_path / "emb"), "--text-encoder",
                  str(tmp_path), "--length", "4", "--width", "8"],
-        "repa": ["train", "--repa-encoder", str(tmp_path / "dino"), "--model", "DiT-tiny/4", "--batch-size", "8",
-                 "--steps", "1", "--out", str(tmp_path / "r")],
+        "repa": ["train", "--repa-encoder", str(tmp_path / "dino"), "--model", "DiT-tiny/4",
+                 "--batch-size", "8", "--steps", "1", "--out", str(tmp_path / "r")],
     }
     done = subprocess.run([sys.executable, "-c", _BLOCKED, "onnx,onnxruntime,onnxscript,diffusers,"
                            "transformers,tokenizers", json.dumps(list(commands.values()))],
@@ -326,3 +338,50 @@ def test_a_missing_extra_is_named_in_one_line(tmp_path: Path) -> None:
         assert lines[0].startswith(f"deco {argv[0]}: error: ") and \
             f"pip install 'deco-diffusion[{extra}]'" in lines[0], lines[0]
     assert not any((tmp_path / n).exists() for n in ("m.onnx", "pipe", "emb", "r"))
+
+
+# ----------------------------------------------------------------------------- ONNX, conformance
+@pytest.mark.parametrize("where", ["climbs", "absolute"])
+def test_onnx_check_refuses_external_data_outside_the_graphs_folder(
+        arena: Arena, where: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A graph whose external-data `location` leaves its folder (onnx's and onnxruntime's own
+    checks refuse it; deco's part is the one line)."""
+    onnx = pytest.importorskip("onnx")
+    graph = arena.work / "m.onnx"
+    assert main(["export-onnx", str(tiny_weights(arena.work)), str(graph), "--external-data"]) == 0
+    data = graph.with_name("m.onnx.data")
+    target = arena.outside / "w.data"
+    shutil.move(data, target)
+    proto = onnx.load(str(graph), load_external_data=False)
+    location = "../../outside/w.data" if where == "climbs" else str(target)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    graph.write_bytes(proto.SerializeToString())
+    line = arena.run(capsys, "onnx-check", str(graph))
+    assert "m.onnx" in line, line
+
+
+def test_conformance_does_not_read_an_output_linking_out(arena: Arena,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A port's output folder whose `<vector>.safetensors` links out of it: that vector fails,
+    named, and the file is not read (its content there would pass)."""
+    from safetensors.numpy import save_file
+
+    from deco.conformance.kit import load_vectors
+    from deco.conformance.outputs import run_outputs
+
+    vector = next(v for v in load_vectors() if v.component == "rgb_to_ycbcr")
+    outputs = arena.work / "out"
+    outputs.mkdir()
+    save_file({"out": np.asarray(vector.expected, dtype=np.float64)}, str(arena.outside / "o.safetensors"))
+    own = outputs / f"{vector.name}.safetensors"
+    shutil.copyfile(arena.outside / "o.safetensors", own)
+    assert run_outputs(outputs, [vector])[0].status == "pass"  # the same bytes, inside: accepted
+    own.unlink()
+    own.symlink_to(arena.outside / "o.safetensors")
+    arena.freeze()
+    [result] = run_outputs(outputs, [vector])
+    assert result.status == "FAIL" and "outside" in result.note, result
+    assert tree(arena.outside) == arena.before

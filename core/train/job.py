@@ -104,6 +104,9 @@ class Job:
                 raise FieldError("resume", f"no checkpoint {ckpt} (give the run folder with --out)")
             state = load_checkpoint(ckpt)
             stored = resolve(RunConfig.from_dict(state["run"]))
+            followed = recorded_paths(stored, explicit)
+            if followed and self.d.is_main:  # paths read from a file: say so (SECURITY.md)
+                print(f"deco train: --resume reads {followed}, as {ckpt} records", file=sys.stderr)
             run = with_overrides(stored, changed_fields(run, stored, explicit))
             run = dataclasses.replace(run, resume=True)
             check_model_file(stored, state["config"], out)
@@ -343,6 +346,17 @@ class Job:
         }
         write_json(self.out / METRICS_NAME, summary)  # replaces any earlier evaluation: the weights changed
         return summary
+
+
+def recorded_paths(stored: RunConfig, explicit: set[str]) -> str:
+    """The input paths a resumed run takes from its checkpoint rather than the command line
+    ("--data DIR, --embeddings DIR"; "" for none): the continued run's own settings, followed as
+    recorded and named on stderr."""
+    names = ["data", "embeddings", "text_encoder", "repa_encoder"]
+    if stored.model is not None and str(stored.model).endswith(".json"):
+        names.append("model")
+    return ", ".join(f"--{name.replace('_', '-')} {getattr(stored, name)}" for name in names
+                     if getattr(stored, name) is not None and name not in explicit)
 
 
 def train(run: RunConfig, dataset: TrainDataset | None = None,
