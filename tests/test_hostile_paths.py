@@ -385,3 +385,23 @@ def test_conformance_does_not_read_an_output_linking_out(arena: Arena,
     [result] = run_outputs(outputs, [vector])
     assert result.status == "FAIL" and "outside" in result.note, result
     assert tree(arena.outside) == arena.before
+
+
+def test_the_readme_fault_table_names_tests_that_exist() -> None:
+    """README "Faults and abuse": every `file.py::test_name` (a trailing * matches a prefix) is a
+    test function of that file, so the table cannot cite a test that was renamed or removed."""
+    import ast
+    import fnmatch
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Faults and abuse", 1)[1].split("\n#", 1)[0]
+    cited = re.findall(r"`(test_\w+\.py)(?:::(test_[\w*]+))?`", section)
+    assert len(cited) >= 15, cited
+    for file, name in cited:
+        path = root / "tests" / file
+        assert path.is_file(), file
+        if name:
+            tests = [n.name for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                     if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+            assert fnmatch.filter(tests, name), f"{file}::{name} is not a test"
