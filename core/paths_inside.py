@@ -56,7 +56,8 @@ def resolve_inside(folder: str | Path, relative: object, *, what: str) -> Path:
     path = folder / relative
     if not _is_inside(path, folder):  # realpath resolves the links of the part that exists
         raise OutsideFolder(f"{what}: {path} is a link to {os.path.realpath(path)}, outside {folder}; "
-                            "refused (name the file on the command line to use it)")
+                            "refused: a folder's files are read from inside it (name a file elsewhere "
+                            "on the command line)")
     return path
 
 
