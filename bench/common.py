@@ -231,7 +231,7 @@ def train_step_phases(model: nn.Module, optimizer: torch.optim.Optimizer, batch:
 def adamw(model: nn.Module) -> torch.optim.Optimizer:
     """The side-by-side benchmarks' optimizer, the same for both models: AdamW, lr 1e-4, fused on
     the CPU as in `Trainer` (one pass over each parameter instead of foreach's chain of list
-    ops; bench/RESULTS.md §7 measures the two), foreach where fused is not offered."""
+    ops; bench/RESULTS.md §9 measures the two), foreach where fused is not offered."""
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused, foreach=None if fused else True)

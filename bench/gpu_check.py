@@ -405,7 +405,7 @@ def training(report: Report, plan: Plan, device: Any, impl: str) -> None:
 def phase_times(model: Any, optimizer: Any, data: tuple[Any, ...], device: Any,
                 plan: Plan) -> dict[str, float]:
     """Median ms of each phase of common.train_step (data, forward, loss, backward, optimizer;
-    bench/RESULTS.md §7 times the same phases on the CPU) over `plan.rounds` steps, bfloat16
+    bench/RESULTS.md §9 times the same phases on the CPU) over `plan.rounds` steps, bfloat16
     autocast, the device synchronised at every phase boundary."""
     import statistics
 
