@@ -3,7 +3,7 @@ the machine's allocator (issue #29): DeCo-S/16, 256x256, batch 4, float32, ident
 same loss and AdamW (`common.train_step_phases`). Needs $DECO_RELEASE_SRC:
 
     DECO_RELEASE_SRC=/path/to/release python bench/train_step_ab.py            # full (~15 min)
-    DECO_RELEASE_SRC=/path/to/release python bench/train_step_ab.py --quick    # ~3 min
+    DECO_RELEASE_SRC=/path/to/release python bench/train_step_ab.py --quick    # ~4 min
     python bench/train_step_ab.py --impls ours --quick                          # no release
 
 For every allocator state and thread count a fresh worker process builds both models, checks that
