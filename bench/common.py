@@ -15,7 +15,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -199,9 +201,40 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[
     return float(loss.detach())
 
 
+#: The phases of `train_step`, as `train_step_phases` times them.
+PHASES = ("data", "forward", "loss", "backward", "optimizer")
+
+
+def train_step_phases(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Tensor, ...],
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """`train_step` cut into PHASES, seconds of each by `clock` (wall time by default; pass one
+    that synchronises a GPU first, or `time.process_time`), plus "step", their sum."""
+    stamps = [clock()]
+    x, t, y, noise = batch
+    tb = t.view(-1, 1, 1, 1)
+    x_t, v = tb * x + (1 - tb) * noise, x - noise
+    stamps.append(clock())
+    pred = model(x_t, t, y)
+    stamps.append(clock())
+    loss = F.mse_loss(pred, v) + frequency_aware_loss(pred, v)
+    stamps.append(clock())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    stamps.append(clock())
+    optimizer.step()
+    stamps.append(clock())
+    times = {name: b - a for name, a, b in zip(PHASES, stamps, stamps[1:], strict=False)}
+    times["step"] = stamps[-1] - stamps[0]
+    return times
+
+
 def adamw(model: nn.Module) -> torch.optim.Optimizer:
-    # foreach (not fused): the same implementation for both models on the CPU.
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
+    """The side-by-side benchmarks' optimizer, the same for both models: AdamW, lr 1e-4, fused on
+    the CPU as in `Trainer` (one pass over each parameter instead of foreach's chain of list
+    ops; bench/RESULTS.md §9 measures the two), foreach where fused is not offered."""
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused, foreach=None if fused else True)
 
 
 # ----------------------------------------------------------------------------- peak memory

@@ -6,7 +6,8 @@ the sizes of bench/test_bench_release_t2i.py):
 Why: issue #10 asks for a training step 2x the release's. Both models compute the same
 products (the same layers on the same tokens), so a step can never be faster than the time its
 products take on their own. This script records every matrix product of one training step of each
-model (torch.profiler with input shapes: aten::mm, addmm, bmm, baddbmm), replays each shape on
+model (torch.profiler with input shapes: aten::mm, addmm, bmm, baddbmm and oneDNN's linear, which
+ours uses on AMD CPUs; the helpers of bench/gemm_floor_c2i.py), replays each shape on
 fresh tensors of that shape, and prints, in process CPU time (one thread, medians of 5 rounds):
 
 * the step as measured (common.train_step, the AdamW of each side as noted below);
@@ -23,68 +24,15 @@ step (warm caches, no transposed operands), so the floor it gives is optimistic 
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
-from collections import Counter
-from collections.abc import Callable
 
 import torch
 from common import adamw, release_source, train_step
+from gemm_floor_c2i import cpu_seconds, floor_seconds, products_of
 from test_bench_release_t2i import CONFIG, load_release_t2i, make_batch, models
 from torch import Tensor, nn
-from torch.profiler import ProfilerActivity, profile
 
 from deco.optimized import cpu_gemm_backend
-
-GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
-ROUNDS = 5
-
-
-def cpu_seconds(fn: Callable[[], object], rounds: int = ROUNDS) -> float:
-    """Median process CPU time of `fn` over `rounds` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
-
-
-def step_products(model: nn.Module, optimizer: torch.optim.Optimizer,
-                  data: tuple[Tensor, ...]) -> Counter[tuple[str, tuple[tuple[int, ...], ...]]]:
-    """(op, input shapes) -> count, for every matrix product of one training step."""
-    train_step(model, optimizer, data)  # warm-up outside the profile
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        train_step(model, optimizer, data)
-    found: Counter[tuple[str, tuple[tuple[int, ...], ...]]] = Counter()
-    for event in prof.events():
-        if event.name in GEMMS:
-            shapes = tuple(tuple(s) for s in event.input_shapes if s)
-            found[(event.name, shapes)] += 1
-    return found
-
-
-def replay(op: str, shapes: tuple[tuple[int, ...], ...]) -> Callable[[], object]:
-    """A call of `op` on fresh float32 tensors of `shapes`."""
-    g = torch.Generator().manual_seed(0)
-    args = [torch.randn(s, generator=g) for s in shapes]
-    fn = {"aten::mm": torch.mm, "aten::bmm": torch.bmm,
-          "aten::addmm": torch.addmm, "aten::baddbmm": torch.baddbmm}[op]
-    return lambda: fn(*args[:3])
-
-
-def products_seconds(found: Counter[tuple[str, tuple[tuple[int, ...], ...]]]) -> tuple[float, float]:
-    """(CPU seconds, GFLOP) of all products replayed, each shape timed once and weighted by count."""
-    seconds = flop = 0.0
-    for (op, shapes), count in found.items():
-        seconds += count * cpu_seconds(replay(op, shapes), rounds=3)
-        m, k = shapes[-2][-2], shapes[-2][-1]
-        n = shapes[-1][-1]
-        batch = shapes[-2][0] if len(shapes[-2]) == 3 else 1
-        flop += count * 2.0 * batch * m * k * n
-    return seconds, flop / 1e9
 
 
 def main() -> None:
@@ -100,8 +48,8 @@ def main() -> None:
         with cpu_gemm_backend(backend):
             optimizer = adamw(model)
             step = cpu_seconds(lambda: train_step(model, optimizer, data))  # noqa: B023
-            found = step_products(model, optimizer, data)
-            floor, gflop = products_seconds(found)
+            found = products_of(lambda: train_step(model, optimizer, data))  # noqa: B023
+            floor, gflop = floor_seconds(found)
         rows[impl] = (step, floor, gflop, sum(found.values()))
     ours = pairs["ours"][0]
     for p in ours.parameters():  # gradients of the right shapes for a timed optimizer step

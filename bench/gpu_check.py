@@ -397,8 +397,28 @@ def training(report: Report, plan: Plan, device: Any, impl: str) -> None:
 
         with peak_memory(device, metrics):
             _, times = timed(step, device, plan)
+        metrics["phases_ms"] = phase_times(model, optimizer, tuple(data), device, plan)
     metrics.update(times)
     report.add("training", impl, "ok", **metrics)
+
+
+def phase_times(model: Any, optimizer: Any, data: tuple[Any, ...], device: Any,
+                plan: Plan) -> dict[str, float]:
+    """Median ms of each phase of common.train_step (data, forward, loss, backward, optimizer;
+    bench/RESULTS.md §9 times the same phases on the CPU) over `plan.rounds` steps, bfloat16
+    autocast, the device synchronised at every phase boundary."""
+    import statistics
+
+    import torch
+    from common import train_step_phases
+
+    def clock() -> float:
+        synchronize(device)
+        return time.perf_counter()
+
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        samples = [train_step_phases(model, optimizer, data, clock) for _ in range(plan.rounds)]
+    return {p: round(statistics.median(s[p] for s in samples) * 1e3, 2) for p in samples[0]}
 
 
 def _forward_agreement(ours: Any, release: Any, config: Any, device: Any) -> float:

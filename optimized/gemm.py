@@ -174,10 +174,12 @@ def _weight_grad(g: Tensor, x: Tensor) -> Tensor:
       faster computed as (x^T g)^T, even counting the copy back to the (out, in) layout that
       the gradient must have;
     - when a side is <= 32 wide (the pixel decoder's products) `torch.mm` reads the transposes
-      for free and was faster over a whole training step with two threads."""
+      for free and was faster over a whole training step with two threads; with the narrower
+      operand on the left: for the decoder's pixel embedding (3 -> 32) (x^T g)^T takes 75 us a
+      chunk against 420 us for g^T x (8192 rows, one thread, bench/RESULTS.md §9)."""
     rows, n_out, n_in = g.shape[0], g.shape[1], x.shape[1]
     if min(n_out, n_in) <= 32:
-        return torch.mm(g.t(), x)
+        return torch.mm(x.t(), g).t().contiguous() if n_in < n_out else torch.mm(g.t(), x)
     if n_out >= 4 * n_in and rows >= n_in:
         return _mm_t(x.t(), g.t()).t().contiguous()
     return _mm_t(g.t(), x.t())

@@ -47,6 +47,9 @@ def test_dry_run_runs_every_section(tmp_path: Path) -> None:
     assert results["cuda-tests/pytest"]["skipped"] > 0  # collected, skipped without CUDA
     for key in ("sampling/eager", "training/ours", "onnxruntime/float32"):
         assert 0 < results[key]["median_s"] < 60
+    phases = results["training/ours"]["phases_ms"]  # common.train_step_phases, device-synchronised
+    assert set(phases) == {"data", "forward", "loss", "backward", "optimizer", "step"}
+    assert phases["step"] > 0 and all(0 <= v <= phases["step"] + 0.01 for v in phases.values())
     assert results["onnxruntime/float32"]["external_data"] is True
     assert results["onnxruntime/float32"]["rel_err_vs_torch_fp32"] <= 1e-4
     assert results["onnxruntime/float16"]["rel_err_vs_torch_fp32"] <= 1e-2
