@@ -107,6 +107,29 @@ def tiny_model(config: DeCoConfig, seed: int) -> Any:
     return model.eval()
 
 
+def tiny_text_encoder(folder: Path, corpus: list[str]) -> Path:
+    """A tiny random Qwen3 (hidden 32) and a BPE tokenizer trained on `corpus` with `tokenizers`,
+    saved as one folder (`folder`, returned) in transformers' format."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120,
+                                                              special_tokens=["<pad>", "<unk>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
+                                                unk_token="<unk>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+        pad_token_id=fast.pad_token_id)
+    transformers.Qwen3Model(config).eval().save_pretrained(folder)
+    return folder
+
+
 def save_checkpoint(model: Any, folder: Path) -> Path:
     """`model` written as the weight file `folder`/m.safetensors (its own `save`); returns the path."""
     path = folder / "m.safetensors"

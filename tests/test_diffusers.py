@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import FIXTURE_RTOL, rel_err, require_module
+from helpers import FIXTURE_RTOL, rel_err, require_module, tiny_text_encoder
 
 require_module("diffusers")
 transformers = require_module("transformers")
@@ -398,23 +398,7 @@ CORPUS = ["a photo of a cat", "a painting of a red fox in the snow", "an astrona
 def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen3 (hidden 32, narrower than T.ckpt's text width 48, so the states are
     zero-padded) and a BPE tokenizer trained here with `tokenizers`, saved as one folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120,
-                                                              special_tokens=["<pad>", "<unk>"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
-                                                unk_token="<unk>")
-    folder = tmp_path_factory.mktemp("qwen3")
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.Qwen3Config(
-        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-        pad_token_id=fast.pad_token_id)
-    transformers.Qwen3Model(config).eval().save_pretrained(folder)
-    return folder
+    return tiny_text_encoder(tmp_path_factory.mktemp("qwen3"), CORPUS)
 
 
 def reference_encoding(folder: Path, prompts: list[str], length: int, width: int) -> torch.Tensor:

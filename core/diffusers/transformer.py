@@ -42,9 +42,10 @@ class DeCoTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):  # type: 
     # Layerwise casting (enable_layerwise_casting) keeps these in the compute dtype: the input
     # embedding, whose weight dtype is the dtype the model casts its inputs to, and the pixel
     # decoder layers whose weights the decoder folds together before use (outside the layers'
-    # own forward, where the casting hooks act). They are a few thousand parameters.
-    _skip_layerwise_casting_patterns = ("patch_embed", r"decoder\.pixel_embed", r"decoder\.input_proj",
-                                        r"decoder\.blocks\.\d+\.adaln")
+    # own forward, where the casting hooks act; a few thousand parameters), and the text
+    # embedding, a linear layer whose RMSNorm child a hook on it would store in the storage dtype.
+    _skip_layerwise_casting_patterns = ("patch_embed", "text_embed", r"decoder\.pixel_embed",
+                                        r"decoder\.input_proj", r"decoder\.blocks\.\d+\.adaln")
     # accelerate's device maps keep each of these on one device: a residual block, and the pixel
     # decoder (it folds its layers' weights together).
     _no_split_modules: ClassVar[list[str]] = ["DiTBlock", "PixelDecoder"]
