@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import rel_err, require_module
+from helpers import TINY_DIFFUSERS_CONFIGS, rel_err, require_module, tiny_transformer
 
 require_module("diffusers")
 require_module("accelerate")
@@ -39,25 +39,9 @@ def global_attention_backend() -> Any:
     yield
     _AttentionBackendRegistry.set_active_backend(active)
 
-CONFIGS = {
-    "class": dict(architecture="deco", in_channels=3, patch_size=4, hidden_size=32, num_heads=2,
-                  depth=2, decoder_depth=2, decoder_width=8, num_classes=10, sample_size=16),
-    "text": dict(architecture="t2i", in_channels=3, patch_size=4, hidden_size=32, num_heads=2,
-                 depth=2, decoder_depth=2, decoder_width=8, num_classes=0, text_depth=1,
-                 text_dim=24, text_length=6, sample_size=16),
-}
+CONFIGS = TINY_DIFFUSERS_CONFIGS
 KINDS = list(CONFIGS)
-
-
-def tiny(kind: str, seed: int = 0) -> DeCoTransformer2DModel:
-    """A tiny transformer with every weight random (the default init zeroes the decoder's output
-    layers, which would make every output 0)."""
-    model = DeCoTransformer2DModel(**CONFIGS[kind]).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model
+tiny = tiny_transformer
 
 
 def inputs(kind: str, batch: int = 2) -> dict[str, Any]:

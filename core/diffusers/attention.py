@@ -22,7 +22,7 @@ blocks); it returns (B, L, D).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -45,9 +45,10 @@ class DeCoAttnProcessor:
         b, n, d = hidden_states.shape
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
         q, k, v = attn.project(hidden_states, cos, sin, encoder_hidden_states)  # (B, L(+T), h, hd)
+        # parallel_config only when set: diffusers 0.35's dispatcher does not take it.
+        parallel = {} if self._parallel_config is None else {"parallel_config": self._parallel_config}
         out: Tensor = dispatch_attention_fn(q, k, v, attn_mask=attention_mask,
-                                            backend=self._attention_backend,
-                                            parallel_config=self._parallel_config)  # (B, L, h, hd)
+                                            backend=self._attention_backend, **parallel)  # (B, L, h, hd)
         proj: Tensor = attn.proj(out.reshape(b, n, d))  # (B, L, D)
         return proj
 
@@ -78,8 +79,7 @@ def use_attention_processors(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is Attention:
             module.__class__ = DeCoAttention
-            assert isinstance(module, DeCoAttention)
-            module.set_processor(DeCoAttnProcessor())
+            cast(DeCoAttention, module).processor = DeCoAttnProcessor()
             count += 1
     return count
 

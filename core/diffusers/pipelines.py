@@ -30,6 +30,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -139,7 +140,7 @@ class DeCoPipelineBase(DiffusionPipeline):  # type: ignore[misc]
         scheduler = self.scheduler
         if isinstance(scheduler, DeCoScheduler):
             scheduler.set_timesteps(steps, device=device, timeshift=timeshift)
-            return [(ts, t, lambda g, i=i: scheduler.guidance_scale(i, g, interval))
+            return [(ts, t, partial(scheduler.guidance_scale, i, interval=interval))
                     for i, (ts, t) in enumerate(zip(scheduler.timesteps, scheduler.model_times,
                                                     strict=True))]
         if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
@@ -148,7 +149,7 @@ class DeCoPipelineBase(DiffusionPipeline):  # type: ignore[misc]
             # Euler decides guidance and calls the model at the float64 grid (spec/04 §2): the
             # scheduler's float32 sigmas could move a grid time across an interval bound.
             scheduler.set_timesteps(sigmas=[1.0 - t for t in grid[:-1]], device=device)
-            return [(ts, t, lambda g, t=t: guidance_at(t, g, interval))
+            return [(ts, t, partial(guidance_at, t, interval=interval))
                     for ts, t in zip(scheduler.timesteps, grid[:-1], strict=True)]
         raise TypeError(f"scheduler: expected FlowMatchEulerDiscreteScheduler, DeCoHeunScheduler or "
                         f"DeCoAdamsScheduler, got {type(scheduler).__name__}")
@@ -202,7 +203,7 @@ class DeCoPipelineBase(DiffusionPipeline):  # type: ignore[misc]
     def prepare_latents(self, batch: int, height: int | None, width: int | None,
                         generator: Any, latents: Tensor | None) -> Tensor:
         """The starting noise (B, C, H, W): `latents` if given, else standard normal noise (a
-        list of generators: one per image)."""
+        list of generators: one per image, or one for all, as diffusers' randn_tensor takes)."""
         cfg = self.transformer.deco_config
         device, dtype = self._execution_device, self.transformer.dtype
         if latents is not None:
@@ -212,9 +213,9 @@ class DeCoPipelineBase(DiffusionPipeline):  # type: ignore[misc]
                 raise ValueError(f"latents: expected shape ({batch}, {cfg.in_channels}, H, W), "
                                  f"got {tuple(latents.shape)}")
             return latents.to(device=device, dtype=dtype)
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"generator: a list needs one generator per image ({batch}), "
-                             f"got {len(generator)}")
+        if isinstance(generator, list) and len(generator) not in (1, batch):
+            raise ValueError(f"generator: a list needs one generator per image ({batch}) or "
+                             f"one for all, got {len(generator)}")
         size = self.transformer.config.sample_size
         h, w = height or size, width or size
         for name, value in (("height", h), ("width", w)):
