@@ -23,7 +23,13 @@ transformers = require_module("transformers")
 
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
-from deco.diffusers import DeCoHeunScheduler, DeCoPipeline, DeCoTextPipeline  # noqa: E402
+from deco.diffusers import (  # noqa: E402
+    DeCoAdamsScheduler,
+    DeCoHeunScheduler,
+    DeCoPipeline,
+    DeCoTextPipeline,
+)
+from deco.optimized.flow import interpolate  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,3 +220,19 @@ def test_save_load_keeps_the_attention_and_pipeline(class_pipe: DeCoPipeline, tm
     loaded = DeCoPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert torch.equal(sample(loaded, [1], generator=seeds(2)), expected)
+
+
+@pytest.mark.parametrize("make", [DeCoHeunScheduler, DeCoAdamsScheduler])
+def test_scheduler_common_api(make: Any) -> None:
+    """diffusers' SchedulerCommonTest public API: init_noise_sigma, scale_model_input, and
+    add_noise at the scheduler's own timesteps = DeCo's interpolation (deco.optimized.flow) at
+    the plan's times; float32 timesteps: 1e-6."""
+    scheduler = make()
+    scheduler.set_timesteps(6, timeshift=3.0)
+    x, noise = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    assert scheduler.init_noise_sigma == 1.0 and scheduler.scale_model_input(x, 5) is x
+    expected = interpolate(x, noise, torch.tensor(scheduler.model_times, dtype=torch.float32))
+    torch.testing.assert_close(scheduler.add_noise(x, noise, scheduler.timesteps), expected,
+                               rtol=0, atol=1e-6)
+    ends = scheduler.add_noise(x[:2], noise[:2], torch.tensor([0.0, 1000.0]))
+    assert torch.equal(ends[0], x[0]) and torch.equal(ends[1], noise[1])
