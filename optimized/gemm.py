@@ -192,7 +192,10 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """x (rows, in), weight (out, in), bias (out,) or None -> (rows, out)."""
         out: Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        ctx.save_for_backward(x, weight)
+        # An alias of the weight, as F.linear saves a view: a hook that swaps the parameter's
+        # data after the forward (diffusers' layerwise casting stores it back in float8) must
+        # not change the matrix the backward multiplies by.
+        ctx.save_for_backward(x, weight.detach())
         return out
 
     @staticmethod

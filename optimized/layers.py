@@ -61,7 +61,10 @@ class TimestepEmbedder(nn.Module):
         self.fc2 = Linear(hidden_size, hidden_size)
 
     def forward(self, t: Tensor) -> Tensor:
-        feats = timestep_features(t, self.fc1.weight.dtype)  # (B, 256)
+        """t (B,) in the compute dtype (the model's `check_inputs` casts it) -> (B, D). The
+        features take t's dtype, not fc1's: a weight read outside fc1 would see its storage dtype
+        under diffusers' layerwise casting, which casts a weight only while its module runs."""
+        feats = timestep_features(t, t.dtype)  # (B, 256)
         out: Tensor = self.fc2(F.silu(self.fc1(feats)))  # (B, D)
         return out
 
@@ -147,6 +150,18 @@ class Attention(nn.Module):
                 text: Tensor | None = None) -> Tensor:
         """x (B, L, D), text (B, T, D) for a joint block -> (B, L, D)."""
         b, n, d = x.shape
+        q, k, v = self.project(x, cos, sin, text)
+        # SDPA wants (B, h, L, hd); its default scale is 1/sqrt(hd), as in the spec.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        proj: Tensor = self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, L, D)
+        return proj
+
+    def project(self, x: Tensor, cos: Tensor | None, sin: Tensor | None,
+                text: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The attention's inputs: q (B, L, h, hd) and k, v (B, L(+T), h, hd), normalised and
+        rotated. A method of its own so that other attention kernels (deco.diffusers' attention
+        processors) reuse the projections and run only the attention itself."""
+        b, n, _ = x.shape
         heads, hd = self.num_heads, self.head_dim
         q, k, v = (part.view(b, n, heads, hd) for part in split_product(x, self.qkv, 3))  # (B, L, h, hd)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -159,10 +174,7 @@ class Attention(nn.Module):
                               for part in split_product(text, self.kv_text, 2))
             k = torch.cat([k, self.k_norm(k_text)], dim=1)  # (B, L + T, h, hd)
             v = torch.cat([v, v_text], dim=1)
-        # SDPA wants (B, h, L, hd); its default scale is 1/sqrt(hd), as in the spec.
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        proj: Tensor = self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, L, D)
-        return proj
+        return q, k, v
 
 
 class SwiGLU(nn.Module):

@@ -107,6 +107,55 @@ def tiny_model(config: DeCoConfig, seed: int) -> Any:
     return model.eval()
 
 
+#: Tiny DeCoTransformer2DModel configs (16 x 16 images, patches of 4): class- and text-conditional.
+TINY_DIFFUSERS_CONFIGS: dict[str, dict[str, Any]] = {
+    "class": dict(architecture="deco", in_channels=3, patch_size=4, hidden_size=32, num_heads=2,
+                  depth=2, decoder_depth=2, decoder_width=8, num_classes=10, sample_size=16),
+    "text": dict(architecture="t2i", in_channels=3, patch_size=4, hidden_size=32, num_heads=2,
+                 depth=2, decoder_depth=2, decoder_width=8, num_classes=0, text_depth=1,
+                 text_dim=24, text_length=6, sample_size=16),
+}
+
+
+def tiny_transformer(kind: str, seed: int = 0) -> Any:
+    """A tiny DeCoTransformer2DModel (`TINY_DIFFUSERS_CONFIGS[kind]`, eval mode) with every weight
+    normal(0, 0.3) from `seed` (the default init zeroes the decoder's output layers, which would
+    make every output 0)."""
+    import torch
+
+    from deco.diffusers import DeCoTransformer2DModel
+
+    model = DeCoTransformer2DModel(**TINY_DIFFUSERS_CONFIGS[kind]).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def tiny_text_encoder(folder: Path, corpus: list[str]) -> Path:
+    """A tiny random Qwen3 (hidden 32) and a BPE tokenizer trained on `corpus` with `tokenizers`,
+    saved as one folder (`folder`, returned) in transformers' format."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120,
+                                                              special_tokens=["<pad>", "<unk>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
+                                                unk_token="<unk>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+        pad_token_id=fast.pad_token_id)
+    transformers.Qwen3Model(config).eval().save_pretrained(folder)
+    return folder
+
+
 def save_checkpoint(model: Any, folder: Path) -> Path:
     """`model` written as the weight file `folder`/m.safetensors (its own `save`); returns the path."""
     path = folder / "m.safetensors"

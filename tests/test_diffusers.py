@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import FIXTURE_RTOL, rel_err, require_module
+from helpers import FIXTURE_RTOL, rel_err, require_module, tiny_text_encoder
 
 require_module("diffusers")
 transformers = require_module("transformers")
@@ -398,23 +398,7 @@ CORPUS = ["a photo of a cat", "a painting of a red fox in the snow", "an astrona
 def encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen3 (hidden 32, narrower than T.ckpt's text width 48, so the states are
     zero-padded) and a BPE tokenizer trained here with `tokenizers`, saved as one folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=120,
-                                                              special_tokens=["<pad>", "<unk>"]))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>",
-                                                unk_token="<unk>")
-    folder = tmp_path_factory.mktemp("qwen3")
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.Qwen3Config(
-        vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-        pad_token_id=fast.pad_token_id)
-    transformers.Qwen3Model(config).eval().save_pretrained(folder)
-    return folder
+    return tiny_text_encoder(tmp_path_factory.mktemp("qwen3"), CORPUS)
 
 
 def reference_encoding(folder: Path, prompts: list[str], length: int, width: int) -> torch.Tensor:
@@ -458,7 +442,8 @@ def test_text_pipeline_equals_optimized_sample(text_model: Any, encoder_dir: Pat
     prompts = ["a photo of a cat", "a painting of a red fox in the snow at night, long exposure"]
     cond = reference_encoding(encoder_dir, prompts, 8, 48)
     null = reference_encoding(encoder_dir, ["a bowl"], 8, 48)[0]
-    assert torch.allclose(pipe.encode_prompt(prompts), cond, atol=1e-6)
+    assert torch.allclose(pipe.encode_prompt(prompts, do_classifier_free_guidance=False)[0], cond,
+                          atol=1e-6)
     noise = torch.randn(2, 3, 16, 16)
     settings = {**SETTINGS, "timeshift": 3.0}
     got = pipe(prompts, negative_prompt="a bowl", guidance_scale=settings["guidance"],
@@ -527,9 +512,9 @@ def test_text_pipeline_bad_arguments(text_model: Any, encoder_dir: Path, class_p
         pipe([3], num_inference_steps=1)
     with pytest.raises(TypeError, match=r"^negative_prompt: "):
         pipe("a cat", negative_prompt=[], num_inference_steps=1)
-    with pytest.raises(ValueError, match=r"^prompt_embeds: expected shape \(B, 8, 48\)"):
-        pipe(prompt_embeds=torch.zeros(1, 8, 32), num_inference_steps=1)
-    with pytest.raises(ValueError, match=r"^negative_prompt_embeds: expected shape \(2, 8, 48\)"):
+    with pytest.raises(ValueError, match=r"^prompt_embeds: expected shape \(B, 8, E\)"):
+        pipe(prompt_embeds=torch.zeros(1, 7, 48), num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"^negative_prompt_embeds: expected shape \(2, 8, E\)"):
         pipe(prompt_embeds=torch.zeros(2, 8, 48), negative_prompt_embeds=torch.zeros(3, 8, 48),
              num_inference_steps=1)
     with pytest.raises(TypeError, match=r"^class_labels: the text-to-image model"):

@@ -7,13 +7,17 @@ with the results of `deco.optimized.sample`. `deco convert CKPT DIR --to diffuse
 pipeline folder (`write_pipeline`). Nothing else in `deco` imports this package or diffusers.
 """
 
+from .attention import DeCoAttention, DeCoAttnProcessor
 from .convert import imagenet_id2label, write_pipeline
-from .pipelines import DeCoPipeline, DeCoPipelineBase, DeCoTextPipeline
+from .pipelines import DeCoPipeline, DeCoPipelineBase
+from .pipelines_text import DeCoTextPipeline
 from .schedulers import DeCoAdamsScheduler, DeCoHeunScheduler, DeCoScheduler
 from .transformer import DeCoTransformer2DModel
 
 __all__ = [
     "DeCoAdamsScheduler",
+    "DeCoAttention",
+    "DeCoAttnProcessor",
     "DeCoHeunScheduler",
     "DeCoPipeline",
     "DeCoPipelineBase",

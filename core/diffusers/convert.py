@@ -19,7 +19,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from deco.optimized.weights import load_weights
 from deco.output_policy import write_folder
 
-from .pipelines import DeCoPipeline, DeCoPipelineBase, DeCoTextPipeline
+from .pipelines import DeCoPipeline, DeCoPipelineBase
+from .pipelines_text import DeCoTextPipeline
 from .schedulers import DeCoAdamsScheduler
 from .transformer import DeCoTransformer2DModel
 

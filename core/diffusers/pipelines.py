@@ -1,5 +1,5 @@
-"""diffusers pipelines for DeCo: `DeCoPipeline` (class-to-image) and `DeCoTextPipeline`
-(text-to-image, with a Qwen3 text encoder and its tokenizer as components).
+"""diffusers pipelines for DeCo: `DeCoPipeline` (class-to-image) here and `DeCoTextPipeline`
+(text-to-image, with a Qwen3 text encoder and its tokenizer as components, in pipelines_text.py).
 
 Both integrate DeCo's ODE from t = 0 (noise) to t = 1 (images) with classifier-free guidance
 exactly as `deco.optimized.sample` does (spec/04): its `guided_velocity` (u + g (c - u) from one
@@ -13,6 +13,14 @@ Loading: `DeCoPipeline.from_pretrained(folder)` (or `DeCoTextPipeline`) reads a 
 one-line module, `pipeline_deco.py`, that imports these classes from the installed package
 (diffusers looks pipeline classes up in its own namespace and accepts any other class only
 through such a module).
+
+Both take diffusers' common arguments: `num_images_per_prompt`, `generator` (one, or a list with
+one per image), `latents`, `output_type` ("pil", "np", "pt", "latent"), `return_dict` and
+`callback_on_step_end(pipe, step, timestep, callback_kwargs)` called after every model
+evaluation with the tensors named in `callback_on_step_end_tensor_inputs` (a subset of
+`pipe._callback_tensor_inputs`); the tensors it returns replace the pipeline's. During a call,
+`pipe.guidance_scale` and `pipe.num_timesteps` are the current guidance scale (a callback may
+change `pipe._guidance_scale`: the following steps use it) and the number of evaluations.
 """
 
 # No `from __future__ import annotations` here: diffusers reads the pipelines' __init__
@@ -21,19 +29,20 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from deco.atomic import atomic_write
-from deco.config import RELEASE_SAMPLING
 from deco.optimized.sampling import guidance_at, guided_velocity, time_grid
 
 from .schedulers import DeCoScheduler
@@ -49,8 +58,11 @@ from deco.diffusers import DeCoPipeline, DeCoTextPipeline
 __all__ = ["DeCoPipeline", "DeCoTextPipeline"]
 '''
 
-#: Step = (scheduler timestep, DeCo time of the model call, guidance scale of the call).
-Step = tuple[Tensor, float, float]
+#: Step = (scheduler timestep, DeCo time of the model call, the call's guidance scale as a
+#: function of the pipeline's guidance scale: the scale inside the guidance interval, else 1).
+Step = tuple[Tensor, float, Callable[[float], float]]
+#: A step-end callback: (pipe, step index, timestep, tensors) -> tensors.
+StepCallback = Callable[[Any, int, Tensor, dict[str, Tensor]], dict[str, Tensor]]
 
 
 class TransformerVelocity:
@@ -105,13 +117,30 @@ class DeCoPipelineBase(DiffusionPipeline):  # type: ignore[misc]
 
     # ----------------------------------------------------------------------------- sampling
 
-    def schedule(self, steps: int, timeshift: float, guidance: float,
-                 interval: tuple[float, float], device: torch.device) -> list[Step]:
+    #: The tensors a step-end callback may read and replace ("latents": the current sample).
+    _callback_tensor_inputs: ClassVar[list[str]] = ["latents"]
+    #: The names under which a callback sees (cond, null); None: not shown (class labels).
+    _condition_names: tuple[str, str] | None = None
+    _guidance_scale = 1.0
+    _num_timesteps = 0
+
+    @property
+    def guidance_scale(self) -> float:
+        """The guidance scale of the running (or last) call."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        """The number of model evaluations of the running (or last) call."""
+        return self._num_timesteps
+
+    def schedule(self, steps: int, timeshift: float, interval: tuple[float, float],
+                 device: torch.device) -> list[Step]:
         """Set the scheduler to DeCo's grid and list its model evaluations."""
         scheduler = self.scheduler
         if isinstance(scheduler, DeCoScheduler):
             scheduler.set_timesteps(steps, device=device, timeshift=timeshift)
-            return [(ts, t, scheduler.guidance_scale(i, guidance, interval))
+            return [(ts, t, partial(scheduler.guidance_scale, i, interval=interval))
                     for i, (ts, t) in enumerate(zip(scheduler.timesteps, scheduler.model_times,
                                                     strict=True))]
         if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
@@ -120,26 +149,61 @@ class DeCoPipelineBase(DiffusionPipeline):  # type: ignore[misc]
             # Euler decides guidance and calls the model at the float64 grid (spec/04 §2): the
             # scheduler's float32 sigmas could move a grid time across an interval bound.
             scheduler.set_timesteps(sigmas=[1.0 - t for t in grid[:-1]], device=device)
-            return [(ts, t, guidance_at(t, guidance, interval))
+            return [(ts, t, partial(guidance_at, t, interval=interval))
                     for ts, t in zip(scheduler.timesteps, grid[:-1], strict=True)]
         raise TypeError(f"scheduler: expected FlowMatchEulerDiscreteScheduler, DeCoHeunScheduler or "
                         f"DeCoAdamsScheduler, got {type(scheduler).__name__}")
 
-    def denoise(self, latents: Tensor, cond: Tensor, null: Tensor, steps: int, guidance: float,
-                interval: tuple[float, float], timeshift: float) -> Tensor:
-        """Integrate from the noise `latents` (B, C, H, W) to the images (t = 1)."""
+    def denoise(self, latents: Tensor, cond: Tensor, null: Tensor, steps: int,
+                interval: tuple[float, float], timeshift: float,
+                callback: StepCallback | None = None, callback_inputs: Sequence[str] = ()) -> Tensor:
+        """Integrate from the noise `latents` (B, C, H, W) to the images (t = 1), guided with
+        `self._guidance_scale` (read at every step: a callback may change it)."""
         x = latents
         model = TransformerVelocity(self.transformer)
-        plan = self.schedule(steps, timeshift, guidance, interval, x.device)
-        for timestep, t, scale in self.progress_bar(plan):
-            v = guided_velocity(model, x, t, cond, null, scale)  # d x / d t, spec/04 §2
+        plan = self.schedule(steps, timeshift, interval, x.device)
+        self._num_timesteps = len(plan)
+        for i, (timestep, t, scale) in enumerate(self.progress_bar(plan)):
+            v = guided_velocity(model, x, t, cond, null, scale(self._guidance_scale))  # spec/04 §2
             # diffusers' flow-matching output is d x / d sigma = -v (sigma = 1 - t).
             x = self.scheduler.step(-v, timestep, x, return_dict=False)[0]
+            if callback is not None:
+                x, cond, null = self.run_callback(callback, callback_inputs, i, timestep, x, cond, null)
         return x
+
+    def run_callback(self, callback: StepCallback, names: Sequence[str], i: int, timestep: Tensor,
+                     x: Tensor, cond: Tensor, null: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Call the step-end callback with the tensors `names`; take back what it returns."""
+        state = {"latents": x}
+        if self._condition_names is not None:
+            state.update(zip(self._condition_names, (cond, null), strict=True))
+        out = callback(self, i, timestep, {name: state[name] for name in names})
+        if not isinstance(out, dict):
+            raise TypeError(f"callback_on_step_end: expected it to return a dict of tensors, "
+                            f"got {type(out).__name__}")
+        x = out.get("latents", x)
+        if self._condition_names is not None:
+            cond, null = (out.get(name, value) for name, value in
+                          zip(self._condition_names, (cond, null), strict=True))
+        return x, cond, null
+
+    def check_callback(self, callback: Any, names: Any) -> tuple[StepCallback | None, list[str]]:
+        """callback_on_step_end (a function, a diffusers PipelineCallback or
+        MultiPipelineCallbacks, or None) and the tensor names it reads."""
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            names = callback.tensor_inputs
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback_on_step_end: expected a callable, got {type(callback).__name__}")
+        if isinstance(names, str) or not isinstance(names, Sequence) \
+                or any(n not in self._callback_tensor_inputs for n in names):
+            raise ValueError(f"callback_on_step_end_tensor_inputs: expected names among "
+                             f"{self._callback_tensor_inputs}, got {names!r}")
+        return callback, list(names)
 
     def prepare_latents(self, batch: int, height: int | None, width: int | None,
                         generator: Any, latents: Tensor | None) -> Tensor:
-        """The starting noise (B, C, H, W): `latents` if given, else standard normal noise."""
+        """The starting noise (B, C, H, W): `latents` if given, else standard normal noise (a
+        list of generators: one per image, or one for all, as diffusers' randn_tensor takes)."""
         cfg = self.transformer.deco_config
         device, dtype = self._execution_device, self.transformer.dtype
         if latents is not None:
@@ -149,6 +213,9 @@ class DeCoPipelineBase(DiffusionPipeline):  # type: ignore[misc]
                 raise ValueError(f"latents: expected shape ({batch}, {cfg.in_channels}, H, W), "
                                  f"got {tuple(latents.shape)}")
             return latents.to(device=device, dtype=dtype)
+        if isinstance(generator, list) and len(generator) not in (1, batch):
+            raise ValueError(f"generator: a list needs one generator per image ({batch}) or "
+                             f"one for all, got {len(generator)}")
         size = self.transformer.config.sample_size
         h, w = height or size, width or size
         for name, value in (("height", h), ("width", w)):
@@ -209,17 +276,9 @@ class DeCoPipeline(DeCoPipelineBase):
         return [table[n.strip()] for n in names]
 
     def class_ids(self, class_labels: Any, device: torch.device) -> Tensor:
-        """class_labels (ids, names, or a mix; a tensor of ids) -> (B,) ids in 0..null_class."""
-        if isinstance(class_labels, Tensor):
-            if class_labels.is_floating_point() or class_labels.is_complex():
-                raise TypeError(f"class_labels: expected integer ids, got dtype {class_labels.dtype}")
-            items = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (int, str)) and not isinstance(class_labels, bool):
-            items = [class_labels]
-        elif isinstance(class_labels, Sequence):
-            items = list(class_labels)
-        else:
-            raise TypeError(f"class_labels: expected class ids or names, got {type(class_labels).__name__}")
+        """class_labels (ids, names, or a mix; a tensor of ids; nested lists such as [[1], [1]]
+        are flattened, as DiTPipeline does) -> (B,) ids in 0..null_class."""
+        items = flatten_labels(class_labels)
         ids = []
         for item in items:
             if isinstance(item, str):
@@ -243,115 +302,28 @@ class DeCoPipeline(DeCoPipelineBase):
         timeshift: float = 1.0, height: int | None = None, width: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
+        num_images_per_prompt: int = 1, callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  (diffusers' default)
     ) -> Any:
-        """Sample one image per label. guidance_interval (low, high): the steps whose scale is
-        `guidance_scale` (Euler/Heun: low < t <= high at the step's start; Adams: low < t <
-        high); elsewhere 1. timeshift: DeCo's time shift of the grid (spec/01 §3). latents: the
-        starting noise (B, C, H, W), else drawn with `generator`. Returns an ImagePipelineOutput."""
+        """Sample `num_images_per_prompt` images per label (label-major order).
+        guidance_interval (low, high): the steps whose scale is `guidance_scale` (Euler/Heun:
+        low < t <= high at the step's start; Adams: low < t < high); elsewhere 1. timeshift:
+        DeCo's time shift of the grid (spec/01 §3). latents: the starting noise (B, C, H, W),
+        else drawn with `generator`. The callback arguments: the module doc. Returns an
+        ImagePipelineOutput."""
         steps, guidance, interval, timeshift = check_settings(
             num_inference_steps, guidance_scale, guidance_interval, timeshift)
+        repeats = check_count(num_images_per_prompt)
+        callback, names = self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if self.transformer.is_text:
             raise TypeError("transformer: DeCoPipeline needs a class-to-image model; "
                             "use DeCoTextPipeline for text-to-image")
         device = self._execution_device
-        labels = self.class_ids(class_labels, device)
+        labels = self.class_ids(class_labels, device).repeat_interleave(repeats)
         x = self.prepare_latents(labels.shape[0], height, width, generator, latents)
         null = torch.full_like(labels, self.null_class)
-        images = self.denoise(x, labels, null, steps, guidance, interval, timeshift)
-        return self.finish(images, output_type, return_dict)
-
-
-class DeCoTextPipeline(DeCoPipelineBase):
-    """Text-to-image DeCo with a transformers text encoder (the release's Qwen3Model) and its
-    tokenizer. Prompts are encoded as the release does (spec/06 §6): right padding to the model's
-    text_length T with truncation, the encoder's last hidden states with padding positions kept
-    (no mask downstream), width zero-padded or truncated to text_dim E. The null text is the
-    negative prompt's encoding (default "", the release's unconditional text)."""
-
-    model_cpu_offload_seq = "text_encoder->transformer"
-
-    def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module,
-                 transformer: DeCoTransformer2DModel, scheduler: Any) -> None:
-        super().__init__()
-        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder,
-                              transformer=transformer, scheduler=scheduler)
-
-    def encode_prompt(self, prompt: str | Sequence[str], device: torch.device | None = None,
-                      name: str = "prompt") -> Tensor:
-        """Text-encoder states (B, T, E) for the prompts, in the transformer's dtype (errors
-        name the argument `name`)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"{name}: expected a string or a non-empty list of strings")
-        cfg = self.transformer.deco_config
-        device = device or self._execution_device
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=cfg.text_length,
-                                truncation=True, return_tensors="pt", padding_side="right")
-        states: Tensor = self.text_encoder(
-            input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
-        ).last_hidden_state  # (B, T, width of the encoder)
-        width = states.shape[-1]
-        if width < cfg.text_dim:
-            pad = states.new_zeros(*states.shape[:-1], cfg.text_dim - width)
-            states = torch.cat([states, pad], dim=-1)
-        return states[..., : cfg.text_dim].to(self.transformer.dtype)
-
-    def check_text(self, name: str, states: Any, batch: int | None) -> Tensor:
-        """Text-encoder states (B, T, E) (`batch` None: any B >= 1; else (T, E), (1, T, E) or
-        (batch, T, E)) on the execution device, in the transformer's dtype."""
-        cfg = self.transformer.deco_config
-        shape = (cfg.text_length, cfg.text_dim)
-        if not isinstance(states, Tensor) or not states.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor (B, {shape[0]}, {shape[1]}), "
-                            f"got {type(states).__name__}")
-        if batch is not None and states.ndim == 2:
-            states = states.unsqueeze(0)
-        ok = states.ndim == 3 and tuple(states.shape[1:]) == shape and states.shape[0] >= 1
-        if not ok or (batch is not None and states.shape[0] not in (1, batch)):
-            raise ValueError(f"{name}: expected shape ({'B' if batch is None else batch}, "
-                             f"{shape[0]}, {shape[1]}), got {tuple(states.shape)}")
-        out: Tensor = states.to(device=self._execution_device, dtype=self.transformer.dtype)
-        return out
-
-    @torch.no_grad()
-    def __call__(
-        self, prompt: str | Sequence[str] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        guidance_scale: float = RELEASE_SAMPLING["t2i"]["guidance"],
-        guidance_interval: tuple[float, float] = RELEASE_SAMPLING["t2i"]["interval"],
-        num_inference_steps: int = RELEASE_SAMPLING["t2i"]["steps"],
-        timeshift: float = RELEASE_SAMPLING["t2i"]["timeshift"], height: int | None = None,
-        width: int | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: Tensor | None = None, prompt_embeds: Tensor | None = None,
-        negative_prompt_embeds: Tensor | None = None, output_type: str = "pil",
-        return_dict: bool = True,
-    ) -> Any:
-        """Sample one image per prompt. Defaults: the release's demo settings
-        (`deco.config.RELEASE_SAMPLING["t2i"]`: 25 steps, guidance 4, time shift 3; its scheduler
-        is Adams of order 2). prompt_embeds (B, T, E) /
-        negative_prompt_embeds (T, E) or (B, T, E) replace the encoder's outputs. The other
-        arguments are DeCoPipeline's."""
-        steps, guidance, interval, timeshift = check_settings(
-            num_inference_steps, guidance_scale, guidance_interval, timeshift)
-        if not self.transformer.is_text:
-            raise TypeError("transformer: DeCoTextPipeline needs a text-to-image model; "
-                            "use DeCoPipeline for class labels")
-        device = self._execution_device
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("prompt: pass exactly one of prompt and prompt_embeds")
-        cond = self.encode_prompt(prompt, device) if prompt is not None else prompt_embeds
-        assert cond is not None
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("negative_prompt: pass at most one of negative_prompt and "
-                             "negative_prompt_embeds")
-        null = negative_prompt_embeds
-        if null is None:
-            null = self.encode_prompt("" if negative_prompt is None else negative_prompt, device,
-                                      name="negative_prompt")
-        cond = self.check_text("prompt_embeds", cond, None)
-        null = self.check_text("negative_prompt_embeds", null, cond.shape[0]).expand_as(cond)
-        x = self.prepare_latents(cond.shape[0], height, width, generator, latents)
-        images = self.denoise(x, cond, null, steps, guidance, interval, timeshift)
+        self._guidance_scale = guidance
+        images = self.denoise(x, labels, null, steps, interval, timeshift, callback, names)
         return self.finish(images, output_type, return_dict)
 
 
@@ -372,6 +344,31 @@ def check_settings(steps: Any, guidance: Any, interval: Any,
             or not math.isfinite(timeshift) or timeshift <= 0:
         raise ValueError(f"timeshift: expected a finite number > 0, got {timeshift!r}")
     return int(steps), float(guidance), (low, high), float(timeshift)
+
+
+def check_count(num_images_per_prompt: Any) -> int:
+    """num_images_per_prompt: an int >= 1."""
+    n = num_images_per_prompt
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"num_images_per_prompt: expected an int >= 1, got {n!r}")
+    return int(n)
+
+
+def flatten_labels(class_labels: Any) -> list[Any]:
+    """class_labels as a flat list of items (ids or names): a tensor of integer ids, one id or
+    name, or (nested) sequences of them."""
+    if isinstance(class_labels, Tensor):
+        if class_labels.is_floating_point() or class_labels.is_complex():
+            raise TypeError(f"class_labels: expected integer ids, got dtype {class_labels.dtype}")
+        items: list[Any] = class_labels.reshape(-1).tolist()
+        return items
+    if isinstance(class_labels, (int, str)) and not isinstance(class_labels, bool):
+        return [class_labels]
+    if isinstance(class_labels, Sequence):
+        return [item for entry in class_labels for item in
+                (flatten_labels(entry) if isinstance(entry, (Sequence, Tensor))
+                 and not isinstance(entry, str) else [entry])]
+    raise TypeError(f"class_labels: expected class ids or names, got {type(class_labels).__name__}")
 
 
 def check_euler_scheduler(scheduler: FlowMatchEulerDiscreteScheduler) -> None:

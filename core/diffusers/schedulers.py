@@ -39,6 +39,7 @@ class DeCoScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     diffusers bookkeeping. Subclasses define `build_plan`, `guidance_scale` and `advance`."""
 
     order = 1
+    init_noise_sigma = 1.0  # the starting sample is standard normal noise, unscaled
 
     def __init__(self) -> None:
         self.grid: list[float] = []
@@ -82,6 +83,14 @@ class DeCoScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._index += 1
         prev = self.advance(evaluation, -model_output, sample)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The sample at diffusers timesteps (B,) (sigma * num_train_timesteps, sigma = 1 - t):
+        DeCo's interpolation t x + (1 - t) noise (spec/01), as diffusers' add_noise."""
+        sigma = timesteps.to(original_samples.device, torch.float64) / self.config.num_train_timesteps
+        t = (1.0 - sigma).to(original_samples.dtype).reshape(-1, *([1] * (original_samples.ndim - 1)))
+        noisy: Tensor = t * original_samples + (1 - t) * noise
+        return noisy
 
     def dt(self, step: int) -> float:
         """t_{step+1} - t_step in float64."""

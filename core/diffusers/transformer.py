@@ -14,10 +14,11 @@ sigma = 1 - t the other way and expect d x / d sigma = -v; the pipelines do that
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor
@@ -25,14 +26,29 @@ from torch import Tensor
 from deco.config import DeCoConfig
 from deco.optimized import build_model
 
+from .attention import use_attention_processors
 
-class DeCoTransformer2DModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
+
+class DeCoTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):  # type: ignore[misc]
     """A DeCo velocity model with diffusers' save_pretrained / from_pretrained.
 
     The arguments are `DeCoConfig`'s fields (spec/03 §1, spec/06 §1), `id2label` (class id ->
-    name, JSON keys are strings; None when the classes have no names) and `sample_size`."""
+    name, JSON keys are strings; None when the classes have no names) and `sample_size`.
+
+    Attention runs through diffusers' attention processors (`attn_processors`,
+    `set_attn_processor`, `set_attention_backend`; deco.diffusers.attention)."""
 
     _supports_gradient_checkpointing = False
+    # Layerwise casting (enable_layerwise_casting) keeps these in the compute dtype: the input
+    # embedding, whose weight dtype is the dtype the model casts its inputs to, and the pixel
+    # decoder layers whose weights the decoder folds together before use (outside the layers'
+    # own forward, where the casting hooks act; a few thousand parameters), and the text
+    # embedding, a linear layer whose RMSNorm child a hook on it would store in the storage dtype.
+    _skip_layerwise_casting_patterns = ("patch_embed", "text_embed", r"decoder\.pixel_embed",
+                                        r"decoder\.input_proj", r"decoder\.blocks\.\d+\.adaln")
+    # accelerate's device maps keep each of these on one device: a residual block, and the pixel
+    # decoder (it folds its layers' weights together).
+    _no_split_modules: ClassVar[list[str]] = ["DiTBlock", "PixelDecoder"]
 
     @register_to_config  # type: ignore[untyped-decorator]  # diffusers is not analysed (pyproject)
     def __init__(
@@ -67,6 +83,7 @@ class DeCoTransformer2DModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
             raise ValueError(f"sample_size: expected a positive multiple of patch_size={patch_size}, "
                              f"got {sample_size!r}")
         self.model = build_model(self.deco_config)
+        use_attention_processors(self.model)
 
     @classmethod
     def from_deco(cls, model: torch.nn.Module, *, id2label: dict[str, str] | None = None,
