@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from deco.atomic import atomic_write
 from deco.text.encoder import TextEncoder
+from deco.untrusted import UntrustedFileError, read_json
 
 FORMAT = "deco-text-embeddings"
 VERSION = 1
@@ -89,9 +90,9 @@ def read_index(out: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"embeddings: {out} has no {INDEX} (not made by deco embed-text?)")
     try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"embeddings: {path} is not valid JSON ({exc})") from None
+        index = read_json(path)
+    except UntrustedFileError as exc:
+        raise ValueError(f"embeddings: {exc}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ValueError(f"embeddings: {path} is not a {FORMAT} index")
     if index.get("version") != VERSION:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from deco.errors import quiet_transformers
+from deco.untrusted import json_object, read_json
 
 #: Files a tokenizer folder may provide; one of the two sets must be complete.
 _TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -254,7 +255,7 @@ def load_qwen3(folder: Path, dtype: torch.dtype) -> Any:
     only warn, which silently gives meaningless embeddings."""
     from transformers import Qwen3Model  # here: an optional extra (text)
 
-    config = json.loads((folder / "config.json").read_text())
+    config = json_object(read_json(folder / "config.json"), f"text_encoder: {folder / 'config.json'}")
     if config.get("model_type") != "qwen3":
         raise ValueError(f"text_encoder: {folder} holds a {config.get('model_type')!r} model, expected qwen3")
     with quiet_transformers():
