@@ -310,3 +310,53 @@ def test_memory_is_bounded_by_the_data_not_the_header(tmp_path: Path) -> None:
     result = limited(["convert", str(bomb), str(tmp_path / "o.safetensors")], limit=2 << 30)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "bomb.ckpt" in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------------------ ONNX metadata
+def generator_graph(path: Path, metadata: dict[str, str]) -> Path:
+    """A graph with a generator's inputs and outputs (noise, labels -> sample, image) and the
+    given metadata_props: what a broken or hostile tool could write."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["noise"], ["sample"]),
+         helper.make_node("Cast", ["noise"], ["image"], to=TensorProto.UINT8)],
+        "g", [helper.make_tensor_value_info("noise", TensorProto.FLOAT, [2, 3, 8, 8]),
+              helper.make_tensor_value_info("labels", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [2, 3, 8, 8]),
+         helper.make_tensor_value_info("image", TensorProto.UINT8, [2, 3, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return path
+
+
+GENERATOR = {"deco_format": "1", "config": tiny_config().to_json(), "deco_graph": "generator",
+             "deco_solver": "euler", "deco_steps": "4", "deco_guidance": "1.0", "deco_guided": "false",
+             "deco_interval": "0.0 1.0", "deco_timeshift": "1.0", "deco_inputs": "noise,labels",
+             "deco_outputs": "sample,image", "deco_batch": "2", "deco_resolution": "8x8"}
+
+
+@pytest.mark.parametrize(("change", "refusal"), [
+    ({"deco_steps": None}, "without ['deco_steps']"),  # a KeyError before issue 28
+    ({"deco_steps": "1000000000"}, "deco_steps"),
+    ({"deco_resolution": "1000000000x8"}, "deco_resolution"),
+    ({"deco_resolution": "16x16"}, "the graph's input is 8x8"),
+    ({"deco_batch": "1000000000"}, "deco_batch"),
+    ({"deco_inputs": "noise,text"}, "deco_inputs"),
+    ({"deco_graph": "velocity"}, "no output 'v'"),
+    ({"deco_interval": "0.0 inf"}, "finite"),
+    ({"config": DEEP}, "nested"),
+], ids=["no-steps", "steps-1e9", "resolution-1e9", "resolution-mismatch", "batch-1e9", "inputs", "kind",
+        "interval", "deep-config"])
+def test_onnx_metadata_is_checked_against_the_graph(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    change: dict[str, str | None], refusal: str) -> None:
+    pytest.importorskip("onnxruntime")
+    meta = {k: v for k, v in {**GENERATOR, **change}.items() if v is not None}
+    path = generator_graph(tmp_path / "g.onnx", meta)
+    line = deco(capsys, "onnx-check", str(path))
+    assert "g.onnx" in line and refusal in line, line
