@@ -360,3 +360,24 @@ def test_onnx_metadata_is_checked_against_the_graph(tmp_path: Path, capsys: pyte
     path = generator_graph(tmp_path / "g.onnx", meta)
     line = deco(capsys, "onnx-check", str(path))
     assert "g.onnx" in line and refusal in line, line
+
+
+# ------------------------------------------------------------------------------ text encoder
+def test_text_encoder_folder_with_pickled_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Qwen3 folder whose model.safetensors is a pickle: refused from its header (transformers'
+    SafetensorError escaped as a traceback before issue 28)."""
+    pytest.importorskip("transformers")
+    from PIL import Image
+
+    from deco.text.encoder import build_tiny_qwen3
+
+    folder = build_tiny_qwen3(tmp_path / "qwen", seed=0)
+    state = {k: v.clone() for k, v in load_file(str(folder / "model.safetensors")).items()}  # not mapped
+    torch.save(state, folder / "model.safetensors")
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    (data / "a.txt").write_text("a caption")
+    line = deco(capsys, "embed-text", "--text-encoder", str(folder), "--length", "8", "--width", "32",
+                str(data), str(tmp_path / "out"))
+    assert "text_encoder" in line and "qwen" in line, line
