@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 FLOORS: list[tuple[str, ...]] = [
-    ("deco", "deco.config", "deco.errors", "deco.atomic", "deco.portable", "deco.safe_load"),
+    ("deco", "deco.config", "deco.errors", "deco.atomic", "deco.portable", "deco.safe_load",
+     "deco.untrusted"),
     ("deco.release",),
     ("deco.reference", "deco.optimized"),
     ("deco.outputs", "deco.output_policy", "deco.plan_identity", "deco.data", "deco.distributed",
