@@ -246,7 +246,8 @@ def check_zip(path: str | Path | IO[bytes], where: str | None = None, *, budget:
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, ValueError, EOFError, NotImplementedError) as exc:
+        # NotImplementedError: a zip "version" or compression the zipfile module does not read
         raise UntrustedFileError(f"{where}: not a readable zip archive ({exc})") from None
     total = 0
     for member in members:
@@ -294,11 +295,11 @@ def read_npz(path: str | Path, names: tuple[str, ...] | None = None, where: str 
                             f"{where}: {name} declares shape {shape} {dtype} ({nbytes} bytes) but "
                             f"holds {info.file_size - member.tell()} bytes")
                     array = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
-                    view = memoryview(array.reshape(-1, order="A").view(np.uint8))
+                    view = array.reshape(-1, order="A").view(np.uint8).data
                     if nbytes and member.readinto(view) != nbytes:  # type: ignore[attr-defined]
                         raise UntrustedFileError(f"{where}: {name} is truncated")
                 arrays[name] = array
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
         if isinstance(exc, UntrustedFileError):
             raise
         raise UntrustedFileError(f"{where}: not a readable .npz ({str(exc)[:200]})") from None
