@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import save_checkpoint, tiny_config, tiny_model
+from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
@@ -367,8 +368,6 @@ def test_text_encoder_folder_with_pickled_weights(tmp_path: Path, capsys: pytest
     """A Qwen3 folder whose model.safetensors is a pickle: refused from its header (transformers'
     SafetensorError escaped as a traceback before issue 28)."""
     pytest.importorskip("transformers")
-    from PIL import Image
-
     from deco.text.encoder import build_tiny_qwen3
 
     folder = build_tiny_qwen3(tmp_path / "qwen", seed=0)
@@ -381,3 +380,25 @@ def test_text_encoder_folder_with_pickled_weights(tmp_path: Path, capsys: pytest
     line = deco(capsys, "embed-text", "--text-encoder", str(folder), "--length", "8", "--width", "32",
                 str(data), str(tmp_path / "out"))
     assert "text_encoder" in line and "qwen" in line, line
+
+
+HEAD = '{"format": "deco-text-embeddings", "version": 1'
+
+
+@pytest.mark.parametrize("index", [DEEP, HEAD + "}",
+                                   HEAD + ', "length": 4, "width": 3, "count": 1, "shards": [{"file": 7}]}'],
+                         ids=["deep", "no-fields", "bad-shard"])
+def test_embedding_index(tmp_path: Path, capsys: pytest.CaptureFixture[str], index: str) -> None:
+    """`deco train --task t2i --embeddings DIR` with a nested or incomplete index.json (a
+    RecursionError or KeyError traceback before issue 28)."""
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    (folder / "index.json").write_text(index)
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (16, 16)).save(data / "a.png")
+    (data / "a.txt").write_text("a caption")
+    line = deco(capsys, "train", "--task", "t2i", "--data", str(data), "--embeddings", str(folder),
+                "--model", "DeCo-T2I-demo/8", "--resolution", "16", "--out", str(tmp_path / "o"),
+                "--steps", "1")
+    assert "index.json" in line, line

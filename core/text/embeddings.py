@@ -97,7 +97,27 @@ def read_index(out: Path) -> dict[str, Any]:
         raise ValueError(f"embeddings: {path} is not a {FORMAT} index")
     if index.get("version") != VERSION:
         raise ValueError(f"embeddings: {path} has version {index.get('version')}, expected {VERSION}")
+    check_index_fields(index, path)
     return index
+
+
+def check_index_fields(index: dict[str, Any], path: Path) -> None:
+    """The fields the store reads, with their types (the content only: where the shard files
+    point is checked where they are opened)."""
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40
+
+    bad = [k for k in ("length", "width", "count") if not count(index.get(k))]
+    shards = index.get("shards")
+    if not isinstance(shards, list):
+        bad.append("shards")
+    else:
+        bad += [f"shards[{i}]" for i, s in enumerate(shards) if not (
+            isinstance(s, dict) and isinstance(s.get("file"), str) and count(s.get("rows"))
+            and isinstance(s.get("captions_sha256", ""), str))][:1]
+    if bad:
+        raise ValueError(f"embeddings: {path} has no valid {bad[0]} (expected a count, or shards: "
+                         "a list of {file, rows, captions_sha256})")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
