@@ -13,7 +13,8 @@ one line, exit status 2 from the `deco` command) naming the file and what was ex
   (declared sizes against the file's size and a compression-ratio limit), .npy members
   (`read_npz`) by their headers, tar shards (`check_tar`) by their member headers.
 
-Only the content is checked here; where paths read from files point is deco.paths' business.
+Only the content is checked here; where paths read from files point is checked where they are
+opened (SECURITY.md).
 Importing this module imports neither NumPy nor torch.
 """
 
@@ -138,7 +139,7 @@ def parse_json(text: str | bytes, where: str, *, max_bytes: int = MAX_JSON_BYTES
         return json.loads(text, parse_float=finite_float, parse_constant=_no_constant,
                           object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
-        raise UntrustedFileError(f"{where}: not valid JSON ({exc})") from None
+        raise UntrustedFileError(f"{where} is not valid JSON ({exc})") from None
     except (ValueError, RecursionError) as exc:  # the hooks' refusals; int(>4300 digits)
         raise UntrustedFileError(f"{where}: invalid JSON value ({str(exc)[:200]})") from None
 
