@@ -5,7 +5,7 @@ under 40x the input plus 16 MiB, and nothing written outside the example's folde
 
 The mutations are those that broke the readers before issue 28: numbers replaced by huge,
 negative or non-finite ones (shapes, offsets, header lengths, config fields), brackets repeated
-(nesting), bytes flipped, cut or spliced. CI runs a few examples per target (about 30 s in all on
+(nesting), bytes flipped, cut or spliced. CI runs 20 examples per target (about 30 s in all on
 2 cores); `nox -s fuzz` sets DECO_FUZZ_EXAMPLES for a long run, and runs the atheris targets
 (tests/fuzz/atheris_readers.py). Inputs that once broke a reader are kept in tests/fuzz_corpus/
 and replayed here first (`test_corpus`)."""
@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 pytest.importorskip("webdataset")  # the tar-shard target's reader (the text extra)
 
 #: Examples per target: a few in CI, many in `nox -s fuzz`.
-EXAMPLES = int(os.environ.get("DECO_FUZZ_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("DECO_FUZZ_EXAMPLES", "20"))
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 #: What a mutation may put in place of a number or a token: the values that broke readers.
 HOSTILE = [b"1e400", b"-1", b"NaN", b"Infinity", b"18446744073709551615", b"1000000000",
