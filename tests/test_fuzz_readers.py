@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from fuzz_targets import TARGETS, run_target, seeds
 from helpers import fixtures_folder
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("webdataset")  # the tar-shard target's reader (the text extra)
@@ -32,7 +32,7 @@ EXAMPLES = int(os.environ.get("DECO_FUZZ_EXAMPLES", "20"))
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 #: What a mutation may put in place of a number or a token: the values that broke readers.
 HOSTILE = [b"1e400", b"-1", b"NaN", b"Infinity", b"18446744073709551615", b"1000000000",
-           b"4294967296", b"0", b"[" * 200, b'{"a":' * 100, b"null", b"true", b'""', b"\xff\xfe"]
+           b"4294967296", b"0", b"[" * 5000, b'{"a":' * 3000, b"null", b"true", b'""', b"\xff\xfe"]
 NUMBER = re.compile(rb"\d+(?:\.\d+)?(?:e[+-]?\d+)?")
 
 
@@ -96,7 +96,21 @@ def test_reader_contract(name: str, seed_files: dict[str, bytes], scratch: Path)
             stale.unlink() if stale.is_file() else shutil.rmtree(stale)
         run_target(name, data, scratch)
 
+    for case in explicit_cases(seed_files[name]):  # every run: the mutations that broke readers
+        check = example(data=case)(check)
     check()
+
+
+def explicit_cases(seed: bytes) -> list[bytes]:
+    """The seed nested 5000 deep at its first bracket, its first numbers replaced by 1e400, -1 and
+    2**64, and cut in half: each broke a reader before issue 28."""
+    at = min((i for i in (seed.find(b"{"), seed.find(b"[")) if i >= 0), default=0)
+    cases = [seed[:at] + b"[" * 5000 + seed[at:], seed[: len(seed) // 2]]
+    first = NUMBER.search(seed, at)
+    for value in (b"1e400", b"-1", b"18446744073709551616"):
+        if first:
+            cases.append(seed[: first.start()] + value + seed[first.end():])
+    return cases
 
 
 def corpus_cases() -> list[tuple[str, Path]]:
