@@ -97,3 +97,25 @@ def gpu(session: nox.Session) -> None:
         args = ["--out", "gpu-check", *args]
     python = os.environ.get("DECO_GPU_PYTHON", "python3")
     session.run(python, "bench/gpu_check.py", *args, external=True)
+
+
+# ---------------------------------------------------------------------- fuzzing (issue 28)
+#: Seconds of coverage-guided fuzzing per reader in `nox -s fuzz` (`-- SECONDS` overrides).
+FUZZ_SECONDS = 60
+
+
+@nox.session(python=PYTHON)
+def fuzz(session: nox.Session) -> None:
+    """The readers of outside files fuzzed longer than CI does: the hypothesis targets with
+    2000 examples each (DECO_FUZZ_EXAMPLES), then atheris on every target for FUZZ_SECONDS
+    (`nox -s fuzz -- 600` for ten minutes each). A crash stops the session; its input is saved
+    as crash-* in the working folder: keep it in tests/fuzz_corpus/TARGET/ as a regression case."""
+    install(session, "test,onnx,text,fuzz")
+    seconds = int(session.posargs[0]) if session.posargs else FUZZ_SECONDS
+    session.run("pytest", "-p", "no:cacheprovider", "tests/test_fuzz_readers.py",
+                env={"DECO_FUZZ_EXAMPLES": "2000"})
+    targets = session.run("python", "-c", "import sys; sys.path.insert(0, 'tests'); "
+                          "from fuzz_targets import TARGETS; print(' '.join(sorted(TARGETS)))", silent=True)
+    for target in str(targets).split():
+        session.run("python", "tests/fuzz/atheris_readers.py", target, f"-max_total_time={seconds}",
+                    "-rss_limit_mb=4096", "-timeout=60")

@@ -14,7 +14,7 @@ the new checkpoint, never a torn one.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from deco.atomic import atomic_write
+from deco.config import DeCoConfig
+from deco.errors import first_line
 from deco.paths_inside import resolve_inside
+from deco.release import check_shapes
+from deco.untrusted import UntrustedFileError, parse_json, read_safetensors_header
 
 FORMAT_KEY = "deco_training_checkpoint"
 FORMAT_VERSION = "1"
@@ -114,32 +118,77 @@ def is_checkpoint(path: str | Path) -> bool:
         return False
 
 
+#: A check of a checkpoint's state tree against its tensors' shapes, run before any tensor is read.
+Validate = Callable[[Any, Mapping[str, tuple[int, ...]]], None]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
-                    only: str | None = None) -> dict[str, Any]:
+                    only: str | None = None, validate: Validate | None = None) -> dict[str, Any]:
     """The state written by `save_checkpoint`; FileNotFoundError / ValueError with the path.
 
     only: read just the tensors under this path of the state (e.g. "trainer/ema" for sampling,
-    which then skips the optimizer's two moments); every other tensor comes back as None."""
+    which then skips the optimizer's two moments); every other tensor comes back as None.
+    validate(tree, shapes): a check of the state tree (tensor references in place) against the
+    header's tensor shapes, before any tensor is read (`check_training_state`). The header is
+    checked first (deco.untrusted): tensors inside the file, within the memory budget."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no such file: {path}")
     try:
+        header = read_safetensors_header(path)
+    except UntrustedFileError as exc:
+        raise ValueError(f"checkpoint: {exc}") from None
+    meta = header.metadata
+    if meta.get(FORMAT_KEY) != FORMAT_VERSION or STATE_KEY not in meta:
+        raise ValueError(f"checkpoint: {path} is not a DeCo training checkpoint")
+    try:
+        tree = parse_json(meta[STATE_KEY], f"{path} (state header)")
+    except UntrustedFileError as exc:
+        raise ValueError(f"checkpoint: {exc}") from None
+    if validate is not None:
+        validate(tree, header.shapes())
+    try:
         with safe_open(str(path), framework="pt", device=str(map_location)) as f:
-            meta = f.metadata() or {}
-            if meta.get(FORMAT_KEY) != FORMAT_VERSION or STATE_KEY not in meta:
-                raise ValueError(f"checkpoint: {path} is not a DeCo training checkpoint")
             keys = [k for k in f.keys() if only is None or k.startswith(only.rstrip("/") + "/")]
             tensors = {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"checkpoint: {path} is unreadable or truncated ({exc})") from None
     try:
-        tree = json.loads(meta[STATE_KEY])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"checkpoint: {path} has a corrupt state header ({exc})") from None
-    state = unflatten(tree, tensors, partial=only is not None)
+        state = unflatten(tree, tensors, partial=only is not None)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # a tree not made by flatten
+        raise ValueError(f"checkpoint: {path} has a malformed state header ({first_line(exc)})") from None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint: {path} does not hold a state dict")
     return state
+
+
+def check_training_state(path: str | Path, parts: tuple[str, ...] = ("trainer/ema", "trainer/model")
+                         ) -> Validate:
+    """A `load_checkpoint` validator for a training checkpoint of `deco train`: its `config`,
+    `run` and `trainer` entries present, the config valid, and the weights under each of `parts`
+    exactly the config's parameters (names and shapes), before anything is loaded."""
+
+    def validate(tree: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        where = f"checkpoint: {path}"
+        if not isinstance(tree, dict):
+            raise ValueError(f"{where} does not hold a state dict")
+        for key in ("config", "run", "trainer"):
+            if not isinstance(tree.get(key), dict):
+                raise ValueError(f"{where} has no {key!r} entry (not written by deco train?)")
+        try:
+            config = DeCoConfig.from_dict(tree["config"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where} has an invalid config ({first_line(exc)})") from None
+        for part in parts:
+            prefix = part + "/"
+            found = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+            try:
+                check_shapes(config, found)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {part} does not match its config "
+                                 f"({str(exc).removeprefix('weights: ')})") from None
+
+    return validate
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Literal, TypeVar
+
+from deco.untrusted import parse_json
 
 #: "deco": class-to-image DeCo; "baseline": the release's plain DiT; "t2i": text-to-image DeCo
 #: (spec/06-text-to-image.md), conditioned on text-encoder hidden states instead of a label.
@@ -133,8 +136,9 @@ class DeCoConfig:
             raise ValueError(
                 f"hidden_size/num_heads: 2-D RoPE needs a head dim divisible by 4, got {self.head_dim}"
             )
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio: expected > 0, got {self.mlp_ratio!r}")
+        ratio = self.mlp_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
+            raise ValueError(f"mlp_ratio: expected a positive finite number, got {ratio!r}")
 
     @property
     def head_dim(self) -> int:
@@ -187,10 +191,7 @@ class DeCoConfig:
 
     @classmethod
     def from_json(cls, text: str) -> DeCoConfig:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config: not valid JSON ({exc})") from None
+        data = parse_json(text, "config")  # depth, size and finite numbers checked
         if not isinstance(data, dict):
             raise ValueError("config: expected a JSON object")
         return cls.from_dict(data)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deco.checkpoint import find_checkpoint, is_checkpoint, load_checkpoint
+from deco.checkpoint import check_training_state, find_checkpoint, is_checkpoint, load_checkpoint
 from deco.config import DeCoConfig
 from deco.optimized import DiffusionTransformer, build_model, load_model
 from deco.optimized.sampling import SampleSettings, sample_with
@@ -64,7 +64,8 @@ def load_for_sampling(path: Path, device: torch.device, text: bool = False) -> L
     path = Path(path)
     file = find_checkpoint(path)
     if is_checkpoint(file):
-        state = load_checkpoint(file, only="trainer/ema")
+        state = load_checkpoint(file, only="trainer/ema",
+                                validate=check_training_state(file, ("trainer/ema",)))
         config = DeCoConfig.from_dict(state["config"])
         with torch.device("meta"):
             model = build_model(config)
@@ -72,7 +73,10 @@ def load_for_sampling(path: Path, device: torch.device, text: bool = False) -> L
         run = state["run"]
         sample = run.get("sample")
         settings = None if sample is None else SampleSettings.from_dict(sample)
-        loaded = Loaded(model.to(device).eval(), settings, int(run["resolution"]), str(file), run)
+        resolution = run.get("resolution")
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"checkpoint: {file} records no valid resolution (got {resolution!r})")
+        loaded = Loaded(model.to(device).eval(), settings, resolution, str(file), run)
     else:
         model = load_model(file, device=device)
         loaded = Loaded(model, None, 32 if model.config.patch_size <= 8 else 256, str(file))

@@ -20,6 +20,7 @@ from torch import Tensor
 from deco.atomic import atomic_write
 from deco.output_policy import image_format, sample_output, write_folder
 from deco.paths_inside import resolve_inside
+from deco.untrusted import UntrustedFileError, parse_json, read_json
 
 
 def to_uint8(images: Tensor) -> NDArray[np.uint8]:
@@ -90,8 +91,8 @@ def merge_json(path: Path, update: dict[str, Any]) -> None:
     data: dict[str, Any] = {}
     if path.is_file():
         try:
-            loaded = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            loaded = read_json(path)
+        except (OSError, UntrustedFileError):  # unreadable: replaced, like a missing file
             loaded = None
         if isinstance(loaded, dict):
             data = loaded
@@ -142,16 +143,26 @@ def save_figure(fig: Any, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- logs
 def read_log(path: Path, up_to_step: int | None = None) -> list[dict[str, float]]:
-    """The records of log.jsonl (step <= up_to_step); a torn last line (killed run) is skipped."""
+    """The records of log.jsonl (step <= up_to_step); a torn last line (killed run) is skipped.
+    Any other line that is not a JSON object with an int `step` and finite numbers is a
+    ValueError naming the file and line: the records are plotted and written back."""
     if not path.is_file():
         return []
+    lines = path.read_bytes().splitlines()
     records = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and (up_to_step is None or record.get("step", 0) <= up_to_step):
+            record = parse_json(line, f"{path} line {number}")
+        except UntrustedFileError:
+            if number == len(lines):
+                continue  # torn by a kill
+            raise
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in record.values()):
+            raise UntrustedFileError(f"{path} line {number}: expected a log record (an int step and "
+                                     f"numbers), got {line[:80]!r}")
+        if up_to_step is None or step <= up_to_step:
             records.append(record)
     return records
 

@@ -167,6 +167,12 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> DeCoConfig:
 
 def check_shapes(config: DeCoConfig, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """ValueError unless `shapes` has exactly the parameters of `config`, with the same shapes."""
+    # Every block has parameters: a config claiming more blocks than the file has tensors (a
+    # depth of 1e9 in a few bytes of metadata) is refused before its table is built.
+    decoder = config.decoder_depth if config.architecture != "baseline" else 0
+    blocks = config.depth + config.text_depth + decoder
+    if blocks > len(shapes):
+        raise ValueError(f"weights: do not match the config ({blocks} blocks for {len(shapes)} tensors)")
     expected = parameter_shapes(config)
     missing = sorted(set(expected) - set(shapes))
     extra = sorted(set(shapes) - set(expected))

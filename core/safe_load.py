@@ -14,6 +14,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from deco.untrusted import UntrustedFileError, check_zip
+
 
 def _kind_of(head: bytes, data: Path | io.BytesIO) -> bool:
     """Whether the bytes can be a torch.load file: a zip archive (torch.save), a pickle (the
@@ -37,6 +39,15 @@ def load_weights_only(source: str | Path | bytes, name: str | None = None) -> An
     if not _kind_of(head, data):
         raise ValueError(f"{name} is not a checkpoint (neither a torch zip archive nor a pickle; it "
                          f"starts with {head[:4]!r})")
+    if zipfile.is_zipfile(data):
+        # torch allocates each record's declared size: a zip bomb is refused from its directory
+        try:
+            check_zip(data, name)
+        except UntrustedFileError as exc:
+            raise ValueError(str(exc)) from None
+        finally:
+            if isinstance(data, io.BytesIO):
+                data.seek(0)
     if isinstance(data, io.BytesIO):
         data.seek(0)
     try:

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from deco.config import DeCoConfig
-from deco.portable import read_metadata
+from deco.portable import read_header
 from deco.release import check_shapes, read_release_checkpoint
 
 from .model import BaselineDiT, DeCo, DiffusionTransformer
@@ -50,7 +50,9 @@ def load_weights(path: str | Path, weights: str = "ema") -> tuple[DeCoConfig, di
         if weights != "ema":
             raise ValueError("weights: a .safetensors file holds one weight set; "
                              "'online' only applies to release .ckpt files")
-        config = DeCoConfig.from_json(read_metadata(path)["config"])
+        header = read_header(path)
+        config = DeCoConfig.from_json(header.metadata["config"])
+        check_shapes(config, header.shapes())  # before any tensor is read
         try:
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 
 from deco.atomic import atomic_write
 from deco.config import DeCoConfig
-from deco.portable import FORMAT_KEY, FORMAT_VERSION, read_metadata
+from deco.portable import FORMAT_KEY, FORMAT_VERSION, read_header
 from deco.release import check_shapes
 
 from .checks import Array, as_condition, as_float_array
@@ -83,8 +83,9 @@ class Model:
 
 def load_weights(path: str | Path) -> tuple[DeCoConfig, dict[str, Array]]:
     """(config, float64 weights) from a DeCo `.safetensors` file."""
-    meta = read_metadata(path)
-    config = DeCoConfig.from_json(meta["config"])
+    header = read_header(path)
+    config = DeCoConfig.from_json(header.metadata["config"])
+    check_shapes(config, header.shapes())  # before any tensor is read
     try:
         with safe_open(str(path), framework="np") as f:
             raw = {k: f.get_tensor(k) for k in f.keys()}

@@ -17,7 +17,7 @@ import pytest
 
 FLOORS: list[tuple[str, ...]] = [
     ("deco", "deco.config", "deco.errors", "deco.atomic", "deco.portable", "deco.safe_load", "deco.extras",
-     "deco.paths_inside"),
+     "deco.paths_inside", "deco.untrusted"),
     ("deco.release",),
     ("deco.reference", "deco.optimized"),
     ("deco.outputs", "deco.output_policy", "deco.plan_identity", "deco.data", "deco.distributed",

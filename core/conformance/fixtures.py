@@ -9,7 +9,6 @@ float32, so the tolerance is 1e-5 relative to the largest magnitude of the expec
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 from deco import reference as R
 from deco.reference.sampling import adams, adams_weights, euler, time_grid
 from deco.release import read_release_checkpoint
+from deco.untrusted import json_object, parse_json, read_npz
 
 FIXTURE_TOLERANCE = 1e-5
 
@@ -64,8 +64,20 @@ def _load(folder: Path, name: str = "A.npz") -> tuple[Any, dict[str, Any]]:
     npz = folder / name
     if not npz.is_file():
         raise FileNotFoundError(f"fixtures: {npz} not found (set DECO_FIXTURES or --fixtures)")
-    data = np.load(npz)
-    return data, json.loads(bytes(data["config"]))
+    data = FixtureArrays(npz, read_npz(npz))  # headers checked (deco.untrusted)
+    return data, json_object(parse_json(bytes(data["config"]), f"{npz} (config)"), f"{npz} (config)")
+
+
+class FixtureArrays(dict[str, Any]):
+    """The arrays of a fixtures file; a missing one is a ValueError naming the file and key."""
+
+    def __init__(self, path: Path, arrays: dict[str, Any]) -> None:
+        super().__init__(arrays)
+        self.path = path
+
+    def __missing__(self, key: str) -> Any:
+        raise ValueError(f"fixtures: {self.path} has no array {key!r} (not the release's fixtures "
+                         "file, or an older one)")
 
 
 def reference_checks(folder: str | Path | None = None) -> list[Check]:

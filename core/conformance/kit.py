@@ -36,6 +36,13 @@ from deco.config import DeCoConfig
 from deco.conformance.diagnose import Diagnosis, Hint, diagnose, matches
 from deco.conformance.fixtures import error_measure
 from deco.conformance.ports import OnnxPort, OptimizedPort, OptimizedPort32, Precision, ReferencePort
+from deco.untrusted import (
+    NUMPY_DTYPES,
+    UntrustedFileError,
+    json_object,
+    parse_json,
+    read_safetensors_header,
+)
 
 __all__ = ["OnnxPort", "OptimizedPort", "OptimizedPort32", "ReferencePort", "Vector", "load_vectors",
            "run_port"]
@@ -407,23 +414,36 @@ def _serialise(tensors: dict[str, Array], meta: dict[str, str]) -> bytes:
     return raw[:8] + text.ljust(size) + raw[8 + size:]
 
 
+
 def load_vector(path: Path) -> Vector:
+    """One vector file; its header is checked (deco.untrusted: dtypes, shapes inside the file,
+    the memory budget, JSON limits on args and config) before any tensor is read."""
     try:
+        header = read_safetensors_header(path)
+        meta = header.metadata
+        if meta.get(FORMAT_KEY) != FORMAT_VERSION or meta.get("component") not in CALLERS:
+            raise ValueError(f"vectors: {path} is not a DeCo test vector (format {FORMAT_VERSION})")
+        if "expected" not in header.tensors:
+            raise ValueError(f"vectors: {path} has no 'expected' tensor")
+        unreadable = sorted(k for k, t in header.tensors.items() if t.dtype not in NUMPY_DTYPES)
+        if unreadable:
+            raise ValueError(f"vectors: {path}: tensor {unreadable[0]!r} has dtype "
+                             f"{header.tensors[unreadable[0]].dtype}, which NumPy cannot read")
+        args = json_object(parse_json(meta.get("args", "{}"), f"{path} (args)"), f"{path} (args)")
+        config = None if "config" not in meta else json_object(
+            parse_json(meta["config"], f"{path} (config)"), f"{path} (config)")
         with safe_open(str(path), framework="np") as f:
-            meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+    except UntrustedFileError as exc:
+        raise ValueError(f"vectors: {exc}") from None
+    except (SafetensorError, OSError) as exc:
         raise ValueError(f"vectors: {path} is not a readable safetensors file ({exc})") from None
-    if meta.get(FORMAT_KEY) != FORMAT_VERSION or meta.get("component") not in CALLERS:
-        raise ValueError(f"vectors: {path} is not a DeCo test vector (format {FORMAT_VERSION})")
-    if "expected" not in tensors:
-        raise ValueError(f"vectors: {path} has no 'expected' tensor")
     return Vector(
         name=path.stem, component=meta["component"],
         inputs={k[3:]: v for k, v in tensors.items() if k.startswith("in.")},
-        args=json.loads(meta.get("args", "{}")),
+        args=args,
         weights={k[2:]: v for k, v in tensors.items() if k.startswith("w.")},
-        config=json.loads(meta["config"]) if "config" in meta else None,
+        config=config,
         velocity_model=meta.get("velocity_model"),
         expected=tensors["expected"],
     )

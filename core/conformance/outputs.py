@@ -27,17 +27,41 @@ from deco.conformance.kit import (
 )
 from deco.conformance.ports import Precision
 from deco.paths_inside import resolve_inside
+from deco.untrusted import SAFETENSORS_DTYPES, UntrustedFileError, read_safetensors_header
 
 OUTPUT_TENSOR = "out"
 OUTPUT_DTYPES = {"float64": "float64", "float32": "float32"}
+#: The safetensors dtypes, by the names the notes use (NumPy's, and bfloat16/float8 for the rest).
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+               "F8_E4M3": "float8_e4m3", "F8_E5M2": "float8_e5m2", "BOOL": "bool",
+               **{f"{k}{b}": f"{n}{b}" for k, n in (("I", "int"), ("U", "uint")) for b in (8, 16, 32, 64)}}
 
 
-def read_output(path: Path) -> Array:
-    """The tensor `out` of a port's output file; ValueError naming what is wrong."""
+class OutputDtypeError(ValueError):
+    """An output file whose `out` is neither float32 nor float64 (read from its header)."""
+
+
+def read_output(path: Path, elements: int | None = None) -> Array:
+    """The tensor `out` of a port's output file; ValueError naming what is wrong. The header is
+    checked first (deco.untrusted): a float32 or float64 `out`, and, given `elements` (the
+    expected output's size), no more elements than that: a file declaring gigabytes is refused
+    before anything is allocated."""
+    try:
+        header = read_safetensors_header(path, path.name)
+    except (UntrustedFileError, OSError) as exc:
+        raise ValueError(str(exc).removeprefix(f"{path.name}: ")) from None
+    entry = header.tensors.get(OUTPUT_TENSOR)
+    if entry is None:
+        raise ValueError(f"no tensor {OUTPUT_TENSOR!r} (has {sorted(header.tensors)[:8]})")
+    dtype = DTYPE_NAMES.get(entry.dtype, entry.dtype)
+    if dtype not in OUTPUT_DTYPES:
+        raise OutputDtypeError(f"dtype {dtype}, expected float64 or float32")
+    count = entry.nbytes // SAFETENSORS_DTYPES[entry.dtype]
+    if elements is not None and count > elements:
+        raise ValueError(f"shape {entry.shape} of {OUTPUT_TENSOR!r} has {count} elements, more than "
+                         f"the {elements} expected; not read")
     try:
         with safe_open(str(path), framework="np") as f:
-            if OUTPUT_TENSOR not in f.keys():
-                raise ValueError(f"no tensor {OUTPUT_TENSOR!r} (has {sorted(f.keys())})")
             return f.get_tensor(OUTPUT_TENSOR)  # type: ignore[no-any-return]
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"not a readable safetensors file ({exc})") from None
@@ -53,15 +77,13 @@ def check_output(folder: Path, vector: Vector, vectors: dict[str, Vector],
         return Result(vector.name, vector.component, "skipped", note=f"no {path.name}")
     try:
         resolve_inside(folder, path.name, what="outputs")  # a link out of the folder: not read
-        got = read_output(path)
+        got = read_output(path, None if vector.expected is None else int(vector.expected.size))
+    except OutputDtypeError as exc:  # the row names the vector, and so the file
+        tol = TOLERANCE[precision or "float64"]
+        return Result(vector.name, vector.component, "FAIL", tolerance=tol, note=str(exc))
     except ValueError as exc:
         return Result(vector.name, vector.component, "FAIL", note=f"{path.name}: {exc}")
-    dtype = OUTPUT_DTYPES.get(str(got.dtype))
-    chosen: Precision = precision or ("float32" if dtype == "float32" else "float64")
-    tol = TOLERANCE[chosen]
-    if dtype is None:
-        return Result(vector.name, vector.component, "FAIL", tolerance=tol,
-                      note=f"dtype {got.dtype}, expected float64 or float32")
+    chosen: Precision = precision or ("float32" if got.dtype == np.float32 else "float64")
     return judge(vector, vectors, got.astype(np.float64), chosen)  # a wrong shape: judge fails it
 
 

@@ -48,6 +48,82 @@ def _session(path: Path, providers: list[str] | None, threads: int | None, level
         raise ValueError(f"path: {path} is not a loadable ONNX model ({reason})") from None
 
 
+#: Bounds on what a graph's metadata may claim (it chooses sizes the checks allocate and loops
+#: they run): far above any export deco makes, far below a hostile file's 1e9.
+MAX_BATCH, MAX_SIDE, MAX_STEPS = 4096, 16384, 100_000
+#: The inputs and outputs each graph kind must have (the names `OnnxVelocityModel` feeds).
+GRAPH_INPUTS = {"velocity": ("x", "t"), "cfg": ("x", "t", "guidance"), "generator": ("noise",)}
+GENERATOR_KEYS = ("deco_solver", "deco_steps", "deco_guidance", "deco_guided", "deco_interval",
+                  "deco_timeshift", "deco_inputs", "deco_outputs")
+
+
+def _bounded_int(text: str, low: int, high: int, what: str) -> int:
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise ValueError(f"{what} {text[:40]!r}, expected an int in [{low}, {high}]")
+    return int(text)
+
+
+def check_metadata(meta: dict[str, str], session: Any, path: Path) -> DeCoConfig:
+    """The config of a graph, after checking its metadata_props against the graph itself: a
+    known graph kind whose inputs and outputs the graph has, a batch, resolution and step count
+    within bounds and agreeing with the graph's fixed input dims, a generator's settings all
+    present and finite. ValueError "path: PATH: ..." otherwise; nothing is trusted unchecked."""
+    if "config" not in meta or "deco_graph" not in meta:
+        raise ValueError(f"path: {path} has no DeCo metadata (not written by deco export-onnx)")
+    try:
+        config = DeCoConfig.from_json(meta["config"])
+        kind = meta["deco_graph"]
+        if kind not in GRAPH_INPUTS:
+            raise ValueError(f"deco_graph {kind[:40]!r}, expected one of {sorted(GRAPH_INPUTS)}")
+        inputs = {i.name: i.shape for i in session.get_inputs()}
+        outputs = [o.name for o in session.get_outputs()]
+        wanted = GRAPH_INPUTS[kind] + (() if kind == "generator" else ("text",) if config.is_text else ("y",))
+        if kind == "generator":
+            missing = [k for k in GENERATOR_KEYS if k not in meta]
+            if missing:
+                raise ValueError(f"a generator graph without {missing}")
+            _check_generator(meta, list(inputs), outputs)
+        elif "v" not in outputs:
+            raise ValueError(f"no output 'v' (the graph has {outputs[:6]})")
+        absent = [name for name in wanted if name not in inputs]
+        if absent:
+            raise ValueError(f"a {kind} graph without the inputs {absent} (it has {list(inputs)[:8]})")
+        image = inputs[wanted[0]]  # (B, C, H, W): ints where the graph fixes them
+        _check_dims(meta, image, config)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"path: {path}: metadata does not fit the graph ({str(exc).splitlines()[0][:300]})"
+                         ) from None
+    return config
+
+
+def _check_dims(meta: dict[str, str], image: Any, config: DeCoConfig) -> None:
+    fixed = [d if isinstance(d, int) else None for d in image]
+    if len(fixed) != 4:
+        raise ValueError(f"an image input of shape {image}, expected (B, C, H, W)")
+    batch, resolution = meta.get("deco_batch", "dynamic"), meta.get("deco_resolution", "dynamic")
+    if batch != "dynamic" and fixed[0] not in (None, _bounded_int(batch, 1, MAX_BATCH, "deco_batch")):
+        raise ValueError(f"deco_batch {batch} but the graph's batch is {fixed[0]}")
+    if resolution != "dynamic":
+        h, _, w = resolution.partition("x")
+        side = tuple(_bounded_int(s, 1, MAX_SIDE, "deco_resolution") for s in (h, w))
+        if any(s % config.patch_size for s in side):
+            raise ValueError(f"deco_resolution {resolution}: not a multiple of the patch {config.patch_size}")
+        if any(f not in (None, s) for f, s in zip(fixed[2:], side, strict=True)):
+            raise ValueError(f"deco_resolution {resolution}; the graph's input is {fixed[2]}x{fixed[3]}")
+
+
+def _check_generator(meta: dict[str, str], inputs: list[str], outputs: list[str]) -> None:
+    if meta["deco_inputs"].split(",") != inputs or meta["deco_outputs"].split(",") != outputs:
+        raise ValueError(f"deco_inputs/deco_outputs name {meta['deco_inputs'][:60]!r} / "
+                         f"{meta['deco_outputs'][:60]!r}; the graph has {inputs[:6]} / {outputs[:6]}")
+    _bounded_int(meta["deco_steps"], 1, MAX_STEPS, "deco_steps")
+    if meta["deco_guided"] not in ("true", "false"):
+        raise ValueError(f"deco_guided {meta['deco_guided'][:20]!r}, expected true or false")
+    numbers = [meta["deco_guidance"], meta["deco_timeshift"], *meta["deco_interval"].split()]
+    if len(numbers) != 4 or not all(np.isfinite(float(n)) for n in numbers):
+        raise ValueError(f"the sampler settings {numbers[:4]} are not 4 finite numbers")
+
+
 class OnnxVelocityModel:
     """A DeCo graph exported by `deco export-onnx`, run by onnxruntime.
 
@@ -71,9 +147,7 @@ class OnnxVelocityModel:
         self.path = path
         self.session = _session(path, providers, threads, level)
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        if "config" not in self.metadata or "deco_graph" not in self.metadata:
-            raise ValueError(f"path: {path} has no DeCo metadata (not written by deco export-onnx)")
-        self.config = DeCoConfig.from_json(self.metadata["config"])
+        self.config = check_metadata(self.metadata, self.session, path)
         self.graph = self.metadata["deco_graph"]
 
     @property

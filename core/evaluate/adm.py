@@ -56,6 +56,7 @@ from deco.errors import first_line
 from deco.evaluate.frechet import frechet_distance, gaussian_stats
 from deco.extras import install_command
 from deco.safe_load import load_weights_only
+from deco.untrusted import read_npz
 
 Array = NDArray[np.float64]
 
@@ -248,7 +249,7 @@ def _open_npy_member(stack: ExitStack, path: Path,
             raise ValueError(f"unsupported .npy format version {version}")
     except KeyError as exc:
         raise ValueError(f"{path}: no array {name!r} in this .npz") from exc
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise ValueError(f"{path}: not a readable .npz: {exc}") from exc
     if fortran:
         raise ValueError(f"{path}: {name} is stored in Fortran order; expected C order")
@@ -260,7 +261,7 @@ def npz_keys(path: str | Path) -> list[str]:
     try:
         with zipfile.ZipFile(path) as archive:
             return [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
-    except (OSError, zipfile.BadZipFile) as exc:
+    except (OSError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise ValueError(f"{path}: not a readable .npz: {exc}") from exc
 
 
@@ -316,8 +317,8 @@ def _stored_stats(path: Path) -> dict[str, Array] | None:
     needed = {"mu", "sigma", "mu_s", "sigma_s"}
     if not needed <= keys:
         raise ValueError(f"{path}: has 'mu' but not all of {sorted(needed)}")
-    with np.load(path, allow_pickle=False) as data:
-        return {k: np.asarray(data[k], dtype=np.float64) for k in needed}
+    arrays = read_npz(path, tuple(sorted(needed)))  # headers checked before allocating
+    return {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}
 
 
 def evaluate_sample_batches(samples: str | Path, reference: str | Path, inception: Inception, *,

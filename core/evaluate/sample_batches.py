@@ -44,6 +44,7 @@ from tqdm import tqdm
 from deco.atomic import atomic_write
 from deco.paths_inside import resolve_inside
 from deco.plan_identity import check_plan
+from deco.untrusted import UntrustedFileError, read_json, read_npz
 
 #: generate(labels (n,) int64, seed) -> images (n, H, W, 3) uint8
 Generate = Callable[[NDArray[np.int64], int], Any]
@@ -121,9 +122,11 @@ def _check_plan_file(folder: Path, plan: ShardPlan, inputs: dict[str, Any] | Non
     wanted = {**asdict(plan), **({} if inputs is None else {"inputs": inputs})}
     if path.is_file():
         try:
-            found = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            found = read_json(path)
+        except OSError as exc:
             raise ValueError(f"folder: unreadable {path}: {exc}") from exc
+        except UntrustedFileError as exc:
+            raise ValueError(f"folder: {exc}") from None
         # JSON has no tuples: compare what a reload of `wanted` would give
         check_plan(found, json.loads(json.dumps(wanted)), f"folder: {folder} holds shards of another plan")
         return
@@ -151,10 +154,17 @@ def _write_shard(path: Path, images: NDArray[np.uint8], labels: NDArray[np.int64
 def read_shard(path: str | Path) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
     """(images (n, H, W, 3) uint8, labels (n,) int64) of one shard file."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return data["images"], data["labels"]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        arrays = read_npz(path, ("images", "labels"))  # headers checked before allocating
+    except OSError as exc:
         raise ValueError(f"shard: cannot read {path}: {exc}") from exc
+    except UntrustedFileError as exc:
+        raise ValueError(f"shard: {exc}") from None
+    images, labels = arrays["images"], arrays["labels"]
+    if (images.dtype != np.uint8 or images.ndim != 4 or labels.dtype != np.int64
+            or labels.shape != images.shape[:1]):
+        raise ValueError(f"shard: {path} holds {images.dtype} images {images.shape} and {labels.dtype} "
+                         f"labels {labels.shape}; expected uint8 (n, H, W, 3) and int64 (n,)")
+    return images, labels
 
 
 def clear_shards(folder: str | Path) -> None:

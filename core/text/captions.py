@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from deco.data import IMAGE_SUFFIXES, center_crop, to_tensor
+from deco.untrusted import UntrustedFileError, check_tar
 
 #: Extensions of a WebDataset sample's image member, in order of preference.
 SHARD_IMAGE_KEYS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
@@ -35,6 +36,9 @@ IMAGE_KEYS_TEXT = ", ".join(SHARD_IMAGE_KEYS)
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 #: Extension of the caption member of a WebDataset sample.
 SHARD_CAPTION_KEY = "txt"
+#: Largest caption file or member: a caption is a sentence or a paragraph (the text encoder keeps
+#: its first T tokens); a larger one is refused before it is read.
+MAX_CAPTION_BYTES = 1 << 20
 
 
 class CaptionDataError(ValueError):
@@ -51,6 +55,15 @@ def decode_caption(data: bytes, where: str) -> str:
     if not text.strip():
         raise CaptionDataError(f"data: caption {where} is empty")
     return text
+
+
+def read_caption(path: Path) -> bytes:
+    """The bytes of a caption file, at most MAX_CAPTION_BYTES (checked before reading)."""
+    size = path.stat().st_size
+    if size > MAX_CAPTION_BYTES:
+        raise CaptionDataError(f"data: caption {path} has {size} bytes, more than the limit of "
+                               f"{MAX_CAPTION_BYTES}")
+    return path.read_bytes()
 
 
 def decode_image(data: bytes | Path, resolution: int, where: str) -> Tensor:
@@ -101,7 +114,7 @@ class CaptionFolderDataset(Dataset[tuple[Tensor, str]]):
     def __init__(self, root: str | Path, resolution: int) -> None:
         self.resolution = check_resolution(resolution)
         self.pairs = scan_caption_folder(root)
-        self.captions = [decode_caption(c.read_bytes(), str(c)) for _, c in self.pairs]
+        self.captions = [decode_caption(read_caption(c), str(c)) for _, c in self.pairs]
         self.description = f"{root} ({len(self.pairs)} captioned images, {resolution}x{resolution})"
 
     def __len__(self) -> int:
@@ -150,6 +163,10 @@ def read_shard(shard: Path, members: tuple[str, ...] | None = None) -> Iterator[
     def select(name: str) -> bool:
         return members is None or name.rsplit(".", 1)[-1].lower() in members
 
+    try:  # member sizes from their headers, before webdataset reads each one whole
+        check_tar(shard, f"data: corrupt shard {shard}", max_by_suffix={SHARD_CAPTION_KEY: MAX_CAPTION_BYTES})
+    except UntrustedFileError as exc:
+        raise CaptionDataError(str(exc)) from None
     samples = tariterators.tarfile_samples(iter([{"url": str(shard)}]), select_files=select)
     try:
         for sample in samples:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from deco.atomic import atomic_write
 from deco.paths_inside import resolve_inside
 from deco.text.encoder import TextEncoder
+from deco.untrusted import UntrustedFileError, read_json
 
 FORMAT = "deco-text-embeddings"
 VERSION = 1
@@ -96,17 +97,36 @@ def read_index(out: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"embeddings: {out} has no {INDEX} (not made by deco embed-text?)")
     try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"embeddings: {path} is not valid JSON ({exc})") from None
+        index = read_json(path)
+    except UntrustedFileError as exc:
+        raise ValueError(f"embeddings: {exc}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ValueError(f"embeddings: {path} is not a {FORMAT} index")
     if index.get("version") != VERSION:
         raise ValueError(f"embeddings: {path} has version {index.get('version')}, expected {VERSION}")
-    shards = index.get("shards")
-    for k, entry in enumerate(shards if isinstance(shards, list) else []):
-        member(out, entry.get("file") if isinstance(entry, dict) else entry, f"{path}: shards[{k}].file")
+    check_index_fields(index, path)
+    for k, entry in enumerate(index["shards"]):  # a list of dicts with a str "file": checked above
+        member(out, entry["file"], f"{path}: shards[{k}].file")
     return index
+
+
+def check_index_fields(index: dict[str, Any], path: Path) -> None:
+    """The fields the store reads, with their types (the content only: where the shard files
+    point is checked where they are opened)."""
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40
+
+    bad = [k for k in ("length", "width", "count") if not count(index.get(k))]
+    shards = index.get("shards")
+    if not isinstance(shards, list):
+        bad.append("shards")
+    else:
+        bad += [f"shards[{i}]" for i, s in enumerate(shards) if not (
+            isinstance(s, dict) and isinstance(s.get("file"), str) and count(s.get("rows"))
+            and isinstance(s.get("captions_sha256", ""), str))][:1]
+    if bad:
+        raise ValueError(f"embeddings: {path} has no valid {bad[0]} (expected a count, or shards: "
+                         "a list of {file, rows, captions_sha256})")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -33,8 +33,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from deco.errors import quiet_transformers
+from deco.errors import first_line, quiet_transformers
 from deco.extras import install_command
+from deco.untrusted import UntrustedFileError, json_object, read_json, read_safetensors_header
 
 #: Files a tokenizer folder may provide; one of the two sets must be complete.
 _TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -131,8 +132,14 @@ def check_encoder_folder(folder: str | Path) -> Path:
         raise ValueError(f"text_encoder: {path} is not a folder (expected a Hugging Face model folder)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"text_encoder: {path} has no config.json")
-    if not any(path.glob("*.safetensors")):
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         raise FileNotFoundError(f"text_encoder: {path} has no *.safetensors weights")
+    for file in weights:  # headers checked (deco.untrusted): no pickle under a safetensors name
+        try:
+            read_safetensors_header(file)
+        except UntrustedFileError as exc:
+            raise ValueError(f"text_encoder: {exc}") from None
     if not any(all((path / f).is_file() for f in files) for files in _TOKENIZER_FILE_SETS):
         raise FileNotFoundError(
             f"text_encoder: {path} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt)"
@@ -255,13 +262,18 @@ def load_qwen3(folder: Path, dtype: torch.dtype) -> Any:
     only warn, which silently gives meaningless embeddings."""
     from transformers import Qwen3Model  # here: an optional extra (text)
 
-    config = json.loads((folder / "config.json").read_text())
+    config = json_object(read_json(folder / "config.json"), f"text_encoder: {folder / 'config.json'}")
     if config.get("model_type") != "qwen3":
         raise ValueError(f"text_encoder: {folder} holds a {config.get('model_type')!r} model, expected qwen3")
     with quiet_transformers():
         # Typed as the model alone by transformers; with output_loading_info it is a pair.
-        loaded: Any = Qwen3Model.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
-                                                 output_loading_info=True)
+        try:
+            loaded: Any = Qwen3Model.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
+                                                     output_loading_info=True)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            # transformers' refusals (a pickle it will not load, a config it cannot build)
+            raise ValueError(f"text_encoder: {folder} cannot be loaded by transformers "
+                             f"({first_line(exc)[:200]})") from None
     model, info = loaded
     if info["missing_keys"] or info["mismatched_keys"]:
         bad = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])

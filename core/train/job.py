@@ -38,7 +38,13 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from deco.checkpoint import CHECKPOINT_NAME, MODEL_NAME, load_checkpoint, save_checkpoint
+from deco.checkpoint import (
+    CHECKPOINT_NAME,
+    MODEL_NAME,
+    check_training_state,
+    load_checkpoint,
+    save_checkpoint,
+)
 from deco.config import DeCoConfig, parameter_count
 from deco.data import BatchStream, TrainDataset, open_dataset
 from deco.distributed import Dist, all_ok, broadcast_object, setup_distributed
@@ -102,7 +108,7 @@ class Job:
             ckpt = resolve_inside(out, CHECKPOINT_NAME, what=f"resume: the run folder {out}")
             if not ckpt.is_file():
                 raise FieldError("resume", f"no checkpoint {ckpt} (give the run folder with --out)")
-            state = load_checkpoint(ckpt)
+            state = load_checkpoint(ckpt, validate=check_training_state(ckpt))
             stored = resolve(RunConfig.from_dict(state["run"]))
             followed = recorded_paths(stored, explicit)
             if followed and self.d.is_main:  # paths read from a file: say so (SECURITY.md)

@@ -26,7 +26,6 @@ position embeddings bicubically with `scale_factor = (grid + 0.1) / 37`, transfo
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import types
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 
 from deco.errors import first_line, quiet_transformers
 from deco.safe_load import load_weights_only
+from deco.untrusted import UntrustedFileError, json_object, read_json
 
 if TYPE_CHECKING:
     from transformers import Dinov2Config, Dinov2Model
@@ -305,9 +305,11 @@ def _load_hf_folder(path: Path) -> Dinov2Model:
     if not config_file.is_file():
         raise FileNotFoundError(f"path: {path} has no config.json (expected a facebook/dinov2-base folder)")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as exc:
+        model_type = json_object(read_json(config_file), str(config_file)).get("model_type")
+    except OSError as exc:
         raise ValueError(f"path: unreadable {config_file}: {exc}") from exc
+    except UntrustedFileError as exc:
+        raise ValueError(f"path: {exc}") from None
     if model_type != "dinov2":
         raise ValueError(f"path: {config_file} is model_type {model_type!r}, expected 'dinov2'")
 

@@ -12,7 +12,6 @@ TrainConfig). `with_overrides` applies "train.lr"-style overrides (the command l
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from deco.optimized.sampling import SampleSettings
 from deco.optimized.trainer import TrainConfig
 from deco.plan_identity import file_sha256, plan_changes
 from deco.text.job import T2I_DEFAULTS, T2I_DEMO_DEFAULTS
+from deco.untrusted import read_json
 
 __all__ = ["DIGITS_DEFAULTS", "FOLDER_DEFAULTS", "TRAJECTORY_FIELDS", "RunConfig", "changed_fields",
            "check_inputs", "check_model_file", "defaults", "input_identity", "model_config", "resolve",
@@ -200,8 +200,10 @@ def input_identity(run: RunConfig) -> dict[str, Any]:
     inputs: dict[str, Any] = {}
     if run.embeddings is not None and (run.embeddings / "index.json").is_file():
         try:
-            index = json.loads((run.embeddings / "index.json").read_text())
+            index = read_json(run.embeddings / "index.json")
         except (OSError, ValueError):
+            index = {}
+        if not isinstance(index, dict):
             index = {}
         inputs["embeddings"] = {k: index.get(k) for k in ("encoder", "length", "width", "dtype", "count",
                                                            "captions_sha256")}
