@@ -245,14 +245,30 @@ DEFECTS: dict[str, tuple[str, Any]] = {
 }
 
 
-#: component -> the slip the kit's hint must name for its planted defect (None: no slip fits, and
-#: no hint may be given: e.g. Cb/Cr swapped is no convention slip of the list).
-HINTS: dict[str, str | None] = {
+#: component -> the hints the kit may give for its planted defect: a slip of the output's layout
+#: or scale, or the catalogue variant that reproduces the defect (deco.conformance.differential;
+#: each defect above was written independently of the catalogue). None: no slip or variant fits,
+#: and no hint may be given (e.g. Cb/Cr swapped, missing gates are no convention point).
+HINTS: dict[str, set[str] | None] = {
     **dict.fromkeys(DEFECTS),
-    "block_dct": "transposed",
-    "rope_angles": "height_width",
-    "timestep_features": "halves",
-    "text_position_features": "height_width",
+    "block_dct": {"transposed"},
+    "frequency_weights": {"quality_linear_scale"},
+    # Transposed weights and transposed coefficients give the same loss (w[u,v] meets d[v,u]).
+    "frequency_aware_loss": {"weights_transposed", "dct_uv_swapped"},
+    "timestep_features": {"halves"},
+    "rope_angles": {"height_width"},
+    "apply_rope": {"rope_inverse"},
+    "dct_position_features": {"dct_features_no_damping"},
+    "forward": {"model_time_reversed"},
+    "time_grid": {"timeshift_inverted"},
+    "euler": {"interval_half_open"},
+    "heun": {"heun_last_step_corrected"},
+    "text_rope_angles": {"text_rope_uncrossed"},
+    "text_position_features": {"height_width"},
+    "text_embedding": {"text_position_in_norm"},
+    "t2i_forward": {"text_features_dct"},
+    "adams_weights": {"adams_weights_uniform"},
+    "adams": {"adams_interval_high_closed"},
 }
 
 
@@ -271,7 +287,8 @@ def _euler_guidance_difference_flipped(model: Any, noise: Any, labels: Any, step
 
 #: More defects, beyond one per component, that must get a hint: (component, defect, port, slip).
 SLIP_DEFECTS: list[tuple[str, str, Any, str]] = [
-    ("euler", "sign of the guidance difference", _euler_guidance_difference_flipped, "sign"),
+    ("euler", "sign of the guidance difference", _euler_guidance_difference_flipped,
+     "guidance_sign"),
     ("forward", "velocity sign flipped (x - noise taken as noise - x)", lambda cfg, w, x, t, y:
      -kit.ReferencePort.forward(cfg, w, x, t, y), "sign"),
     ("frequency_weights", "weights not normalised to mean 1 (a constant factor per table)",
@@ -305,7 +322,7 @@ def test_a_planted_defect_fails_exactly_its_component(component: str, vectors: l
     for r in failed:
         assert r.diagnosis is not None and r.diagnosis.worst is not None, r
         hint = r.diagnosis.hint
-        assert (hint and hint.slip) == HINTS[component], (r.vector, hint)
+        assert (hint.slip if hint else None) in (HINTS[component] or {None}), (r.vector, hint)
 
 
 @pytest.mark.parametrize("component, defect, implementation, slip", SLIP_DEFECTS,

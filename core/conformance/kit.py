@@ -20,7 +20,7 @@ import importlib
 import inspect
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +33,9 @@ from safetensors.numpy import save
 from deco import reference as ref
 from deco.atomic import atomic_write
 from deco.config import DeCoConfig
-from deco.conformance.diagnose import Diagnosis, Hint, diagnose, matches
+from deco.conformance.catalogue import Variant, variant_output, vector_key
+from deco.conformance.diagnose import Diagnosis, diagnose
+from deco.conformance.differential import explain
 from deco.conformance.fixtures import error_measure
 from deco.conformance.ports import OnnxPort, OptimizedPort, OptimizedPort32, Precision, ReferencePort
 
@@ -201,59 +203,6 @@ def comparable(component: str, value: Array) -> Array:
     return value
 
 
-# ----------------------------------------------- convention slips inside the computation
-class _GuidanceSignFlipped:
-    """The sampler model of a vector, wrapped so that the reference's guided velocity
-    u + g (c - u) becomes u - g (c - u): it answers the conditional branch of a guided batch
-    [null; condition] with 2u - c."""
-
-    def __init__(self, model: Any) -> None:
-        self.model, self.config = model, model.config
-
-    def forward(self, x: Any, t: Any, y: Any) -> Array:
-        out = np.asarray(self.model.forward(x, t, y))
-        b = out.shape[0] // 2
-        if out.shape[0] % 2:
-            return out
-        return np.concatenate([out[:b], 2.0 * out[:b] - out[b:]])
-
-    __call__ = forward
-
-
-def _reference_with_guidance_sign_flipped(vector: Vector, vectors: Mapping[str, Vector]) -> Array:
-    class Flipped(ReferencePort):
-        @staticmethod
-        def euler(model: Any, *args: Any) -> Array:
-            return ReferencePort.euler(_GuidanceSignFlipped(model), *args)
-
-        @staticmethod
-        def heun(model: Any, *args: Any) -> Array:
-            return ReferencePort.heun(_GuidanceSignFlipped(model), *args)
-
-        @staticmethod
-        def adams(model: Any, *args: Any) -> Array:
-            return ReferencePort.adams(_GuidanceSignFlipped(model), *args)
-
-    return np.asarray(CALLERS[vector.component](Flipped, vector, vectors), dtype=np.float64)
-
-
-#: component -> slips that live inside the computation: the reference, run with the slip, gives
-#: the output a port with that slip would give.
-REFERENCE_SLIPS: dict[str, list[tuple[str, str, Callable[[Vector, Mapping[str, Vector]], Array]]]] = {
-    name: [("sign", "the sign of the guidance difference flipped: the output is the reference's "
-            "with u - g (c - u) in place of u + g (c - u)", _reference_with_guidance_sign_flipped)]
-    for name in ("euler", "heun", "adams")
-}
-
-
-def reference_slip(vector: Vector, vectors: Mapping[str, Vector], got: Array,
-                    tol: float) -> Hint | None:
-    for slip, text, compute in REFERENCE_SLIPS.get(vector.component, []):
-        if matches(got, comparable(vector.component, compute(vector, vectors)), tol):
-            return Hint(slip, text)
-    return None
-
-
 # ------------------------------------------------------------------------------------ runner
 def run_vector(port: Any, vector: Vector, vectors: Mapping[str, Vector],
                precision: Precision) -> Result:
@@ -275,28 +224,46 @@ def judge(vector: Vector, vectors: Mapping[str, Vector], got: Array, precision: 
     one; a failure carries a diagnosis. Shared by ports called in Python and --outputs files."""
     tol = TOLERANCE[precision]
     assert vector.expected is not None
-    raw_shape = got.shape
+    raw = got
     got, expected = comparable(vector.component, got), comparable(vector.component, vector.expected)
 
     def fail(note: str) -> Result:
         return Result(vector.name, vector.component, "FAIL", tolerance=tol, note=note,
-                      diagnosis=_diagnose(vector, vectors, got, expected, tol, precision))
+                      diagnosis=_diagnose(vector, vectors, raw, tol, precision))
 
     if got.shape != expected.shape:
-        return fail(f"shape {raw_shape}, expected {vector.expected.shape}")
+        return fail(f"shape {raw.shape}, expected {vector.expected.shape}")
     if not np.all(np.isfinite(got)):
         return fail("NaN or inf")
     max_abs, max_rel = error_measure(got, expected)
     if max_rel <= tol:
         return Result(vector.name, vector.component, "pass", max_abs, max_rel, tol)
-    diagnosis = _diagnose(vector, vectors, got, expected, tol, precision)
+    diagnosis = _diagnose(vector, vectors, raw, tol, precision)
     return Result(vector.name, vector.component, "FAIL", max_abs, max_rel, tol, diagnosis=diagnosis)
 
 
-def _diagnose(vector: Vector, vectors: Mapping[str, Vector], got: Array, expected: Array, tol: float,
+def reference_with(variants: Sequence[Variant], vector: Vector,
+                   vectors: Mapping[str, Vector]) -> Array | None:
+    """The reference's output for `vector` with catalogue variants planted (cached; None when
+    the reference cannot take the vector's inputs with them)."""
+    assert vector.expected is not None
+    return variant_output(variants, vector_key(vector.name, vector.expected),
+                          lambda port: CALLERS[vector.component](port, vector, vectors))
+
+
+def _diagnose(vector: Vector, vectors: Mapping[str, Vector], raw: Array, tol: float,
               precision: Precision) -> Diagnosis:
-    return diagnose(vector.component, got, expected, tol, precision,
-                    lambda: reference_slip(vector, vectors, got, tol))
+    """The diagnosis of `raw` (the port's output for `vector`, float64): the catalogue's
+    explanations (deco.conformance.differential), then the location and hint."""
+    assert vector.expected is not None
+    component = vector.component
+    explanations = explain(component, raw, vector.expected,
+                           lambda variants: reference_with(variants, vector, vectors),
+                           lambda a: comparable(component, a), tol) if np.all(np.isfinite(raw)) else []
+    x = vector.inputs.get("x")
+    image_hw = (int(x.shape[-2]), int(x.shape[-1])) if x is not None and x.ndim == 4 else None
+    return diagnose(component, comparable(component, raw), comparable(component, vector.expected),
+                    tol, precision, explanations, image_hw)
 
 
 def port_precision(port: Any) -> Precision:

@@ -1,0 +1,112 @@
+"""The differential diagnosis of a failed vector (deco.conformance): rerun the reference with each
+catalogued convention point done differently (`CATALOGUE`: catalogue_frequency, catalogue_model,
+catalogue_sampling), alone and in pairs, and report the variants that reproduce the port's output.
+
+`explain` returns `Explanation`s, best first: those that reproduce the output within the run's
+tolerance ("your output equals the reference with ..."), the most specific (fewest components
+affected) first; failing that, those that leave at most a tenth of the port's error ("most of the
+error goes away with ..."). Pairs are tried among the variants that each reduce the error, when no
+single one reproduces the output. Variant outputs are cached per vector (catalogue.variant_output),
+so the audit and repeated runs pay once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from deco.conformance.catalogue import Variant
+from deco.conformance.catalogue_frequency import VARIANTS as FREQUENCY
+from deco.conformance.catalogue_model import VARIANTS as MODEL
+from deco.conformance.catalogue_sampling import VARIANTS as SAMPLING
+from deco.conformance.fixtures import error_measure
+
+Array = NDArray[Any]
+CATALOGUE: tuple[Variant, ...] = (*FREQUENCY, *MODEL, *SAMPLING)
+BY_NAME = {v.name: v for v in CATALOGUE}
+assert len(BY_NAME) == len(CATALOGUE), "catalogue names must be unique"
+#: A variant "explains most of the error" when the port's error without it is this many times
+#: the error that remains with it.
+MOST = 10.0
+#: Pairs are tried among at most this many variants (those that reduce the error most).
+PAIR_POOL = 6
+SHOWN = 3
+
+Compute = Callable[[Sequence[Variant]], "Array | None"]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Variants planted together in the reference; `residual`: the error measure between the
+    port's output and the reference's with them; `exact`: within the run's tolerance."""
+
+    variants: tuple[Variant, ...]
+    residual: float
+    exact: bool
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.variants)
+
+    @property
+    def summary(self) -> str:
+        return " and ".join(f"{v.summary} (spec {v.section})" for v in self.variants)
+
+    def sentence(self, port_error: float) -> str:
+        if self.exact:
+            return f"your output equals the reference with {self.summary}"
+        return (f"most of the error goes away with {self.summary}: the error drops from "
+                f"{port_error:.2e} to {self.residual:.2e}")
+
+    def record(self) -> dict[str, Any]:
+        return {"variants": list(self.names), "sections": [v.section for v in self.variants],
+                "summary": self.summary, "residual": self.residual, "exact": self.exact}
+
+
+def relevant(component: str) -> list[Variant]:
+    """The catalogue's variants that can change an output of `component`."""
+    return [v for v in CATALOGUE if component in v.components]
+
+
+def _residual(got: Array, candidate: Array | None, compare: Callable[[Array], Array]) -> float | None:
+    if candidate is None or candidate.shape != got.shape or not np.all(np.isfinite(candidate)):
+        return None
+    return error_measure(compare(got), compare(candidate))[1]
+
+
+def explain(component: str, got: Array, expected: Array, compute: Compute,
+            compare: Callable[[Array], Array], tol: float) -> list[Explanation]:
+    """The variants that explain `got` (the port's raw output, float64) where the reference gave
+    `expected`, best first (module docstring); [] when none does."""
+    port_error = _residual(got, expected, compare)
+    if port_error is None:  # another shape: only a variant with that shape can explain it
+        port_error = float("inf")
+    singles: list[Explanation] = []
+    for v in relevant(component):
+        out = compute([v])
+        r = _residual(got, out, compare)
+        if r is None or (out is not None and out.shape == expected.shape
+                         and error_measure(compare(out), compare(expected))[1] <= tol):
+            continue  # not this output's shape, or the variant changes nothing on this vector
+        singles.append(Explanation((v,), r, r <= tol))
+    exact = [e for e in singles if e.exact]
+    if exact:
+        return sorted(exact, key=lambda e: (len(e.variants[0].components), e.residual))[:SHOWN]
+    pool = sorted((e for e in singles if e.residual < port_error), key=lambda e: e.residual)
+    pairs = []
+    for a, b in combinations([e.variants[0] for e in pool[:PAIR_POOL]], 2):
+        if {p[:2] for p in a.patches} & {p[:2] for p in b.patches}:
+            continue  # both replace the same function: the pair is one of them
+        r = _residual(got, compute([a, b]), compare)
+        if r is not None:
+            pairs.append(Explanation((a, b), r, r <= tol))
+    exact = [e for e in pairs if e.exact]
+    if exact:
+        return sorted(exact, key=lambda e: e.residual)[:SHOWN]
+    most = [e for e in pool + pairs if e.residual * MOST <= port_error]
+    return sorted(most, key=lambda e: e.residual)[:SHOWN]
