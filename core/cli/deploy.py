@@ -103,6 +103,11 @@ def register(sub: Any) -> None:
                         "with the tensor `out` (spec/vectors/README.md, File protocol)")
     action.add_argument("--list", action="store_true",
                         help="list every vector: component, inputs, arguments, output, tolerance")
+    action.add_argument("--audit", type=Path, nargs="?", const=Path("-"), metavar="FILE",
+                        help="run every catalogued convention variant of the reference over the "
+                        "vectors and print the matrix variant x vector (also written as Markdown "
+                        "to FILE if given); exit 1 if a variant fails no vector or is not named by "
+                        "the diagnosis where it fails")
     action.add_argument("--export-vectors", type=Path, metavar="DIR",
                         help="copy the vectors and their README into DIR (refused if DIR is not "
                         "empty, unless --force)")
@@ -234,6 +239,18 @@ def onnx_check(args: argparse.Namespace) -> int:
     return 1
 
 
+def _audit(vectors: Any, target: Path) -> int:
+    from deco.atomic import atomic_write
+    from deco.conformance.audit import audit, matrix, passed
+
+    rows = audit(vectors)
+    text = matrix(rows, vectors)
+    print(text, end="")
+    if str(target) != "-":
+        atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return 0 if passed(rows) else 1
+
+
 def conformance(args: argparse.Namespace) -> int:
     from deco import conformance as kit
 
@@ -252,6 +269,8 @@ def conformance(args: argparse.Namespace) -> int:
         print(f"copied {len(written)} files to {args.export_vectors}")
         return 0
     vectors = kit.load_vectors(args.vectors)
+    if args.audit is not None:
+        return _audit(vectors, args.audit)
     if args.list:
         from deco.conformance.outputs import list_json, list_text
 
