@@ -30,8 +30,10 @@ from numpy.typing import NDArray
 from deco.conformance.ports import ReferencePort
 
 Array = NDArray[Any]
-#: (module, attribute, wrap): the attribute becomes wrap(its current value).
-Patch = tuple[str, str, Callable[[Any], Any]]
+#: (module, attribute, make, replaces): the attribute becomes make(its current value);
+#: `replaces` when the new value ignores the current one (two such patches of one attribute
+#: cannot be combined: the later would undo the earlier).
+Patch = tuple[str, str, Callable[[Any], Any], bool]
 
 SAMPLERS = ("euler", "heun", "adams")
 #: The components whose vectors run the class model / the text model (directly or as the
@@ -61,17 +63,29 @@ def variant(name: str, section: str, summary: str, components: Sequence[str],
 
 def constant(module: str, attribute: str, value: Any) -> Patch:
     """A patch setting a module constant."""
-    return (module, attribute, lambda _old: value)
+    return (module, attribute, lambda _old: value, True)
 
 
 def wrap(module: str, attribute: str, make: Callable[[Any], Any]) -> Patch:
-    """A patch replacing a function by make(the current function)."""
-    return (module, attribute, make)
+    """A patch replacing a function by make(the current function): it composes with others."""
+    return (module, attribute, make, False)
 
 
 def replace(module: str, attribute: str, new: Callable[..., Any]) -> Patch:
     """A patch replacing a function outright."""
-    return (module, attribute, lambda _old: new)
+    return (module, attribute, lambda _old: new, True)
+
+
+def compatible(variants: Sequence[Variant]) -> bool:
+    """Whether the variants can be planted together: no two replace the same attribute."""
+    seen: set[tuple[str, str]] = set()
+    for v in variants:
+        for module, attribute, _, replaces in v.patches:
+            if replaces and (module, attribute) in seen:
+                return False
+            if replaces:
+                seen.add((module, attribute))
+    return True
 
 
 def _reference_modules() -> list[ModuleType]:
@@ -81,21 +95,22 @@ def _reference_modules() -> list[ModuleType]:
 
 @contextmanager
 def planted(variants: Sequence[Variant]) -> Iterator[None]:
-    """Apply the variants' patches in order (later ones wrap earlier ones); restore on exit."""
+    """Apply the variants' patches, every outright replacement first and then every wrapper (so
+    that a wrapper wraps a replacement instead of being undone by it); restore on exit."""
+    patches = [p for v in variants for p in v.patches]
     undo: list[tuple[ModuleType, str, Any]] = []
     try:
-        for v in variants:
-            for module_name, attribute, make in v.patches:
-                module = importlib.import_module(module_name)
-                old = getattr(module, attribute)
-                new = make(old)
-                holders = [module]
-                if callable(old):  # every module that imported the same function
-                    holders += [m for m in _reference_modules()
-                                if m is not module and getattr(m, attribute, None) is old]
-                for holder in holders:
-                    undo.append((holder, attribute, getattr(holder, attribute)))
-                    setattr(holder, attribute, new)
+        for module_name, attribute, make, _ in sorted(patches, key=lambda p: not p[3]):
+            module = importlib.import_module(module_name)
+            old = getattr(module, attribute)
+            new = make(old)
+            holders = [module]
+            if callable(old):  # every module that imported the same function
+                holders += [m for m in _reference_modules()
+                            if m is not module and getattr(m, attribute, None) is old]
+            for holder in holders:
+                undo.append((holder, attribute, getattr(holder, attribute)))
+                setattr(holder, attribute, new)
         yield
     finally:
         for holder, attribute, value in reversed(undo):

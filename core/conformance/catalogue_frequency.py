@@ -77,6 +77,20 @@ def _pad(mode: str, where: str = "end") -> Callable[..., Any]:
     return reflect_pad
 
 
+def _crop_coefficients(old: Callable[..., Any]) -> Callable[..., Any]:
+    """block_dct whose coefficient image (8 Bh, 8 Bw), laid out like the padded image, is cut
+    back to H x W: the last blocks lose the coefficients u >= H mod 8 (v >= W mod 8), zeroed."""
+    def block_dct(x: Any) -> Any:
+        out = old(x)
+        h, w = np.shape(x)[2:]
+        bh, bw = out.shape[2:4]
+        rows = (8 * np.arange(bh)[:, None] + np.arange(8)[None, :]) < h  # (Bh, 8): [by, u]
+        cols = (8 * np.arange(bw)[:, None] + np.arange(8)[None, :]) < w  # (Bw, 8): [bx, v]
+        keep = rows[:, None, :, None] & cols[None, :, None, :]  # (Bh, Bw, 8, 8)
+        return out * keep
+    return block_dct
+
+
 def _scale(rule: str) -> Callable[..., Any]:
     def quality_scale(quality: int) -> float:
         if rule == "integer":
@@ -201,6 +215,10 @@ VARIANTS: list[Variant] = [
             "right", DCT, replace(F, "reflect_pad", _pad("reflect", "start"))),
     variant("pad_cropped", "02 §3", "the padded border cropped: the blocks touching the padding "
             "dropped instead of kept", DCT, replace(F, "reflect_pad", _pad("crop"))),
+    variant("coefficients_cropped", "02 §3", "the padded border's coefficients cropped: the "
+            "coefficient image cut back to H x W (the last blocks lose their high frequencies) "
+            "and the loss averaged over H x W", DCT, wrap(F, "block_dct", _crop_coefficients),
+            _loss_patch(reduce="pixels")),
     # ---- 02 §4: quantisation tables
     variant("quality_integer_division", "02 §4", "libjpeg's integer division 5000 // q below "
             "quality 50 (the spec's is real)", WEIGHTS, replace(F, "quality_scale", _scale("integer"))),

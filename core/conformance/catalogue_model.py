@@ -18,6 +18,7 @@ from deco.conformance.catalogue import (
     CLASS_MODEL,
     TEXT_MODEL,
     Variant,
+    constant,
     replace,
     variant,
     wrap,
@@ -39,15 +40,16 @@ def _m() -> Any:
     return model
 
 
-def _time(*, sin_first: bool = False, period: float = 10.0, scale: float = 1.0,
-          denominator: int = 128, reverse: bool = False) -> Callable[..., Any]:
-    def timestep_features(t: Any) -> Any:
-        t = (1.0 - np.asarray(t)) if reverse else np.asarray(t)
-        freqs = np.exp(-np.log(period) * np.arange(128) / denominator)
-        args = scale * t[:, None] * freqs[None, :]
-        parts = [np.sin(args), np.cos(args)] if sin_first else [np.cos(args), np.sin(args)]
-        return np.concatenate(parts, axis=-1)
-    return timestep_features
+def _time_frequency_shift(t: Any) -> Any:
+    """03 §2's features with the exponent over half - 1 (the module's period, so that a patched
+    period composes with it)."""
+    args = np.asarray(t)[:, None] * np.exp(-np.log(_m().TIME_MAX_PERIOD) * np.arange(128) / 127)
+    return np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+
+
+def _time_input(change: Callable[[Any], Any]) -> Callable[..., Any]:
+    """A wrapper of the time features that changes the time first (composes with the others)."""
+    return lambda old: lambda t: old(change(np.asarray(t, dtype=np.float64)))
 
 
 def _rope(*, positions: str = "linspace", exponent: float = 4.0) -> Callable[..., Any]:
@@ -294,16 +296,16 @@ def _blk(**kw: Any) -> Any:
 VARIANTS: list[Variant] = [
     # ---- 03 §2: time features and conditioning
     variant("time_sin_first", "03 §2", "the time features' sin half before the cos half", TIME,
-            replace(M, "timestep_features", _time(sin_first=True))),
+            wrap(M, "timestep_features", lambda old: lambda t: np.roll(old(t), 128, axis=-1))),
     variant("time_max_period_10000", "03 §2", "the time features' max period 10000 (DiT's) "
-            "instead of 10", TIME, replace(M, "timestep_features", _time(period=10000.0))),
+            "instead of 10", TIME, constant(M, "TIME_MAX_PERIOD", 10000.0)),
     variant("time_scaled_1000", "03 §2", "the time multiplied by 1000 before the features", TIME,
-            replace(M, "timestep_features", _time(scale=1000.0))),
+            wrap(M, "timestep_features", _time_input(lambda t: 1000.0 * t))),
     variant("time_frequency_shift", "03 §2", "the time frequencies 10^(-k/127) (exponent over "
             "half - 1, diffusers' downscale_freq_shift=1)", TIME,
-            replace(M, "timestep_features", _time(denominator=127))),
+            replace(M, "timestep_features", _time_frequency_shift)),
     variant("model_time_reversed", "00 §2", "the model's time reversed (1 - t: t = 1 taken as "
-            "noise)", TIME, replace(M, "timestep_features", _time(reverse=True))),
+            "noise)", TIME, wrap(M, "timestep_features", _time_input(lambda t: 1.0 - t))),
     variant("cond_no_silu", "03 §2", "no SiLU on the condition c = t_emb + y_emb", CLASS_MODEL,
             replace(M, "dit_trunk", _trunk(c_silu=False))),
     variant("adaln_silu", "03 §2", "a SiLU on c before every block's AdaLN (c is already "

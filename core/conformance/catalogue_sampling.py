@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from deco.conformance.catalogue import SAMPLERS, Variant, replace, variant, wrap
+from deco.conformance.catalogue import SAMPLERS, Patch, Variant, constant, replace, variant, wrap
 
 S = "deco.reference.sampling"
+CS = "deco.conformance.catalogue_sampling"
 EULER_HEUN = ("euler", "heun")
 
 
@@ -47,28 +48,36 @@ def _interval(rule: str) -> Callable[..., Any]:
     return guidance_at
 
 
-def _heun(*, flip_exact: bool = False, correct_last: bool = False,
-          corrector_next: bool = False) -> Callable[..., Any]:
-    """04 §4's Heun with its convention points as keywords."""
-    def heun(model: Any, noise: Any, labels: Any, grid: Any, guidance: float,
-             interval: tuple[float, float], exact: bool = False, null: Any = None) -> Any:
-        from deco.reference import sampling as sm
-        exact = exact != flip_exact
-        x, v_reuse, n = noise, None, len(grid) - 1
-        for i, (t_cur, t_next) in enumerate(pairwise(grid)):
-            g = sm.guidance_at(t_cur, guidance, interval)
-            dt = t_next - t_cur
-            v = sm.guided_velocity(model, x, t_cur, labels, g, null) if exact or v_reuse is None \
-                else v_reuse
-            x_hat = x + dt * v
-            if i == n - 1 and not correct_last:
-                return x_hat
-            g_hat = sm.guidance_at(t_next, guidance, interval) if corrector_next else g
-            v_hat = sm.guided_velocity(model, x_hat, t_next, labels, g_hat, null)
-            x = x + dt * 0.5 * (v + v_hat)
-            v_reuse = v_hat
-        return x
-    return heun
+#: Heun's convention points, set by the Heun variants (module constants, so that several
+#: of them compose in one flagged implementation).
+HEUN_FLIP_EXACT = False
+HEUN_CORRECT_LAST = False
+HEUN_CORRECTOR_NEXT = False
+
+
+def _heun(model: Any, noise: Any, labels: Any, grid: Any, guidance: float,
+          interval: tuple[float, float], exact: bool = False, null: Any = None) -> Any:
+    """04 §4's Heun with its convention points read from the HEUN_* flags."""
+    from deco.reference import sampling as sm
+    exact = exact != HEUN_FLIP_EXACT
+    x, v_reuse, n = noise, None, len(grid) - 1
+    for i, (t_cur, t_next) in enumerate(pairwise(grid)):
+        g = sm.guidance_at(t_cur, guidance, interval)
+        dt = t_next - t_cur
+        v = sm.guided_velocity(model, x, t_cur, labels, g, null) if exact or v_reuse is None \
+            else v_reuse
+        x_hat = x + dt * v
+        if i == n - 1 and not HEUN_CORRECT_LAST:
+            return x_hat
+        g_hat = sm.guidance_at(t_next, guidance, interval) if HEUN_CORRECTOR_NEXT else g
+        v_hat = sm.guided_velocity(model, x_hat, t_next, labels, g_hat, null)
+        x = x + dt * 0.5 * (v + v_hat)
+        v_reuse = v_hat
+    return x
+
+
+def _heun_flag(name: str) -> tuple[Patch, Patch]:
+    return constant(CS, name, True), wrap(S, "heun", lambda _old: _heun)
 
 
 def _adams_weights(kind: str) -> Callable[..., Any]:
@@ -103,11 +112,11 @@ VARIANTS: list[Variant] = [
             EULER_HEUN, replace(S, "guidance_at", _interval("everywhere"))),
     # ---- 04 §4: Heun
     variant("heun_predictor_swapped", "04 §4", "the other Heun predictor (exact re-evaluation for "
-            "exact=False, reuse for exact=True)", ("heun",), replace(S, "heun", _heun(flip_exact=True))),
+            "exact=False, reuse for exact=True)", ("heun",), *_heun_flag("HEUN_FLIP_EXACT")),
     variant("heun_last_step_corrected", "04 §4", "Heun's last step corrected too (not a plain "
-            "Euler step)", ("heun",), replace(S, "heun", _heun(correct_last=True))),
+            "Euler step)", ("heun",), *_heun_flag("HEUN_CORRECT_LAST")),
     variant("heun_corrector_guidance_next", "04 §4", "Heun's corrector guided with the scale of "
-            "t_{i+1} instead of t_i", ("heun",), replace(S, "heun", _heun(corrector_next=True))),
+            "t_{i+1} instead of t_i", ("heun",), *_heun_flag("HEUN_CORRECTOR_NEXT")),
     # ---- 04 §6: Adams
     variant("adams_interval_high_closed", "04 §6", "the Adams guidance interval closed at its "
             "upper end (low < t <= high, the rule of §2)", ("adams",),

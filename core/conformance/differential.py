@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import combinations, permutations
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from deco.conformance.catalogue import Variant
+from deco.conformance.catalogue import Variant, compatible
 from deco.conformance.catalogue_frequency import VARIANTS as FREQUENCY
 from deco.conformance.catalogue_model import VARIANTS as MODEL
 from deco.conformance.catalogue_sampling import VARIANTS as SAMPLING
@@ -33,7 +33,7 @@ assert len(BY_NAME) == len(CATALOGUE), "catalogue names must be unique"
 #: A variant "explains most of the error" when the port's error without it is this many times
 #: the error that remains with it.
 MOST = 10.0
-#: Pairs are tried among at most this many variants (those that reduce the error most).
+#: Pairs and triples are tried among this many variants (those that leave the least RMS error).
 PAIR_POOL = 6
 SHOWN = 3
 
@@ -80,9 +80,12 @@ def _residual(got: Array, candidate: Array | None, compare: Callable[[Array], Ar
 
 
 def explain(component: str, got: Array, expected: Array, compute: Compute,
-            compare: Callable[[Array], Array], tol: float) -> list[Explanation]:
+            compare: Callable[[Array], Array], tol: float,
+            prior: Sequence[Variant] = ()) -> list[Explanation]:
     """The variants that explain `got` (the port's raw output, float64) where the reference gave
-    `expected`, best first (module docstring); [] when none does."""
+    `expected`, best first (module docstring); [] when none does. `prior`: variants that explained
+    the same port's other vectors in this run (its stages: the DCT and weights before the loss),
+    tried first in combinations, so that a composite is decomposed into what its stages showed."""
     port_error = _residual(got, expected, compare)
     if port_error is None:  # another shape: only a variant with that shape can explain it
         port_error = float("inf")
@@ -97,16 +100,49 @@ def explain(component: str, got: Array, expected: Array, compute: Compute,
     exact = [e for e in singles if e.exact]
     if exact:
         return sorted(exact, key=lambda e: (len(e.variants[0].components), e.residual))[:SHOWN]
-    pool = sorted((e for e in singles if e.residual < port_error), key=lambda e: e.residual)
-    pairs = []
-    for a, b in combinations([e.variants[0] for e in pool[:PAIR_POOL]], 2):
-        if {p[:2] for p in a.patches} & {p[:2] for p in b.patches}:
-            continue  # both replace the same function: the pair is one of them
-        r = _residual(got, compute([a, b]), compare)
-        if r is not None:
-            pairs.append(Explanation((a, b), r, r <= tol))
-    exact = [e for e in pairs if e.exact]
-    if exact:
-        return sorted(exact, key=lambda e: e.residual)[:SHOWN]
-    most = [e for e in pool + pairs if e.residual * MOST <= port_error]
-    return sorted(most, key=lambda e: e.residual)[:SHOWN]
+    first = [e for e in singles if e.variants[0] in prior][:PAIR_POOL]
+    pool = first + sorted((e for e in singles if e not in first),
+                          key=lambda e: _rms(got, compute(e.variants), compare))[:PAIR_POOL]
+    tried: list[Explanation] = []
+    for size in (2, 3):
+        found = []
+        for combo in combinations([e.variants[0] for e in pool], size):
+            if not compatible(combo):
+                continue
+            for order in _orders(combo):
+                r = _residual(got, compute(list(order)), compare)
+                if r is not None:
+                    found.append(Explanation(tuple(order), r, r <= tol))
+        exact = [e for e in found if e.exact]
+        if exact:
+            return _distinct(sorted(exact, key=lambda e: e.residual))
+        tried += found
+    most = [e for e in singles + tried if e.residual * MOST <= port_error]
+    return _distinct(sorted(most, key=lambda e: (e.residual, len(e.variants))))
+
+
+def _distinct(explanations: list[Explanation]) -> list[Explanation]:
+    """The first SHOWN explanations with distinct sets of variants (orders of one set count once)."""
+    out: list[Explanation] = []
+    for e in explanations:
+        if all(set(e.names) != set(o.names) for o in out):
+            out.append(e)
+    return out[:SHOWN]
+
+
+def _orders(combo: Sequence[Variant]) -> list[tuple[Variant, ...]]:
+    """The orders worth planting `combo` in: every permutation when two of them wrap the same
+    function (wrappers do not commute: swapping pairs then splitting halves is not splitting
+    then swapping), else the one order."""
+    wrapped = [(p[0], p[1]) for v in combo for p in v.patches if not p[3]]
+    if len(wrapped) == len(set(wrapped)):
+        return [tuple(combo)]
+    return list(permutations(combo))
+
+
+def _rms(got: Array, other: Array | None, compare: Callable[[Array], Array]) -> float:
+    """The root-mean-square difference (inf for another shape): ranks partial explanations,
+    where the max-norm residual of one fix among several hardly moves."""
+    if other is None or other.shape != got.shape:
+        return float("inf")
+    return float(np.sqrt(np.mean((compare(got) - compare(other)) ** 2)))

@@ -205,8 +205,9 @@ def comparable(component: str, value: Array) -> Array:
 
 # ------------------------------------------------------------------------------------ runner
 def run_vector(port: Any, vector: Vector, vectors: Mapping[str, Vector],
-               precision: Precision) -> Result:
-    """Run one vector through `port`; exceptions from the port become an ERROR result."""
+               precision: Precision, findings: list[Variant] | None = None) -> Result:
+    """Run one vector through `port`; exceptions from the port become an ERROR result.
+    `findings` collects the catalogue variants that explained the run's failures so far."""
     tol = TOLERANCE[precision]
     caller = CALLERS[vector.component]
     try:
@@ -216,12 +217,15 @@ def run_vector(port: Any, vector: Vector, vectors: Mapping[str, Vector],
     except Exception as exc:  # a port's failure is a result, not a crash of the kit
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
         return Result(vector.name, vector.component, "ERROR", tolerance=tol, note=message)
-    return judge(vector, vectors, got, precision)
+    return judge(vector, vectors, got, precision, findings)
 
 
-def judge(vector: Vector, vectors: Mapping[str, Vector], got: Array, precision: Precision) -> Result:
+def judge(vector: Vector, vectors: Mapping[str, Vector], got: Array, precision: Precision,
+          findings: list[Variant] | None = None) -> Result:
     """Compare a port's output for `vector` (float64, the shape of `expected`) with the expected
-    one; a failure carries a diagnosis. Shared by ports called in Python and --outputs files."""
+    one; a failure carries a diagnosis. Shared by ports called in Python and --outputs files.
+    `findings` (the run's): the variants that explained earlier vectors, tried first in
+    combinations here, and extended with what explains this one."""
     tol = TOLERANCE[precision]
     assert vector.expected is not None
     raw = got
@@ -229,7 +233,7 @@ def judge(vector: Vector, vectors: Mapping[str, Vector], got: Array, precision: 
 
     def fail(note: str) -> Result:
         return Result(vector.name, vector.component, "FAIL", tolerance=tol, note=note,
-                      diagnosis=_diagnose(vector, vectors, raw, tol, precision))
+                      diagnosis=_diagnose(vector, vectors, raw, tol, precision, findings))
 
     if got.shape != expected.shape:
         return fail(f"shape {raw.shape}, expected {vector.expected.shape}")
@@ -238,7 +242,7 @@ def judge(vector: Vector, vectors: Mapping[str, Vector], got: Array, precision: 
     max_abs, max_rel = error_measure(got, expected)
     if max_rel <= tol:
         return Result(vector.name, vector.component, "pass", max_abs, max_rel, tol)
-    diagnosis = _diagnose(vector, vectors, raw, tol, precision)
+    diagnosis = _diagnose(vector, vectors, raw, tol, precision, findings)
     return Result(vector.name, vector.component, "FAIL", max_abs, max_rel, tol, diagnosis=diagnosis)
 
 
@@ -252,14 +256,17 @@ def reference_with(variants: Sequence[Variant], vector: Vector,
 
 
 def _diagnose(vector: Vector, vectors: Mapping[str, Vector], raw: Array, tol: float,
-              precision: Precision) -> Diagnosis:
+              precision: Precision, findings: list[Variant] | None) -> Diagnosis:
     """The diagnosis of `raw` (the port's output for `vector`, float64): the catalogue's
     explanations (deco.conformance.differential), then the location and hint."""
     assert vector.expected is not None
     component = vector.component
     explanations = explain(component, raw, vector.expected,
                            lambda variants: reference_with(variants, vector, vectors),
-                           lambda a: comparable(component, a), tol) if np.all(np.isfinite(raw)) else []
+                           lambda a: comparable(component, a), tol, findings or ()) \
+        if np.all(np.isfinite(raw)) else []
+    if findings is not None:
+        findings += [v for e in explanations if e.exact for v in e.variants if v not in findings]
     x = vector.inputs.get("x")
     image_hw = (int(x.shape[-2]), int(x.shape[-1])) if x is not None and x.ndim == 4 else None
     return diagnose(component, comparable(component, raw), comparable(component, vector.expected),
@@ -281,7 +288,8 @@ def run_port(port: Any, vectors: Iterable[Vector], precision: Precision | None =
     vectors = list(vectors)
     by_name = {v.name: v for v in vectors}
     chosen = precision or port_precision(port)
-    return [run_vector(port, v, by_name, chosen) for v in vectors]
+    findings: list[Variant] = []
+    return [run_vector(port, v, by_name, chosen, findings) for v in vectors]
 
 
 def passed(results: Iterable[Result]) -> bool:

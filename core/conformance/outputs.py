@@ -43,7 +43,7 @@ def read_output(path: Path) -> Array:
 
 
 def check_output(folder: Path, vector: Vector, vectors: dict[str, Vector],
-                 precision: Precision | None) -> Result:
+                 precision: Precision | None, findings: list[Any] | None = None) -> Result:
     """One vector against `folder/<vector>.safetensors`: missing is skipped; unreadable, a wrong
     dtype or shape is a failure; else compared as a Python port's result. Without `precision`,
     a float32 output is held to the float32 tolerance, a float64 one to float64's."""
@@ -60,7 +60,8 @@ def check_output(folder: Path, vector: Vector, vectors: dict[str, Vector],
     if dtype is None:
         return Result(vector.name, vector.component, "FAIL", tolerance=tol,
                       note=f"dtype {got.dtype}, expected float64 or float32")
-    return judge(vector, vectors, got.astype(np.float64), chosen)  # a wrong shape: judge fails it
+    # a wrong shape: judge fails it; `findings`: the run's explanations so far (kit.judge)
+    return judge(vector, vectors, got.astype(np.float64), chosen, findings)
 
 
 def run_outputs(folder: str | Path, vectors: Sequence[Vector],
@@ -70,7 +71,8 @@ def run_outputs(folder: str | Path, vectors: Sequence[Vector],
     if not folder.is_dir():
         raise FileNotFoundError(f"outputs: no such folder: {folder}")
     by_name = {v.name: v for v in vectors}
-    return [check_output(folder, v, by_name, precision) for v in vectors]
+    findings: list[Any] = []
+    return [check_output(folder, v, by_name, precision, findings) for v in vectors]
 
 
 # --------------------------------------------------------------------------------------- list
