@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from deco.conformance.catalogue import Variant, compatible
+from deco.conformance.catalogue import ANY_MODEL, Variant, compatible
 from deco.conformance.catalogue_frequency import VARIANTS as FREQUENCY
 from deco.conformance.catalogue_model import VARIANTS as MODEL
 from deco.conformance.catalogue_sampling import VARIANTS as SAMPLING
@@ -35,6 +35,8 @@ assert len(BY_NAME) == len(CATALOGUE), "catalogue names must be unique"
 MOST = 10.0
 #: Pairs and triples are tried among this many variants (those that leave the least RMS error).
 PAIR_POOL = 6
+#: All pairs among this many variants for the components that need no model evaluation.
+CHEAP_POOL = 40
 SHOWN = 3
 
 Compute = Callable[[Sequence[Variant]], "Array | None"]
@@ -101,11 +103,15 @@ def explain(component: str, got: Array, expected: Array, compute: Compute,
     if exact:
         return sorted(exact, key=lambda e: (len(e.variants[0].components), e.residual))[:SHOWN]
     first = [e for e in singles if e.variants[0] in prior][:PAIR_POOL]
-    pool = first + sorted((e for e in singles if e not in first),
-                          key=lambda e: _rms(got, compute(e.variants), compare))[:PAIR_POOL]
+    ranked = first + sorted((e for e in singles if e not in first),
+                            key=lambda e: _rms(got, compute(e.variants), compare))
+    # Every pair where a variant costs milliseconds (not a model or sampler: the RMS ranking says
+    # little about a scalar such as a loss); triples among the best few.
+    cheap = component not in ANY_MODEL
     tried: list[Explanation] = []
     for size in (2, 3):
         found = []
+        pool = ranked[:CHEAP_POOL if cheap and size == 2 else PAIR_POOL + len(first)]
         for combo in combinations([e.variants[0] for e in pool], size):
             if not compatible(combo):
                 continue
@@ -117,6 +123,8 @@ def explain(component: str, got: Array, expected: Array, compute: Compute,
         if exact:
             return _distinct(sorted(exact, key=lambda e: e.residual))
         tried += found
+    if got.size == 1:
+        return []  # one number is near many combinations: only an exact match says something
     most = [e for e in singles + tried if e.residual * MOST <= port_error]
     return _distinct(sorted(most, key=lambda e: (e.residual, len(e.variants))))
 
