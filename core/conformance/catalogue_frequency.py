@@ -73,7 +73,7 @@ def _pad(mode: str, where: str = "end") -> Callable[..., Any]:
             return x[:, :, :h - (h % 8), :w - (w % 8)]
         pads = ((0, 0), (0, 0), (0, ph), (0, pw)) if where == "end" else \
             ((0, 0), (0, 0), (ph, 0), (pw, 0))
-        return np.pad(x, pads, mode=mode)
+        return np.pad(x, pads, mode=mode)  # type: ignore[call-overload]
     return reflect_pad
 
 
