@@ -92,7 +92,8 @@ def _adjacent(x: Any, cos: Any, sin: Any) -> Any:
 
 
 def _attention(*, qk_norm: str = "head", rope_first: bool = False, scale: str = "sqrt",
-               layout: str = "shd", text_keys_normed: bool = True) -> Callable[..., Any]:
+               layout: str = "shd", text_keys_normed: bool = True, rope_v: bool = False,
+               softmax_axis: int = -1) -> Callable[..., Any]:
     """03 §4's attention (and 06 §4's text keys) with its convention points as keywords."""
     def attention(x: Any, weights: Any, prefix: str, heads: int, angles: Any, text: Any = None) -> Any:
         m = _m()
@@ -115,14 +116,16 @@ def _attention(*, qk_norm: str = "head", rope_first: bool = False, scale: str = 
         q, k = norm(q, "q_norm.weight"), norm(k, "k_norm.weight")
         if angles is not None and not rope_first:
             q, k = m.apply_rope(q, angles), m.apply_rope(k, angles)
+        if angles is not None and rope_v:
+            v = m.apply_rope(v, angles)
         if text is not None:
             kv = m.linear(text, weights, prefix + "kv_text").reshape(b, text.shape[1], 2, heads, hd)
             ky = norm(kv[:, :, 0], "k_norm.weight") if text_keys_normed else kv[:, :, 0]
             k, v = np.concatenate([k, ky], axis=1), np.concatenate([v, kv[:, :, 1]], axis=1)
         logits = np.einsum("bqhd,bkhd->bhqk", q, k) / (np.sqrt(hd) if scale == "sqrt" else hd)
-        logits -= logits.max(axis=-1, keepdims=True)
+        logits -= logits.max(axis=softmax_axis, keepdims=True)
         attn = np.exp(logits)
-        attn /= attn.sum(axis=-1, keepdims=True)
+        attn /= attn.sum(axis=softmax_axis, keepdims=True)
         return m.linear(np.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d), weights, prefix + "proj")
     return attention
 
@@ -222,14 +225,22 @@ def _pixel_decoder(*, cond_layout: str = "pixel", features_first: bool = False,
     return pixel_decoder
 
 
-def _trunk(*, c_silu: bool = True) -> Callable[..., Any]:
+def _channel_last(x: Any, p: int) -> Any:
+    """patchify with the features ordered (i, j, c): einops' "(p1 p2 c)"."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).transpose(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def _trunk(*, c_silu: bool = True, channel_last: bool = False) -> Callable[..., Any]:
     def dit_trunk(x: Any, t: Any, y: Any, config: Any, weights: Any) -> Any:
         m = _m()
         p = config.patch_size
         t_emb = m.timestep_embedding(t, weights)
         c = t_emb + m.label_embedding(y, weights)
         c = m.silu(c) if c_silu else c
-        tokens = m.linear(m.patchify(x, p), weights, "patch_embed")
+        patches = _channel_last(x, p) if channel_last else m.patchify(x, p)
+        tokens = m.linear(patches, weights, "patch_embed")
         angles = m.rope_angles(x.shape[2] // p, x.shape[3] // p, config.head_dim)
         for i in range(config.depth):
             tokens = m.dit_block(tokens, c, weights, i, config.num_heads, angles)
@@ -308,6 +319,9 @@ VARIANTS: list[Variant] = [
             "noise)", TIME, wrap(M, "timestep_features", _time_input(lambda t: 1.0 - t))),
     variant("cond_no_silu", "03 §2", "no SiLU on the condition c = t_emb + y_emb", CLASS_MODEL,
             replace(M, "dit_trunk", _trunk(c_silu=False))),
+    variant("patch_features_channel_last", "03 §3", "the patch features ordered (i, j, c), channel "
+            "last, instead of c p^2 + i p + j", CLASS_MODEL,
+            replace(M, "dit_trunk", _trunk(channel_last=True))),
     variant("adaln_silu", "03 §2", "a SiLU on c before every block's AdaLN (c is already "
             "SiLU'd)", ATTN, _blk(silu_c=True)),
     variant("decoder_cond_from_c", "03 §5", "the decoder's condition from c (silu(c + tokens)) "
@@ -334,6 +348,10 @@ VARIANTS: list[Variant] = [
     variant("rope_before_norm", "03 §4", "RoPE applied before the q/k RMSNorm", APPLY,
             _attn(rope_first=True)),
     # ---- 03 §4: attention and block
+    variant("rope_on_values", "03 §4", "RoPE applied to the values too (v is not rotated)", APPLY,
+            _attn(rope_v=True)),
+    variant("softmax_over_queries", "03 §4", "the attention softmax over the queries instead of "
+            "the keys", ATTN, _attn(softmax_axis=-2)),
     variant("qk_norm_missing", "03 §4", "no RMSNorm on q and k", ATTN, _attn(qk_norm="none")),
     variant("qk_norm_over_heads", "03 §4", "the q/k RMSNorm over all D features instead of per "
             "head", ATTN, _attn(qk_norm="all")),

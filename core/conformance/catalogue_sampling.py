@@ -19,7 +19,8 @@ CS = "deco.conformance.catalogue_sampling"
 EULER_HEUN = ("euler", "heun")
 
 
-def _guided(*, formula: str = "spec", order: str = "null_first") -> Callable[..., Any]:
+def _guided(*, formula: str = "spec", order: str = "null_first",
+            null_label: str = "K") -> Callable[..., Any]:
     """04 §2's guided velocity: `formula` "sign" (u - g (c - u)) or "above_one" (guidance only
     when g > 1, else the conditional velocity); `order` "cond_first" reads the batch
     [null; cond] the other way round."""
@@ -29,7 +30,8 @@ def _guided(*, formula: str = "spec", order: str = "null_first") -> Callable[...
         if null is None:
             if getattr(model.config, "is_text", False):
                 return model.forward(x, np.full(b, t), labels)
-            null = np.full(b, model.config.num_classes, dtype=np.int64)
+            label = model.config.num_classes if null_label == "K" else 0
+            null = np.full(b, label, dtype=np.int64)
         if formula == "above_one" and guidance <= 1.0:
             return model.forward(x, np.full(b, t), labels)
         out = model.forward(np.concatenate([x, x]), np.full(2 * b, t), np.concatenate([null, labels]))
@@ -101,6 +103,8 @@ VARIANTS: list[Variant] = [
     variant("guidance_branches_swapped", "04 §2", "the guided batch's branches read the other way "
             "round (condition first, null second)", SAMPLERS,
             replace(S, "guided_velocity", _guided(order="cond_first"))),
+    variant("null_label_zero", "00 §3", "class 0 as the unconditional branch's label instead of "
+            "the null class K", SAMPLERS, replace(S, "guided_velocity", _guided(null_label="zero"))),
     variant("interval_closed_low", "04 §2", "the guidance interval closed at its lower end "
             "(low <= t <= high)", EULER_HEUN, replace(S, "guidance_at", _interval("closed"))),
     variant("interval_open_high", "04 §2", "the guidance interval open at its upper end "
