@@ -35,7 +35,7 @@ assert len(BY_NAME) == len(CATALOGUE), "catalogue names must be unique"
 MOST = 10.0
 #: Pairs and triples are tried among this many variants (those that leave the least RMS error).
 PAIR_POOL = 6
-#: All pairs among this many variants for the components that need no model evaluation.
+#: All pairs among this many variants for a scalar output (the losses).
 CHEAP_POOL = 40
 SHOWN = 3
 
@@ -105,9 +105,9 @@ def explain(component: str, got: Array, expected: Array, compute: Compute,
     first = [e for e in singles if e.variants[0] in prior][:PAIR_POOL]
     ranked = first + sorted((e for e in singles if e not in first),
                             key=lambda e: _rms(got, compute(e.variants), compare))
-    # Every pair where a variant costs milliseconds (not a model or sampler: the RMS ranking says
-    # little about a scalar such as a loss); triples among the best few.
-    cheap = component not in ANY_MODEL
+    # Every pair for a scalar (a loss: the RMS ranking says little about one number, and each
+    # evaluation costs milliseconds); otherwise pairs and triples among the best few.
+    cheap = got.size == 1 and component not in ANY_MODEL
     tried: list[Explanation] = []
     for size in (2, 3):
         found = []
