@@ -61,7 +61,7 @@ def test_committed_vectors_are_what_the_reference_computes_now(tmp_path: Path) -
 
 def test_vectors_are_small_and_cover_every_component(vectors: list[kit.Vector]) -> None:
     size = sum(p.stat().st_size for p in VECTORS.glob("*.safetensors"))
-    assert size < 2_500_000  # the 110 vectors hold 1.9 MB, of which the three forward vectors 0.8
+    assert size < 2_500_000  # the 114 vectors hold 1.9 MB, of which the three forward vectors 0.8
     assert {v.component for v in vectors} == set(kit.COMPONENTS)
     weights = [w for v in vectors for w in v.weights.values()]
     assert weights and all(w.dtype == np.float32 for w in weights)

@@ -9,7 +9,8 @@ the time shift on its own, above and below 1 (01 §3).
 
 Stage vectors decompose a composite vector on its own inputs: a loss into YCbCr, padding, DCT,
 weights and weighted error (02 §1-6); a sampler into its time grid, the guidance scale in force
-at each step, the guided velocity and one update (04). Their inputs are the reference's results
+at each step, the guided velocity and one update (04), and Heun also on one step (its last step,
+plain Euler). Their inputs are the reference's results
 of the stage before, so each stage is checked alone; `stage_of` names the composite, and the kit
 lists the stages' verdicts under a failed composite (deco.conformance.stages).
 
@@ -219,4 +220,8 @@ def sampler_stages(v: Vector) -> list[Vector]:
         stages.append(_stage(v, "step", f"{v.component}_step", {"x": v.inputs["noise"], **cond},
                              {"t_cur": t_k, "t_next": float(grid[k + 1]), "guidance": g},
                              domain=f"one update from t {t_k:.4g}, guidance {g}", **model))
+    if v.component == "heun":  # on one step, Heun is its last step: plain Euler (04 §4)
+        stages.append(_stage(v, "last_step", "heun", {"noise": v.inputs["noise"], **cond},
+                             {**a, "steps": 1}, domain="1 step: the last step, plain Euler",
+                             **model))
     return stages
