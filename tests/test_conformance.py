@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from helpers import REPO_ROOT
 from safetensors import safe_open
+from test_conformance_domain import STAGE_DEFECTS, STAGE_HINTS
 
 from deco import conformance as kit
 from deco import reference as ref
@@ -60,7 +61,7 @@ def test_committed_vectors_are_what_the_reference_computes_now(tmp_path: Path) -
 
 def test_vectors_are_small_and_cover_every_component(vectors: list[kit.Vector]) -> None:
     size = sum(p.stat().st_size for p in VECTORS.glob("*.safetensors"))
-    assert size < 1_500_000
+    assert size < 2_500_000  # the 114 vectors hold 1.9 MB, of which the three forward vectors 0.8
     assert {v.component for v in vectors} == set(kit.COMPONENTS)
     weights = [w for v in vectors for w in v.weights.values()]
     assert weights and all(w.dtype == np.float32 for w in weights)
@@ -79,7 +80,11 @@ def test_a_corrupt_vector_file_is_a_clear_error(tmp_path: Path) -> None:
                          ids=["reference", "optimized-float64", "optimized-float32"])
 def test_reference_and_optimized_ports_pass_every_vector(port: Any, vectors: list[kit.Vector]) -> None:
     results = kit.run_port(port, vectors)
-    assert [r for r in results if r.status != "pass"] == []
+    # The optimized loss never forms the two block DCTs, so it has no weighted-error stage
+    # (stage_ports.OptimizedStages): those vectors, and only those, are skipped for it.
+    lacks = set() if isinstance(port, kit.ReferencePort) else {"weighted_error"}
+    assert [r for r in results if r.status != "pass" and r.component not in lacks] == []
+    assert {r.status for r in results if r.component in lacks} <= {"skipped"}
     assert kit.passed(results)
 
 
@@ -101,7 +106,8 @@ class Float32DeclaredFloat64(kit.OptimizedPort32):
 def test_float32_results_fail_the_float64_tolerance_with_a_hint(vectors: list[kit.Vector]) -> None:
     results = kit.run_port(Float32DeclaredFloat64(), vectors)
     assert {"forward", "block_dct", "euler"} <= failing_components(results)
-    failed = [r for r in results if r.status != "pass"]
+    assert {r.component for r in results if r.status == "skipped"} == {"weighted_error"}
+    failed = [r for r in results if r.status not in ("pass", "skipped")]
     assert all(r.status == "FAIL" and r.diagnosis and r.diagnosis.hint for r in failed), failed
     assert {r.diagnosis.hint.slip for r in failed if r.diagnosis and r.diagnosis.hint} == {"float32"}
     assert "looks like float32: declare precision" in failed[0].diagnosis.hint.text  # type: ignore[union-attr]
@@ -242,6 +248,7 @@ DEFECTS: dict[str, tuple[str, Any]] = {
     "adams_weights": ("weights of the uniform grid (time shift ignored)", lambda grid, order:
                       ref_sampling.adams_weights(np.linspace(0.0, 1.0, len(grid)), order)),
     "adams": ("guidance interval low < t <= high", _adams_inclusive_upper),
+    **STAGE_DEFECTS,  # the components of the domain and stage vectors
 }
 
 
@@ -269,6 +276,12 @@ HINTS: dict[str, set[str] | None] = {
     "t2i_forward": {"text_features_dct"},
     "adams_weights": {"adams_weights_uniform"},
     "adams": {"adams_interval_high_closed"},
+    **{k: None if v is None else {v} for k, v in STAGE_HINTS.items()},
+    "interpolate": {"flow_time_reversed"},
+    "time_shift": {"timeshift_inverted"},
+    "reflect_pad": {"pad_symmetric"},
+    "adams_guidance_at": {"adams_interval_high_closed"},
+    "guided_velocity": {"guidance_only_above_one"},
 }
 
 

@@ -15,7 +15,8 @@ from deco.conformance.differential import CATALOGUE
 from deco.conformance.kit import Result, Vector, judge, reference_with
 
 #: Cell marks: caught and named, caught but not named, passed (blind there), the reference
-#: raised with the variant, and not applicable (the variant cannot change that component).
+#: raised or gave NaN with the variant (a port with it errs there), and not applicable (the
+#: variant cannot change that component).
 NAMED, UNNAMED, BLIND, RAISES, NOT_APPLICABLE = "N", "F", ".", "E", " "
 
 
@@ -39,7 +40,10 @@ def _named(result: Result, variant: Variant) -> bool:
 
 
 def audit_variant(variant: Variant, vectors: Sequence[Vector]) -> Row:
+    """The variant as a port over the vectors, in the kit's order and with the run's findings
+    carried from vector to vector as `deco conformance` carries them (kit.run_port)."""
     by_name = {v.name: v for v in vectors}
+    findings: list[Variant] = []
     cells = []
     for vector in vectors:
         if vector.component not in variant.components:
@@ -49,7 +53,7 @@ def audit_variant(variant: Variant, vectors: Sequence[Vector]) -> Row:
         if out is None:
             cells.append(RAISES)
             continue
-        result = judge(vector, by_name, out, "float64")
+        result = judge(vector, by_name, out, "float64", findings)
         cells.append(BLIND if result.status == "pass" else NAMED if _named(result, variant)
                      else UNNAMED)
     return Row(variant, tuple(cells))
@@ -74,7 +78,7 @@ def matrix(rows: Sequence[Row], vectors: Sequence[Vector]) -> str:
              "vector of the components it affects and judged at the float64 tolerance.", "",
              f"Marks: `{NAMED}` fails and the diagnosis names the variant; `{UNNAMED}` fails, not "
              f"named; `{BLIND}` passes (the vector is blind to it); `{RAISES}` the reference "
-             f"raises; blank: the variant cannot change that component.", "", "Vectors:", ""]
+             f"raises or gives NaN with it; blank: the variant cannot change that component.", "", "Vectors:", ""]
     lines += [f"{i:>3}. `{v.name}` ({v.component})" for i, v in enumerate(vectors, 1)]
     tens = "".join(str(i // 10) if i >= 10 else " " for i in range(1, len(vectors) + 1))
     ones = "".join(str(i % 10) for i in range(1, len(vectors) + 1))

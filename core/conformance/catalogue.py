@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,9 +39,11 @@ Patch = tuple[str, str, Callable[[Any], Any], bool]
 SAMPLERS = ("euler", "heun", "adams")
 #: The components whose vectors run the class model / the text model (directly or as the
 #: samplers' velocity model, which a port in another language computes itself).
-CLASS_MODEL = ("forward", *SAMPLERS)
-TEXT_MODEL = ("t2i_forward", "adams")
-ANY_MODEL = ("forward", "t2i_forward", *SAMPLERS)
+CLASS_MODEL = ("forward", *SAMPLERS, "guided_velocity", "euler_step", "heun_step")
+TEXT_MODEL = ("t2i_forward", "adams", "guided_velocity")
+#: The sampler stages that evaluate the model (spec/vectors: guided velocity, one update).
+MODEL_STAGES = ("guided_velocity", "euler_step", "heun_step")
+ANY_MODEL = ("forward", "t2i_forward", *SAMPLERS, *MODEL_STAGES)
 
 
 @dataclass(frozen=True)
@@ -98,18 +101,21 @@ def planted(variants: Sequence[Variant]) -> Iterator[None]:
     """Apply the variants' patches, every outright replacement first and then every wrapper (so
     that a wrapper wraps a replacement instead of being undone by it); restore on exit."""
     patches = [p for v in variants for p in v.patches]
-    undo: list[tuple[ModuleType, str, Any]] = []
+    undo: list[tuple[Any, str, Any]] = []
     try:
         for module_name, attribute, make, _ in sorted(patches, key=lambda p: not p[3]):
-            module = importlib.import_module(module_name)
-            old = getattr(module, attribute)
+            module: Any = importlib.import_module(module_name)
+            if "." in attribute:  # a class attribute "Class.name", read raw (a staticmethod)
+                owner, attribute = attribute.split(".")
+                module = getattr(module, owner)
+            old = vars(module)[attribute]
             new = make(old)
             holders = [module]
-            if callable(old):  # every module that imported the same function
+            if callable(old) and isinstance(module, ModuleType):  # every module that imported it
                 holders += [m for m in _reference_modules()
                             if m is not module and getattr(m, attribute, None) is old]
             for holder in holders:
-                undo.append((holder, attribute, getattr(holder, attribute)))
+                undo.append((holder, attribute, vars(holder)[attribute]))
                 setattr(holder, attribute, new)
         yield
     finally:
@@ -126,9 +132,10 @@ class LivePort(ReferencePort):
     that a planted variant reaches them (the class's own methods already look them up)."""
 
 
-for _name, _value in list(vars(ReferencePort).items()):
-    if isinstance(_value, staticmethod) and _value.__func__.__module__.startswith("deco.reference"):
-        setattr(LivePort, _name, _live(_value.__func__.__module__, _value.__func__.__name__))
+for _cls in reversed(ReferencePort.__mro__):  # the stage components' mixin too (stage_ports)
+    for _name, _value in list(vars(_cls).items()):
+        if isinstance(_value, staticmethod) and _value.__func__.__module__.startswith("deco.reference"):
+            setattr(LivePort, _name, _live(_value.__func__.__module__, _value.__func__.__name__))
 
 LIVE_PORT = LivePort()
 
@@ -146,17 +153,20 @@ def vector_key(name: str, expected: Array) -> str:
 def variant_output(variants: Sequence[Variant], key: str,
                    call: Callable[[Any], Any]) -> Array | None:
     """`call(LIVE_PORT)` (a vector's calling code) with `variants` planted, as float64; None when
-    the variant makes the reference raise (it cannot explain an output then). Cached per
-    (variants, vector key)."""
+    the variant makes the reference raise or return NaN / inf (it explains no output then).
+    Cached per (variants, vector key)."""
     cache_key = (key, *(v.name for v in variants))
     if cache_key in _CACHE:
         _CACHE.move_to_end(cache_key)
         return _CACHE[cache_key]
     try:
-        with planted(variants), np.errstate(all="ignore"):
+        with planted(variants), np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # e.g. the mean of nothing
             out: Array | None = np.asarray(call(LIVE_PORT), dtype=np.float64)
     except Exception:  # a variant the vector's inputs cannot take (e.g. a padding it refuses)
         out = None
+    if out is not None and not np.all(np.isfinite(out)):
+        out = None  # nor one that leaves nothing to compute (a loss over an image cropped away)
     _CACHE[cache_key] = out
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -16,7 +16,9 @@ from deco.conformance.catalogue import SAMPLERS, Variant, constant, replace, var
 F = "deco.reference.frequency"
 FLOW = "deco.reference.flow"
 LOSS = ("frequency_aware_loss",)
+ERROR = (*LOSS, "weighted_error")  # the loss's last stage (spec/vectors' stage vectors)
 DCT = ("block_dct", *LOSS)
+PAD = (*DCT, "reflect_pad")
 YCC = ("rgb_to_ycbcr", *LOSS)
 WEIGHTS = ("frequency_weights", *LOSS)
 SHIFTED = ("time_grid", "time_shift", *SAMPLERS)
@@ -149,6 +151,17 @@ def _loss_patch(**kw: Any) -> Any:
     return replace(F, "frequency_aware_loss", _loss(**kw))
 
 
+def _error_patch(*, weight_power: float = 1.0, error: str = "square", reduce: str = "mean") -> Any:
+    """The same reduction in the loss's last stage (the kit's weighted_error stage component)."""
+    def weighted_error(coeffs_pred: Any, coeffs_target: Any, weights: Any) -> float:
+        diff = np.asarray(coeffs_pred, np.float64) - np.asarray(coeffs_target, np.float64)
+        w = np.asarray(weights, np.float64)[None, :, None, None] ** weight_power
+        terms = w * (diff**2 if error == "square" else np.abs(diff))
+        return float(np.sum(terms) if reduce == "sum" else np.mean(terms))
+    return replace("deco.conformance.stage_ports", "ReferenceStages.weighted_error",
+                   staticmethod(weighted_error))
+
+
 def _weights_patch(**kw: Any) -> Any:
     impl = _weights(**kw)
     return replace(F, "frequency_weights", lambda quality=85, gamma=1.0: impl(quality, gamma))
@@ -205,16 +218,16 @@ VARIANTS: list[Variant] = [
     variant("block_grid_transposed", "02 §3", "the blocks ordered column-major (block grid "
             "(Bw, Bh))", ("block_dct",), wrap(F, "block_dct", lambda old: _transposed(old, (2, 3)))),
     variant("pad_symmetric", "02 §3", "the padding repeats the edge sample (mirror 'symmetric', "
-            "x[H] = x[H - 1]) instead of reflecting about it", DCT,
+            "x[H] = x[H - 1]) instead of reflecting about it", PAD,
             replace(F, "reflect_pad", _pad("symmetric"))),
-    variant("pad_edge", "02 §3", "the padding replicates the last row/column ('edge')", DCT,
+    variant("pad_edge", "02 §3", "the padding replicates the last row/column ('edge')", PAD,
             replace(F, "reflect_pad", _pad("edge"))),
-    variant("pad_zero", "02 §3", "zero padding instead of reflection", DCT,
+    variant("pad_zero", "02 §3", "zero padding instead of reflection", PAD,
             replace(F, "reflect_pad", _pad("constant"))),
     variant("pad_top_left", "02 §3", "the padding at the top and left instead of the bottom and "
-            "right", DCT, replace(F, "reflect_pad", _pad("reflect", "start"))),
+            "right", PAD, replace(F, "reflect_pad", _pad("reflect", "start"))),
     variant("pad_cropped", "02 §3", "the padded border cropped: the blocks touching the padding "
-            "dropped instead of kept", DCT, replace(F, "reflect_pad", _pad("crop"))),
+            "dropped instead of kept", PAD, replace(F, "reflect_pad", _pad("crop"))),
     variant("coefficients_cropped", "02 §3", "the padded border's coefficients cropped: the "
             "coefficient image cut back to H x W (the last blocks lose their high frequencies) "
             "and the loss averaged over H x W", DCT, wrap(F, "block_dct", _crop_coefficients),
@@ -245,16 +258,16 @@ VARIANTS: list[Variant] = [
     variant("weights_transposed", "02 §5", "the weight tables transposed ([v, u])", WEIGHTS,
             wrap(F, "frequency_weights", lambda old: _transposed(old, (-1, -2)))),
     # ---- 02 §6: the loss
-    variant("loss_sum", "02 §6", "the weighted squared errors summed instead of averaged", LOSS,
-            _loss_patch(reduce="sum")),
+    variant("loss_sum", "02 §6", "the weighted squared errors summed instead of averaged", ERROR,
+            _loss_patch(reduce="sum"), _error_patch(reduce="sum")),
     variant("loss_mean_over_pixels", "02 §6", "the mean taken over the original pixels, not over "
             "the padded grid", LOSS, _loss_patch(reduce="pixels")),
     variant("loss_rgb", "02 §6", "the DCT of the RGB difference (no YCbCr)", LOSS,
             _loss_patch(colour=False)),
-    variant("loss_unweighted", "02 §6", "no frequency weights (w = 1)", LOSS,
-            _loss_patch(weight_power=0.0)),
+    variant("loss_unweighted", "02 §6", "no frequency weights (w = 1)", ERROR,
+            _loss_patch(weight_power=0.0), _error_patch(weight_power=0.0)),
     variant("loss_weights_squared", "02 §6", "the weight applied to the difference before "
-            "squaring ((w d)^2)", LOSS, _loss_patch(weight_power=2.0)),
-    variant("loss_absolute", "02 §6", "absolute errors |d| instead of squared", LOSS,
-            _loss_patch(error="abs")),
+            "squaring ((w d)^2)", ERROR, _loss_patch(weight_power=2.0), _error_patch(weight_power=2.0)),
+    variant("loss_absolute", "02 §6", "absolute errors |d| instead of squared", ERROR,
+            _loss_patch(error="abs"), _error_patch(error="abs")),
 ]

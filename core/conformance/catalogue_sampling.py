@@ -16,7 +16,9 @@ from deco.conformance.catalogue import SAMPLERS, Patch, Variant, constant, repla
 
 S = "deco.reference.sampling"
 CS = "deco.conformance.catalogue_sampling"
-EULER_HEUN = ("euler", "heun")
+EULER_HEUN = ("euler", "heun", "guidance_at")
+#: The guided velocity's users: the samplers and their stages (spec/vectors' stage vectors).
+GUIDED = (*SAMPLERS, "guided_velocity", "euler_step", "heun_step")
 
 
 def _guided(*, formula: str = "spec", order: str = "null_first",
@@ -96,15 +98,15 @@ def _adams_weights(kind: str) -> Callable[..., Any]:
 VARIANTS: list[Variant] = [
     # ---- 04 §2: guidance
     variant("guidance_sign", "04 §2", "the sign of the guidance difference flipped: u - g (c - u) "
-            "in place of u + g (c - u)", SAMPLERS, replace(S, "guided_velocity", _guided(formula="sign"))),
+            "in place of u + g (c - u)", GUIDED, replace(S, "guided_velocity", _guided(formula="sign"))),
     variant("guidance_only_above_one", "04 §2", "guidance applied only when g > 1 (g <= 1 returns "
-            "the conditional velocity: g = 0 is then not unconditional)", SAMPLERS,
+            "the conditional velocity: g = 0 is then not unconditional)", GUIDED,
             replace(S, "guided_velocity", _guided(formula="above_one"))),
     variant("guidance_branches_swapped", "04 §2", "the guided batch's branches read the other way "
-            "round (condition first, null second)", SAMPLERS,
+            "round (condition first, null second)", GUIDED,
             replace(S, "guided_velocity", _guided(order="cond_first"))),
     variant("null_label_zero", "00 §3", "class 0 as the unconditional branch's label instead of "
-            "the null class K", SAMPLERS, replace(S, "guided_velocity", _guided(null_label="zero"))),
+            "the null class K", GUIDED, replace(S, "guided_velocity", _guided(null_label="zero"))),
     variant("interval_closed_low", "04 §2", "the guidance interval closed at its lower end "
             "(low <= t <= high)", EULER_HEUN, replace(S, "guidance_at", _interval("closed"))),
     variant("interval_open_high", "04 §2", "the guidance interval open at its upper end "
@@ -123,10 +125,10 @@ VARIANTS: list[Variant] = [
             "t_{i+1} instead of t_i", ("heun",), *_heun_flag("HEUN_CORRECTOR_NEXT")),
     # ---- 04 §6: Adams
     variant("adams_interval_high_closed", "04 §6", "the Adams guidance interval closed at its "
-            "upper end (low < t <= high, the rule of §2)", ("adams",),
+            "upper end (low < t <= high, the rule of §2)", ("adams", "adams_guidance_at"),
             replace(S, "adams_guidance_at", _interval("high_closed"))),
     variant("adams_interval_low_closed", "04 §6", "the Adams guidance interval closed at its "
-            "lower end (low <= t < high)", ("adams",),
+            "lower end (low <= t < high)", ("adams", "adams_guidance_at"),
             replace(S, "adams_guidance_at", _interval("low_closed"))),
     variant("adams_weights_uniform", "04 §6", "the Adams weights of a uniform grid (unequal steps "
             "ignored)", ("adams_weights", "adams"), wrap(S, "adams_weights", _adams_weights("uniform"))),

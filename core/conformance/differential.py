@@ -38,6 +38,8 @@ PAIR_POOL = 6
 #: All pairs among this many variants for a scalar output (the losses).
 CHEAP_POOL = 40
 SHOWN = 3
+#: How many of the run's latest findings are tried first (deco.conformance.kit keeps them).
+PRIOR = 6
 
 Compute = Callable[[Sequence[Variant]], "Array | None"]
 
@@ -91,6 +93,9 @@ def explain(component: str, got: Array, expected: Array, compute: Compute,
     port_error = _residual(got, expected, compare)
     if port_error is None:  # another shape: only a variant with that shape can explain it
         port_error = float("inf")
+    known = _from_prior(component, got, compute, compare, tol, prior)
+    if known:
+        return known
     singles: list[Explanation] = []
     for v in relevant(component):
         out = compute([v])
@@ -102,7 +107,7 @@ def explain(component: str, got: Array, expected: Array, compute: Compute,
     exact = [e for e in singles if e.exact]
     if exact:
         return sorted(exact, key=lambda e: (len(e.variants[0].components), e.residual))[:SHOWN]
-    first = [e for e in singles if e.variants[0] in prior][:PAIR_POOL]
+    first = [e for e in singles if e.variants[0] in prior][-PRIOR:]
     ranked = first + sorted((e for e in singles if e not in first),
                             key=lambda e: _rms(got, compute(e.variants), compare))
     # Every pair for a scalar (a loss: the RMS ranking says little about one number, and each
@@ -136,6 +141,26 @@ def _distinct(explanations: list[Explanation]) -> list[Explanation]:
         if all(set(e.names) != set(o.names) for o in out):
             out.append(e)
     return out[:SHOWN]
+
+
+def _from_prior(component: str, got: Array, compute: Compute, compare: Callable[[Array], Array],
+                tol: float, prior: Sequence[Variant]) -> list[Explanation]:
+    """What the run's earlier findings explain exactly, alone or combined (up to three of the
+    last PRIOR found): a port's slip shows on every vector that reaches it, and a forward slip on
+    every sampler vector, so each needs one or a few evaluations instead of the whole search."""
+    chosen = [v for v in prior if component in v.components][-PRIOR:]
+    found = []
+    for size in range(1, min(3, len(chosen)) + 1):
+        for combo in combinations(chosen, size):
+            if not compatible(combo):
+                continue
+            for order in _orders(combo):
+                r = _residual(got, compute(list(order)), compare)
+                if r is not None and r <= tol:
+                    found.append(Explanation(tuple(order), r, True))
+        if found:
+            return _distinct(sorted(found, key=lambda e: e.residual))
+    return []
 
 
 def _orders(combo: Sequence[Variant]) -> list[tuple[Variant, ...]]:

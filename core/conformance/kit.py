@@ -20,8 +20,8 @@ import importlib
 import inspect
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,17 +30,25 @@ from numpy.typing import NDArray
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
-from deco import reference as ref
 from deco.atomic import atomic_write
-from deco.config import DeCoConfig
 from deco.conformance.catalogue import Variant, variant_output, vector_key
 from deco.conformance.diagnose import Diagnosis, diagnose
 from deco.conformance.differential import explain
 from deco.conformance.fixtures import error_measure
 from deco.conformance.ports import OnnxPort, OptimizedPort, OptimizedPort32, Precision, ReferencePort
+from deco.conformance.protocol import (
+    STAGE_CALLERS,
+    Caller,
+    Skip,
+    Vector,
+    VelocityModel,
+    port_function,
+    sampler_model,
+)
+from deco.conformance.stages import with_stage_verdicts
 
-__all__ = ["OnnxPort", "OptimizedPort", "OptimizedPort32", "ReferencePort", "Vector", "load_vectors",
-           "run_port"]
+__all__ = ["OnnxPort", "OptimizedPort", "OptimizedPort32", "ReferencePort", "Skip", "Vector",
+           "VelocityModel", "load_vectors", "run_port"]
 
 Array = NDArray[Any]
 FORMAT_KEY = "deco_vectors"
@@ -48,20 +56,6 @@ FORMAT_VERSION = "1"
 #: spec/00-conventions.md §5: the bound on max|got - exp| / max|exp| for each port precision.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 Status = Literal["pass", "FAIL", "ERROR", "skipped"]
-
-
-@dataclass(frozen=True)
-class Vector:
-    """One test vector: the arguments of one call of `component` and the reference's answer."""
-
-    name: str
-    component: str
-    inputs: dict[str, Array]
-    args: dict[str, Any] = field(default_factory=dict)
-    weights: dict[str, Array] = field(default_factory=dict)
-    config: dict[str, Any] | None = None
-    velocity_model: str | None = None  # samplers: name of the forward vector giving the model
-    expected: Array | None = None
 
 
 @dataclass(frozen=True)
@@ -76,43 +70,8 @@ class Result:
     diagnosis: Diagnosis | None = None  # failures: worst element, where, hint (diagnose.py)
 
 
-class Skip(Exception):
-    """Raised by a calling function when the port does not provide the component."""
-
-
-# --------------------------------------------------------------------------- the sampler model
-class VelocityModel:
-    """The `model` passed to a port's `euler`/`heun`/`adams`: a `config` (the model's
-    `DeCoConfig`: `num_classes`, `is_text`, `text_length`, `text_dim`, ...) and
-    `forward(x, t, y)` (NumPy in and out; y: labels, or text (B, T, E) for a text model), backed
-    by the float64 reference. Samplers are checked with the reference's velocity so that a
-    sampler's result does not depend on the port's forward pass (which has vectors of its own)."""
-
-    def __init__(self, config: dict[str, Any], weights: Mapping[str, Array]) -> None:
-        self.config = DeCoConfig.from_dict(config)
-        self._model = ref.Model(self.config, weights)
-
-    def forward(self, x: Any, t: Any, y: Any) -> Array:
-        return self._model.forward(x, t, y)
-
-    __call__ = forward
-
-
 # ---------------------------------------------------------------- calling a port's functions
-def _fn(port: Any, name: str) -> Callable[..., Any]:
-    fn = getattr(port, name, None)
-    if fn is None or not callable(fn):
-        raise Skip(f"port has no {name}")
-    return fn  # type: ignore[no-any-return]
-
-
-def _sampler_model(vector: Vector, vectors: Mapping[str, Vector]) -> VelocityModel:
-    source = vectors[str(vector.velocity_model)]
-    assert source.config is not None
-    return VelocityModel(source.config, source.weights)
-
-
-Caller = Callable[[Any, Vector, Mapping[str, Vector]], Any]
+_fn, _sampler_model = port_function, sampler_model
 
 
 def _call_weights_table(port: Any, v: Vector, _: Mapping[str, Vector]) -> Any:
@@ -191,6 +150,7 @@ CALLERS: dict[str, Caller] = {
     "heun": _call_sampler("heun"),
     "adams_weights": _call_adams_weights,
     "adams": _call_adams,
+    **STAGE_CALLERS,  # the components of the domain and stage vectors (protocol.py)
 }
 COMPONENTS = tuple(CALLERS)
 
@@ -289,7 +249,8 @@ def run_port(port: Any, vectors: Iterable[Vector], precision: Precision | None =
     by_name = {v.name: v for v in vectors}
     chosen = precision or port_precision(port)
     findings: list[Variant] = []
-    return [run_vector(port, v, by_name, chosen, findings) for v in vectors]
+    results = [run_vector(port, v, by_name, chosen, findings) for v in vectors]
+    return with_stage_verdicts(results, vectors)
 
 
 def passed(results: Iterable[Result]) -> bool:
@@ -362,6 +323,7 @@ def save_vector(folder: Path, vector: Vector) -> Path:
         meta["config"] = json.dumps(vector.config, sort_keys=True)
     if vector.velocity_model is not None:
         meta["velocity_model"] = vector.velocity_model
+    meta.update({k: v for k, v in (("domain", vector.domain), ("stage_of", vector.stage_of)) if v})
     path = folder / f"{vector.name}.safetensors"
     data = _serialise(tensors, meta)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
@@ -401,6 +363,7 @@ def load_vector(path: Path) -> Vector:
         config=json.loads(meta["config"]) if "config" in meta else None,
         velocity_model=meta.get("velocity_model"),
         expected=tensors["expected"],
+        domain=meta.get("domain", ""), stage_of=meta.get("stage_of"),
     )
 
 

@@ -26,6 +26,7 @@ from deco.conformance.kit import (
     judge,
 )
 from deco.conformance.ports import Precision
+from deco.conformance.stages import with_stage_verdicts
 
 OUTPUT_TENSOR = "out"
 OUTPUT_DTYPES = {"float64": "float64", "float32": "float32"}
@@ -72,7 +73,8 @@ def run_outputs(folder: str | Path, vectors: Sequence[Vector],
         raise FileNotFoundError(f"outputs: no such folder: {folder}")
     by_name = {v.name: v for v in vectors}
     findings: list[Any] = []
-    return [check_output(folder, v, by_name, precision, findings) for v in vectors]
+    results = [check_output(folder, v, by_name, precision, findings) for v in vectors]
+    return with_stage_verdicts(results, vectors)
 
 
 # --------------------------------------------------------------------------------------- list
@@ -87,6 +89,7 @@ def describe(vector: Vector) -> dict[str, Any]:
         "vector": vector.name, "file": f"{vector.name}.safetensors", "component": vector.component,
         "inputs": [_tensor(f"in.{k}", v) for k, v in vector.inputs.items()],
         "weights": [_tensor(f"w.{k}", v) for k, v in vector.weights.items()],
+        "domain": vector.domain, "stage_of": vector.stage_of,
         "args": vector.args, "config": vector.config, "velocity_model": vector.velocity_model,
         "output": {"tensor": OUTPUT_TENSOR, "shape": list(vector.expected.shape),
                    "dtype": "float64 or float32"},
@@ -114,6 +117,10 @@ def list_text(vectors: Sequence[Vector]) -> str:
             lines.append(f"  velocity model: the config and weights of {d['velocity_model']}")
         lines.append(f"  out: {tuple(d['output']['shape'])} float64 or float32, compared by "
                      f"{d['compared']}; tolerance {tol}")
+        if d["domain"]:
+            lines.append(f"  domain: {d['domain']}")
+        if d["stage_of"]:
+            lines.append(f"  stage of: {d['stage_of']} (its inputs taken through one stage)")
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
 
