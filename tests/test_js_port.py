@@ -194,26 +194,28 @@ def test_kit_names_the_planted_transposition(node: str, tmp_path: Path,
     assert isinstance(hint, dict) and hint["slip"] == "transposed"
 
 
-#: The port's catalogue slips (deco.js DEFECTS, named as deco.conformance.differential names
-#: them) and the vectors each must fail: those whose inputs reach the slipped convention point.
-JS_SLIPS = {
-    "pad_symmetric": {"block_dct", "loss_q85"},  # loss_q30_gamma2 is 8x16: no padding
-    "dct_width_inverse": TRANSPOSE_DCT_FAILS,
-    # The weights vector's qualities below 50 (1, 10, 25, 49) give the same tables either way.
-    "quality_integer_division": {"loss_q30_gamma2"},
-    "time_max_period_10000": {"timestep_features"},
-    "rope_integer_positions": {"rope_angles"},
-    "timeshift_inverted": {"time_grid"},
-}
+#: The port's catalogue slips (deco.js DEFECTS, named as deco.conformance.differential names them).
+JS_SLIPS = ("pad_symmetric", "dct_width_inverse", "quality_integer_division", "time_max_period_10000",
+            "rope_integer_positions", "timeshift_inverted")
 
 
-@pytest.mark.parametrize("slip", sorted(JS_SLIPS))
+@pytest.mark.parametrize("slip", JS_SLIPS)
 def test_kit_names_each_catalogue_slip_through_the_file_protocol(
         node: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], slip: str) -> None:
+    """The JS port with a slip fails exactly the vectors that the float64 reference with the same
+    catalogue variant planted fails (the audit's row, computed in Python), and each failure names
+    the variant."""
+    from deco.conformance import load_vectors
+    from deco.conformance.audit import NAMED, audit_variant
+    from deco.conformance.differential import BY_NAME
+
+    vectors = load_vectors(VECTORS)
+    row = audit_variant(BY_NAME[slip], vectors)
+    expected = {v.name for v, c in zip(vectors, row.cells, strict=True) if c == NAMED}
     assert run_port(node, tmp_path, defect=slip).returncode == 0
     records = kit_records(tmp_path, capsys, "--precision", "float64")
     failed = {n for n, r in records.items() if r["status"] == "FAIL"}
-    assert failed == JS_SLIPS[slip], failed
+    assert failed and failed == expected & implemented_vectors(), failed
     for name in failed:
         record = records[name]
         assert isinstance(record["hint"], dict), record
