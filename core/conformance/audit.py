@@ -78,15 +78,19 @@ def matrix(rows: Sequence[Row], vectors: Sequence[Vector]) -> str:
              "vector of the components it affects and judged at the float64 tolerance.", "",
              f"Marks: `{NAMED}` fails and the diagnosis names the variant; `{UNNAMED}` fails, not "
              f"named; `{BLIND}` passes (the vector is blind to it); `{RAISES}` the reference "
-             f"raises or gives NaN with it; blank: the variant cannot change that component.", "", "Vectors:", ""]
+             f"raises or gives NaN with it; blank: the variant cannot change that component.", "",
+             "Vectors (the columns, numbered from 1):", ""]
     lines += [f"{i:>3}. `{v.name}` ({v.component})" for i, v in enumerate(vectors, 1)]
-    tens = "".join(str(i // 10) if i >= 10 else " " for i in range(1, len(vectors) + 1))
-    ones = "".join(str(i % 10) for i in range(1, len(vectors) + 1))
-    block = [f"{'':{width}}  {'':7}  {tens}", f"{'variant':{width}}  {'spec':7}  {ones}"]
+    numbers = [str(i) for i in range(1, len(vectors) + 1)]
+    digits = len(numbers[-1])
+    header = ["".join(n.rjust(digits)[d] for n in numbers) for d in range(digits)]
+    block = [f"{'':{width}}  {'':7}  {line}" for line in header[:-1]]
+    block.append(f"{'variant':{width}}  {'spec':7}  {header[-1]}")
     for r in rows:
         verdict = "" if r.ok else ("  <- blind: no vector fails" if not r.caught
                                    else "  <- not named where it fails")
-        block.append(f"{r.variant.name:{width}}  {r.variant.section:7}  {''.join(r.cells)}{verdict}")
+        block.append(f"{r.variant.name:{width}}  {r.variant.section:7}  {''.join(r.cells)}{verdict}"
+                     .rstrip())
     lines += ["", "```", *block, "```", "", verdict_line(rows)]
     return "\n".join(lines) + "\n"
 
