@@ -163,7 +163,8 @@ def _decoder_chunks(rows: int) -> int | None:
 
 
 def export_onnx(args: argparse.Namespace) -> int:
-    from deco.deploy.export import data_file, export_checkpoint
+    from deco.deploy.export import export_checkpoint
+    from deco.deploy.onnx_file import data_file
 
     check_output(args.output, args.force)
     chunks = _decoder_chunks(args.decoder_chunks)
@@ -205,8 +206,8 @@ def _sampler(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _export_generator(args: argparse.Namespace, chunks: int | None, sampler: dict[str, Any]) -> int:
     """`deco export-onnx --generator`: every setting checked before anything is written."""
-    from deco.deploy.export import data_file
     from deco.deploy.generator import export_generator_checkpoint
+    from deco.deploy.onnx_file import data_file
     resolution = tuple(args.resolution) if args.resolution else None
     try:
         path, settings = export_generator_checkpoint(

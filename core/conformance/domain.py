@@ -214,7 +214,7 @@ def sampler_stages(v: Vector) -> list[Vector]:
                {"t": t_k, "guidance": g}, domain=f"the noise at t {t_k:.4g}, guidance {g}", **model),
     ]
     if adams:
-        stages.append(_stage(v, "weights", "adams_weights", {"grid": grid}, {"order": a["order"]},
+        stages.append(_stage(v, "step_weights", "adams_weights", {"grid": grid}, {"order": a["order"]},
                              domain=f"its grid, order {a['order']}"))
     else:
         stages.append(_stage(v, "step", f"{v.component}_step", {"x": v.inputs["noise"], **cond},

@@ -47,7 +47,7 @@ R = TypeVar("R", bound=_Verdict)
 #: The stages in the order of the computation (the name of a stage vector is the composite's,
 #: "_", the stage): the loss's (02 §1-6), then a sampler's (04).
 PIPELINE = ("ycbcr", "padding", "dct", "weights", "weighted_error",
-            "grid", "guidance_scales", "guided_velocity", "step", "last_step")
+            "grid", "guidance_scales", "guided_velocity", "step", "step_weights", "last_step")
 
 
 def stages_of(vectors: Iterable[_Staged]) -> dict[str, list[str]]:
