@@ -278,7 +278,9 @@ def _float32(got: Array, expected: Array, precision: str) -> Hint | None:
     if FLOAT32_WINDOW[0] < err <= FLOAT32_WINDOW[1]:
         return Hint("float32", f"looks like float32: declare precision (precision = \"float32\" on "
                     f"the port, or --precision float32); the error {err:.2e} is float32 rounding, "
-                    f"within the float32 tolerance {FLOAT32_WINDOW[1]:.0e}")
+                    f"within the float32 tolerance {FLOAT32_WINDOW[1]:.0e} (only if the port "
+                    f"does compute in float32: no catalogued convention explains it, but a float64 "
+                    f"port this far off has a difference of its own)")
     return None
 
 
