@@ -5,7 +5,9 @@ after a common convention slip (a transposition, a sign, a factor, swapped halve
 Every check compares the port's output, transformed, with the reference's expected output under
 the run's own error measure and tolerance (spec/00-conventions.md §5): a hint is a statement
 "undo this slip and you pass", never a guess from the size of the error. The arrays are the
-compared ones (`deco.conformance.comparable`: RoPE angles as their (cos, sin) stack).
+compared ones (`deco.conformance.comparable`: RoPE angles as their (cos, sin) stack). Slips that
+live inside the computation come from the catalogue (`deco.conformance.differential`: the kit
+passes its explanations in), and they outrank the float32 hint (`diagnose`).
 """
 
 from __future__ import annotations
