@@ -58,7 +58,8 @@ def export_static(run: Path, path: Path, batches: int = 16, batch: int = 16) -> 
 
     from deco.data import load_digits_arrays, upsample_digits
     from deco.deploy.export import export_onnx
-    from deco.deploy.generator import build_generator, recorded_settings, sampler_tables
+    from deco.deploy.generator import recorded_settings
+    from deco.deploy.generator_graph import build_generator, sampler_tables
     from deco.generate import load_for_sampling
 
     loaded = load_for_sampling(run, torch.device("cpu"), text=True)

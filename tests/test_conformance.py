@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from helpers import REPO_ROOT
 from safetensors import safe_open
+from test_conformance_domain import STAGE_DEFECTS, STAGE_HINTS
 
 from deco import conformance as kit
 from deco import reference as ref
@@ -60,7 +61,7 @@ def test_committed_vectors_are_what_the_reference_computes_now(tmp_path: Path) -
 
 def test_vectors_are_small_and_cover_every_component(vectors: list[kit.Vector]) -> None:
     size = sum(p.stat().st_size for p in VECTORS.glob("*.safetensors"))
-    assert size < 1_500_000
+    assert size < 2_500_000  # the 114 vectors hold 1.9 MB, of which the three forward vectors 0.8
     assert {v.component for v in vectors} == set(kit.COMPONENTS)
     weights = [w for v in vectors for w in v.weights.values()]
     assert weights and all(w.dtype == np.float32 for w in weights)
@@ -79,7 +80,11 @@ def test_a_corrupt_vector_file_is_a_clear_error(tmp_path: Path) -> None:
                          ids=["reference", "optimized-float64", "optimized-float32"])
 def test_reference_and_optimized_ports_pass_every_vector(port: Any, vectors: list[kit.Vector]) -> None:
     results = kit.run_port(port, vectors)
-    assert [r for r in results if r.status != "pass"] == []
+    # The optimized loss never forms the two block DCTs, so it has no weighted-error stage
+    # (stage_ports.OptimizedStages): those vectors, and only those, are skipped for it.
+    lacks = set() if isinstance(port, kit.ReferencePort) else {"weighted_error"}
+    assert [r for r in results if r.status != "pass" and r.component not in lacks] == []
+    assert {r.status for r in results if r.component in lacks} <= {"skipped"}
     assert kit.passed(results)
 
 
@@ -101,7 +106,8 @@ class Float32DeclaredFloat64(kit.OptimizedPort32):
 def test_float32_results_fail_the_float64_tolerance_with_a_hint(vectors: list[kit.Vector]) -> None:
     results = kit.run_port(Float32DeclaredFloat64(), vectors)
     assert {"forward", "block_dct", "euler"} <= failing_components(results)
-    failed = [r for r in results if r.status != "pass"]
+    assert {r.component for r in results if r.status == "skipped"} == {"weighted_error"}
+    failed = [r for r in results if r.status not in ("pass", "skipped")]
     assert all(r.status == "FAIL" and r.diagnosis and r.diagnosis.hint for r in failed), failed
     assert {r.diagnosis.hint.slip for r in failed if r.diagnosis and r.diagnosis.hint} == {"float32"}
     assert "looks like float32: declare precision" in failed[0].diagnosis.hint.text  # type: ignore[union-attr]
@@ -242,17 +248,40 @@ DEFECTS: dict[str, tuple[str, Any]] = {
     "adams_weights": ("weights of the uniform grid (time shift ignored)", lambda grid, order:
                       ref_sampling.adams_weights(np.linspace(0.0, 1.0, len(grid)), order)),
     "adams": ("guidance interval low < t <= high", _adams_inclusive_upper),
+    **STAGE_DEFECTS,  # the components of the domain and stage vectors
 }
 
 
-#: component -> the slip the kit's hint must name for its planted defect (None: no slip fits, and
-#: no hint may be given: e.g. Cb/Cr swapped is no convention slip of the list).
-HINTS: dict[str, str | None] = {
+#: component -> the hints the kit may give for its planted defect: a slip of the output's layout
+#: or scale, or the catalogue variant that reproduces the defect (deco.conformance.differential;
+#: each defect above was written independently of the catalogue). None: no slip or variant fits,
+#: and no hint may be given (e.g. Cb/Cr swapped, missing gates are no convention point).
+HINTS: dict[str, set[str] | None] = {
     **dict.fromkeys(DEFECTS),
-    "block_dct": "transposed",
-    "rope_angles": "height_width",
-    "timestep_features": "halves",
-    "text_position_features": "height_width",
+    "block_dct": {"transposed"},
+    "frequency_weights": {"quality_linear_scale"},
+    # Transposed weights and transposed coefficients give the same loss (w[u,v] meets d[v,u]).
+    "frequency_aware_loss": {"weights_transposed", "dct_uv_swapped"},
+    "timestep_features": {"halves"},
+    "rope_angles": {"height_width"},
+    "apply_rope": {"rope_inverse"},
+    "dct_position_features": {"dct_features_no_damping"},
+    "forward": {"model_time_reversed"},
+    "time_grid": {"timeshift_inverted"},
+    "euler": {"interval_half_open"},
+    "heun": {"heun_last_step_corrected"},
+    "text_rope_angles": {"text_rope_uncrossed"},
+    "text_position_features": {"height_width"},
+    "text_embedding": {"text_position_in_norm"},
+    "t2i_forward": {"text_features_dct"},
+    "adams_weights": {"adams_weights_uniform"},
+    "adams": {"adams_interval_high_closed"},
+    **{k: None if v is None else {v} for k, v in STAGE_HINTS.items()},
+    "interpolate": {"flow_time_reversed"},
+    "time_shift": {"timeshift_inverted"},
+    "reflect_pad": {"pad_symmetric"},
+    "adams_guidance_at": {"adams_interval_high_closed"},
+    "guided_velocity": {"guidance_only_above_one"},
 }
 
 
@@ -271,7 +300,8 @@ def _euler_guidance_difference_flipped(model: Any, noise: Any, labels: Any, step
 
 #: More defects, beyond one per component, that must get a hint: (component, defect, port, slip).
 SLIP_DEFECTS: list[tuple[str, str, Any, str]] = [
-    ("euler", "sign of the guidance difference", _euler_guidance_difference_flipped, "sign"),
+    ("euler", "sign of the guidance difference", _euler_guidance_difference_flipped,
+     "guidance_sign"),
     ("forward", "velocity sign flipped (x - noise taken as noise - x)", lambda cfg, w, x, t, y:
      -kit.ReferencePort.forward(cfg, w, x, t, y), "sign"),
     ("frequency_weights", "weights not normalised to mean 1 (a constant factor per table)",
@@ -305,7 +335,7 @@ def test_a_planted_defect_fails_exactly_its_component(component: str, vectors: l
     for r in failed:
         assert r.diagnosis is not None and r.diagnosis.worst is not None, r
         hint = r.diagnosis.hint
-        assert (hint and hint.slip) == HINTS[component], (r.vector, hint)
+        assert (hint.slip if hint else None) in (HINTS[component] or {None}), (r.vector, hint)
 
 
 @pytest.mark.parametrize("component, defect, implementation, slip", SLIP_DEFECTS,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deco.conformance.diagnose import locate, slip_hint, worst_element
+from deco.conformance.diagnose import axis_names, locate, regions, slip_hint, worst_element
 
 TOL = 1e-10
 rng = np.random.default_rng(7)
@@ -114,3 +114,29 @@ def test_scattered_location() -> None:
     mask[1, 2] = mask[3, 0] = True
     where = locate(mask, ("step", "weight"))
     assert where.kind == "scattered" and "2 of 20 elements" in where.text
+
+
+def test_everywhere_only_when_every_element_is_off() -> None:
+    mask = np.ones((2, 3, 4, 4), bool)
+    mask[0, 0, 0, 0] = False  # every index of every axis still holds an error
+    where = locate(mask, ("batch", "channel", "height", "width"))
+    assert where.kind == "spread" and "not every element" in where.text
+
+
+def test_named_regions_of_the_block_dct_and_time_features() -> None:
+    shape = (2, 3, 2, 2, 8, 8)
+    names = axis_names("block_dct", len(shape))
+    dc = np.zeros(shape, bool)
+    dc[..., 0, 0] = True
+    where = locate(dc, names, regions("block_dct", shape, (13, 16)))
+    assert where.kind == "region" and "only the DC coefficient" in where.text
+    border = np.zeros(shape, bool)
+    border[:, :, 1, :, 3, 5] = True  # the last block row: the image's 13 rows were padded to 16
+    where = locate(border, names, regions("block_dct", shape, (13, 16)))
+    assert where.kind == "region" and "padded border" in where.text
+    # Without padding on that axis the last block row is no border: not named as one.
+    assert "padded border" not in locate(border, names, regions("block_dct", shape, (16, 16))).text
+    sin = np.zeros((6, 256), bool)
+    sin[:, 130] = True
+    where = locate(sin, axis_names("timestep_features", 2), regions("timestep_features", (6, 256), None))
+    assert where.kind == "region" and "sin half" in where.text

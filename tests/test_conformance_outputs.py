@@ -86,6 +86,22 @@ def _compute(component: str, i: dict[str, Any], a: dict[str, Any], w: dict[str, 
         "adams_weights": lambda: _adams_table(P.adams_weights(i["grid"], a["order"]), a["order"]),
         "adams": lambda: P.adams(model, i["noise"], i.get("text", i.get("labels")), i.get("null"),
                                  a["steps"], a["timeshift"], a["guidance"], interval, a["order"]),
+        # the components of the domain and stage vectors
+        "interpolate": lambda: P.interpolate(i["x"], i["noise"], i["t"]),
+        "target_velocity": lambda: P.target_velocity(i["x"], i["noise"]),
+        "time_shift": lambda: P.time_shift(i["t"], a["shift"]),
+        "reflect_pad": lambda: P.reflect_pad(i["x"]),
+        "weighted_error": lambda: np.array([P.weighted_error(i["coeffs_pred"], i["coeffs_target"],
+                                                             i["weights"])]),
+        "guidance_at": lambda: np.array([P.guidance_at(t, a["guidance"], interval) for t in i["t"]]),
+        "adams_guidance_at": lambda: np.array([P.adams_guidance_at(t, a["guidance"], interval)
+                                               for t in i["t"]]),
+        "guided_velocity": lambda: P.guided_velocity(model, i["x"], a["t"], i.get("text", i.get(
+            "labels")), i.get("null"), a["guidance"]),
+        "euler_step": lambda: P.euler_step(model, i["x"], i["labels"], a["t_cur"], a["t_next"],
+                                           a["guidance"]),
+        "heun_step": lambda: P.heun_step(model, i["x"], i["labels"], a["t_cur"], a["t_next"],
+                                         a["guidance"]),
     }
     return table[component]()
 

@@ -29,11 +29,13 @@ FLOAT32_TOL = 1e-5
 JS_COMPONENTS = {"rgb_to_ycbcr", "block_dct", "frequency_weights", "frequency_aware_loss",
                  "timestep_features", "rope_angles", "dct_position_features", "time_grid"}
 
-#: The vectors a transposed DCT must fail: block_dct itself, and both losses, because their
-#: luminance weights are not symmetric in (u, v) (table K.1 is not; K.2 is), so swapping u and v
-#: moves coefficients onto other weights (err 2.8e-3 and 1.1e-2). A loss vector at quality 100
-#: (all weights 1) would not notice; there is none.
-TRANSPOSE_DCT_FAILS = {"block_dct", "loss_q85", "loss_q30_gamma2"}
+#: The vectors a transposed DCT must fail: the block DCT ones (block_dct, block_dct_small and
+#: each loss's DCT stage), and the four losses, because their luminance weights are not symmetric
+#: in (u, v) (table K.1 is not; K.2 is), so swapping u and v moves coefficients onto other
+#: weights (err 2.8e-3 to 1.8e-2). A loss vector at quality 100 (all weights 1) would not
+#: notice; there is none. The loss's other stages (YCbCr, weights) do not use the DCT.
+LOSSES = ("loss_q85", "loss_q30_gamma2", "loss_q30", "loss_q85_gamma_half")
+TRANSPOSE_DCT_FAILS = {"block_dct", "block_dct_small", *LOSSES, *(f"{n}_dct" for n in LOSSES)}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,7 @@ def test_port_passes_its_vectors_in_float64(node: str, tmp_path: Path) -> None:
     proc = run_port(node, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     errors = output_errors(tmp_path)
-    assert set(errors) == implemented_vectors() and len(errors) == 10
+    assert set(errors) == implemented_vectors() and len(errors) == 40
     assert {k: e for k, e in errors.items() if not e <= FLOAT64_TOL} == {}
     for name in errors:
         assert f"wrote   {name} (" in proc.stdout
@@ -190,3 +192,32 @@ def test_kit_names_the_planted_transposition(node: str, tmp_path: Path,
     assert {n for n, r in records.items() if r["status"] == "FAIL"} == TRANSPOSE_DCT_FAILS
     hint = records["block_dct"]["hint"]
     assert isinstance(hint, dict) and hint["slip"] == "transposed"
+
+
+#: The port's catalogue slips (deco.js DEFECTS, named as deco.conformance.differential names them).
+JS_SLIPS = ("pad_symmetric", "dct_width_inverse", "quality_integer_division", "time_max_period_10000",
+            "rope_integer_positions", "timeshift_inverted")
+
+
+@pytest.mark.parametrize("slip", JS_SLIPS)
+def test_kit_names_each_catalogue_slip_through_the_file_protocol(
+        node: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], slip: str) -> None:
+    """The JS port with a slip fails exactly the vectors that the float64 reference with the same
+    catalogue variant planted fails (the audit's row, computed in Python), and each failure names
+    the variant."""
+    from deco.conformance import load_vectors
+    from deco.conformance.audit import NAMED, audit_variant
+    from deco.conformance.differential import BY_NAME
+
+    vectors = load_vectors(VECTORS)
+    row = audit_variant(BY_NAME[slip], vectors)
+    expected = {v.name for v, c in zip(vectors, row.cells, strict=True) if c == NAMED}
+    assert run_port(node, tmp_path, defect=slip).returncode == 0
+    records = kit_records(tmp_path, capsys, "--precision", "float64")
+    failed = {n for n, r in records.items() if r["status"] == "FAIL"}
+    assert failed and failed == expected & implemented_vectors(), failed
+    for name in failed:
+        record = records[name]
+        assert isinstance(record["hint"], dict), record
+        named = [e["variants"] for e in record["explanations"]]  # type: ignore[union-attr]
+        assert [slip] in named and record["explanations"][0]["exact"], (name, named)  # type: ignore[index]

@@ -59,3 +59,19 @@ def test_spec_readme_names_real_modules() -> None:
         assert modules, row
         for name in modules:
             importlib.import_module(name)  # raises for a module that does not exist
+
+
+def test_readme_mirror_table_has_a_row_per_chapter() -> None:
+    """README "Layout": one row per spec chapter, naming files that exist on both sides."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    rows = {m.group(1): line for line in readme.splitlines()
+            if (m := re.match(r"\| `spec/([0-9]{2}-[\w-]+\.md)` \|", line))}
+    chapters = sorted(p.name for p in (REPO_ROOT / "spec").glob("[0-9][0-9]-*.md"))
+    assert sorted(rows) == chapters
+    for chapter, row in rows.items():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for side, cell in (("reference", cells[1]), ("optimized", cells[2])):
+            first = re.findall(r"`(\w+\.py)`", cell)[0]
+            assert (REPO_ROOT / side / first).is_file(), (chapter, side, first)
+        for test in re.findall(r"`(test_\w+\.py)`", cells[3]):
+            assert (REPO_ROOT / "tests" / test).is_file(), (chapter, test)

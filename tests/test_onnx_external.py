@@ -17,6 +17,7 @@ from helpers import REPO_ROOT, random_weights, rel_err, tiny_config
 
 from deco.cli import main
 from deco.deploy import export as onnx_export
+from deco.deploy import onnx_file
 from deco.deploy.export import RTOL_BY_DTYPE, data_file, export_onnx
 from deco.deploy.runtime import OnnxVelocityModel
 from deco.deploy.runtime import sample as onnx_sample
@@ -110,10 +111,10 @@ def test_threshold_chooses_external_data(tmp_path: Path, monkeypatch: pytest.Mon
     model, _ = tiny()
     small = export_onnx(model, tmp_path / "small.onnx")  # a few kB: one file
     assert not data_file(small).exists() and external_locations(small) == set()
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnx_file, "EXTERNAL_DATA_THRESHOLD", 0)
     big = export_onnx(model, tmp_path / "big.onnx")
     assert external_locations(big) == {"big.onnx.data"}
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1 << 30)
+    monkeypatch.setattr(onnx_file, "EXTERNAL_DATA_THRESHOLD", 1 << 30)
     export_onnx(model, big)  # re-exported as one file: the stale data file goes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "small.onnx"]
 
@@ -185,7 +186,7 @@ def test_commands_with_external_data(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_conformance_on_an_external_data_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(onnx_file, "EXTERNAL_DATA_THRESHOLD", 0)
     vectors = REPO_ROOT / "spec" / "vectors"
     path = tmp_path / "vec.onnx"
     assert main(["conformance", "--export-vector-model", str(path), "--vectors", str(vectors)]) == 0

@@ -165,7 +165,7 @@ def test_generator_refuses_a_subgraph_reading_other_outer_values(tmp_path: Path)
     """The inliner renames the velocity graph's node outputs, so a subgraph may read only weights."""
     from onnx import TensorProto, helper
 
-    from deco.deploy.generator import _split_velocity
+    from deco.deploy.generator_graph import _split_velocity
 
     inner = helper.make_graph([helper.make_node("Identity", ["h"], ["out"])], "then", [],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])

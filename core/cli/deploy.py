@@ -103,6 +103,11 @@ def register(sub: Any) -> None:
                         "with the tensor `out` (spec/vectors/README.md, File protocol)")
     action.add_argument("--list", action="store_true",
                         help="list every vector: component, inputs, arguments, output, tolerance")
+    action.add_argument("--audit", type=Path, nargs="?", const=Path("-"), metavar="FILE",
+                        help="run every catalogued convention variant of the reference over the "
+                        "vectors and print the matrix variant x vector (also written as Markdown "
+                        "to FILE if given); exit 1 if a variant fails no vector or is not named by "
+                        "the diagnosis where it fails")
     action.add_argument("--export-vectors", type=Path, metavar="DIR",
                         help="copy the vectors and their README into DIR (refused if DIR is not "
                         "empty, unless --force)")
@@ -158,7 +163,8 @@ def _decoder_chunks(rows: int) -> int | None:
 
 
 def export_onnx(args: argparse.Namespace) -> int:
-    from deco.deploy.export import data_file, export_checkpoint
+    from deco.deploy.export import export_checkpoint
+    from deco.deploy.onnx_file import data_file
 
     check_output(args.output, args.force)
     chunks = _decoder_chunks(args.decoder_chunks)
@@ -200,8 +206,8 @@ def _sampler(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def _export_generator(args: argparse.Namespace, chunks: int | None, sampler: dict[str, Any]) -> int:
     """`deco export-onnx --generator`: every setting checked before anything is written."""
-    from deco.deploy.export import data_file
     from deco.deploy.generator import export_generator_checkpoint
+    from deco.deploy.onnx_file import data_file
     resolution = tuple(args.resolution) if args.resolution else None
     try:
         path, settings = export_generator_checkpoint(
@@ -234,6 +240,18 @@ def onnx_check(args: argparse.Namespace) -> int:
     return 1
 
 
+def _audit(vectors: Any, target: Path) -> int:
+    from deco.atomic import atomic_write
+    from deco.conformance.audit import audit, matrix, passed
+
+    rows = audit(vectors)
+    text = matrix(rows, vectors)
+    print(text, end="")
+    if str(target) != "-":
+        atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return 0 if passed(rows) else 1
+
+
 def conformance(args: argparse.Namespace) -> int:
     from deco import conformance as kit
 
@@ -252,6 +270,8 @@ def conformance(args: argparse.Namespace) -> int:
         print(f"copied {len(written)} files to {args.export_vectors}")
         return 0
     vectors = kit.load_vectors(args.vectors)
+    if args.audit is not None:
+        return _audit(vectors, args.audit)
     if args.list:
         from deco.conformance.outputs import list_json, list_text
 

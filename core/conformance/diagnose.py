@@ -5,7 +5,9 @@ after a common convention slip (a transposition, a sign, a factor, swapped halve
 Every check compares the port's output, transformed, with the reference's expected output under
 the run's own error measure and tolerance (spec/00-conventions.md §5): a hint is a statement
 "undo this slip and you pass", never a guess from the size of the error. The arrays are the
-compared ones (`deco.conformance.comparable`: RoPE angles as their (cos, sin) stack).
+compared ones (`deco.conformance.comparable`: RoPE angles as their (cos, sin) stack). Slips that
+live inside the computation come from the catalogue (`deco.conformance.differential`: the kit
+passes its explanations in), and they outrank the float32 hint (`diagnose`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from deco.conformance.differential import MOST, Explanation
 from deco.conformance.fixtures import error_measure
 
 Array = NDArray[Any]
-LocationKind = Literal["everywhere", "batch", "channel", "axis", "scattered", "none"]
+LocationKind = Literal["everywhere", "batch", "channel", "region", "axis", "spread", "scattered", "none"]
 #: A float64 port whose error lies in this window is most likely computing in float32: float32
 #: rounding leaves a relative error of ~6e-8 (unit roundoff) or more, and such a port passes 1e-5.
 FLOAT32_WINDOW = (1e-8, 1e-5)
@@ -86,6 +89,9 @@ class Diagnosis:
     worst: Worst | None
     location: Location | None
     hint: Hint | None
+    #: the catalogue's variants that reproduce the output (deco.conformance.differential)
+    explanations: tuple[Explanation, ...] = ()
+    port_error: float = float("nan")
 
     def lines(self) -> list[str]:
         """The diagnosis as indented lines for the kit's text report."""
@@ -97,6 +103,12 @@ class Diagnosis:
             out.append(f"where: {self.location.text}")
         if self.hint is not None:
             out.append(f"hint: {self.hint.text}")
+        shown = [e for e in self.explanations if self.hint is None or e.sentence(self.port_error)
+                 != self.hint.text]
+        if shown:
+            out.append("also consistent with the catalogue: " + "; ".join(
+                f"{'+'.join(e.names)} ({'exact' if e.exact else f'leaves {e.residual:.1e}'})"
+                for e in shown))
         return out
 
 
@@ -119,27 +131,60 @@ def _indices_text(indices: Sequence[int]) -> str:
     return shown + (f", ... ({len(indices)} in all)" if len(indices) > 8 else "")
 
 
-def locate(mask: Array, names: Sequence[str]) -> Location:
-    """Describe the True elements of `mask` (the out-of-tolerance ones): everywhere (every index
-    of every axis holds one), in one batch element or channel, along one axis (a subset of one
-    axis' indices, every position of the others), or scattered."""
+Region = tuple[str, Array]  # (a name, a boolean mask of the output's shape)
+
+
+def regions(component: str, shape: tuple[int, ...], image_hw: tuple[int, int] | None) -> list[Region]:
+    """Named parts of a component's output that a convention slip tends to confine an error to:
+    the DC coefficient (block DCT, weights), the blocks touching the padded border (block DCT of
+    an image whose sides are not multiples of 8), the cos or sin half (time features)."""
+    out: list[Region] = []
+    names = axis_names(component, len(shape))
+    if component in ("block_dct", "frequency_weights") and names == AXES[component]:
+        dc = np.zeros(shape, bool)
+        dc[..., 0, 0] = True
+        out.append(("only the DC coefficient (u = v = 0)", dc))
+    if component == "block_dct" and image_hw is not None and names == AXES[component]:
+        border = np.zeros(shape, bool)
+        if image_hw[0] % 8:
+            border[:, :, -1] = True
+        if image_hw[1] % 8:
+            border[:, :, :, -1] = True
+        if border.any():
+            out.append(("only the blocks touching the padded border (the last block row and/or "
+                        "column, where the reflect padding lies)", border))
+    if component == "timestep_features" and len(shape) == 2 and shape[1] % 2 == 0:
+        half = np.zeros(shape, bool)
+        half[:, : shape[1] // 2] = True
+        out += [("only the cos half (features 0 .. 127)", half),
+                ("only the sin half (features 128 .. 255)", ~half)]
+    return out
+
+
+def locate(mask: Array, names: Sequence[str], named: Sequence[Region] = ()) -> Location:
+    """Describe the True elements of `mask` (the out-of-tolerance ones): everywhere (every
+    element), in one batch element or channel, inside a named region (`named`), along one axis (a
+    subset of one axis' indices, every position of the others), or scattered."""
     count, total = int(mask.sum()), mask.size
     if count == 0:
         return Location("none", "no element out of tolerance")
     if total == 1:
         return Location("everywhere", "everywhere (the output's single element)")
     share = f"{count} of {total} elements out of tolerance"
+    if count == total:
+        return Location("everywhere", f"everywhere ({share})")
     hits = [tuple(int(i) for i in np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim)
                                                                     if a != k))))
             for k in range(mask.ndim)]
     partial = [k for k in range(mask.ndim) if len(hits[k]) < mask.shape[k]]
-    if not partial:
-        return Location("everywhere", f"everywhere ({share})")
     for kind in ("batch", "channel"):
         for k in partial:
             if names[k] == kind and len(hits[k]) == 1:
                 return Location(kind, f"in one {kind}: index {hits[k][0]} of axis {k} ({share})",
                                 k, hits[k])
+    for text, region in named:
+        if region.shape == mask.shape and not region.all() and not np.any(mask & ~region):
+            return Location("region", f"{text} ({share})")
     if len(partial) == 1:
         k = partial[0]
         expected_mask = np.zeros(mask.shape[k], bool)
@@ -150,6 +195,9 @@ def locate(mask: Array, names: Sequence[str]) -> Location:
             return Location("axis", f"along axis {k} ({names[k]}): at indices "
                             f"{_indices_text(hits[k])}, at every position of the other axes "
                             f"({share})", k, hits[k])
+    if not partial:
+        return Location("spread", f"spread over every index of every axis, but not every element "
+                        f"({share})")
     where = "; ".join(f"axis {k} ({names[k]}) indices {_indices_text(hits[k])}" for k in partial)
     return Location("scattered", f"scattered: {share}, confined to {where}")
 
@@ -232,15 +280,14 @@ def _float32(got: Array, expected: Array, precision: str) -> Hint | None:
     if FLOAT32_WINDOW[0] < err <= FLOAT32_WINDOW[1]:
         return Hint("float32", f"looks like float32: declare precision (precision = \"float32\" on "
                     f"the port, or --precision float32); the error {err:.2e} is float32 rounding, "
-                    f"within the float32 tolerance {FLOAT32_WINDOW[1]:.0e}")
+                    f"within the float32 tolerance {FLOAT32_WINDOW[1]:.0e} (only if the port "
+                    f"does compute in float32: no catalogued convention explains it, but a float64 "
+                    f"port this far off has a difference of its own)")
     return None
 
 
-def slip_hint(component: str, got: Array, expected: Array, tol: float, precision: str) -> Hint | None:
-    """The first convention slip that, undone, makes `got` match `expected` within `tol`."""
-    hint = _float32(got, expected, precision)
-    if hint is not None:
-        return hint
+def output_slip(component: str, got: Array, expected: Array, tol: float) -> Hint | None:
+    """The first slip of the output's layout or scale that, undone, makes `got` match."""
     names = axis_names(component, got.ndim)
     simple: list[tuple[str, Transform, str]] = [
         ("sign", np.negative, "the sign flipped: the output is minus the expected one"),
@@ -256,19 +303,41 @@ def slip_hint(component: str, got: Array, expected: Array, tol: float, precision
     return _factor(got, expected, tol) or _shift(got, expected, tol, names)
 
 
+def slip_hint(component: str, got: Array, expected: Array, tol: float, precision: str) -> Hint | None:
+    """The first convention slip that, undone, makes `got` match `expected` within `tol` (the
+    float32 rounding of a port declared float64 among them), without the catalogue."""
+    return _float32(got, expected, precision) or output_slip(component, got, expected, tol)
+
+
 # ------------------------------------------------------------------------------------- entry
+def _catalogue_hint(best: Explanation, port_error: float) -> Hint:
+    return Hint("+".join(best.names), best.sentence(port_error))
+
+
 def diagnose(component: str, got: Array, expected: Array, tol: float, precision: str,
-             reference_hint: Callable[[], Hint | None] = lambda: None) -> Diagnosis:
+             explanations: Sequence[Explanation] = (),
+             image_hw: tuple[int, int] | None = None) -> Diagnosis:
     """The diagnosis of a failed vector of `component` from its compared output `got` and
-    `expected`. `reference_hint` tries the slips that live inside the computation (the kit reruns
-    the reference with them, `deco.conformance.kit.reference_slip`) when no output slip fits."""
-    hint = slip_hint(component, got, expected, tol, precision)
-    if hint is None and got.shape == expected.shape:
-        hint = reference_hint()
+    `expected`, and the catalogue's `explanations` (deco.conformance.differential, best first).
+
+    The hint, in order: a slip of the output's layout or scale (exact); a catalogue variant that
+    reproduces the output; float32 rounding, only when the error is in the float32 window and no
+    variant explains it better (a hint must never widen the tolerance of a wrong port); a
+    variant that explains most of the error."""
+    port_error = error_measure(got, expected)[1] if got.shape == expected.shape else float("inf")
+    hint = output_slip(component, got, expected, tol) if got.shape == expected.shape else None
+    if hint is None and explanations and explanations[0].exact:
+        hint = _catalogue_hint(explanations[0], port_error)
+    if hint is None:
+        better = bool(explanations) and explanations[0].residual * MOST <= port_error
+        hint = None if better else _float32(got, expected, precision)
+    if hint is None and explanations:
+        hint = _catalogue_hint(explanations[0], port_error)
     if got.shape != expected.shape:
-        return Diagnosis(None, None, hint)
+        return Diagnosis(None, None, hint, tuple(explanations), port_error)
     names = axis_names(component, got.ndim)
     scale = float(np.max(np.abs(expected))) or 1.0
     with np.errstate(invalid="ignore"):
         mask = ~np.isfinite(got) | (np.abs(got - expected) > tol * scale)
-    return Diagnosis(worst_element(got, expected), locate(mask, names), hint)
+    where = locate(mask, names, regions(component, got.shape, image_hw))
+    return Diagnosis(worst_element(got, expected), where, hint, tuple(explanations), port_error)

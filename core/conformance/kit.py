@@ -20,8 +20,8 @@ import importlib
 import inspect
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,12 +30,22 @@ from numpy.typing import NDArray
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
-from deco import reference as ref
 from deco.atomic import atomic_write
-from deco.config import DeCoConfig
-from deco.conformance.diagnose import Diagnosis, Hint, diagnose, matches
+from deco.conformance.catalogue import Variant, variant_output, vector_key
+from deco.conformance.diagnose import Diagnosis, diagnose
+from deco.conformance.differential import explain
 from deco.conformance.fixtures import error_measure
 from deco.conformance.ports import OnnxPort, OptimizedPort, OptimizedPort32, Precision, ReferencePort
+from deco.conformance.protocol import (
+    STAGE_CALLERS,
+    Caller,
+    Skip,
+    Vector,
+    VelocityModel,
+    port_function,
+    sampler_model,
+)
+from deco.conformance.stages import with_stage_verdicts
 from deco.untrusted import (
     NUMPY_DTYPES,
     UntrustedFileError,
@@ -44,8 +54,8 @@ from deco.untrusted import (
     read_safetensors_header,
 )
 
-__all__ = ["OnnxPort", "OptimizedPort", "OptimizedPort32", "ReferencePort", "Vector", "load_vectors",
-           "run_port"]
+__all__ = ["OnnxPort", "OptimizedPort", "OptimizedPort32", "ReferencePort", "Skip", "Vector",
+           "VelocityModel", "load_vectors", "run_port"]
 
 Array = NDArray[Any]
 FORMAT_KEY = "deco_vectors"
@@ -53,20 +63,6 @@ FORMAT_VERSION = "1"
 #: spec/00-conventions.md §5: the bound on max|got - exp| / max|exp| for each port precision.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 Status = Literal["pass", "FAIL", "ERROR", "skipped"]
-
-
-@dataclass(frozen=True)
-class Vector:
-    """One test vector: the arguments of one call of `component` and the reference's answer."""
-
-    name: str
-    component: str
-    inputs: dict[str, Array]
-    args: dict[str, Any] = field(default_factory=dict)
-    weights: dict[str, Array] = field(default_factory=dict)
-    config: dict[str, Any] | None = None
-    velocity_model: str | None = None  # samplers: name of the forward vector giving the model
-    expected: Array | None = None
 
 
 @dataclass(frozen=True)
@@ -81,43 +77,8 @@ class Result:
     diagnosis: Diagnosis | None = None  # failures: worst element, where, hint (diagnose.py)
 
 
-class Skip(Exception):
-    """Raised by a calling function when the port does not provide the component."""
-
-
-# --------------------------------------------------------------------------- the sampler model
-class VelocityModel:
-    """The `model` passed to a port's `euler`/`heun`/`adams`: a `config` (the model's
-    `DeCoConfig`: `num_classes`, `is_text`, `text_length`, `text_dim`, ...) and
-    `forward(x, t, y)` (NumPy in and out; y: labels, or text (B, T, E) for a text model), backed
-    by the float64 reference. Samplers are checked with the reference's velocity so that a
-    sampler's result does not depend on the port's forward pass (which has vectors of its own)."""
-
-    def __init__(self, config: dict[str, Any], weights: Mapping[str, Array]) -> None:
-        self.config = DeCoConfig.from_dict(config)
-        self._model = ref.Model(self.config, weights)
-
-    def forward(self, x: Any, t: Any, y: Any) -> Array:
-        return self._model.forward(x, t, y)
-
-    __call__ = forward
-
-
 # ---------------------------------------------------------------- calling a port's functions
-def _fn(port: Any, name: str) -> Callable[..., Any]:
-    fn = getattr(port, name, None)
-    if fn is None or not callable(fn):
-        raise Skip(f"port has no {name}")
-    return fn  # type: ignore[no-any-return]
-
-
-def _sampler_model(vector: Vector, vectors: Mapping[str, Vector]) -> VelocityModel:
-    source = vectors[str(vector.velocity_model)]
-    assert source.config is not None
-    return VelocityModel(source.config, source.weights)
-
-
-Caller = Callable[[Any, Vector, Mapping[str, Vector]], Any]
+_fn, _sampler_model = port_function, sampler_model
 
 
 def _call_weights_table(port: Any, v: Vector, _: Mapping[str, Vector]) -> Any:
@@ -196,6 +157,7 @@ CALLERS: dict[str, Caller] = {
     "heun": _call_sampler("heun"),
     "adams_weights": _call_adams_weights,
     "adams": _call_adams,
+    **STAGE_CALLERS,  # the components of the domain and stage vectors (protocol.py)
 }
 COMPONENTS = tuple(CALLERS)
 
@@ -208,63 +170,11 @@ def comparable(component: str, value: Array) -> Array:
     return value
 
 
-# ----------------------------------------------- convention slips inside the computation
-class _GuidanceSignFlipped:
-    """The sampler model of a vector, wrapped so that the reference's guided velocity
-    u + g (c - u) becomes u - g (c - u): it answers the conditional branch of a guided batch
-    [null; condition] with 2u - c."""
-
-    def __init__(self, model: Any) -> None:
-        self.model, self.config = model, model.config
-
-    def forward(self, x: Any, t: Any, y: Any) -> Array:
-        out = np.asarray(self.model.forward(x, t, y))
-        b = out.shape[0] // 2
-        if out.shape[0] % 2:
-            return out
-        return np.concatenate([out[:b], 2.0 * out[:b] - out[b:]])
-
-    __call__ = forward
-
-
-def _reference_with_guidance_sign_flipped(vector: Vector, vectors: Mapping[str, Vector]) -> Array:
-    class Flipped(ReferencePort):
-        @staticmethod
-        def euler(model: Any, *args: Any) -> Array:
-            return ReferencePort.euler(_GuidanceSignFlipped(model), *args)
-
-        @staticmethod
-        def heun(model: Any, *args: Any) -> Array:
-            return ReferencePort.heun(_GuidanceSignFlipped(model), *args)
-
-        @staticmethod
-        def adams(model: Any, *args: Any) -> Array:
-            return ReferencePort.adams(_GuidanceSignFlipped(model), *args)
-
-    return np.asarray(CALLERS[vector.component](Flipped, vector, vectors), dtype=np.float64)
-
-
-#: component -> slips that live inside the computation: the reference, run with the slip, gives
-#: the output a port with that slip would give.
-REFERENCE_SLIPS: dict[str, list[tuple[str, str, Callable[[Vector, Mapping[str, Vector]], Array]]]] = {
-    name: [("sign", "the sign of the guidance difference flipped: the output is the reference's "
-            "with u - g (c - u) in place of u + g (c - u)", _reference_with_guidance_sign_flipped)]
-    for name in ("euler", "heun", "adams")
-}
-
-
-def reference_slip(vector: Vector, vectors: Mapping[str, Vector], got: Array,
-                    tol: float) -> Hint | None:
-    for slip, text, compute in REFERENCE_SLIPS.get(vector.component, []):
-        if matches(got, comparable(vector.component, compute(vector, vectors)), tol):
-            return Hint(slip, text)
-    return None
-
-
 # ------------------------------------------------------------------------------------ runner
 def run_vector(port: Any, vector: Vector, vectors: Mapping[str, Vector],
-               precision: Precision) -> Result:
-    """Run one vector through `port`; exceptions from the port become an ERROR result."""
+               precision: Precision, findings: list[Variant] | None = None) -> Result:
+    """Run one vector through `port`; exceptions from the port become an ERROR result.
+    `findings` collects the catalogue variants that explained the run's failures so far."""
     tol = TOLERANCE[precision]
     caller = CALLERS[vector.component]
     try:
@@ -274,36 +184,60 @@ def run_vector(port: Any, vector: Vector, vectors: Mapping[str, Vector],
     except Exception as exc:  # a port's failure is a result, not a crash of the kit
         message = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
         return Result(vector.name, vector.component, "ERROR", tolerance=tol, note=message)
-    return judge(vector, vectors, got, precision)
+    return judge(vector, vectors, got, precision, findings)
 
 
-def judge(vector: Vector, vectors: Mapping[str, Vector], got: Array, precision: Precision) -> Result:
+def judge(vector: Vector, vectors: Mapping[str, Vector], got: Array, precision: Precision,
+          findings: list[Variant] | None = None) -> Result:
     """Compare a port's output for `vector` (float64, the shape of `expected`) with the expected
-    one; a failure carries a diagnosis. Shared by ports called in Python and --outputs files."""
+    one; a failure carries a diagnosis. Shared by ports called in Python and --outputs files.
+    `findings` (the run's): the variants that explained earlier vectors, tried first in
+    combinations here, and extended with what explains this one."""
     tol = TOLERANCE[precision]
     assert vector.expected is not None
-    raw_shape = got.shape
+    raw = got
     got, expected = comparable(vector.component, got), comparable(vector.component, vector.expected)
 
     def fail(note: str) -> Result:
         return Result(vector.name, vector.component, "FAIL", tolerance=tol, note=note,
-                      diagnosis=_diagnose(vector, vectors, got, expected, tol, precision))
+                      diagnosis=_diagnose(vector, vectors, raw, tol, precision, findings))
 
     if got.shape != expected.shape:
-        return fail(f"shape {raw_shape}, expected {vector.expected.shape}")
+        return fail(f"shape {raw.shape}, expected {vector.expected.shape}")
     if not np.all(np.isfinite(got)):
         return fail("NaN or inf")
     max_abs, max_rel = error_measure(got, expected)
     if max_rel <= tol:
         return Result(vector.name, vector.component, "pass", max_abs, max_rel, tol)
-    diagnosis = _diagnose(vector, vectors, got, expected, tol, precision)
+    diagnosis = _diagnose(vector, vectors, raw, tol, precision, findings)
     return Result(vector.name, vector.component, "FAIL", max_abs, max_rel, tol, diagnosis=diagnosis)
 
 
-def _diagnose(vector: Vector, vectors: Mapping[str, Vector], got: Array, expected: Array, tol: float,
-              precision: Precision) -> Diagnosis:
-    return diagnose(vector.component, got, expected, tol, precision,
-                    lambda: reference_slip(vector, vectors, got, tol))
+def reference_with(variants: Sequence[Variant], vector: Vector,
+                   vectors: Mapping[str, Vector]) -> Array | None:
+    """The reference's output for `vector` with catalogue variants planted (cached; None when
+    the reference cannot take the vector's inputs with them)."""
+    assert vector.expected is not None
+    return variant_output(variants, vector_key(vector.name, vector.expected),
+                          lambda port: CALLERS[vector.component](port, vector, vectors))
+
+
+def _diagnose(vector: Vector, vectors: Mapping[str, Vector], raw: Array, tol: float,
+              precision: Precision, findings: list[Variant] | None) -> Diagnosis:
+    """The diagnosis of `raw` (the port's output for `vector`, float64): the catalogue's
+    explanations (deco.conformance.differential), then the location and hint."""
+    assert vector.expected is not None
+    component = vector.component
+    explanations = explain(component, raw, vector.expected,
+                           lambda variants: reference_with(variants, vector, vectors),
+                           lambda a: comparable(component, a), tol, findings or ()) \
+        if np.all(np.isfinite(raw)) else []
+    if findings is not None:
+        findings += [v for e in explanations if e.exact for v in e.variants if v not in findings]
+    x = vector.inputs.get("x")
+    image_hw = (int(x.shape[-2]), int(x.shape[-1])) if x is not None and x.ndim == 4 else None
+    return diagnose(component, comparable(component, raw), comparable(component, vector.expected),
+                    tol, precision, explanations, image_hw)
 
 
 def port_precision(port: Any) -> Precision:
@@ -321,7 +255,9 @@ def run_port(port: Any, vectors: Iterable[Vector], precision: Precision | None =
     vectors = list(vectors)
     by_name = {v.name: v for v in vectors}
     chosen = precision or port_precision(port)
-    return [run_vector(port, v, by_name, chosen) for v in vectors]
+    findings: list[Variant] = []
+    results = [run_vector(port, v, by_name, chosen, findings) for v in vectors]
+    return with_stage_verdicts(results, vectors)
 
 
 def passed(results: Iterable[Result]) -> bool:
@@ -394,6 +330,7 @@ def save_vector(folder: Path, vector: Vector) -> Path:
         meta["config"] = json.dumps(vector.config, sort_keys=True)
     if vector.velocity_model is not None:
         meta["velocity_model"] = vector.velocity_model
+    meta.update({k: v for k, v in (("domain", vector.domain), ("stage_of", vector.stage_of)) if v})
     path = folder / f"{vector.name}.safetensors"
     data = _serialise(tensors, meta)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
@@ -446,6 +383,7 @@ def load_vector(path: Path) -> Vector:
         config=config,
         velocity_model=meta.get("velocity_model"),
         expected=tensors["expected"],
+        domain=meta.get("domain", ""), stage_of=meta.get("stage_of"),
     )
 
 

@@ -26,6 +26,7 @@ from deco.conformance.kit import (
     judge,
 )
 from deco.conformance.ports import Precision
+from deco.conformance.stages import with_stage_verdicts
 from deco.paths_inside import resolve_inside
 from deco.untrusted import SAFETENSORS_DTYPES, UntrustedFileError, read_safetensors_header
 
@@ -68,7 +69,7 @@ def read_output(path: Path, elements: int | None = None) -> Array:
 
 
 def check_output(folder: Path, vector: Vector, vectors: dict[str, Vector],
-                 precision: Precision | None) -> Result:
+                 precision: Precision | None, findings: list[Any] | None = None) -> Result:
     """One vector against `folder/<vector>.safetensors`: missing is skipped; unreadable, a wrong
     dtype or shape is a failure; else compared as a Python port's result. Without `precision`,
     a float32 output is held to the float32 tolerance, a float64 one to float64's."""
@@ -84,7 +85,8 @@ def check_output(folder: Path, vector: Vector, vectors: dict[str, Vector],
     except ValueError as exc:
         return Result(vector.name, vector.component, "FAIL", note=f"{path.name}: {exc}")
     chosen: Precision = precision or ("float32" if got.dtype == np.float32 else "float64")
-    return judge(vector, vectors, got.astype(np.float64), chosen)  # a wrong shape: judge fails it
+    # a wrong shape: judge fails it; `findings`: the run's explanations so far (kit.judge)
+    return judge(vector, vectors, got.astype(np.float64), chosen, findings)
 
 
 def run_outputs(folder: str | Path, vectors: Sequence[Vector],
@@ -94,7 +96,9 @@ def run_outputs(folder: str | Path, vectors: Sequence[Vector],
     if not folder.is_dir():
         raise FileNotFoundError(f"outputs: no such folder: {folder}")
     by_name = {v.name: v for v in vectors}
-    return [check_output(folder, v, by_name, precision) for v in vectors]
+    findings: list[Any] = []
+    results = [check_output(folder, v, by_name, precision, findings) for v in vectors]
+    return with_stage_verdicts(results, vectors)
 
 
 # --------------------------------------------------------------------------------------- list
@@ -109,6 +113,7 @@ def describe(vector: Vector) -> dict[str, Any]:
         "vector": vector.name, "file": f"{vector.name}.safetensors", "component": vector.component,
         "inputs": [_tensor(f"in.{k}", v) for k, v in vector.inputs.items()],
         "weights": [_tensor(f"w.{k}", v) for k, v in vector.weights.items()],
+        "domain": vector.domain, "stage_of": vector.stage_of,
         "args": vector.args, "config": vector.config, "velocity_model": vector.velocity_model,
         "output": {"tensor": OUTPUT_TENSOR, "shape": list(vector.expected.shape),
                    "dtype": "float64 or float32"},
@@ -136,6 +141,10 @@ def list_text(vectors: Sequence[Vector]) -> str:
             lines.append(f"  velocity model: the config and weights of {d['velocity_model']}")
         lines.append(f"  out: {tuple(d['output']['shape'])} float64 or float32, compared by "
                      f"{d['compared']}; tolerance {tol}")
+        if d["domain"]:
+            lines.append(f"  domain: {d['domain']}")
+        if d["stage_of"]:
+            lines.append(f"  stage of: {d['stage_of']} (its inputs taken through one stage)")
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
 

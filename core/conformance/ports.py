@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 
 from deco import reference as ref
 from deco.config import DeCoConfig
+from deco.conformance.stage_ports import OptimizedStages, ReferenceStages, TorchVelocity
 from deco.reference import model as ref_model
 from deco.reference import sampling as ref_sampling
 from deco.reference import text_to_image as ref_t2i
@@ -27,7 +28,7 @@ Array = NDArray[Any]
 Precision = Literal["float64", "float32"]
 
 
-class ReferencePort:
+class ReferencePort(ReferenceStages):
     """The protocol implemented by `deco.reference` (float64): the source of every vector."""
 
     precision: Precision = "float64"
@@ -139,7 +140,7 @@ class OnnxPort:
                 f"the graph is a {self.model.config.architecture} model of another config")
 
 
-class OptimizedPort:
+class OptimizedPort(OptimizedStages):
     """The protocol implemented by `deco.optimized` (PyTorch, CPU) in float64; `OptimizedPort32`
     runs it in float32. Each function calls the optimized module that does the work in the
     model (layers, loss, sampling), so the kit checks the code that trains and samples."""
@@ -318,7 +319,7 @@ class OptimizedPort:
 
         is_text = model.config.is_text  # text (B, T, E) in the model's dtype, else int labels
         convert = self._t if is_text else self.torch.as_tensor
-        out = sample(_TorchVelocity(model, self.torch), self._t(noise), convert(cond),
+        out = sample(TorchVelocity(model, self.torch), self._t(noise), convert(cond),
                      None if null is None else convert(null), steps=steps, guidance=guidance,
                      interval=interval, timeshift=timeshift, solver=solver, exact_heun=exact,
                      order=order)
@@ -345,17 +346,6 @@ class OptimizedPort:
               timeshift: float, guidance: float, interval: tuple[float, float], order: int) -> Array:
         return self._sample(model, noise, cond, steps, timeshift, guidance, interval, "adams",
                             null=null, order=order)
-
-
-class _TorchVelocity:
-    """The kit's NumPy sampler model seen as a torch model (config + __call__ on tensors)."""
-
-    def __init__(self, model: Any, torch: Any) -> None:
-        self.model, self.torch, self.config = model, torch, model.config
-
-    def __call__(self, x: Any, t: Any, y: Any) -> Any:
-        v = self.model.forward(x.double().numpy(), t.double().numpy(), y.numpy())
-        return self.torch.as_tensor(v, dtype=x.dtype)
 
 
 class OptimizedPort32(OptimizedPort):

@@ -51,7 +51,8 @@ def text_report(results: Sequence[Result]) -> str:
 
 
 def record(r: Result) -> dict[str, Any]:
-    """One vector's JSON record: status, error, tolerance, note, worst element, location, hint."""
+    """One vector's JSON record: status, error, tolerance, note, worst element, location, hint,
+    and the catalogue variants that explain the output (`explanations`, best first)."""
     d = r.diagnosis
     return {
         "vector": r.vector, "component": r.component, "status": r.status,
@@ -64,6 +65,7 @@ def record(r: Result) -> dict[str, Any]:
             "kind": d.location.kind, "axis": d.location.axis, "indices": list(d.location.indices),
             "text": d.location.text},
         "hint": None if d is None or d.hint is None else asdict(d.hint),
+        "explanations": [] if d is None else [e.record() for e in d.explanations],
     }
 
 

@@ -7,17 +7,19 @@ so a vector means exactly "what the reference returns for these inputs". `deco c
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from deco import reference as ref
 from deco.config import DeCoConfig, parameter_shapes
+from deco.conformance.domain import DOMAINS, domain_vector_specs, stage_specs, weight_table_specs
 from deco.conformance.kit import CALLERS, Array, ReferencePort, Vector, save_vector
 from deco.reference import model as ref_model
 from deco.reference import text_to_image as ref_t2i
 
-#: The model of the forward and sampler vectors: small enough that all vectors stay < 1.5 MB,
+#: The model of the forward and sampler vectors: small enough that all vectors stay < 2.5 MB,
 #: with a non-square token grid (8x12 pixels, 2x3 patches) so swapped axes show. The text model
 #: (2 refine blocks, E = 12, T = 5 tokens) has SwiGLU width F = 64, unlike D = 32, so that the
 #: fused w12 / w3 layout cannot be mistaken for a square one.
@@ -77,9 +79,7 @@ def vector_specs() -> list[Vector]:
         Vector("ycbcr", "rgb_to_ycbcr", {"x": rng.uniform(-1, 1, (2, 3, 5, 7))}),
         # 13x11: both axes need reflect padding (to 16x16), bottom and right.
         Vector("block_dct", "block_dct", {"x": rng.uniform(-1, 1, (2, 3, 13, 11))}),
-        Vector("frequency_weights", "frequency_weights", {
-            "quality": np.array([1, 10, 25, 49, 50, 51, 75, 85, 99, 100, 85, 50], dtype=np.int64),
-            "gamma": np.array([1.0] * 10 + [2.0, 0.5])}),
+        *weight_table_specs(),
         Vector("loss_q85", "frequency_aware_loss",
                {"pred": rng.uniform(-1, 1, (2, 3, 16, 13)), "target": rng.uniform(-1, 1, (2, 3, 16, 13))},
                {"quality": 85, "gamma": 1.0}),
@@ -114,6 +114,7 @@ def vector_specs() -> list[Vector]:
         Vector("heun_exact", "heun", sampler, {**shifted, "interval": [0.0, 1.0], "exact": True},
                velocity_model="forward_deco"),
         *text_vector_specs(sampler),
+        *domain_vector_specs(sampler),
     ]
 
 
@@ -163,14 +164,15 @@ def text_vector_specs(class_sampler: dict[str, Array]) -> list[Vector]:
 
 
 def generate_vectors() -> list[Vector]:
-    """`vector_specs()` with `expected` filled in by the reference."""
+    """`vector_specs()` and their stage vectors (`stage_specs`), each with its `domain` and
+    `expected` filled in by the reference."""
     specs = vector_specs()
+    specs += stage_specs(specs)
     by_name = {v.name: v for v in specs}
     out = []
     for v in specs:
         value = np.asarray(CALLERS[v.component](ReferencePort, v, by_name), dtype=np.float64)
-        out.append(Vector(v.name, v.component, v.inputs, v.args, v.weights, v.config,
-                          v.velocity_model, value))
+        out.append(replace(v, expected=value, domain=v.domain or DOMAINS[v.name]))
     return out
 
 

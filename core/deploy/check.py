@@ -21,10 +21,10 @@ from deco.deploy.export import (
     RTOL_BY_DTYPE,
     export_onnx,
     guided,
-    sha256_file,
 )
 from deco.deploy.generator import GRAPH_GENERATOR
 from deco.deploy.generator_check import example_feed, recorded_graph_settings, run_generator, torch_sample
+from deco.deploy.onnx_file import sha256_file
 from deco.deploy.runtime import OnnxVelocityModel
 from deco.generate import load_for_sampling
 from deco.optimized.weights import build_model, load_model

@@ -24,10 +24,10 @@ float32 from the first AdaLN modulation on. `deco.deploy.symbolics` supplies rep
 for the case the model uses (normalisation over the last axis). `deco onnx-check` is in
 `deco.deploy.check`.
 
-Weights above `EXTERNAL_DATA_THRESHOLD` (1 GiB) go to ONE external data file `<graph>.data`
-beside the graph (protobuf cannot hold 2 GiB; DeCo-XL/16 has 2.7 GB of float32 weights), found by
-onnxruntime relative to the graph's path. `dtype="float16"|"bfloat16"` stores and computes in that
-type behind a float32 interface (`RTOL_BY_DTYPE` states the agreement).
+Weights above `deco.deploy.onnx_file.EXTERNAL_DATA_THRESHOLD` (1 GiB) go to ONE external data
+file `<graph>.data` beside the graph (protobuf cannot hold 2 GiB; DeCo-XL/16 has 2.7 GB of float32
+weights), found by onnxruntime relative to the graph's path. `dtype="float16"|"bfloat16"` stores
+and computes in that type behind a float32 interface (`RTOL_BY_DTYPE` states the agreement).
 
 A DeCo's pixel decoder is exported as a standard ONNX `Scan` over chunks of 4096 pixels
 (`deco.deploy.optimize`; `decoder_chunk_rows=None` keeps the straight-line decoder): onnxruntime's
@@ -47,10 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import os
 import shutil
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -60,8 +57,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from deco.atomic import fsync_dir, make_temporary_folder, writing
+from deco.atomic import make_temporary_folder, writing
 from deco.config import DeCoConfig
+from deco.deploy.onnx_file import _install, save_checked
+from deco.deploy.onnx_file import data_file as data_file  # re-exported: part of the export's API
+from deco.deploy.onnx_file import sha256_file as sha256_file  # re-exported likewise
 from deco.deploy.optimize import DEFAULT_CHUNK_ROWS, lower_decoders, lowered_decoders
 from deco.deploy.runtime import OnnxVelocityModel
 from deco.deploy.symbolics import symbolics
@@ -92,12 +92,6 @@ RTOL_BY_DTYPE = {"float32": ONNX_CHECK_RTOL, "float16": 1e-2, "bfloat16": 5e-2, 
 #: two different models' clamped samples differ by 2).
 GENERATOR_RTOL_BY_DTYPE = {**RTOL_BY_DTYPE, "int8": 1.0}
 #: Above this many bytes of tensor data the weights go to one external data file beside the graph.
-#: protobuf cannot serialise a message of 2 GiB or more; half of that keeps the graph's own
-#: structure and constants far from the limit, and every model under it stays one file (simpler
-#: to copy, and what most tools expect).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
-
-
 class Guided(nn.Module):
     """Classifier-free guidance around a velocity model: u + g (c - u), both branches in one
     batch [null; cond] (spec/04 §2)."""
@@ -145,14 +139,6 @@ def input_names(config: DeCoConfig, cfg: bool) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ export
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _example_inputs(config: DeCoConfig, batch: int, resolution: tuple[int, int],
                     cfg: bool) -> tuple[Tensor, ...]:
     """Random inputs in the order of `input_names`, the same at every call (a seeded generator:
@@ -284,35 +270,6 @@ def _run_on_cpu(path: Path, feed: dict[str, Any], dtype: str) -> Any:
     return OnnxVelocityModel(path, providers=["CPUExecutionProvider"]).session.run(["v"], feed)[0]
 
 
-def data_file(path: str | Path) -> Path:
-    """The external data file of the graph at `path`: `<path>.data`."""
-    path = Path(path)
-    return path.with_name(path.name + ".data")
-
-
-def _install(staged: Path, path: Path, external: bool) -> None:
-    """Move the staged graph (and its data file) to `path`.
-
-    Two files cannot be renamed at once, so the order is chosen to fail cleanly: an earlier graph
-    whose data file is about to be replaced is removed first (a reader then finds no graph,
-    never an old graph reading offsets into new data), the data goes next and the graph last. A
-    stale data file of an earlier external export goes when the new graph has none."""
-    staged_data, target_data = data_file(staged), data_file(path)
-    moves = [(staged_data, target_data)] if external else []
-    if external:  # onnx creates the data file as 0600; give it the graph's normal permissions
-        shutil.copymode(staged, staged_data)
-    for src, _ in [*moves, (staged, path)]:
-        with open(src, "rb") as f:
-            os.fsync(f.fileno())
-    if external and target_data.exists():
-        path.unlink(missing_ok=True)
-    for src, dst in [*moves, (staged, path)]:
-        os.replace(src, dst)
-    if not external:
-        target_data.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
 def _cpu_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The model in eval mode in `dtype` on the CPU, without touching the caller's model."""
     if all(p.device.type == "cpu" and p.dtype == dtype for p in model.parameters()) \
@@ -347,16 +304,6 @@ def _properties(config: DeCoConfig, cfg: bool, batch: int | None, resolution: tu
             "deco_dtype": dtype, **(metadata or {})}
 
 
-def tensor_bytes(proto: Any) -> int:
-    """Bytes of tensor data in a model's main graph: initializers and Constant nodes."""
-    import onnx  # here: onnx is an optional extra
-
-    total = sum(t.ByteSize() for t in proto.graph.initializer)
-    for node in proto.graph.node:
-        total += sum(a.t.ByteSize() for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
-    return int(total)
-
-
 def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bool | None,
             rewrite: Callable[[Any], Any] | None = None) -> bool:
     """Save the traced graph with its metadata at `staged` (weights in `<staged>.data` when
@@ -367,41 +314,6 @@ def _finish(traced: Path, staged: Path, props: dict[str, str], external_data: bo
     if rewrite is not None:  # e.g. the decoder placeholders lowered to Loops
         proto = rewrite(proto)
     return save_checked(proto, staged, props, external_data)
-
-
-def save_checked(proto: Any, staged: Path, props: dict[str, str], external_data: bool | None) -> bool:
-    """Save `proto` with `props` added to its metadata at `staged` (weights in `<staged>.data`
-    when external; None: above `EXTERNAL_DATA_THRESHOLD`), run the full ONNX checker on the path,
-    and say whether the data is external. The caller's `proto` is consumed."""
-    import onnx  # here: onnx is an optional extra
-
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    external = tensor_bytes(proto) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
-    if external:
-        _mark_external(proto, data_file(staged).name)
-        onnx.save_model(proto, str(staged))  # writes the marked tensors to the one data file
-    else:
-        onnx.save_model(proto, str(staged))
-    del proto
-    # On the path, not the proto: the checker then reads external data itself, with no 2 GiB limit.
-    onnx.checker.check_model(str(staged), full_check=True)
-    return external
-
-
-def _mark_external(proto: Any, location: str) -> None:
-    """Mark the initializers for ONE external data file `location` (beside the graph), as
-    onnx.save_model(save_as_external_data=True) does, minus its check that `location` does not
-    exist, which it makes relative to the working directory rather than to the graph: an earlier
-    export's data file in the working directory made every re-export (--force, or a re-run
-    after a kill) fail."""
-    from onnx import external_data_helper as helper  # here: onnx is an optional extra
-
-    tensors = getattr(helper, "_get_initializer_tensors", lambda m: m.graph.initializer)(proto)
-    for tensor in tensors:  # onnx's default size_threshold: 1024 bytes
-        if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= 1024:
-            helper.set_external_data(tensor, location)
 
 
 def _check_other_shapes(net: nn.Module, path: Path, config: DeCoConfig, cfg: bool,

@@ -18,7 +18,7 @@ Why per channel, no reduce_range: on two random tiny models per-channel weights 
 velocity error from 0.084 / 0.049 to 0.055 / 0.048 (for 4% more file); `reduce_range` (7-bit
 weights, for CPUs without VNNI where u8 x s8 products can saturate) raised it 1.2-1.7x.
 
-The generator graph is built around the *quantised* velocity graph (`deco.deploy.generator.
+The generator graph is built around the *quantised* velocity graph (`deco.deploy.generator_graph.
 build_generator`). Quantising a finished generator does not work: with onnxruntime 1.32 the
 quantizer walks into the Loop body but, the weights being outer-scope values, quantises none of
 its 39 MatMuls and copies float32 (transposed) weights into the body instead (a 1.28 MB graph
@@ -43,16 +43,14 @@ from deco.deploy.export import (
     _check_options,
     _check_other_shapes,
     _cpu_copy,
-    _install,
     _properties,
     config_of,
-    data_file,
     export_onnx,
     guided,
     load_checkpoint,
     output_path,
-    save_checked,
 )
+from deco.deploy.onnx_file import _install, data_file, save_checked
 
 INT8 = "int8"
 #: The operators whose constant weights are quantised.
@@ -133,8 +131,9 @@ def export_int8_generator(
     the generator of `deco.deploy.generator` around the quantised velocity graph, checked against
     `deco.optimized.sample` (float32) to `GENERATOR_RTOL_BY_DTYPE["int8"]` (the error compounds
     over the steps); atomic like `export_int8`."""
-    from deco.deploy.generator import build_generator, generator_properties
+    from deco.deploy.generator import generator_properties
     from deco.deploy.generator_check import check_export
+    from deco.deploy.generator_graph import build_generator
     from deco.optimized.sampling import SampleSettings
 
     config = config_of(model)

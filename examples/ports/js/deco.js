@@ -4,11 +4,19 @@
 // right kind with an invalid value (the spec's ValueError); the message starts with the
 // argument's name and a colon.
 //
-// Planted defect, for the test-suite: DECO_JS_DEFECT=transpose_dct makes block_dct store the
-// coefficient [v, u] at [u, v] (02 §2: u is the vertical, v the horizontal frequency).
+// Planted defects, for the test-suite (one at a time, DECO_JS_DEFECT=NAME): transpose_dct makes
+// block_dct store the coefficient [v, u] at [u, v] (02 §2: u is the vertical, v the horizontal
+// frequency). The others are convention slips of the kit's catalogue (deco.conformance.differential),
+// named as it names them, one per kind of slip: a border (pad_symmetric: the padding repeats the
+// edge sample, 02 §3), one axis of a separable transform (dct_width_inverse: Y = C X C, 02 §2), a
+// constant's arithmetic (quality_integer_division: 5000 // q, 02 §4), a frequency basis
+// (time_max_period_10000, 03 §2), positions (rope_integer_positions: 0..n−1, 03 §4) and a formula
+// inverted (timeshift_inverted: shift 1/s, 01 §3).
 
-export const DEFECTS = ["transpose_dct"];
-const TRANSPOSE_DCT = process.env.DECO_JS_DEFECT === "transpose_dct";
+export const DEFECTS = ["transpose_dct", "pad_symmetric", "dct_width_inverse", "quality_integer_division",
+  "time_max_period_10000", "rope_integer_positions", "timeshift_inverted"];
+const DEFECT = process.env.DECO_JS_DEFECT;
+const TRANSPOSE_DCT = DEFECT === "transpose_dct";
 
 // ---------------------------------------------------------------------------------- helpers
 
@@ -86,6 +94,7 @@ export function dctMatrix(n = 8) {
 
 /** 02 §3: reflect index of row/column r of an axis of length n padded at the end (mirror about n − 1). */
 function reflect(r, n) {
+  if (DEFECT === "pad_symmetric") return r < n ? r : 2 * n - 1 - r;
   return r < n ? r : 2 * (n - 1) - r;
 }
 
@@ -127,7 +136,7 @@ export function blockDct(x) {
         for (let u = 0; u < 8; u++) {
           for (let v = 0; v < 8; v++) {
             let s = 0;
-            for (let j = 0; j < 8; j++) s += T[u * 8 + j] * C[v][j];
+            for (let j = 0; j < 8; j++) s += T[u * 8 + j] * (DEFECT === "dct_width_inverse" ? C[j][v] : C[v][j]);
             out.data[dst + (TRANSPOSE_DCT ? v * 8 + u : u * 8 + v)] = s;
           }
         }
@@ -153,6 +162,7 @@ const CHROMINANCE = [
 /** 02 §4: IJG quality scale, with the real division 5000 / q below 50 (as the release). */
 export function qualityScale(quality) {
   checkInt("quality", quality, 1, 100);
+  if (DEFECT === "quality_integer_division" && quality < 50) return Math.floor(5000 / quality);
   return quality < 50 ? 5000 / quality : 200 - 2 * quality;
 }
 
@@ -208,7 +218,8 @@ export function timestepFeatures(t) {
   const out = tensor([B, 256]);
   for (let b = 0; b < B; b++) {
     for (let k = 0; k < 128; k++) {
-      const a = t.data[b] * Math.exp((-Math.log(10) * k) / 128);
+      const period = DEFECT === "time_max_period_10000" ? 10000 : 10;
+      const a = t.data[b] * Math.exp((-Math.log(period) * k) / 128);
       out.data[b * 256 + k] = Math.cos(a);
       out.data[b * 256 + 128 + k] = Math.sin(a);
     }
@@ -225,8 +236,9 @@ export function ropeAngles(gridH, gridW, headDim) {
   checkInt("grid_w", gridW, 1, Number.MAX_SAFE_INTEGER);
   checkInt("head_dim", headDim, 4, Number.MAX_SAFE_INTEGER);
   if (headDim % 4 !== 0) throw new RangeError(`head_dim: expected a multiple of 4, got ${headDim}`);
-  const posX = linspace(0, 16, gridW);
-  const posY = linspace(0, 16, gridH);
+  const integer = DEFECT === "rope_integer_positions";
+  const posX = integer ? linspace(0, gridW - 1, gridW) : linspace(0, 16, gridW);
+  const posY = integer ? linspace(0, gridH - 1, gridH) : linspace(0, 16, gridH);
   const half = headDim / 2;
   const out = tensor([gridH * gridW, half]);
   for (let r = 0; r < gridH; r++) {
@@ -271,9 +283,10 @@ export function timeGrid(steps, timeshift = 1.0) {
   checkReal("timeshift", timeshift);
   if (!(timeshift > 0)) throw new RangeError(`timeshift: expected > 0, got ${timeshift}`);
   const out = tensor([steps + 1]);
+  const s = DEFECT === "timeshift_inverted" ? 1 / timeshift : timeshift;
   for (let i = 0; i <= steps; i++) {
     const t = i / steps;
-    out.data[i] = t / (t + (1 - t) * timeshift);
+    out.data[i] = t / (t + (1 - t) * s);
   }
   return out;
 }
