@@ -8,6 +8,7 @@ pipeline folder (`write_pipeline`). Nothing else in `deco` imports this package 
 """
 
 from .convert import imagenet_id2label, write_pipeline
+from .lora import DeCoLoraLoaderMixin
 from .pipelines import DeCoPipeline, DeCoPipelineBase, DeCoTextPipeline
 from .schedulers import DeCoAdamsScheduler, DeCoHeunScheduler, DeCoScheduler
 from .transformer import DeCoTransformer2DModel
@@ -15,6 +16,7 @@ from .transformer import DeCoTransformer2DModel
 __all__ = [
     "DeCoAdamsScheduler",
     "DeCoHeunScheduler",
+    "DeCoLoraLoaderMixin",
     "DeCoPipeline",
     "DeCoPipelineBase",
     "DeCoScheduler",

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor
@@ -26,13 +27,18 @@ from deco.config import DeCoConfig
 from deco.optimized import build_model
 
 
-class DeCoTransformer2DModel(ModelMixin, ConfigMixin):  # type: ignore[misc]
+class DeCoTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):  # type: ignore[misc]
     """A DeCo velocity model with diffusers' save_pretrained / from_pretrained.
+
+    LoRA: diffusers' `PeftAdapterMixin` (`load_lora_adapter`, `set_adapters`, `fuse_lora`, ...;
+    adapters of `deco train --lora` load as they are, see `deco.lora`). Gradient checkpointing:
+    `enable_gradient_checkpointing` sets the wrapped model's `gradient_checkpointing` (its DiT
+    and text refine blocks are recomputed in backward).
 
     The arguments are `DeCoConfig`'s fields (spec/03 §1, spec/06 §1), `id2label` (class id ->
     name, JSON keys are strings; None when the classes have no names) and `sample_size`."""
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True
 
     @register_to_config  # type: ignore[untyped-decorator]  # diffusers is not analysed (pyproject)
     def __init__(
