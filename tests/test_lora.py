@@ -96,7 +96,7 @@ def test_targets_skip_folded_decoder_weights_and_refuse_unknown_ones(models: dic
     names = lora.resolve_targets(model, ["adaln"])
     assert names and all(n.startswith("blocks.") for n in names)
     assert any(n.startswith("decoder.blocks.") for n, _ in model.named_modules() if n.endswith("adaln"))
-    with pytest.raises(ValueError, match="lora_targets: decoder.pixel_embed is not called"):
+    with pytest.raises(ValueError, match=r"lora_targets: decoder\.pixel_embed is not called"):
         lora.resolve_targets(model, ["pixel_embed"])
     with pytest.raises(ValueError, match="lora_targets: 'w12' names no linear"):
         lora.resolve_targets(model, ["w12"])
@@ -168,8 +168,8 @@ def test_diffusers_pipelines_load_fuse_and_save_our_adapters(models: dict[str, A
         pipe.fuse_lora()
         assert (images() - expected).abs().max() <= 1e-5 * scale
         pipe.unfuse_lora()
-        pipe.save_lora_weights(tmp_path / f"{kind}-saved", transformer_lora_layers=peft.get_peft_model_state_dict(
-            pipe.transformer, adapter_name="tuned"))
+        layers = peft.get_peft_model_state_dict(pipe.transformer, adapter_name="tuned")
+        pipe.save_lora_weights(tmp_path / f"{kind}-saved", transformer_lora_layers=layers)
         pipe.unload_lora_weights()
         assert (images() - plain).abs().max() <= 1e-5 * scale
         again = lora.load_adapter(copy.deepcopy(base), tmp_path / f"{kind}-saved" / lora.ADAPTER_NAME)

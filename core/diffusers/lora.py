@@ -13,13 +13,15 @@ one Sana, CogVideoX, Mochi and LTX-Video share; DeCo takes it as it is, so
 are diffusers' code paths (`LoraBaseMixin`), nothing re-implemented here.
 """
 
+from typing import ClassVar
+
 from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 
 
 class DeCoLoraLoaderMixin(SanaLoraLoaderMixin):  # type: ignore[misc]
     """Load, save, fuse and unfuse LoRA adapters of a DeCo pipeline's `transformer`."""
 
-    _lora_loadable_modules = ["transformer"]
+    _lora_loadable_modules: ClassVar[list[str]] = ["transformer"]
     transformer_name = "transformer"
 
 
