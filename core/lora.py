@@ -26,7 +26,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -48,6 +48,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "class": ("qkv", "proj", "w1", "w2", "w3"),
     "text": ("qkv", "kv_text", "proj", "w12", "w3"),
 }
+M = TypeVar("M", bound=nn.Module)
 ADAPTER = "default"  # peft's adapter name inside the model
 MAX_RANK = 4096  # a file's rank above this is refused before any allocation
 
@@ -129,8 +130,8 @@ def resolve_targets(model: nn.Module, targets: Sequence[str] | None = None) -> l
     return [n for n in matched if n in called]
 
 
-def add_lora(model: nn.Module, rank: int, targets: Sequence[str], alpha: float | None = None,
-             rslora: bool = False) -> nn.Module:
+def add_lora(model: M, rank: int, targets: Sequence[str], alpha: float | None = None,
+             rslora: bool = False) -> M:
     """Wrap the linears `targets` (full names, `resolve_targets`) with peft LoRA layers of rank
     `rank`, scale alpha / rank (alpha default: rank; rslora: alpha / sqrt(rank)), B = 0 (the
     model is unchanged until trained); freeze everything else. Returns the model (in place)."""
@@ -145,9 +146,9 @@ def add_lora(model: nn.Module, rank: int, targets: Sequence[str], alpha: float |
     config = peft.LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha,
                              target_modules=pattern, lora_dropout=0.0, bias="none", use_rslora=rslora)
     model.requires_grad_(False)
-    out: nn.Module = peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    model._deco_lora_config = config  # type: ignore[assignment]  # what save_adapter records
-    return out
+    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)  # in place
+    model._deco_lora_config = config  # what save_adapter records
+    return model
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -166,9 +167,9 @@ def adapter_state(model: nn.Module) -> dict[str, Tensor]:
 
 def save_adapter(model: nn.Module, path: str | Path) -> None:
     """Write the adapter as diffusers writes a pipeline's LoRA (module docstring), atomically."""
-    config = getattr(model, "_deco_lora_config", None)
+    config: Any = getattr(model, "_deco_lora_config", None)
     if config is None:
-        config = model.peft_config[ADAPTER]  # type: ignore[index]  # peft's record on the model
+        config = getattr(model, "peft_config")[ADAPTER]  # noqa: B009  # peft's record on the model
     fields = {METADATA_PREFIX + k: sorted(v) if isinstance(v, set) else v
               for k, v in config.to_dict().items()}
     meta = {"format": "pt", METADATA_KEY: json.dumps(fields, indent=2, sort_keys=True, default=str)}
@@ -231,7 +232,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return settings, tensors
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+def load_adapter(model: M, path: str | Path) -> M:
     """Add the adapter in `path` to a plain model (unmerged peft layers, all weights frozen);
     the file's modules and shapes are checked against the model first."""
     peft = _peft()
@@ -257,7 +258,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def merge_adapter(model: nn.Module) -> nn.Module:
+def merge_adapter(model: M) -> M:
     """Fold every LoRA layer into its linear (peft's `merge`: W += scale B A) and put the plain
     linear back in its place: the model's state dict is the plain one again. In place."""
     peft = _peft()

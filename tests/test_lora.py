@@ -201,7 +201,7 @@ def test_trainer_trains_only_the_adapter_with_its_ema(models: dict[str, Any]) ->
     base = randomized(models["class"], seed=0)
     model = copy.deepcopy(base)
     lora.add_lora(model, 2, lora.resolve_targets(model))
-    trainer = Trainer(model, TrainConfig(lr=1e-2, ema_decay=0.5, seed=0))
+    trainer = Trainer(model, TrainConfig(lr=1e-2, ema_decay=0.9, seed=0))
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     y = torch.tensor([0, 1, 2, 3]) % model.config.num_classes
     for _ in range(2):
