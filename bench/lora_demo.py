@@ -1,6 +1,6 @@
 """LoRA on the built-in digits demo: a fine-tune teaches the base model a class it never saw.
 
-    python bench/lora_demo.py OUT [--base-steps 1500] [--steps 500] [--rank 8]
+    python bench/lora_demo.py OUT [--base-steps 2000] [--steps 500] [--rank 8]
 
 1. base: `deco train`'s digits run (DeCo-tiny/4, the digits defaults) on the digits *without any
    9*: label 9 exists in the model (10 classes) but its embedding never trains.
@@ -56,7 +56,7 @@ def score(run: Path, classifier: DigitsClassifier, per_class: int) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--base-steps", type=int, default=1500)
+    parser.add_argument("--base-steps", type=int, default=DIGITS_DEFAULTS["steps"])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=DIGITS_DEFAULTS["train"].lr)
