@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from deco.checkpoint import check_training_state, find_checkpoint, is_checkpoint, load_checkpoint
 from deco.config import DeCoConfig
+from deco.lora import add_lora, merge_adapter, resolve_targets
 from deco.optimized import DiffusionTransformer, build_model, load_model
 from deco.optimized.sampling import SampleSettings, sample_with
 
@@ -59,18 +60,25 @@ class Loaded:
 
 
 def load_for_sampling(path: Path, device: torch.device, text: bool = False) -> Loaded:
-    """The EMA model of a run folder or training checkpoint, or a `.safetensors` / release `.ckpt`
-    model (`deco.optimized.load_model`); text: whether a text-to-image model is accepted."""
+    """The EMA model of a run folder or training checkpoint (a LoRA run's with its adapter
+    merged), or a `.safetensors` / release `.ckpt` model (`deco.optimized.load_model`); text:
+    whether a text-to-image model is accepted."""
     path = Path(path)
     file = find_checkpoint(path)
     if is_checkpoint(file):
         state = load_checkpoint(file, only="trainer/ema",
                                 validate=check_training_state(file, ("trainer/ema",)))
         config = DeCoConfig.from_dict(state["config"])
-        with torch.device("meta"):
-            model = build_model(config)
-        model.load_state_dict(state["trainer"]["ema"], strict=True, assign=True)
         run = state["run"]
+        if run.get("lora_rank") is not None:  # a LoRA fine-tune: its layers, then merged
+            model = build_model(config)
+            add_lora(model, int(run["lora_rank"]), resolve_targets(model, run.get("lora_targets")))
+            model.load_state_dict(state["trainer"]["ema"], strict=True)
+            model = merge_adapter(model)
+        else:
+            with torch.device("meta"):
+                model = build_model(config)
+            model.load_state_dict(state["trainer"]["ema"], strict=True, assign=True)
         sample = run.get("sample")
         settings = None if sample is None else SampleSettings.from_dict(sample)
         resolution = run.get("resolution")

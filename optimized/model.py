@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -40,9 +41,23 @@ from .layers import (
 )
 
 
+def checkpoint_block(block: nn.Module, *args: Any) -> Tensor:
+    """block(*args) under activation checkpointing: only the inputs are kept for backward and
+    the block's forward runs again there (non-reentrant: works with frozen inputs and kwargs-free
+    calls, and gives the plain gradients exactly). The signature of diffusers'
+    `_gradient_checkpointing_func`, which `enable_gradient_checkpointing` may replace it with."""
+    out: Tensor = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return out
+
+
 class DiffusionTransformer(nn.Module):
     """The DiT trunk shared by `DeCo` and `BaselineDiT`: time/label embeddings, a linear patch
     embedding and `config.depth` AdaLN blocks with 2-D RoPE attention.
+
+    `gradient_checkpointing` (default off; `set_gradient_checkpointing`, `deco train
+    --grad-checkpointing`, diffusers' `enable_gradient_checkpointing`): while gradients are
+    recorded, every DiT block (and the text model's refine blocks) keeps only its input and is
+    recomputed in backward, trading one more forward of the blocks for their activations.
 
     Initialisation is DiT's: xavier-uniform linears with zero biases, normal(0.02) label table
     and time-MLP weights, unit norm gains. Like the release, the DiT blocks' adaln is *not*
@@ -65,6 +80,21 @@ class DiffusionTransformer(nn.Module):
             DiTBlock(h, config.num_heads, config.mlp_hidden, joint=text, fused_mlp=text)
             for _ in range(config.depth)
         ])
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = checkpoint_block
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Turn activation checkpointing of the blocks on or off (see the class docstring)."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+        self.gradient_checkpointing = enabled
+
+    def run_block(self, block: nn.Module, *args: Any) -> Tensor:
+        """block(*args), checkpointed when `gradient_checkpointing` is on and autograd records."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, *args)
+        out: Tensor = block(*args)
+        return out
 
     def build_condition(self) -> None:
         """Create the condition's embedding: the label table (the text model overrides this)."""
@@ -126,7 +156,7 @@ class DiffusionTransformer(nn.Module):
         tokens = self.patch_embed(patchify(x, p))  # (B, L, D)
         cos, sin = self.rope(gh, gw, tokens)  # (L, 1, hd/2)
         for block in self.blocks:
-            tokens = block(tokens, c, cos, sin, context)
+            tokens = self.run_block(block, tokens, c, cos, sin, context)
         return tokens, t_emb, c
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
@@ -283,6 +313,7 @@ REFERENCE_TWINS: dict[str, object] = {
 
 __all__ = [
     "REFERENCE_TWINS", "BaselineDiT", "DeCo", "DiffusionTransformer", "apply_rope", "check_image_and_time",
+    "checkpoint_block",
     "dct_position_features", "layer_norm", "patchify", "rope_angles", "timestep_features",
 ]
 

@@ -63,7 +63,7 @@ class TextDeCo(DeCo):
         c = F.silu(t_emb)  # (B, D): the text does not enter the AdaLN condition
         tokens = self.text_embed(text) + self.text_pos_embed  # (B, T, D)
         for block in self.text_blocks:
-            tokens = block(tokens, c, None, None)  # self-attention over the text, no RoPE
+            tokens = self.run_block(block, tokens, c, None, None)  # self-attention, no RoPE
         return c, tokens
 
     def rope(self, grid_h: int, grid_w: int, like: Tensor) -> tuple[Tensor, Tensor]:

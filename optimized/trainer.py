@@ -179,9 +179,12 @@ class Trainer:
             # for the loop or foreach versions at DeCo-S size, measured with 2 threads).
             fused=self.device.type in ("cuda", "cpu"),
         )
-        # Cached tensor lists for the fused EMA update (same order in the model and its copy).
-        self._ema_params: list[Tensor] = list(self.ema.parameters())
-        self._model_params: list[Tensor] = list(model.parameters())
+        # Cached tensor lists for the fused EMA update (same order in the model and its copy),
+        # trainable parameters only: a frozen one (a LoRA fine-tune's base) keeps its value.
+        pairs = [(e, p) for e, p in zip(self.ema.parameters(), model.parameters(), strict=True)
+                 if p.requires_grad]
+        self._ema_params: list[Tensor] = [e for e, _ in pairs]
+        self._model_params: list[Tensor] = [p for _, p in pairs]
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.step_count = 0
 

@@ -21,7 +21,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("deco.release",),
     ("deco.reference", "deco.optimized"),
     ("deco.outputs", "deco.output_policy", "deco.plan_identity", "deco.data", "deco.distributed",
-     "deco.checkpoint"),
+     "deco.checkpoint", "deco.lora"),
     ("deco.generate",),
     ("deco.evaluate", "deco.text", "deco.deploy", "deco.conformance", "deco.diffusers", "deco.vectors"),
     ("deco.train",),

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from deco.errors import UsageError
+
 
 def existing_file(text: str) -> Path:
     """argparse type: a path that must exist as a file."""
@@ -50,3 +52,13 @@ def shown(value: Any) -> str:
     if isinstance(value, (tuple, list)):
         return " ".join(shown(v) for v in value)
     return str(value)
+
+
+def with_adapter(model: Any, path: Path) -> Any:
+    """The model with the LoRA adapter in `path` (deco.lora.load_adapter); errors name --lora."""
+    from deco.lora import load_adapter
+
+    try:
+        return load_adapter(model, path)
+    except (ImportError, ValueError) as exc:
+        raise UsageError(f"--lora: {str(exc).removeprefix('lora: ')}") from None

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from deco.cli.common import existing_file
+from deco.cli.common import existing_file, with_adapter
 from deco.errors import UsageError
 from deco.output_policy import add_force, check_output
 
@@ -39,6 +39,9 @@ def register(sub: Any) -> None:
                    "for 1000 classes, none otherwise)")
     p.add_argument("--sample-size", type=int, default=256,
                    help="--to diffusers: the pipeline's default image side in pixels (default: %(default)s)")
+    p.add_argument("--lora", type=existing_file, default=None, metavar="ADAPTER",
+                   help="merge this LoRA adapter into the model (CKPT: any model deco sample reads) and "
+                   "write the plain result, e.g. for deco export-onnx")
     add_force(p)
     p.set_defaults(handler=convert)
 
@@ -56,6 +59,8 @@ def register(sub: Any) -> None:
 
 def convert(args: argparse.Namespace) -> int:
     check_output(args.output, args.force, folder=args.to == "diffusers")
+    if args.lora is not None:
+        return convert_with_adapter(args)
     if args.to == "diffusers":
         return convert_to_diffusers(args)
     for flag, value in (("--text-encoder", args.text_encoder), ("--labels", args.labels)):
@@ -70,6 +75,29 @@ def convert(args: argparse.Namespace) -> int:
     weights = {k: v.detach().cpu().numpy() for k, v in state.items()}
     save_weights(args.output, config, weights, dtype=np.dtype(args.dtype))
     print(f"wrote {args.output} ({config.architecture}, {len(weights)} tensors, {args.weights})")
+    return 0
+
+
+def convert_with_adapter(args: argparse.Namespace) -> int:
+    """`deco convert CKPT OUT.safetensors --lora ADAPTER`: the model with the adapter merged into
+    its weights (deco.lora.merge_adapter), a plain DeCo .safetensors file."""
+    import torch
+
+    from deco.generate import load_for_sampling
+    from deco.lora import merge_adapter
+
+    if args.to != "safetensors":
+        raise UsageError("--lora: only with --to safetensors (in diffusers: pipe.load_lora_weights, "
+                         "then pipe.fuse_lora)")
+    if args.weights != "ema":
+        raise UsageError("--lora: the adapter is merged into the model's EMA weights; drop --weights")
+    try:
+        loaded = load_for_sampling(args.checkpoint, torch.device("cpu"), text=True)
+    except ValueError as exc:
+        raise UsageError(f"checkpoint: {exc}") from None
+    model = merge_adapter(with_adapter(loaded.model, args.lora))
+    model.save(args.output, dtype=getattr(torch, args.dtype))
+    print(f"wrote {args.output} ({model.config.architecture}, {args.checkpoint} with {args.lora} merged)")
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from deco.cli import sample_text as cli_sample_text
-from deco.cli.common import default_of, shown
+from deco.cli.common import default_of, existing_file, shown, with_adapter
 from deco.errors import UsageError
 from deco.evaluate.sample_batches import ShardPlan
 from deco.generate import generate
@@ -71,6 +71,9 @@ def _register_sample(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=default_of(generate, "batch_size"),
                    help="images per forward pass (%(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--lora", type=existing_file, default=None, metavar="ADAPTER",
+                   help="apply a LoRA adapter (pytorch_lora_weights.safetensors of deco train --lora, or "
+                   "one saved by diffusers' save_lora_weights)")
     p.add_argument("--out", type=Path, default=Path("samples.png"),
                    help="an image grid (.png, .jpg or another image suffix), an .npz (uint8 NHWC "
                    "arr_0, labels arr_1) or a folder of PNGs (a path without a suffix). An existing "
@@ -124,6 +127,8 @@ def sample(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     loaded = load_for_sampling(args.checkpoint, device, text=True)
+    if args.lora is not None:
+        with_adapter(loaded.model, args.lora)
     if loaded.model.config.is_text:
         return cli_sample_text.sample(args, loaded, _settings(args, loaded), device)
     for flag in ("prompt", "prompts", "text_encoder"):
@@ -255,6 +260,8 @@ def evaluate(args: argparse.Namespace) -> int:
         metrics_in_run(args.checkpoint)  # a metrics.json linking out is refused before the work
     device = _device(args.device)
     loaded = load_for_sampling(args.checkpoint, device, text=True)
+    if args.lora is not None:
+        with_adapter(loaded.model, args.lora)
     if loaded.model.config.is_text:
         return cli_sample_text.evaluate(args, loaded, _settings(args, loaded), device)
     digits_compatible(loaded.model.config)

@@ -90,6 +90,19 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--num-workers", "num_workers", {
         "type": int, "help": f"data-loading processes for --data ({_run('num_workers')})"}),
     ("--device", "device", {"choices": ["auto", "cpu", "cuda"], "help": f"default: {_run('device')}"}),
+    ("--init", "init", {"type": Path, "metavar": "CHECKPOINT",
+                        "help": "fine-tune: start from this trained model (run folder, training checkpoint "
+                        "or .safetensors; its EMA weights and config)"}),
+    ("--lora", "lora_rank", {
+        "type": int, "metavar": "RANK", "help": "train only a LoRA adapter of this rank on the --init "
+        "model (needs peft); writes pytorch_lora_weights.safetensors (diffusers' format) and the "
+        "merged model"}),
+    ("--lora-targets", "lora_targets", {
+        "nargs": "+", "metavar": "NAME", "help": "linears the adapter wraps, by name suffix, e.g. qkv "
+        "adaln (default: the attention and MLP products of the DiT blocks, deco.lora.DEFAULT_TARGETS)"}),
+    ("--grad-checkpointing", "grad_checkpointing", {
+        "action": BOOL, "help": "recompute each DiT block in backward instead of keeping its activations "
+        f"(less memory, ~1 more forward; default {_run('grad_checkpointing')})"}),
     ("--sample-steps", "sample.steps", {"type": int, "help": "sampling steps of the final grid"}),
     ("--guidance", "sample.guidance", {"type": float, "help": "guidance scale of the final grid"}),
     ("--interval", "sample.interval", {"type": float, "nargs": 2, "metavar": ("LOW", "HIGH"),
@@ -132,8 +145,9 @@ def train(args: argparse.Namespace) -> int:
     from deco.train.run_config import RunConfig, with_overrides
 
     given = {field: getattr(args, field) for _, field, _ in OPTIONS if getattr(args, field) is not None}
-    if "sample.interval" in given:
-        given["sample.interval"] = tuple(given["sample.interval"])
+    for field in ("sample.interval", "lora_targets"):
+        if field in given:
+            given[field] = tuple(given[field])
     if args.resume and args.out is None:
         raise UsageError("--resume: give the run folder to continue with --out DIR")
     for field in ("train.repa_weight", "train.repa_layer"):

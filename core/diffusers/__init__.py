@@ -9,6 +9,7 @@ pipeline folder (`write_pipeline`). Nothing else in `deco` imports this package 
 
 from .attention import DeCoAttention, DeCoAttnProcessor
 from .convert import imagenet_id2label, write_pipeline
+from .lora import DeCoLoraLoaderMixin
 from .pipelines import DeCoPipeline, DeCoPipelineBase
 from .pipelines_text import DeCoTextPipeline
 from .schedulers import DeCoAdamsScheduler, DeCoHeunScheduler, DeCoScheduler
@@ -19,6 +20,7 @@ __all__ = [
     "DeCoAttention",
     "DeCoAttnProcessor",
     "DeCoHeunScheduler",
+    "DeCoLoraLoaderMixin",
     "DeCoPipeline",
     "DeCoPipelineBase",
     "DeCoScheduler",

@@ -45,6 +45,7 @@ from torch import Tensor
 from deco.atomic import atomic_write
 from deco.optimized.sampling import guidance_at, guided_velocity, time_grid
 
+from .lora import DeCoLoraLoaderMixin
 from .schedulers import DeCoScheduler
 from .transformer import DeCoTransformer2DModel
 
@@ -84,9 +85,9 @@ class TransformerVelocity:
         return out
 
 
-class DeCoPipelineBase(DiffusionPipeline):  # type: ignore[misc]
+class DeCoPipelineBase(DiffusionPipeline, DeCoLoraLoaderMixin):  # type: ignore[misc]
     """The sampling loop, the argument checks, the output conversion and the folder format shared
-    by the class- and text-conditioned pipelines."""
+    by the class- and text-conditioned pipelines; diffusers' LoRA loading (`DeCoLoraLoaderMixin`)."""
 
     transformer: DeCoTransformer2DModel
     scheduler: Any

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -29,8 +30,13 @@ from deco.optimized import build_model
 from .attention import use_attention_processors
 
 
-class DeCoTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):  # type: ignore[misc]
+class DeCoTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):  # type: ignore[misc]
     """A DeCo velocity model with diffusers' save_pretrained / from_pretrained.
+
+    LoRA: diffusers' `PeftAdapterMixin` (`load_lora_adapter`, `set_adapters`, `fuse_lora`, ...;
+    adapters of `deco train --lora` load as they are, see `deco.lora`). Gradient checkpointing:
+    `enable_gradient_checkpointing` sets the wrapped model's `gradient_checkpointing` (its DiT
+    and text refine blocks are recomputed in backward).
 
     The arguments are `DeCoConfig`'s fields (spec/03 §1, spec/06 §1), `id2label` (class id ->
     name, JSON keys are strings; None when the classes have no names) and `sample_size`.
@@ -38,7 +44,7 @@ class DeCoTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin):  # type: 
     Attention runs through diffusers' attention processors (`attn_processors`,
     `set_attn_processor`, `set_attention_backend`; deco.diffusers.attention)."""
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True
     # Layerwise casting (enable_layerwise_casting) keeps these in the compute dtype: the input
     # embedding, whose weight dtype is the dtype the model casts its inputs to, and the pixel
     # decoder layers whose weights the decoder folds together before use (outside the layers'

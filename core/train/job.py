@@ -22,6 +22,7 @@ one process on the same global batch (up to the order of floating-point reductio
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -49,7 +50,8 @@ from deco.config import DeCoConfig, parameter_count
 from deco.data import BatchStream, TrainDataset, open_dataset
 from deco.distributed import Dist, all_ok, broadcast_object, setup_distributed
 from deco.errors import FieldError
-from deco.generate import class_labels, generate
+from deco.generate import class_labels, generate, load_for_sampling
+from deco.lora import ADAPTER_NAME, add_lora, merge_adapter, resolve_targets, save_adapter, trainable_count
 from deco.optimized import NonFiniteLossError, Trainer, build_model, cpu_gemm
 from deco.optimized.trainer import TrainConfig
 from deco.outputs import grid_image, plot_loss, read_log, save_png, to_uint8, write_json, write_log
@@ -130,16 +132,24 @@ class Job:
     def _build(self, dataset: TrainDataset | None, state: dict[str, Any] | None) -> None:
         """Dataset, model (checked against the memory it will need), Trainer and data stream."""
         run = self.run
-        assert run.batch_size is not None and run.model is not None and run.train is not None
+        assert run.batch_size is not None and run.train is not None
         assert run.accumulation is not None
         if run.batch_size % (self.d.world_size * run.accumulation):
             raise FieldError("batch_size", f"the global batch {run.batch_size} must be divisible by "
                                            f"the number of processes {self.d.world_size} times the "
                                            f"accumulation {run.accumulation}")
         self.local_batch = run.batch_size // self.d.world_size
+        init = None
         if state is not None:  # the checkpoint's config: an edited .json file cannot change it
             self.config = DeCoConfig.from_dict(state["config"])
+        elif run.init is not None:  # a fine-tune: the trained model's config and EMA weights
+            try:
+                init = load_for_sampling(run.init, torch.device("cpu"), text=True).model
+            except (FileNotFoundError, ValueError) as exc:
+                raise FieldError("init", str(exc)) from None
+            self.config = init.config
         elif run.task == "t2i":
+            assert run.model is not None
             self.config = model_config(run.model, None)
         self.text: TextSource | None = None
         if run.task == "t2i":
@@ -147,7 +157,8 @@ class Job:
             opened, self.text = open_text_source(run, self.config, self.out, self.d)
             dataset = opened if dataset is None else dataset
         self.dataset = dataset if dataset is not None else open_dataset(run.data, run.resolution)
-        if state is None and run.task == "c2i":
+        if state is None and init is None and run.task == "c2i":
+            assert run.model is not None
             self.config = model_config(run.model, self.dataset.num_classes)
         self._check_task()
         if not self.config.is_text and self.config.num_classes != self.dataset.num_classes:
@@ -155,11 +166,14 @@ class Job:
                                      f"has {self.config.num_classes}")
         if self.dataset.resolution % self.config.patch_size:
             raise FieldError("resolution", f"{self.dataset.resolution} is not a multiple of the patch "
-                                           f"size {self.config.patch_size} of {run.model}")
+                                           f"size {self.config.patch_size} of {self.model_name}")
         micro_batch = self.local_batch // run.accumulation  # what one forward pass holds
         check_memory(self.config, micro_batch, self.dataset.resolution, self.d.device)
         torch.manual_seed(run.train.seed)  # identical initial weights on every rank
         self.model = build_model(self.config).to(self.d.device)
+        if init is not None:
+            self.model.load_state_dict(init.state_dict())
+        self._fine_tuning()
         if run.compile:
             self.model.compile()  # in place: parameter names (checkpoints) stay unprefixed
         self.net: torch.nn.Module = self.model
@@ -169,10 +183,26 @@ class Job:
                                                                        run.num_workers)
         self.trainer_class = Trainer
 
+    @property
+    def model_name(self) -> str:
+        """The preset or .json file of the model, or the --init checkpoint it starts from."""
+        return self.run.model or f"the model of {self.run.init}"
+
+    def _fine_tuning(self) -> None:
+        """LoRA layers (frozen base) when the run asks for them; activation checkpointing."""
+        run = self.run
+        if run.lora_rank is not None:
+            try:
+                add_lora(self.model, run.lora_rank, resolve_targets(self.model, run.lora_targets))
+            except ValueError as exc:
+                field, _, message = str(exc).partition(": ")
+                raise FieldError(field, message) from None
+        self.model.set_gradient_checkpointing(run.grad_checkpointing)
+
     def _check_task(self) -> None:
         if self.config.is_text != (self.run.task == "t2i"):
             kind = "text" if self.config.is_text else "class"
-            raise FieldError("model", f"{self.run.model} is a {kind}-conditional model, but the task "
+            raise FieldError("model", f"{self.model_name} is a {kind}-conditional model, but the task "
                                       f"is {self.run.task}")
 
     def _wrap(self) -> None:
@@ -203,7 +233,7 @@ class Job:
             raise FieldError("repa_encoder", str(exc).removeprefix("path: ")) from None
         if not train_config.repa_layer <= self.config.depth:
             raise FieldError("train.repa_layer", f"expected a DiT block in 1..{self.config.depth} "
-                                                 f"for {self.run.model}, got {train_config.repa_layer}")
+                                                 f"for {self.model_name}, got {train_config.repa_layer}")
         return dataclasses.replace(train_config, repa_encoder_dim=encoder.dim), encoder
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -316,6 +346,9 @@ class Job:
         if not self.d.is_main:
             return summary
         ema: Any = self.trainer.ema
+        if run.lora_rank is not None:  # the adapter, and the model with it merged
+            save_adapter(ema, self.out / ADAPTER_NAME)
+            ema = merge_adapter(copy.deepcopy(ema))
         ema.save(self.out / MODEL_NAME)
         t0 = time.perf_counter()
         if self.text is not None:
@@ -340,6 +373,7 @@ class Job:
             "model": run.model,
             "config": self.config.to_dict(),
             "parameters": parameter_count(self.config),
+            "trainable_parameters": trainable_count(self.model),
             "dataset": self.dataset.description,
             "run": run.to_dict(),
             "world_size": self.d.world_size,
@@ -348,7 +382,8 @@ class Job:
             "torch_threads": torch.get_num_threads(),
             "cpu_gemm": cpu_gemm(),
             "files": {"checkpoint": CHECKPOINT_NAME, "model": MODEL_NAME, "samples": SAMPLES_NAME,
-                      "loss_curve": LOSS_CURVE_NAME, "log": LOG_NAME},
+                      "loss_curve": LOSS_CURVE_NAME, "log": LOG_NAME,
+                      **({"adapter": ADAPTER_NAME} if run.lora_rank is not None else {})},
         }
         write_json(self.out / METRICS_NAME, summary)  # replaces any earlier evaluation: the weights changed
         return summary
@@ -378,7 +413,7 @@ def train(run: RunConfig, dataset: TrainDataset | None = None,
         if d.is_main:
             job.out.mkdir(parents=True, exist_ok=True)
             mode = f"resuming at step {job.trainer.step_count}" if job.run.resume else "training"
-            print(f"deco train: {mode} {job.run.model} ({parameter_count(job.config):,} parameters) on "
+            print(f"deco train: {mode} {job.model_name} ({parameter_count(job.config):,} parameters) on "
                   f"{job.dataset.description}, {d.world_size} process(es) on {d.device}, "
                   f"writing to {job.out}", file=sys.stderr)
         job.fit()

@@ -58,6 +58,13 @@ class RunConfig:
     repa_encoder: Path | None = None  # DINOv2 (.pth or Hugging Face folder): turns REPA on
     train: TrainConfig | None = None  # the training step's settings (lr, EMA, losses, seed, ...)
     sample: SampleSettings | None = None  # the final sample grid
+    # Fine-tuning (issue 27): start from a trained model's weights (its config too), and with
+    # lora_rank train only a LoRA adapter of that rank on `lora_targets` (None: deco.lora's
+    # defaults). Activation checkpointing changes memory, not the trajectory.
+    init: Path | None = None
+    lora_rank: int | None = None
+    lora_targets: tuple[str, ...] | None = None
+    grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in ("c2i", "t2i"):
@@ -78,6 +85,20 @@ class RunConfig:
             raise FieldError("device", f"expected auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise FieldError("device", "cuda requested but torch sees no CUDA device")
+        self._check_fine_tuning()
+
+    def _check_fine_tuning(self) -> None:
+        if self.lora_rank is not None:
+            field_int(self, "lora_rank", 1)
+            if self.init is None:
+                raise FieldError("lora_rank", "LoRA fine-tunes a trained model: give it with --init")
+        if self.lora_targets is not None and (self.lora_rank is None or not self.lora_targets or not all(
+                isinstance(t, str) and t for t in self.lora_targets)):
+            raise FieldError("lora_targets", "expected module names, and --lora RANK")
+        if self.init is not None and self.model is not None:
+            raise FieldError("model", "the model of a fine-tune is --init's; give one of --model and --init")
+        if not isinstance(self.grad_checkpointing, bool):
+            raise FieldError("grad_checkpointing", f"expected a bool, got {self.grad_checkpointing!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON types (`deco.config.config_to_dict`: paths as strings, `train` and
@@ -112,7 +133,7 @@ FOLDER_DEFAULTS: dict[str, Any] = {
 #: Fields that change the training trajectory (every field of `train` does): a resumed run must
 #: keep the checkpoint's values of these.
 TRAJECTORY_FIELDS = ("task", "data", "text_encoder", "embeddings", "resolution", "model", "batch_size",
-                     "repa_encoder", "train")
+                     "repa_encoder", "train", "init", "lora_rank", "lora_targets")
 
 
 def defaults(data: Path | None, task: str = "c2i") -> dict[str, Any]:
@@ -124,8 +145,11 @@ def defaults(data: Path | None, task: str = "c2i") -> dict[str, Any]:
 
 
 def resolve(run: RunConfig) -> RunConfig:
-    """`run` with every `None` replaced by its dataset's default."""
+    """`run` with every `None` replaced by its dataset's default (the model stays None for a
+    fine-tune: --init gives it)."""
     updates = {k: v for k, v in defaults(run.data, run.task).items() if getattr(run, k) is None}
+    if run.init is not None:  # a fine-tune's model is its --init checkpoint's
+        updates.pop("model", None)
     return dataclasses.replace(run, **updates)
 
 
