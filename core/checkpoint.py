@@ -179,16 +179,39 @@ def check_training_state(path: str | Path, parts: tuple[str, ...] = ("trainer/em
             config = DeCoConfig.from_dict(tree["config"])
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where} has an invalid config ({first_line(exc)})") from None
+        rank = tree["run"].get("lora_rank")
         for part in parts:
             prefix = part + "/"
             found = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
             try:
-                check_shapes(config, found)
+                check_shapes(config, found if rank is None else base_of_adapted(found, rank))
             except ValueError as exc:
                 raise ValueError(f"{where}: {part} does not match its config "
                                  f"({str(exc).removeprefix('weights: ')})") from None
 
     return validate
+
+
+def base_of_adapted(shapes: Mapping[str, tuple[int, ...]], rank: Any) -> dict[str, tuple[int, ...]]:
+    """The shapes of a LoRA run's weights (`deco train --lora`, peft's names) under the base
+    model's names: `M.base_layer.P` -> `M.P`, and each adapter pair `M.lora_A.<name>.weight`
+    (rank, in) / `M.lora_B.<name>.weight` (out, rank) checked against M's weight and left out.
+    ValueError for a rank that is not an int or a pair that does not fit its layer."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"run.lora_rank must be a positive int, got {rank!r}")
+    base = {k.replace(".base_layer.", "."): v for k, v in shapes.items() if ".lora_" not in k}
+    for name, shape in shapes.items():
+        if ".lora_" not in name:
+            continue
+        module, _, rest = name.partition(".lora_")
+        weight = base.get(module + ".weight")
+        side = rest[:1]  # "A" or "B"
+        fits = weight is not None and len(weight) == 2 and (
+            tuple(shape) == (rank, weight[1]) if side == "A" else tuple(shape) == (weight[0], rank))
+        if side not in "AB" or not rest.endswith(".weight") or not fits:
+            raise ValueError(f"weights: adapter tensor {name} {tuple(shape)} does not fit "
+                             f"{module}.weight {weight} at rank {rank}")
+    return base
 
 
 def find_checkpoint(path: str | Path) -> Path:

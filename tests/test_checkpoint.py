@@ -288,3 +288,22 @@ def test_divergence_stops_with_the_step_and_keeps_a_loadable_checkpoint(
     state = load_checkpoint(out / CHECKPOINT_NAME)  # loads: finite and complete
     assert state["trainer"]["step"] == failed_at - 1
     assert not (out / "metrics.json").exists()
+
+
+def test_lora_run_weights_are_checked_under_their_base_names() -> None:
+    """A LoRA run's weights (peft's names) validate as the base model's; an adapter pair that
+    does not fit its layer (a wrong rank, a swapped side, an unknown module) is refused."""
+    from deco.checkpoint import base_of_adapted
+
+    shapes = {"blocks.0.qkv.base_layer.weight": (96, 32), "blocks.0.qkv.base_layer.bias": (96,),
+              "blocks.0.qkv.lora_A.default.weight": (4, 32), "blocks.0.qkv.lora_B.default.weight": (96, 4),
+              "final.weight": (12, 32)}
+    assert base_of_adapted(shapes, 4) == {"blocks.0.qkv.weight": (96, 32), "blocks.0.qkv.bias": (96,),
+                                          "final.weight": (12, 32)}
+    for bad in ({"blocks.0.qkv.lora_A.default.weight": (8, 32)},      # rank 8 in a rank-4 run
+                {"blocks.0.qkv.lora_B.default.weight": (4, 96)},      # B transposed
+                {"nowhere.lora_A.default.weight": (4, 32)}):          # no such layer
+        with pytest.raises(ValueError, match="does not fit"):
+            base_of_adapted({**shapes, **bad}, 4)
+    with pytest.raises(ValueError, match="lora_rank"):
+        base_of_adapted(shapes, "4")
