@@ -24,11 +24,11 @@ from deco.deploy.export import (
 )
 from deco.deploy.generator import GRAPH_GENERATOR
 from deco.deploy.generator_check import example_feed, recorded_graph_settings, run_generator, torch_sample
-from deco.deploy.onnx_file import sha256_file
 from deco.deploy.runtime import OnnxVelocityModel
 from deco.generate import load_for_sampling
 from deco.optimized.weights import build_model, load_model
 from deco.outputs import to_uint8
+from deco.plan_identity import file_sha256 as sha256_file
 from deco.reference import Model, load_weights
 from deco.reference.sampling import guided_velocity
 from deco.release import read_release_checkpoint

@@ -61,11 +61,11 @@ from deco.atomic import make_temporary_folder, writing
 from deco.config import DeCoConfig
 from deco.deploy.onnx_file import _install, save_checked
 from deco.deploy.onnx_file import data_file as data_file  # re-exported: part of the export's API
-from deco.deploy.onnx_file import sha256_file as sha256_file  # re-exported likewise
 from deco.deploy.optimize import DEFAULT_CHUNK_ROWS, lower_decoders, lowered_decoders
 from deco.deploy.runtime import OnnxVelocityModel
 from deco.deploy.symbolics import symbolics
 from deco.optimized.weights import load_model
+from deco.plan_identity import file_sha256 as sha256_file  # re-exported: the weight file hash, one home
 
 DEFAULT_OPSET = 17
 #: Opsets the export is tested with (the TorchScript exporter stops at 20).

@@ -1,12 +1,11 @@
 """Writing an exported ONNX graph (deco.deploy.export, .generator, .quantize): weights above
 `EXTERNAL_DATA_THRESHOLD` in one external data file `<graph>.data` beside the graph, the full
 ONNX checker on the saved file, the move of a staged graph (and its data) into place in an order
-that fails cleanly, and the SHA-256 of a weight file for the metadata.
+that fails cleanly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -19,14 +18,6 @@ from deco.atomic import fsync_dir
 #: structure and constants far from the limit, and every model under it stays one file (simpler
 #: to copy, and what most tools expect).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def data_file(path: str | Path) -> Path:
