@@ -191,7 +191,7 @@ class DeCoConfig:
 
     @classmethod
     def from_json(cls, text: str) -> DeCoConfig:
-        data = parse_json(text, "config")  # depth, size and finite numbers checked
+        data = parse_json(text, "config: the text")  # depth, size and finite numbers checked
         if not isinstance(data, dict):
             raise ValueError("config: expected a JSON object")
         return cls.from_dict(data)
