@@ -259,9 +259,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.out is None and args.checkpoint.is_dir():
         metrics_in_run(args.checkpoint)  # a metrics.json linking out is refused before the work
     device = _device(args.device)
-    loaded = load_for_sampling(args.checkpoint, device, text=True)
-    if args.lora is not None:
-        with_adapter(loaded.model, args.lora)
+    loaded = load_for_sampling(args.checkpoint, device, text=True)  # a LoRA run comes merged
     if loaded.model.config.is_text:
         return cli_sample_text.evaluate(args, loaded, _settings(args, loaded), device)
     digits_compatible(loaded.model.config)
