@@ -206,15 +206,20 @@ PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
 
 def train_step_phases(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[Tensor, ...],
-                      clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                      clock: Callable[[], float] = time.perf_counter,
+                      bf16: bool = False) -> dict[str, float]:
     """`train_step` cut into PHASES, seconds of each by `clock` (wall time by default; pass one
-    that synchronises a GPU first, or `time.process_time`), plus "step", their sum."""
+    that synchronises a GPU first, or `time.process_time`), plus "step", their sum. bf16: the
+    forward under bf16 autocast on the model's device (the release's bf16-mixed, as `Trainer`
+    runs it with `cpu_bf16`/`bf16`), the loss in float32."""
     stamps = [clock()]
     x, t, y, noise = batch
     tb = t.view(-1, 1, 1, 1)
     x_t, v = tb * x + (1 - tb) * noise, x - noise
     stamps.append(clock())
-    pred = model(x_t, t, y)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        pred = model(x_t, t, y)
+    pred = pred.float()
     stamps.append(clock())
     loss = F.mse_loss(pred, v) + frequency_aware_loss(pred, v)
     stamps.append(clock())

@@ -1,9 +1,12 @@
 """The class model's training step against its matrix-product floor, phase by phase and layer kind
 by layer kind (issue #29; bench/gemm_floor_t2i.py does the whole step for the text model):
 
-    OMP_NUM_THREADS=1 python bench/gemm_floor_c2i.py [--profile cpu|smoke] [--ops]
+    OMP_NUM_THREADS=1 python bench/gemm_floor_c2i.py [--profile cpu|smoke] [--ops] [--bf16]
 
 DeCo-S/16, 256x256, batch 4, float32 (the "release" sizes of common.PROFILES), our model only.
+--bf16: the forward under CPU bf16 autocast (`Trainer`'s `cpu_bf16`, the release's bf16-mixed);
+its products, the backward's included, are then bfloat16 and are replayed in bfloat16 (the float32
+products of the loss, a few MFLOP, are replayed in bfloat16 too).
 Every time is process CPU time, the median of ROUNDS calls after a warm-up: on a shared machine CPU
 time at one thread is the least disturbed measure (wall time counts the other jobs' slices).
 
@@ -31,12 +34,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from common import PHASES, PROFILES, adamw, batch_for, our_model, train_step, train_step_phases
+from common import PHASES, PROFILES, adamw, batch_for, our_model, train_step_phases
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 ROUNDS = 5
+BF16 = False  # set by main(): products replayed in bfloat16, modules run under CPU bf16 autocast
 Products = Counter[tuple[str, tuple[tuple[int, ...], ...]]]
 
 
@@ -53,7 +57,7 @@ def cpu_seconds(fn: Callable[[], object], rounds: int = ROUNDS) -> float:
 
 def products_of(fn: Callable[[], object]) -> Products:
     """(op, input shapes) -> count of every matrix product one call of `fn` makes."""
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof, autocast():
         fn()
     found: Products = Counter()
     for event in prof.events():
@@ -63,9 +67,10 @@ def products_of(fn: Callable[[], object]) -> Products:
 
 
 def replay(op: str, shapes: tuple[tuple[int, ...], ...]) -> Callable[[], object]:
-    """A call of `op` on fresh contiguous float32 tensors of `shapes`."""
+    """A call of `op` on fresh contiguous float32 (BF16: bfloat16) tensors of `shapes`."""
     g = torch.Generator().manual_seed(0)
-    args = [torch.randn(s, generator=g) for s in shapes]
+    dtype = torch.bfloat16 if BF16 else torch.float32
+    args = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     if op == "mkldnn::_linear_pointwise":
         bias = args[2] if len(args) > 2 else None
         return lambda: torch.ops.mkldnn._linear_pointwise(args[0], args[1], bias, "none", [], "")
@@ -121,25 +126,37 @@ def _fresh(value: Any) -> Any:
     return value
 
 
+def autocast() -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16)
+
+
 def kind_row(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[float]:
     """[forward, forward floor, backward, backward floor] in CPU seconds for one module alone."""
-    out = module(*args, **kwargs)
-    cot = torch.randn_like(out)
-    forward = cpu_seconds(lambda: module(*args, **kwargs))
-    f_floor, _ = floor_seconds(products_of(lambda: module(*args, **kwargs)))
+
+    def forward_call() -> Tensor:
+        with autocast():
+            out: Tensor = module(*args, **kwargs)
+        return out
+
+    cot = torch.randn_like(forward_call())
+    forward = cpu_seconds(forward_call)
+    f_floor, _ = floor_seconds(products_of(forward_call))
 
     def backward() -> None:
-        module(*args, **kwargs).backward(cot)
+        forward_call().backward(cot)
 
     both = cpu_seconds(backward)
-    outs = [module(*args, **kwargs) for _ in range(2)]
+    outs = [forward_call() for _ in range(2)]
     b_products = products_of(lambda: outs.pop().backward(cot))
     b_floor, _ = floor_seconds(b_products)
     return [forward, f_floor, both - forward, b_floor]
 
 
-def main(profile_name: str, ops: bool) -> None:
+def main(profile_name: str, ops: bool, bf16: bool = False) -> None:
     from deco.optimized.layers import Attention, DiTBlock, PixelDecoder, SwiGLU
+
+    global BF16
+    BF16 = bf16
 
     sizes = PROFILES[profile_name]["release"]
     config = sizes.config()
@@ -147,12 +164,17 @@ def main(profile_name: str, ops: bool) -> None:
     model = our_model(config).train()
     data = batch_for(config, sizes.batch, sizes.resolution)
     optimizer = adamw(model)
-    train_step(model, optimizer, data)
-    print(f"DeCo {sizes.preset}, {sizes.resolution}px, batch {sizes.batch}; threads "
-          f"{torch.get_num_threads()}, torch {torch.__version__}; process CPU time, median of {ROUNDS}")
-    samples = [train_step_phases(model, optimizer, data, time.process_time) for _ in range(ROUNDS)]
+    def step() -> object:
+        return train_step_phases(model, optimizer, data, bf16=bf16)
+
+    step()
+    print(f"DeCo {sizes.preset}, {sizes.resolution}px, batch {sizes.batch}, "
+          f"{'bf16 autocast' if bf16 else 'float32'}; threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}; process CPU time, median of {ROUNDS}")
+    samples = [train_step_phases(model, optimizer, data, time.process_time, bf16=bf16)
+               for _ in range(ROUNDS)]
     med = {p: statistics.median(s[p] for s in samples) for p in (*PHASES, "step")}
-    step_floor, gflop = floor_seconds(products_of(lambda: train_step(model, optimizer, data)))
+    step_floor, gflop = floor_seconds(products_of(step))
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt = {kind: torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, **{kind: True})
@@ -173,7 +195,7 @@ def main(profile_name: str, ops: bool) -> None:
         "adaLN (DiT block)": lambda m: any(m is b.adaln for b in model.blocks),
         "pixel decoder": PixelDecoder,
     }
-    found = capture(model, kinds, lambda: train_step(model, optimizer, data))
+    found = capture(model, kinds, step)
     print("\n| layer kind | x n | forward ms | its products alone | backward ms | its products alone |")
     print("| --- | --- | --- | --- | --- | --- |")
     for kind, (module, args, kwargs, n) in found.items():
@@ -182,7 +204,7 @@ def main(profile_name: str, ops: bool) -> None:
         print(f"| {kind} | {n} | {cells} |")
     if ops:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            train_step(model, optimizer, data)
+            step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
@@ -193,4 +215,4 @@ if __name__ == "__main__":
         name = args[args.index("--profile") + 1]
     if name not in PROFILES:
         raise SystemExit(__doc__)
-    main(name, "--ops" in args)
+    main(name, "--ops" in args, "--bf16" in args)

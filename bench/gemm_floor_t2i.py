@@ -1,7 +1,7 @@
 """The matrix-product floor of a text-to-image training step, measured (needs $DECO_RELEASE_SRC;
 the sizes of bench/test_bench_release_t2i.py):
 
-    OMP_NUM_THREADS=1 DECO_RELEASE_SRC=/path/to/release python bench/gemm_floor_t2i.py [--compile]
+    OMP_NUM_THREADS=1 DECO_RELEASE_SRC=/path/to/release python bench/gemm_floor_t2i.py [--compile] [--bf16]
 
 Why: issue #10 asks for a training step 2x the release's. Both models compute the same
 products (the same layers on the same tokens), so a step can never be faster than the time its
@@ -14,6 +14,8 @@ fresh tensors of that shape, and prints, in process CPU time (one thread, median
 * the sum of its products replayed in isolation (the floor: every other op costing nothing);
 * ours' optimizer step alone, foreach and fused (the Trainer's choice);
 * what a 2x step would have to take;
+* with --bf16, both steps with the forward under CPU bf16 autocast (the release's bf16-mixed),
+  the products replayed in bfloat16 (bench/gemm_floor_c2i.py --bf16);
 * with --compile, both models' eval forward and training step (fused AdamW for both) in eager
   mode and under torch.compile (inductor, which fuses the elementwise work between products;
   needs a C++ compiler; the first calls, which compile, are not timed).
@@ -26,8 +28,9 @@ from __future__ import annotations
 
 import sys
 
+import gemm_floor_c2i
 import torch
-from common import adamw, release_source, train_step
+from common import adamw, release_source, train_step, train_step_phases
 from gemm_floor_c2i import cpu_seconds, floor_seconds, products_of
 from test_bench_release_t2i import CONFIG, load_release_t2i, make_batch, models
 from torch import Tensor, nn
@@ -42,13 +45,14 @@ def main() -> None:
     torch.manual_seed(0)
     pairs = models(load_release_t2i(root), CONFIG)
     data = make_batch(CONFIG, 2, 256)
+    bf16 = gemm_floor_c2i.BF16 = "--bf16" in sys.argv[1:]
     rows = {}
     for impl, (model, backend) in pairs.items():
         model.train()
         with cpu_gemm_backend(backend):
             optimizer = adamw(model)
-            step = cpu_seconds(lambda: train_step(model, optimizer, data))  # noqa: B023
-            found = products_of(lambda: train_step(model, optimizer, data))  # noqa: B023
+            step = cpu_seconds(lambda: train_step_phases(model, optimizer, data, bf16=bf16))  # noqa: B023
+            found = products_of(lambda: train_step_phases(model, optimizer, data, bf16=bf16))  # noqa: B023
             floor, gflop = floor_seconds(found)
         rows[impl] = (step, floor, gflop, sum(found.values()))
     ours = pairs["ours"][0]
@@ -57,7 +61,8 @@ def main() -> None:
     optimizers = {kind: torch.optim.AdamW(ours.parameters(), lr=1e-4, weight_decay=0.0, **{kind: True})
                   for kind in ("foreach", "fused")}
     adam = {kind: cpu_seconds(opt.step) for kind, opt in optimizers.items()}
-    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"{'bf16 autocast' if bf16 else 'float32'}")
     print("| model | training step | its products alone (replayed) | product GFLOP | products |")
     print("| --- | --- | --- | --- | --- |")
     for impl, (step, floor, gflop, n) in rows.items():

@@ -1,6 +1,7 @@
 """The class model's training step, ours vs the release, alternating in one process per state of
-the machine's allocator (issue #29): DeCo-S/16, 256x256, batch 4, float32, identical weights, the
-same loss and AdamW (`common.train_step_phases`). Needs $DECO_RELEASE_SRC:
+the machine's allocator (issue #29): DeCo-S/16, 256x256, batch 4, float32 (`--precision bf16`:
+the forward under CPU bf16 autocast, the release's own bf16-mixed training precision), identical
+weights, the same loss and AdamW (`common.train_step_phases`). Needs $DECO_RELEASE_SRC:
 
     DECO_RELEASE_SRC=/path/to/release python bench/train_step_ab.py            # full (~15 min)
     DECO_RELEASE_SRC=/path/to/release python bench/train_step_ab.py --quick    # ~4 min
@@ -55,9 +56,10 @@ STATES: dict[str, dict[str, str]] = {
                                 ":glibc.malloc.top_pad=268435456"},
 }
 IMPLS = ("ours", "release")
+PRECISIONS = ("fp32", "bf16")
 
 
-def worker(threads: int, rounds: int, impls: list[str]) -> dict[str, Any]:
+def worker(threads: int, rounds: int, impls: list[str], precision: str) -> dict[str, Any]:
     """One process's measurements: {impl: {"phases": {phase: [s, ...]}, "cpu": [...], "eval": [...]}}."""
     torch.set_num_threads(threads)
     sizes = PROFILES[os.environ.get("DECO_BENCH_PROFILE", "cpu")]["release"]
@@ -73,6 +75,7 @@ def worker(threads: int, rounds: int, impls: list[str]) -> dict[str, Any]:
         release = load_release_module(root)
     models = {impl: variant(impl, release, ours) for impl in impls}
     data = batch_for(config, sizes.batch, sizes.resolution)
+    bf16 = precision == "bf16"
     with torch.no_grad():
         outs = {}
         for impl, (model, backend) in models.items():
@@ -95,11 +98,11 @@ def worker(threads: int, rounds: int, impls: list[str]) -> dict[str, Any]:
             with cpu_gemm_backend(backend):
                 model.train()
                 cpu0 = time.process_time()
-                times = train_step_phases(model, optimizers[impl], data)
+                times = train_step_phases(model, optimizers[impl], data, bf16=bf16)
                 cpu = time.process_time() - cpu0
                 model.eval()
                 start, cpu0 = time.perf_counter(), time.process_time()
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     model(*data[:3])
                 evaluate, eval_cpu = time.perf_counter() - start, time.process_time() - cpu0
             if r >= 2:
@@ -113,10 +116,10 @@ def worker(threads: int, rounds: int, impls: list[str]) -> dict[str, Any]:
     return result
 
 
-def run_worker(state: str, threads: int, rounds: int, impls: list[str]) -> dict[str, Any]:
+def run_worker(state: str, threads: int, rounds: int, impls: list[str], precision: str) -> dict[str, Any]:
     env = dict(os.environ, **STATES[state])
     cmd = [sys.executable, __file__, "--worker", str(threads), "--rounds", str(rounds),
-           "--impls", ",".join(impls)]
+           "--impls", ",".join(impls), "--precision", precision]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"train_step_ab: worker ({state}, {threads} threads) failed:\n{done.stderr}")
@@ -138,8 +141,9 @@ def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1e3
 
 
-def report(results: dict[tuple[str, int], dict[str, Any]], impls: list[str]) -> None:
+def report(results: dict[tuple[str, int], dict[str, Any]], impls: list[str], precision: str) -> None:
     """Markdown tables: per state and thread count, each phase's median and the ratios."""
+    print(f"\n{precision}:\n")
     print("| state | threads | load | model | " + " | ".join(PHASES) + " | step (wall) | step (CPU) "
           "| eval forward |")
     print("| --- " * (8 + len(PHASES)) + "|")
@@ -184,21 +188,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impls", default=",".join(IMPLS), help="ours,release or ours")
     parser.add_argument("--quick", action="store_true", help="3 rounds (about 3 minutes in all)")
     parser.add_argument("--memory", action="store_true", help="also peak memory per state")
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16 (the forward under CPU bf16 "
+                        "autocast, the release's bf16-mixed) or both, comma-separated")
     args = parser.parse_args(argv)
     impls = args.impls.split(",")
     if not impls or any(i not in IMPLS for i in impls) or impls[0] != "ours":
         parser.error(f"--impls: expected 'ours' or 'ours,release', got {args.impls!r}")
     rounds = args.rounds or (3 if args.quick else 7)
+    precisions = args.precision.split(",")
+    if not precisions or any(p not in PRECISIONS for p in precisions):
+        parser.error(f"--precision: expected names from {PRECISIONS}, got {args.precision!r}")
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, rounds, impls)))
+        print(json.dumps(worker(args.worker, rounds, impls, precisions[0])))
         return
     states = args.states.split(",")
     if any(s not in STATES for s in states):
         parser.error(f"--states: expected names from {sorted(STATES)}, got {args.states!r}")
     print(f"torch {torch.__version__}, {rounds} rounds, load average at start {os.getloadavg()[0]:.2f}")
-    results = {(s, int(t)): run_worker(s, int(t), rounds, impls)
-               for t in args.threads.split(",") for s in states}
-    report(results, impls)
+    for precision in precisions:
+        results = {(s, int(t)): run_worker(s, int(t), rounds, impls, precision)
+                   for t in args.threads.split(",") for s in states}
+        report(results, impls, precision)
     if args.memory:
         for state in states:
             mib = {impl: peak_train_mib(state, impl) for impl in impls}

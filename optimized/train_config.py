@@ -46,6 +46,9 @@ class TrainConfig:
     repa_encoder_dim: int = 768  # feature width of the encoder (768: DINOv2-B)
     repa_hidden: int | None = None  # projector width; None: the model's hidden size (release)
     bf16: bool = True  # bf16 autocast on CUDA; ignored on other devices
+    # bf16 autocast on the CPU (the release's bf16-mixed): ~2x faster products where the CPU has
+    # native bf16 (AVX512-BF16, AMX: bench/RESULTS.md §9), slower where it emulates them
+    cpu_bf16: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,6 +69,9 @@ class TrainConfig:
         if self.repa_hidden is not None:
             field_int(self, "repa_hidden", 1)
         field_int(self, "seed", 0)
+        for name in ("bf16", "cpu_bf16"):
+            if not isinstance(getattr(self, name), bool):
+                raise FieldError(name, f"expected a bool, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON types (`deco.config.config_to_dict`: betas as a list)."""

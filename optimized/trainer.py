@@ -236,7 +236,8 @@ class Trainer:
         return time_shift(t, cfg.timeshift)
 
     def _autocast(self) -> torch.autocast:
-        enabled = self.config.bf16 and self.device.type == "cuda"
+        cfg, kind = self.config, self.device.type
+        enabled = (kind == "cuda" and cfg.bf16) or (kind == "cpu" and cfg.cpu_bf16)
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def losses(self, x: Tensor, y: Tensor, draws: Draws) -> dict[str, Tensor]:

@@ -352,6 +352,56 @@ def test_uniform_time_sampling_runs() -> None:
     assert rel_err(times.numpy(), R.time_shift(R.uniform_time(draws.time.numpy()), 1.0)) <= F64_RTOL
 
 
+#: |loss(cpu_bf16) / loss(float32) - 1| on the tiny model: 3e-5 .. 2.2e-3 over 20 weight/batch
+#: draws (calibrated); the bound leaves 4.5x of the largest, float32 alone differs by ~1e-7.
+CPU_BF16_LOSS_RTOL = 1e-2
+
+
+def linear_output_dtypes(trainer: T.Trainer, x: Tensor, y: Tensor, draws: T.Draws) -> set[torch.dtype]:
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+             for m in trainer.model.modules() if isinstance(m, nn.Linear)]
+    try:
+        trainer.losses(x, y, draws)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cpu_bf16_runs_the_products_in_bf16_within_the_calibrated_bound(seed: int) -> None:
+    """cpu_bf16: the forward runs under CPU bf16 autocast (the linears return bfloat16), the
+    loss stays within CPU_BF16_LOSS_RTOL of the float32 step's and is not the float32 loss."""
+    model = tiny_model(torch.float32, weight_seed=seed)
+    x, y = batch(seed, b=4)
+    plain = T.Trainer(model, T.TrainConfig(label_dropout=0.0))
+    mixed = T.Trainer(model, T.TrainConfig(label_dropout=0.0, cpu_bf16=True))
+    draws = plain.draw(x.float())
+    assert linear_output_dtypes(plain, x, y, draws) == {torch.float32}
+    assert torch.bfloat16 in linear_output_dtypes(mixed, x, y, draws)
+    expected, got = plain.losses(x, y, draws)["loss"].item(), mixed.losses(x, y, draws)["loss"].item()
+    assert 1e-6 < abs(got / expected - 1) <= CPU_BF16_LOSS_RTOL
+
+
+def test_cpu_bf16_step_reduces_the_loss_and_keeps_float32_weights() -> None:
+    torch.manual_seed(0)
+    trainer = T.Trainer(tiny_model(torch.float32), T.TrainConfig(lr=3e-3, label_dropout=0.0, cpu_bf16=True))
+    x, y = batch(1, b=4, h=8, w=8)
+    draws = trainer.draw(x.float())
+    before = trainer.losses(x, y, draws)["loss"].item()
+    for _ in range(40):
+        trainer.step(x, y)
+    assert trainer.losses(x, y, draws)["loss"].item() < 0.7 * before
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("field", ["bf16", "cpu_bf16"])
+def test_precision_switches_must_be_bools(field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        T.TrainConfig(**{field: "yes"})
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_step_reduces_the_loss() -> None:

@@ -80,6 +80,9 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
                                                 f"({_train('label_dropout')})"}),
     ("--bf16", "train.bf16", {
         "action": BOOL, "help": f"bf16 autocast on CUDA (default {_train('bf16')}; ignored on the CPU)"}),
+    ("--cpu-bf16", "train.cpu_bf16", {
+        "action": BOOL, "help": "bf16 autocast on the CPU (default "
+        f"{_train('cpu_bf16')}; fast only where the CPU has native bf16: AVX512-BF16, AMX)"}),
     ("--seed", "train.seed", {
         "type": int, "help": f"seed of weights, data order and noise ({_train('seed')})"}),
     ("--compile", "compile", {
