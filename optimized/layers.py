@@ -302,6 +302,8 @@ class DecoderBlock(nn.Module):
     LN with affine (g, b). Since (x g + b)(1 + scale) + shift is affine in u, the LayerNorm
     affine and the "1 +" are folded into the adaln weights (`modulation_weights`), so the block
     runs a LayerNorm without affine and one addcmul instead of four elementwise passes per pixel.
+    `unfolded` is the spec's form, which reads norm's and adaln's weights only inside their own
+    forward (see `PixelDecoder.folding`).
     """
 
     def __init__(self, width: int) -> None:
@@ -324,9 +326,16 @@ class DecoderBlock(nn.Module):
     def forward(self, z: Tensor, mod: Tensor) -> Tensor:
         """z (N*P, w); mod (N*P, 3w) = F.linear(u, *modulation_weights())."""
         shift, scale, gate = mod.chunk(3, dim=-1)
-        h = torch.addcmul(shift, layer_norm(z), scale)
-        h = self.fc2(F.silu(self.fc1(h)))
-        return torch.addcmul(z, gate, h)  # (N*P, w)
+        return self.residual(z, torch.addcmul(shift, layer_norm(z), scale), gate)
+
+    def unfolded(self, z: Tensor, u: Tensor) -> Tensor:
+        """z (N*P, w), u (N*P, w) -> (N*P, w) as the spec writes it: norm(z) (1 + scale) + shift."""
+        shift, scale, gate = self.adaln(u).chunk(3, dim=-1)
+        return self.residual(z, torch.addcmul(shift, self.norm(z), 1 + scale), gate)
+
+    def residual(self, z: Tensor, h: Tensor, gate: Tensor) -> Tensor:
+        """z + gate * fc2(silu(fc1(h))), h the modulated normalised z."""
+        return torch.addcmul(z, gate, self.fc2(F.silu(self.fc1(h))))  # (N*P, w)
 
 
 class PixelDecoder(nn.Module):
@@ -338,6 +347,14 @@ class PixelDecoder(nn.Module):
     MB stay in cache and are recycled by malloc instead of being mapped and page-faulted afresh
     for every op, which makes the decoder several times faster. Elsewhere, and while tracing or
     compiling (the loop would be unrolled for one shape), it is one chunk.
+
+    Weight folding: by default the decoder folds the weights of its affine layers together before
+    use (`embed_weights`, `DecoderBlock.modulation_weights`; bench/RESULTS.md §9), reading them
+    outside those layers' own forward. Hooks that change a layer's weights only while its
+    forward runs (diffusers' leaf-level group offloading, accelerate's disk offload and device
+    maps, layerwise casting) or that replace the layer (a peft LoRA layer) would not act there,
+    so `folding` falls back to the unfolded form, which calls every layer. `fold_weights` (set it
+    with `DeCo.set_weight_folding`) turns folding off outright.
 
     positions: the 64 per-pixel position features, "dct" (`dct_position_features`, the class models) or
     "rope" (`text_position_features`, the text model).
@@ -352,11 +369,31 @@ class PixelDecoder(nn.Module):
             raise ValueError(f"positions: expected 'dct' or 'rope', got {positions!r}")
         self.patch_size = patch_size
         self.positions = positions
+        self.fold_weights = True
         self.pixel_embed = Linear(in_channels + DCT_FREQS * DCT_FREQS, width)
         self.cond_proj = Linear(hidden_size, patch_size * patch_size * width)
         self.input_proj = Linear(width, width)
         self.blocks = nn.ModuleList([DecoderBlock(width) for _ in range(depth)])
         self.final = Linear(width, in_channels)
+
+    def folding(self) -> bool:
+        """Whether this call folds: `fold_weights` is on and every folded layer is a plain `Linear`
+        or `nn.LayerNorm` with its class's forward (diffusers' and accelerate's hooks set an
+        instance `forward`, peft and quantizers replace the class; a torch forward hook, which
+        sees the call and not the weights, does not count). A few attribute reads per call."""
+        if not self.fold_weights:
+            return False
+        layers: list[tuple[nn.Module, type]] = [(self.pixel_embed, Linear), (self.input_proj, Linear)]
+        for block in self.blocks:
+            assert isinstance(block, DecoderBlock)
+            layers += [(block.norm, nn.LayerNorm), (block.adaln, Linear)]
+        return all(type(layer) is cls and "forward" not in vars(layer) for layer, cls in layers)
+
+    def position_features(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The (P, 64) per-pixel position features of `positions`."""
+        # Looked up at call time (not stored) so that tests can substitute the table function.
+        features = dct_position_features if self.positions == "dct" else text_position_features
+        return features(self.patch_size, device, dtype)
 
     def embed_weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(w, C) weight and (P, w) bias with input_proj(pixel_embed([pixel, pos])) = pixel @ W.T
@@ -364,9 +401,7 @@ class PixelDecoder(nn.Module):
         per-pixel bias computed once; input_proj is affine too, so it is composed in."""
         c = self.final.out_features
         w_pix, w_pos = self.pixel_embed.weight[:, :c], self.pixel_embed.weight[:, c:]
-        # Looked up at call time (not stored) so that tests can substitute the table function.
-        features = dct_position_features if self.positions == "dct" else text_position_features
-        pos = features(self.patch_size, w_pos.device, dtype)  # (P, 64)
+        pos = self.position_features(w_pos.device, dtype)  # (P, 64)
         bias = self.input_proj(F.linear(pos, w_pos, self.pixel_embed.bias))  # (P, w)
         return self.input_proj.weight @ w_pix, bias
 
@@ -380,26 +415,43 @@ class PixelDecoder(nn.Module):
     def rows(self, pixels: Tensor, s: Tensor) -> Tensor:
         """pixels (N, P, C), s (N, D) -> velocity rows (N*P, C). (The ONNX export may stand in
         its own lowering for this method: deco.onnx_optimize.)"""
-        embed = self.embed_weights(pixels.dtype)
-        mods = [block.modulation_weights() for block in self.blocks if isinstance(block, DecoderBlock)]
+        folded: tuple[tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]] | None = None
+        if self.folding():
+            folded = (self.embed_weights(pixels.dtype),
+                      [block.modulation_weights() for block in self.blocks
+                       if isinstance(block, DecoderBlock)])
         cond = self.cond_proj(s)  # (N, P*w): one GEMM, weight read once
         n, pp = pixels.shape[0], pixels.shape[1]
         chunked = pixels.device.type == "cpu" and not is_tracing()
         chunks = max(1, -(-n // max(1, self.chunk_rows // pp))) if chunked else 1
         # chunk (not slicing): its backward is one cat, not a full-size zero tensor per chunk.
         return torch.cat([
-            self.decode(pix, con, embed, mods)
+            self.decode(pix, con, *folded) if folded is not None else self.decode_unfolded(pix, con)
             for pix, con in zip(pixels.chunk(chunks), cond.chunk(chunks), strict=True)
         ])  # (N*P, C)
 
     def decode(self, pixels: Tensor, cond: Tensor, embed: tuple[Tensor, Tensor],
                mods: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """pixels (n, P, C), cond (n, P*w) -> velocity rows (n*P, C)."""
+        """pixels (n, P, C), cond (n, P*w) -> velocity rows (n*P, C), with folded weights."""
         width = self.final.in_features
         rows = pixels.shape[0] * pixels.shape[1]
         z = linear(pixels, embed[0]).add_(embed[1]).view(rows, width)  # (n*P, w)
         u = F.silu(cond.view(rows, width))  # (n*P, w), shared by every block's adaln
         for block, mod in zip(self.blocks, mods, strict=True):
             z = block(z, linear(u, *mod))
+        out: Tensor = self.final(layer_norm(z))  # (n*P, C)
+        return out
+
+    def decode_unfolded(self, pixels: Tensor, cond: Tensor) -> Tensor:
+        """`decode` as the spec writes it, every weight read inside its own layer's forward."""
+        width = self.final.in_features
+        n, pp = pixels.shape[0], pixels.shape[1]
+        pos = self.position_features(pixels.device, pixels.dtype).expand(n, pp, -1)  # (n, P, 64)
+        z = self.input_proj(self.pixel_embed(torch.cat([pixels, pos], dim=-1)))  # (n, P, w)
+        z = z.reshape(n * pp, width)
+        u = F.silu(cond.view(n * pp, width))  # (n*P, w)
+        for block in self.blocks:
+            assert isinstance(block, DecoderBlock)
+            z = block.unfolded(z, u)
         out: Tensor = self.final(layer_norm(z))  # (n*P, C)
         return out

@@ -237,6 +237,14 @@ class DeCo(DiffusionTransformer):
         nn.init.zeros_(self.decoder.final.weight)
         nn.init.zeros_(self.decoder.final.bias)
 
+    def set_weight_folding(self, enabled: bool = True) -> None:
+        """Let the pixel decoder fold its layers' weights together (the default, fast) or run every
+        layer as the spec writes it (`PixelDecoder.folding`: hooked or replaced layers turn
+        folding off by themselves). The outputs agree to rounding."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+        self.decoder.fold_weights = enabled
+
     def semantic_tokens(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """Checked inputs -> s = silu(t_emb + DiT tokens) (B, L, D), the decoder's condition."""
         tokens, t_emb, _ = self.trunk(x, t, y)

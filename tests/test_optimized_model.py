@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import random_weights, rel_err, tiny_config
+from helpers import random_weights, rel_err, require_module, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,9 +96,15 @@ def check_against_reference(config: DeCoConfig, batch: int, gh: int, gw: int, ch
     model = torch_model(config, weights, dtype)
     if isinstance(model, DeCo):
         model.decoder.chunk_rows = chunk_rows  # a small value decodes many chunks
-    assert rel_err(run(model, "forward", x, t, y, dtype), ref.forward(x, t, y)) <= rtol
+    folded = run(model, "forward", x, t, y, dtype)
+    assert rel_err(folded, ref.forward(x, t, y)) <= rtol
     if isinstance(model, DeCo):
         assert rel_err(run(model, "semantic", x, t, y, dtype), ref.semantic(x, t, y)) <= rtol
+        # The unfolded pixel decoder (PixelDecoder.folding) is the same function.
+        model.set_weight_folding(False)
+        unfolded = run(model, "forward", x, t, y, dtype)
+        assert rel_err(unfolded, ref.forward(x, t, y)) <= rtol
+        assert rel_err(unfolded, folded) <= rtol
 
 
 @SETTINGS
@@ -151,15 +157,17 @@ def test_empty_batch_gives_empty_velocities(architecture: str) -> None:
 
 
 # -------------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("architecture", ["deco", "baseline"])
-def test_gradients_match_finite_differences(architecture: str) -> None:
-    """Backward (through the folded embeddings/modulations and the chunked decoder) against
-    central differences, for the input and along a random direction in weight space."""
+@pytest.mark.parametrize(("architecture", "fold"), [("deco", True), ("deco", False), ("baseline", True)])
+def test_gradients_match_finite_differences(architecture: str, fold: bool) -> None:
+    """Backward (through the folded embeddings/modulations, or the unfolded decoder, and the
+    chunked decoder) against central differences, for the input and along a random direction
+    in weight space."""
     config = tiny_config(architecture, depth=2, decoder_depth=2)
     torch.manual_seed(0)
     model = torch_model(config, random_weights(config, 5), torch.float64)
     if isinstance(model, DeCo):
         model.decoder.chunk_rows = 40  # 3 chunks of 2 patches for 6 patches
+        model.set_weight_folding(fold)
     x0, t, y = (torch.as_tensor(a) for a in inputs(config, 1, 2, 3, 6))
     x = x0.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v: model(v, t, y), (x,), eps=1e-6, atol=1e-7, fast_mode=True)
@@ -184,6 +192,56 @@ def test_gradients_match_finite_differences(architecture: str) -> None:
         minus = float(loss())
     numeric = (plus - minus) / (2 * eps)
     assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
+
+
+# ---------------------------------------------------------------------------- weight folding
+def test_hooked_or_replaced_decoder_layers_turn_folding_off() -> None:
+    """PixelDecoder.folding: on by default; off when switched off, when a folded layer's forward
+    is replaced on the instance (what diffusers' and accelerate's hooks do) or its class is
+    (peft, quantizers); a torch forward hook leaves it on (deco.lora finds called layers so)."""
+    model = build_model(tiny_config("deco"))
+    assert isinstance(model, DeCo) and model.decoder.folding()
+    with pytest.raises(TypeError, match=r"^enabled: expected a bool"):
+        model.set_weight_folding(0)  # type: ignore[arg-type]
+    model.set_weight_folding(False)
+    assert not model.decoder.folding()
+    model.set_weight_folding(True)
+    handle = model.decoder.input_proj.register_forward_hook(lambda *_: None)
+    assert model.decoder.folding()
+    handle.remove()
+    norm = model.decoder.blocks[-1].norm
+    norm.forward = norm.forward  # type: ignore[method-assign]  # an instance forward, as hooks set
+    assert not model.decoder.folding()
+    del norm.forward
+    assert model.decoder.folding()
+    model.decoder.pixel_embed.__class__ = torch.nn.Linear
+    assert not model.decoder.folding()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lora_on_folded_decoder_layers_takes_effect(dtype: torch.dtype) -> None:
+    """peft LoRA layers on the decoder's pixel_embed, input_proj and adaln (layers the folded
+    decoder never calls) act: the output is the reference's with W + scaling * B A merged by hand."""
+    peft = require_module("peft")
+    config = tiny_config("deco", decoder_width=12, decoder_depth=2)
+    weights = random_weights(config, 11)
+    model = torch_model(config, weights, dtype)
+    targets = r"decoder\.(pixel_embed|input_proj|blocks\.\d+\.adaln)"
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, lora_alpha=3, target_modules=targets), model)
+    merged = dict(weights)
+    gen = torch.Generator().manual_seed(0)
+    for name, layer in model.named_modules():
+        if hasattr(layer, "lora_B"):
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            with torch.no_grad():
+                b.copy_(torch.randn(b.shape, generator=gen, dtype=dtype) * 0.3)  # peft starts at B = 0
+            delta = (b.detach().double() @ a.detach().double()).numpy() * 1.5  # scaling = alpha / r
+            merged[f"{name}.weight"] = weights[f"{name}.weight"] + delta
+    assert len(merged.keys() ^ weights.keys()) == 0 and not model.decoder.folding()
+    x, t, y = inputs(config, 2, 2, 3, 12)
+    expected = R.Model(config, merged).forward(x, t, y)
+    assert rel_err(run(model, "forward", x, t, y, dtype), expected) <= (F64_RTOL if dtype == torch.float64
+                                                                        else F32_RTOL)
 
 
 # --------------------------------------------------------------------------- initialisation

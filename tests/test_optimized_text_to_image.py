@@ -327,13 +327,22 @@ def test_forward_matches_the_reference(config: DeCoConfig, grid: tuple[int, int]
     t = rng.uniform(0, 1, batch)
     text = rng.standard_normal((batch, config.text_length, config.text_dim))
     expected = ref.forward(x, t, text)
+    args64 = [torch.as_tensor(a) for a in (x, t, text)]
+    args32 = [a.float() for a in args64]
     with torch.no_grad():
-        got64 = model(*(torch.as_tensor(a) for a in (x, t, text)))
-        semantic = model.semantic(*(torch.as_tensor(a) for a in (x, t, text)))
-        got32 = model.float()(*(torch.as_tensor(a, dtype=torch.float32) for a in (x, t, text)))
+        got64 = model(*args64)
+        semantic = model.semantic(*args64)
+        model.set_weight_folding(False)  # the unfolded pixel decoder (PixelDecoder.folding)
+        unfolded64 = model(*args64)
+        unfolded32 = model.float()(*args32)
+        model.set_weight_folding(True)
+        got32 = model(*args32)
     assert rel_err(got64, expected) < 1e-10
     assert rel_err(semantic, ref.semantic(x, t, text)) < 1e-10
     assert rel_err(got32, expected) < 1e-5
+    assert rel_err(unfolded64, expected) < 1e-10
+    assert rel_err(unfolded32, expected) < 1e-5
+    assert rel_err(unfolded32, got32) < 1e-5
 
 
 @settings(max_examples=15, deadline=None)

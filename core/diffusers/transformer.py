@@ -53,7 +53,8 @@ class DeCoTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
     _skip_layerwise_casting_patterns = ("patch_embed", "text_embed", r"decoder\.pixel_embed",
                                         r"decoder\.input_proj", r"decoder\.blocks\.\d+\.adaln")
     # accelerate's device maps keep each of these on one device: a residual block, and the pixel
-    # decoder (it folds its layers' weights together).
+    # decoder (small; where hooks sit on its layers, e.g. offloaded to disk, it runs unfolded:
+    # PixelDecoder.folding).
     _no_split_modules: ClassVar[list[str]] = ["DiTBlock", "PixelDecoder"]
 
     @register_to_config  # type: ignore[untyped-decorator]  # diffusers is not analysed (pyproject)
