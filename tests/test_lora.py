@@ -270,3 +270,49 @@ def test_fine_tune_usage_errors(models: dict[str, Any], tmp_path: Path, argv: li
         raise SystemExit(code)
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_lora_resume_continues_the_exact_trajectory(models: dict[str, Any], tmp_path: Path) -> None:
+    """A LoRA fine-tune of 4 steps straight vs 2 steps, then --resume to 4: the same losses,
+    adapter, EMA of the adapter, optimizer state, generator and step count, bit for bit (the
+    oracle: the uninterrupted run), and the same adapter file."""
+    from deco.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from deco.optimized.sampling import SampleSettings
+    from deco.train.job import LOG_NAME, RunConfig, train
+
+    init = tmp_path / "base.safetensors"
+    randomized(models["class"], seed=0).save(init)
+    common: dict[str, Any] = dict(init=init, lora_rank=2, lora_targets=("qkv", "adaln"), batch_size=4,
+                                  log_every=1, device="cpu", checkpoint_every=100, grid_columns=1,
+                                  train=TrainConfig(lr=1e-2, ema_decay=0.5), sample=SampleSettings(steps=1))
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(RunConfig(out=straight, steps=4, **common))
+    train(RunConfig(out=split, steps=2, **common))
+    train(RunConfig(out=split, steps=4, resume=True), explicit={"steps"})
+
+    def log(run: Path) -> list[Any]:
+        return [json.loads(line) | {"time": None} for line in (run / LOG_NAME).read_text().splitlines()]
+
+    def trainer_state(run: Path) -> dict[str, Any]:
+        state = load_checkpoint(run / CHECKPOINT_NAME)["trainer"]
+        return {k: state[k] for k in ("model", "ema", "optimizer", "generator", "step")}
+
+    assert [r["step"] for r in log(split)] == [1, 2, 3, 4] and log(split) == log(straight)
+    a, b = trainer_state(straight), trainer_state(split)
+    assert a["step"] == b["step"] == 4
+    adapter = [k for k in a["ema"] if ".lora_B." in k]
+    assert adapter and all(a["ema"][k].abs().max() > 0 for k in adapter)  # the adapter trained
+    assert a["model"].keys() == b["model"].keys() and a["ema"].keys() == b["ema"].keys()
+    assert all(torch.equal(a[s][k], b[s][k]) for s in ("model", "ema") for k in a[s])
+    assert len(a["optimizer"]["state"]) == len(b["optimizer"]["state"]) > 0
+    assert all(torch.equal(x[n], y[n]) for x, y in zip(a["optimizer"]["state"].values(),
+                                                       b["optimizer"]["state"].values(), strict=True)
+               for n in x if isinstance(x[n], torch.Tensor))
+    assert torch.equal(a["generator"], b["generator"])
+    with safe_open(str(straight / lora.ADAPTER_NAME), framework="pt") as f, \
+            safe_open(str(split / lora.ADAPTER_NAME), framework="pt") as g:
+        assert set(f.keys()) == set(g.keys()) and all(torch.equal(f.get_tensor(k), g.get_tensor(k))
+                                                      for k in f.keys())
+    # Repeating the run's --lora on --resume is allowed; another rank is a changed trajectory.
+    assert cli_main(["train", "--out", str(split), "--resume", "--steps", "4", "--lora", "2"]) == 0
+    assert cli_main(["train", "--out", str(split), "--resume", "--steps", "4", "--lora", "3"]) == 2
