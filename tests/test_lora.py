@@ -89,6 +89,27 @@ def test_peft_layers_equal_the_closed_form_and_merge_to_it(models: dict[str, Any
     assert torch.allclose(merged(*x), expected, rtol=0, atol=1e-10 * expected.abs().max().item())
 
 
+def test_class_embedding_lora_equals_the_closed_form(models: dict[str, Any]) -> None:
+    """float64: a LoRA on `y_embed` (peft's embedding LoRA) equals the plain model whose
+    embedding table is E + (alpha / r) (B A)^T (row i gains B A[:, i]), built by hand; merged too."""
+    base = randomized(models["class"], seed=0, dtype=torch.float64)
+    adapted = with_random_adapter(base, rank=3, alpha=6.0, seed=2, targets=["y_embed"])
+    assert lora.has_lora(adapted) and lora.trainable_count(adapted) == 3 * (11 + 64)
+    params = dict(adapted.named_parameters())
+    a, b = params["y_embed.lora_embedding_A.default"], params["y_embed.lora_embedding_B.default"]
+    assert (tuple(a.shape), tuple(b.shape)) == ((3, 11), (64, 3))
+    by_hand = copy.deepcopy(base)
+    with torch.no_grad():
+        by_hand.y_embed.weight += (6.0 / 3) * (b @ a).T
+    x = inputs(base)
+    expected, plain = by_hand(*x), base(*x)
+    assert (expected - plain).abs().max() > 1e-2 * plain.abs().max()
+    assert torch.allclose(adapted(*x), expected, rtol=0, atol=1e-10 * expected.abs().max().item())
+    merged = lora.merge_adapter(adapted)
+    assert set(merged.state_dict()) == set(base.state_dict()) and not lora.has_lora(merged)
+    assert torch.allclose(merged(*x), expected, rtol=0, atol=1e-10 * expected.abs().max().item())
+
+
 def test_targets_skip_folded_decoder_weights_and_refuse_unknown_ones(models: dict[str, Any]) -> None:
     """The decoder folds its blocks' adaln, pixel_embed and input_proj into other products: a
     LoRA there would be ignored, so "adaln" takes the DiT blocks' only and "pixel_embed" fails."""
@@ -120,60 +141,67 @@ def test_adapter_file_is_diffusers_format(models: dict[str, Any], tmp_path: Path
     assert torch.equal(loaded(*x), adapted(*x))
 
 
-def test_diffusers_pipelines_load_fuse_and_save_our_adapters(models: dict[str, Any], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "targets"), [("class", None), ("text", None), ("class", ("y_embed",)),
+                                               ("class", ("qkv", "y_embed"))])
+def test_diffusers_pipelines_load_fuse_and_save_our_adapters(models: dict[str, Any], tmp_path: Path,
+                                                             kind: str, targets: Any) -> None:
     """diffusers' load_lora_weights on both pipelines gives deco's images with the adapter
     (float32, 1e-5: the same products in another order); set_adapters(0) and unfuse_lora give the
-    base model's; fuse_lora the adapter's; save_lora_weights writes a file deco.lora reads."""
+    base model's; fuse_lora the adapter's; save_lora_weights writes a file deco.lora reads. The
+    class embedding's LoRA (peft's lora_embedding_A/B) too, alone (a file whose first key is no
+    lora_A) and with linears."""
     require_module("diffusers")
     from deco.diffusers import DeCoPipeline, DeCoTextPipeline, DeCoTransformer2DModel
 
-    for kind, pipeline in (("class", DeCoPipeline), ("text", DeCoTextPipeline)):
-        base = randomized(models[kind], seed=0)
-        adapted = with_random_adapter(base, rank=2, alpha=2.0, seed=4)
-        folder = tmp_path / kind
-        folder.mkdir()
-        lora.save_adapter(adapted, folder / lora.ADAPTER_NAME)
-        transformer = DeCoTransformer2DModel.from_deco(copy.deepcopy(base), sample_size=32)
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    pipeline = DeCoPipeline if kind == "class" else DeCoTextPipeline
+    base = randomized(models[kind], seed=0)
+    adapted = with_random_adapter(base, rank=2, alpha=2.0, seed=4, targets=targets)
+    folder = tmp_path / kind
+    folder.mkdir()
+    lora.save_adapter(adapted, folder / lora.ADAPTER_NAME)
+    transformer = DeCoTransformer2DModel.from_deco(copy.deepcopy(base), sample_size=32)
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-        parts = (None, None) if kind == "text" else ()
-        pipe = pipeline(*parts, transformer, FlowMatchEulerDiscreteScheduler())
-        pipe.set_progress_bar_config(disable=True)
-        x, _, cond = inputs(base, batch=2)
-        null = (torch.zeros_like(cond[0]) if kind == "text" else None)
+    parts = (None, None) if kind == "text" else ()
+    pipe = pipeline(*parts, transformer, FlowMatchEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    x, _, cond = inputs(base, batch=2)
+    null = (torch.zeros_like(cond[0]) if kind == "text" else None)
 
-        def images(p: Any = pipe, x: torch.Tensor = x, cond: torch.Tensor = cond,
-                   null: Any = null, kind: str = kind) -> torch.Tensor:
-            args = ({"prompt_embeds": cond, "negative_prompt_embeds": null} if kind == "text"
-                    else {"class_labels": cond})
-            out: torch.Tensor = p(**args, guidance_scale=2.0, guidance_interval=(0.0, 1.0), timeshift=1.0,
-                                  num_inference_steps=3, latents=x, output_type="latent").images
-            return out
+    def images(p: Any = pipe, x: torch.Tensor = x, cond: torch.Tensor = cond,
+               null: Any = null, kind: str = kind) -> torch.Tensor:
+        args = ({"prompt_embeds": cond, "negative_prompt_embeds": null} if kind == "text"
+                else {"class_labels": cond})
+        out: torch.Tensor = p(**args, guidance_scale=2.0, guidance_interval=(0.0, 1.0), timeshift=1.0,
+                              num_inference_steps=3, latents=x, output_type="latent").images
+        return out
 
-        def sample(model: Any, x: torch.Tensor = x, cond: torch.Tensor = cond, null: Any = null,
-                   kind: str = kind) -> torch.Tensor:
-            extra = (null,) if kind == "text" else ()
-            out: torch.Tensor = optimized.sample(model, x, cond, *extra, steps=3, guidance=2.0)
-            return out
+    def sample(model: Any, x: torch.Tensor = x, cond: torch.Tensor = cond, null: Any = null,
+               kind: str = kind) -> torch.Tensor:
+        extra = (null,) if kind == "text" else ()
+        out: torch.Tensor = optimized.sample(model, x, cond, *extra, steps=3, guidance=2.0)
+        return out
 
-        plain, expected = sample(base), sample(adapted)
-        assert (expected - plain).abs().max() > 1e-2 * plain.abs().max()
-        assert (images() - plain).abs().max() <= 1e-5 * plain.abs().max()
-        pipe.load_lora_weights(folder, adapter_name="tuned")
-        scale = expected.abs().max().item()
-        assert (images() - expected).abs().max() <= 1e-5 * scale
-        pipe.set_adapters(["tuned"], [0.0])
-        assert (images() - plain).abs().max() <= 1e-5 * scale
-        pipe.set_adapters(["tuned"], [1.0])
-        pipe.fuse_lora()
-        assert (images() - expected).abs().max() <= 1e-5 * scale
-        pipe.unfuse_lora()
-        layers = peft.get_peft_model_state_dict(pipe.transformer, adapter_name="tuned")
-        pipe.save_lora_weights(tmp_path / f"{kind}-saved", transformer_lora_layers=layers)
-        pipe.unload_lora_weights()
-        assert (images() - plain).abs().max() <= 1e-5 * scale
-        again = lora.load_adapter(copy.deepcopy(base), tmp_path / f"{kind}-saved" / lora.ADAPTER_NAME)
-        assert (sample(again) - expected).abs().max() <= 1e-5 * scale
+    plain, expected = sample(base), sample(adapted)
+    assert (expected - plain).abs().max() > 1e-2 * plain.abs().max()
+    read = lora.load_adapter(copy.deepcopy(base), folder / lora.ADAPTER_NAME)  # deco sample --lora's way
+    assert (sample(read) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (images() - plain).abs().max() <= 1e-5 * plain.abs().max()
+    pipe.load_lora_weights(folder, adapter_name="tuned")
+    scale = expected.abs().max().item()
+    assert (images() - expected).abs().max() <= 1e-5 * scale
+    pipe.set_adapters(["tuned"], [0.0])
+    assert (images() - plain).abs().max() <= 1e-5 * scale
+    pipe.set_adapters(["tuned"], [1.0])
+    pipe.fuse_lora()
+    assert (images() - expected).abs().max() <= 1e-5 * scale
+    pipe.unfuse_lora()
+    layers = peft.get_peft_model_state_dict(pipe.transformer, adapter_name="tuned")
+    pipe.save_lora_weights(tmp_path / f"{kind}-saved", transformer_lora_layers=layers)
+    pipe.unload_lora_weights()
+    assert (images() - plain).abs().max() <= 1e-5 * scale
+    again = lora.load_adapter(copy.deepcopy(base), tmp_path / f"{kind}-saved" / lora.ADAPTER_NAME)
+    assert (sample(again) - expected).abs().max() <= 1e-5 * scale
 
 
 @pytest.mark.parametrize(("keys", "message"), [
@@ -183,6 +211,12 @@ def test_diffusers_pipelines_load_fuse_and_save_our_adapters(models: dict[str, A
       "transformer.model.nothing.lora_B.weight": (16, 2)}, "not a linear layer"),
     ({"transformer.model.blocks.0.attn.qkv.lora_A.weight": (2, 15),
       "transformer.model.blocks.0.attn.qkv.lora_B.weight": (48, 2)}, "has shape"),
+    ({"transformer.model.y_embed.lora_embedding_A": (2, 11),
+      "transformer.model.y_embed.lora_B.weight": (64, 2)}, "needs lora_A"),
+    ({"transformer.model.y_embed.lora_embedding_A": (2, 10),
+      "transformer.model.y_embed.lora_embedding_B": (64, 2)}, "has shape"),
+    ({"transformer.model.blocks.0.attn.qkv.lora_embedding_A": (2, 64),
+      "transformer.model.blocks.0.attn.qkv.lora_embedding_B": (192, 2)}, "not an embedding"),
 ])
 def test_bad_adapter_files_exit_2_in_one_line(models: dict[str, Any], tmp_path: Path, keys: dict[str, Any],
                                               message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -233,7 +267,7 @@ def test_cli_fine_tune_sample_convert_and_onnx(models: dict[str, Any], tmp_path:
     run = tmp_path / "run"
     assert cli_main(["train", "--out", str(run), "--init", str(init), "--lora", "2", "--lora-targets", "qkv",
                      "adaln", "--steps", "2", "--batch-size", "4", "--sample-steps", "2",
-                     "--grad-checkpointing"]) == 0
+                     "--ema-decay", "0.5", "--grad-checkpointing"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 < metrics["trainable_parameters"] < metrics["parameters"] / 5
     merged = load_for_sampling(run, torch.device("cpu")).model
