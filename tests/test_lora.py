@@ -316,7 +316,8 @@ def test_lora_resume_continues_the_exact_trajectory(models: dict[str, Any], tmp_
 
     init = tmp_path / "base.safetensors"
     randomized(models["class"], seed=0).save(init)
-    common: dict[str, Any] = dict(init=init, lora_rank=2, lora_targets=("qkv", "adaln"), batch_size=4,
+    common: dict[str, Any] = dict(init=init, lora_rank=2, lora_targets=("qkv", "adaln", "y_embed"),
+                                  batch_size=4,
                                   log_every=1, device="cpu", checkpoint_every=100, grid_columns=1,
                                   train=TrainConfig(lr=1e-2, ema_decay=0.5), sample=SampleSettings(steps=1))
     straight, split = tmp_path / "straight", tmp_path / "split"
