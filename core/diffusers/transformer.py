@@ -180,10 +180,10 @@ def scaled_lora(model: torch.nn.Module, scale: float) -> Iterator[None]:
     saved: list[tuple[dict[str, float], dict[str, float]]] = []
     if scale != 1.0:
         for module in model.modules():
-            scaling = getattr(module, "scaling", None)
-            if isinstance(scaling, dict) and hasattr(module, "active_adapters"):  # a peft LoRA layer
+            scaling, active = getattr(module, "scaling", None), getattr(module, "active_adapters", None)
+            if isinstance(scaling, dict) and active is not None:  # a peft LoRA layer
                 saved.append((scaling, dict(scaling)))
-                for name in module.active_adapters:
+                for name in active:
                     if name in scaling:
                         scaling[name] *= scale
     try:
