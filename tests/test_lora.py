@@ -2,7 +2,8 @@
 W + (alpha / r) B A, the adapter file read by diffusers' own loader (and diffusers' file read by
 ours) with the same images, fusing, the trainer (only the adapter trains, EMA of the adapter),
 `deco train --lora` / `deco sample --lora` / `deco convert --lora` and the fused model's ONNX
-export in onnxruntime. Tiny models: the release fixtures' A.ckpt (class) and T.ckpt (text)."""
+export in onnxruntime, an exact --resume; the class embedding's adapter (`y_embed`) too. Tiny
+models: the release fixtures' A.ckpt (class) and T.ckpt (text)."""
 
 from __future__ import annotations
 
