@@ -267,7 +267,7 @@ def test_cli_fine_tune_sample_convert_and_onnx(models: dict[str, Any], tmp_path:
     tiny.save(init)
     run = tmp_path / "run"
     assert cli_main(["train", "--out", str(run), "--init", str(init), "--lora", "2", "--lora-targets", "qkv",
-                     "adaln", "--steps", "2", "--batch-size", "4", "--sample-steps", "2",
+                     "adaln", "y_embed", "--steps", "2", "--batch-size", "4", "--sample-steps", "2",
                      "--ema-decay", "0.5", "--grad-checkpointing"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 < metrics["trainable_parameters"] < metrics["parameters"] / 5
