@@ -195,8 +195,10 @@ def check_training_state(path: str | Path, parts: tuple[str, ...] = ("trainer/em
 def base_of_adapted(shapes: Mapping[str, tuple[int, ...]], rank: Any) -> dict[str, tuple[int, ...]]:
     """The shapes of a LoRA run's weights (`deco train --lora`, peft's names) under the base
     model's names: `M.base_layer.P` -> `M.P`, and each adapter pair `M.lora_A.<name>.weight`
-    (rank, in) / `M.lora_B.<name>.weight` (out, rank) checked against M's weight and left out.
-    ValueError for a rank that is not an int or a pair that does not fit its layer."""
+    (rank, in) / `M.lora_B.<name>.weight` (out, rank) of a linear, or `M.lora_embedding_A.<name>`
+    (rank, rows) / `M.lora_embedding_B.<name>` (width, rank) of an embedding (weight (rows,
+    width)), checked against M's weight and left out. ValueError for a rank that is not an int
+    or a pair that does not fit its layer."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"run.lora_rank must be a positive int, got {rank!r}")
     base = {k.replace(".base_layer.", "."): v for k, v in shapes.items() if ".lora_" not in k}
@@ -205,10 +207,14 @@ def base_of_adapted(shapes: Mapping[str, tuple[int, ...]], rank: Any) -> dict[st
             continue
         module, _, rest = name.partition(".lora_")
         weight = base.get(module + ".weight")
+        embedding = rest.startswith("embedding_")
+        rest = rest.removeprefix("embedding_")
         side = rest[:1]  # "A" or "B"
-        fits = weight is not None and len(weight) == 2 and (
-            tuple(shape) == (rank, weight[1]) if side == "A" else tuple(shape) == (weight[0], rank))
-        if side not in "AB" or not rest.endswith(".weight") or not fits:
+        fits = weight is not None and len(weight) == 2 and tuple(shape) == (
+            ((rank, weight[0]) if side == "A" else (weight[1], rank)) if embedding
+            else ((rank, weight[1]) if side == "A" else (weight[0], rank)))
+        named = rest[1:2] == "." and rest.endswith(".weight") != embedding  # peft's names
+        if side not in ("A", "B") or not named or not fits:
             raise ValueError(f"weights: adapter tensor {name} {tuple(shape)} does not fit "
                              f"{module}.weight {weight} at rank {rank}")
     return base

@@ -14,7 +14,11 @@ The layers are peft's own (`peft.inject_adapter_in_model` with a `LoraConfig`): 
 key `lora_adapter_metadata`, each field prefixed `transformer.`. So `pipe.load_lora_weights(file)`
 reads a `deco train --lora` adapter, and `load_adapter` reads one saved by diffusers.
 
-Which modules can carry LoRA: a linear whose `forward` the model calls. The pixel decoder folds
+Which modules can carry LoRA: a linear whose `forward` the model calls, and the class embedding
+`y_embed` (an `nn.Embedding`: peft's embedding LoRA, E[i] + (alpha/r) B A[:, i], tensors
+`lora_embedding_A` (r, classes + 1) and `lora_embedding_B` (hidden, r), no `.weight`, as peft and
+diffusers name them). It is not a default target: name it (`--lora-targets ... y_embed`) to let a
+fine-tune move the labels' embeddings, which a new class needs (bench/RESULTS.md §10). The pixel decoder folds
 some of its weights into others before use (`pixel_embed`, `input_proj` and the decoder blocks'
 `adaln`: see `deco.optimized.layers.PixelDecoder`); a LoRA there would change nothing, so
 `resolve_targets` leaves them out, found by running the model once on a one-patch input.
@@ -76,17 +80,42 @@ def _peft() -> Any:
     return peft
 
 
+#: The layer types a LoRA can adapt, and the names of their A and B tensors in a file.
+ADAPTABLE = (nn.Linear, nn.Embedding)
+PARTS: dict[type[nn.Module], tuple[str, str]] = {nn.Linear: ("lora_A.weight", "lora_B.weight"),
+                                                  nn.Embedding: ("lora_embedding_A", "lora_embedding_B")}
+
+
+def _split_key(key: str) -> tuple[str, type[nn.Module], int] | None:
+    """("blocks.0.attn.qkv", nn.Linear, 0) for "blocks.0.attn.qkv.lora_A.weight" (0: A, 1: B);
+    None for a key that is no LoRA tensor."""
+    for kind, parts in PARTS.items():
+        for i, part in enumerate(parts):
+            if key.endswith("." + part) and len(key) > len(part) + 1:
+                return key[: -len(part) - 1], kind, i
+    return None
+
+
+def _want(layer: nn.Module, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The shapes of A and B of a rank-`rank` LoRA of `layer` (peft's: linear A (r, in), B (out, r);
+    embedding A (r, rows), B (width, r))."""
+    if isinstance(layer, nn.Embedding):
+        return (rank, layer.num_embeddings), (layer.embedding_dim, rank)
+    assert isinstance(layer, nn.Linear)
+    return (rank, layer.in_features), (layer.out_features, rank)
+
+
 def has_lora(model: nn.Module) -> bool:
     """Whether peft LoRA layers are in the model."""
-    return any(".lora_A." in name for name, _ in model.named_parameters())
+    return any(".lora_A." in name or ".lora_embedding_A." in name for name, _ in model.named_parameters())
 
 
-def _called_linears(model: nn.Module) -> set[str]:
-    """Names of the linears whose forward runs in one forward pass on a one-patch input."""
+def _called_layers(model: nn.Module) -> set[str]:
+    """Names of the linears and embeddings whose forward runs in one forward pass on a one-patch input."""
     cfg: Any = model.config
     called: set[str] = set()
     hooks = [module.register_forward_hook(lambda *_, n=name: called.add(n))
-             for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+             for name, module in model.named_modules() if isinstance(module, ADAPTABLE)]
     param = next(model.parameters())
     x = torch.zeros(1, cfg.in_channels, cfg.patch_size, cfg.patch_size, device=param.device,
                     dtype=param.dtype)
@@ -102,26 +131,26 @@ def _called_linears(model: nn.Module) -> set[str]:
 
 
 def resolve_targets(model: nn.Module, targets: Sequence[str] | None = None) -> list[str]:
-    """The full names of the model's linears that `targets` name (None: `DEFAULT_TARGETS` of the
-    model's kind): a target is a module-name suffix ("qkv" matches every `blocks.N.attn.qkv`) or
-    a full name. Linears the forward does not call (their weight is folded into another product,
-    so LoRA there would have no effect) are left out: "adaln" takes the DiT blocks' and not the
-    decoder blocks'. Errors (ValueError, naming `lora_targets`) for a target that matches no
-    linear, or only linears that are not called."""
+    """The full names of the model's linears (and embeddings: "y_embed") that `targets` name
+    (None: `DEFAULT_TARGETS` of the model's kind): a target is a module-name suffix ("qkv"
+    matches every `blocks.N.attn.qkv`) or a full name. Linears the forward does not call (their
+    weight is folded into another product, so LoRA there would have no effect) are left out:
+    "adaln" takes the DiT blocks' and not the decoder blocks'. Errors (ValueError, naming
+    `lora_targets`) for a target that matches no layer, or only layers that are not called."""
     if targets is None:
         targets = DEFAULT_TARGETS["text" if getattr(model.config, "is_text", False) else "class"]
     if isinstance(targets, str) or not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"lora_targets: expected a non-empty list of module names, got {targets!r}")
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [name for name, m in model.named_modules() if isinstance(m, ADAPTABLE)]
     matched: list[str] = []
     for target in targets:
         hits = [n for n in linears if n == target or n.endswith("." + target)]
         if not hits:
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise ValueError(f"lora_targets: {target!r} names no linear layer of this model "
-                             f"(its linears end in {', '.join(suffixes)})")
+            raise ValueError(f"lora_targets: {target!r} names no linear or embedding layer of "
+                             f"this model (their names end in {', '.join(suffixes)})")
         matched += [n for n in hits if n not in matched]
-    called = _called_linears(model)
+    called = _called_layers(model)
     for target in targets:
         hits = [n for n in matched if n == target or n.endswith("." + target)]
         if not any(n in called for n in hits):
@@ -132,7 +161,7 @@ def resolve_targets(model: nn.Module, targets: Sequence[str] | None = None) -> l
 
 def add_lora(model: M, rank: int, targets: Sequence[str], alpha: float | None = None,
              rslora: bool = False) -> M:
-    """Wrap the linears `targets` (full names, `resolve_targets`) with peft LoRA layers of rank
+    """Wrap the layers `targets` (full names, `resolve_targets`) with peft LoRA layers of rank
     `rank`, scale alpha / rank (alpha default: rank; rslora: alpha / sqrt(rank)), B = 0 (the
     model is unchanged until trained); freeze everything else. Returns the model (in place)."""
     peft = _peft()
@@ -180,8 +209,9 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
 def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(LoRA settings {"r", "lora_alpha", "use_rslora"}, tensors by module: {module: A, B}
     flattened as "module.lora_A.weight" ...) of an adapter file, checked: safetensors, every key
-    `KEY_PREFIX`<module>.lora_A|lora_B.weight, 2-D float tensors, A (r, in) and B (out, r) of one
-    rank per module. Without metadata, alpha = rank (diffusers' rule). ValueError names `lora`."""
+    `KEY_PREFIX`<module>.lora_A|lora_B.weight (an embedding's: .lora_embedding_A|B), 2-D float
+    tensors, A (r, in) and B (out, r) of one rank per module, both of one kind. Without
+    metadata, alpha = rank (diffusers' rule). ValueError names `lora`."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -189,23 +219,28 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             keys = list(f.keys())
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
             dtypes = {k: f.get_slice(k).get_dtype() for k in keys}
-            bad = [k for k in keys if not (k.startswith(KEY_PREFIX) and k.endswith((".lora_A.weight",
-                                                                                   ".lora_B.weight")))]
+            bad = [k for k in keys if not (k.startswith(KEY_PREFIX) and _split_key(k[len(KEY_PREFIX):]))]
             if bad or not keys:
                 raise ValueError(f"{path} is not a DeCo LoRA adapter (key {bad[0] if bad else 'none'!r}; "
-                                 f"expected {KEY_PREFIX}<module>.lora_A.weight / .lora_B.weight)")
+                                 f"expected {KEY_PREFIX}<module>.lora_A.weight / .lora_B.weight, or "
+                                 f".lora_embedding_A / _B)")
             wrong = [k for k in keys if len(shapes[k]) != 2 or dtypes[k] not in ("F16", "BF16", "F32", "F64")]
             if wrong:
                 raise ValueError(f"{path}: {wrong[0]} must be a 2-D float tensor, got {dtypes[wrong[0]]} "
                                  f"{shapes[wrong[0]]}")
-            modules = sorted({k[len(KEY_PREFIX):].rsplit(".", 2)[0] for k in keys})
+            found: dict[str, dict[int, tuple[type[nn.Module], tuple[int, ...]]]] = {}
+            for k in keys:
+                module, kind, ab = _split_key(k[len(KEY_PREFIX):]) or ("", nn.Linear, 0)
+                found.setdefault(module, {})[ab] = kind, shapes[k]
             ranks = set()
-            for m in modules:
-                a, b = (shapes.get(f"{KEY_PREFIX}{m}.lora_{x}.weight") for x in "AB")
-                if a is None or b is None or a[0] != b[1] or not 1 <= a[0] <= MAX_RANK:
-                    raise ValueError(f"{path}: {m} needs lora_A (r, in) and lora_B (out, r) with one "
-                                     f"rank r in 1..{MAX_RANK}, got {a} and {b}")
-                ranks.add(a[0])
+            for m, parts in sorted(found.items()):
+                a, b = (parts.get(i, (None, None)) for i in (0, 1))
+                if a[1] is None or b[1] is None or a[0] is not b[0] or a[1][0] != b[1][1] \
+                        or not 1 <= a[1][0] <= MAX_RANK:
+                    raise ValueError(f"{path}: {m} needs lora_A (r, in) and lora_B (out, r) (or "
+                                     f"lora_embedding_A and _B) with one rank r in 1..{MAX_RANK}, got "
+                                     f"{a[1]} and {b[1]}")
+                ranks.add(a[1][0])
             tensors = {k[len(KEY_PREFIX):]: f.get_tensor(k).float() for k in keys}
     except (OSError, RuntimeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a readable safetensors file ({exc})") from None
@@ -238,16 +273,18 @@ def load_adapter(model: M, path: str | Path) -> M:
     peft = _peft()
     settings, tensors = read_adapter(path)
     modules = dict(model.named_modules())
+    targets = set()
     for key, value in tensors.items():
-        name, part = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        name, kind, ab = _split_key(key) or ("", nn.Linear, 0)  # read_adapter checked every key
         layer = modules.get(name)
-        if not isinstance(layer, nn.Linear):
-            raise ValueError(f"lora: {path} adapts {name}, which is not a linear layer of this model")
-        want = (settings["r"], layer.in_features) if part == "lora_A" else (layer.out_features, settings["r"])
+        if not isinstance(layer, kind):
+            what = "an embedding" if kind is nn.Embedding else "a linear layer"
+            raise ValueError(f"lora: {path} adapts {name}, which is not {what} of this model")
+        want = _want(layer, settings["r"])[ab]
         if tuple(value.shape) != want:
             raise ValueError(f"lora: {path}: {key} has shape {tuple(value.shape)}, the model needs {want}")
-    targets = sorted({k.rsplit(".", 2)[0] for k in tensors})
-    add_lora(model, settings["r"], resolve_targets(model, targets), alpha=settings["lora_alpha"],
+        targets.add(name)
+    add_lora(model, settings["r"], resolve_targets(model, sorted(targets)), alpha=settings["lora_alpha"],
              rslora=settings["use_rslora"])
     param = next(model.parameters())
     result = peft.set_peft_model_state_dict(

@@ -297,12 +297,16 @@ def test_lora_run_weights_are_checked_under_their_base_names() -> None:
 
     shapes = {"blocks.0.qkv.base_layer.weight": (96, 32), "blocks.0.qkv.base_layer.bias": (96,),
               "blocks.0.qkv.lora_A.default.weight": (4, 32), "blocks.0.qkv.lora_B.default.weight": (96, 4),
-              "final.weight": (12, 32)}
+              "final.weight": (12, 32), "y_embed.base_layer.weight": (11, 32),
+              "y_embed.lora_embedding_A.default": (4, 11), "y_embed.lora_embedding_B.default": (32, 4)}
     assert base_of_adapted(shapes, 4) == {"blocks.0.qkv.weight": (96, 32), "blocks.0.qkv.bias": (96,),
-                                          "final.weight": (12, 32)}
+                                          "final.weight": (12, 32), "y_embed.weight": (11, 32)}
     for bad in ({"blocks.0.qkv.lora_A.default.weight": (8, 32)},      # rank 8 in a rank-4 run
                 {"blocks.0.qkv.lora_B.default.weight": (4, 96)},      # B transposed
-                {"nowhere.lora_A.default.weight": (4, 32)}):          # no such layer
+                {"nowhere.lora_A.default.weight": (4, 32)},           # no such layer
+                {"y_embed.lora_embedding_A.default": (4, 32)},        # an embedding's A is (rank, rows)
+                {"y_embed.lora_embedding_B.default": (11, 4)},        # its B is (width, rank)
+                {"y_embed.lora_embedding_A.default.weight": (4, 11)}):  # not peft's name
         with pytest.raises(ValueError, match="does not fit"):
             base_of_adapted({**shapes, **bad}, 4)
     with pytest.raises(ValueError, match="lora_rank"):

@@ -101,8 +101,9 @@ OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
         "model (needs peft); writes pytorch_lora_weights.safetensors (diffusers' format) and the "
         "merged model"}),
     ("--lora-targets", "lora_targets", {
-        "nargs": "+", "metavar": "NAME", "help": "linears the adapter wraps, by name suffix, e.g. qkv "
-        "adaln (default: the attention and MLP products of the DiT blocks, deco.lora.DEFAULT_TARGETS)"}),
+        "nargs": "+", "metavar": "NAME", "help": "layers the adapter wraps, by name suffix, e.g. qkv "
+        "adaln, and y_embed (the class embedding: lets a new class train) (default: the attention "
+        "and MLP products of the DiT blocks, deco.lora.DEFAULT_TARGETS)"}),
     ("--grad-checkpointing", "grad_checkpointing", {
         "action": BOOL, "help": "recompute each DiT block in backward instead of keeping its activations "
         f"(less memory, ~1 more forward; default {_run('grad_checkpointing')})"}),

@@ -10,7 +10,10 @@ one Sana, CogVideoX, Mochi and LTX-Video share; DeCo takes it as it is, so
     pipe.set_adapters(["digits"], [0.8]); pipe.fuse_lora(); pipe.unfuse_lora()
     DeCoPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(t))
 
-are diffusers' code paths (`LoraBaseMixin`), nothing re-implemented here.
+are diffusers' code paths (`LoraBaseMixin`), nothing re-implemented here. The class embedding's
+adapter (`y_embed`: peft's `lora_embedding_A/B`) loads the same way. Two conventions live in
+`DeCoTransformer2DModel`: `attention_kwargs={"scale": s}` of a pipeline call (the adapters at s
+for that call) and `fuse_lora(lora_scale=s)` for embedding adapters (see there).
 """
 
 from typing import ClassVar

@@ -47,7 +47,7 @@ from deco.optimized.sampling import guidance_at, guided_velocity, time_grid
 
 from .lora import DeCoLoraLoaderMixin
 from .schedulers import DeCoScheduler
-from .transformer import DeCoTransformer2DModel
+from .transformer import DeCoTransformer2DModel, lora_scale
 
 #: The module written beside model_index.json for DiffusionPipeline.from_pretrained.
 SHIM_MODULE = "pipeline_deco"
@@ -71,9 +71,11 @@ class TransformerVelocity:
     with `deco.optimized.sampling.guided_velocity` itself. Calls go through the transformer's
     forward, where diffusers' offload hooks are attached."""
 
-    def __init__(self, transformer: DeCoTransformer2DModel) -> None:
+    def __init__(self, transformer: DeCoTransformer2DModel,
+                 attention_kwargs: dict[str, Any] | None = None) -> None:
         self.transformer = transformer
         self.key = "encoder_hidden_states" if transformer.is_text else "class_labels"
+        self.extra = {} if attention_kwargs is None else {"attention_kwargs": attention_kwargs}
 
     @property
     def config(self) -> Any:
@@ -81,7 +83,7 @@ class TransformerVelocity:
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """Velocity (B, C, H, W) for x (B, C, H, W), t (B,) and the condition y."""
-        out: Tensor = self.transformer(x, t, **{self.key: y}, return_dict=False)[0]
+        out: Tensor = self.transformer(x, t, **{self.key: y}, **self.extra, return_dict=False)[0]
         return out
 
 
@@ -124,11 +126,17 @@ class DeCoPipelineBase(DiffusionPipeline, DeCoLoraLoaderMixin):  # type: ignore[
     _condition_names: tuple[str, str] | None = None
     _guidance_scale = 1.0
     _num_timesteps = 0
+    _attention_kwargs: dict[str, Any] | None = None
 
     @property
     def guidance_scale(self) -> float:
         """The guidance scale of the running (or last) call."""
         return self._guidance_scale
+
+    @property
+    def attention_kwargs(self) -> dict[str, Any] | None:
+        """The running (or last) call's attention_kwargs ({"scale": LoRA scale} or None)."""
+        return self._attention_kwargs
 
     @property
     def num_timesteps(self) -> int:
@@ -161,7 +169,7 @@ class DeCoPipelineBase(DiffusionPipeline, DeCoLoraLoaderMixin):  # type: ignore[
         """Integrate from the noise `latents` (B, C, H, W) to the images (t = 1), guided with
         `self._guidance_scale` (read at every step: a callback may change it)."""
         x = latents
-        model = TransformerVelocity(self.transformer)
+        model = TransformerVelocity(self.transformer, self._attention_kwargs)
         plan = self.schedule(steps, timeshift, interval, x.device)
         self._num_timesteps = len(plan)
         for i, (timestep, t, scale) in enumerate(self.progress_bar(plan)):
@@ -305,17 +313,20 @@ class DeCoPipeline(DeCoPipelineBase):
         latents: Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
         num_images_per_prompt: int = 1, callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  (diffusers' default)
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> Any:
         """Sample `num_images_per_prompt` images per label (label-major order).
         guidance_interval (low, high): the steps whose scale is `guidance_scale` (Euler/Heun:
         low < t <= high at the step's start; Adams: low < t < high); elsewhere 1. timeshift:
         DeCo's time shift of the grid (spec/01 §3). latents: the starting noise (B, C, H, W),
-        else drawn with `generator`. The callback arguments: the module doc. Returns an
-        ImagePipelineOutput."""
+        else drawn with `generator`. The callback arguments: the module doc. attention_kwargs:
+        diffusers' {"scale": s}, the loaded LoRA adapters' scale (DeCoTransformer2DModel.forward).
+        Returns an ImagePipelineOutput."""
         steps, guidance, interval, timeshift = check_settings(
             num_inference_steps, guidance_scale, guidance_interval, timeshift)
         repeats = check_count(num_images_per_prompt)
         callback, names = self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        lora_scale(attention_kwargs)  # checked before any work
         if self.transformer.is_text:
             raise TypeError("transformer: DeCoPipeline needs a class-to-image model; "
                             "use DeCoTextPipeline for text-to-image")
@@ -324,6 +335,7 @@ class DeCoPipeline(DeCoPipelineBase):
         x = self.prepare_latents(labels.shape[0], height, width, generator, latents)
         null = torch.full_like(labels, self.null_class)
         self._guidance_scale = guidance
+        self._attention_kwargs = attention_kwargs
         images = self.denoise(x, labels, null, steps, interval, timeshift, callback, names)
         return self.finish(images, output_type, return_dict)
 

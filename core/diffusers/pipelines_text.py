@@ -20,7 +20,7 @@ from torch import Tensor
 from deco.config import RELEASE_SAMPLING
 
 from .pipelines import DeCoPipelineBase, StepCallback, check_count, check_settings
-from .transformer import DeCoTransformer2DModel
+from .transformer import DeCoTransformer2DModel, lora_scale
 
 
 class DeCoTextPipeline(DeCoPipelineBase):
@@ -151,17 +151,19 @@ class DeCoTextPipeline(DeCoPipelineBase):
         return_dict: bool = True, num_images_per_prompt: int = 1,
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006  (diffusers' default)
-        max_sequence_length: int | None = None,
+        max_sequence_length: int | None = None, attention_kwargs: dict[str, Any] | None = None,
     ) -> Any:
         """Sample `num_images_per_prompt` images per prompt. Defaults: the release's demo
         settings (`deco.config.RELEASE_SAMPLING["t2i"]`: 25 steps, guidance 4, time shift 3; its
         scheduler is Adams of order 2). prompt_embeds (B, T, E) / negative_prompt_embeds (T, E)
         or (B, T, E) replace the encoder's outputs. The other arguments are DeCoPipeline's;
-        max_sequence_length, if given, must be the transformer's text_length."""
+        max_sequence_length, if given, must be the transformer's text_length; attention_kwargs
+        {"scale": s}: the loaded LoRA adapters' scale."""
         steps, guidance, interval, timeshift = check_settings(
             num_inference_steps, guidance_scale, guidance_interval, timeshift)
         repeats = check_count(num_images_per_prompt)
         callback, names = self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        lora_scale(attention_kwargs)  # checked before any work
         if not self.transformer.is_text:
             raise TypeError("transformer: DeCoTextPipeline needs a text-to-image model; "
                             "use DeCoPipeline for class labels")
@@ -186,5 +188,6 @@ class DeCoTextPipeline(DeCoPipelineBase):
         cond, null = cond.repeat_interleave(repeats, dim=0), null.repeat_interleave(repeats, dim=0)
         x = self.prepare_latents(cond.shape[0], height, width, generator, latents)
         self._guidance_scale = guidance
+        self._attention_kwargs = attention_kwargs
         images = self.denoise(x, cond, null, steps, interval, timeshift, callback, names)
         return self.finish(images, output_type, return_dict)

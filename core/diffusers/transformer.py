@@ -14,6 +14,10 @@ sigma = 1 - t the other way and expect d x / d sigma = -v; the pipelines do that
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -108,6 +112,23 @@ class DeCoTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
         wrapper.train(model.training)
         return wrapper
 
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: list[str] | None = None) -> None:
+        """PeftAdapterMixin.fuse_lora, with embedding LoRA layers (`y_embed`) fused at
+        `lora_scale` too: diffusers scales each layer with peft's scale_layer before merging it,
+        which skips the adapters it does not find in `lora_A`, i.e. an embedding's (peft 0.21;
+        they would be fused at scale 1). The scale stays on the layer, as diffusers leaves it,
+        so that unfuse_lora subtracts what was added."""
+        if lora_scale != 1.0:
+            for module in self.modules():
+                scaling = getattr(module, "scaling", None)
+                embedded = getattr(module, "lora_embedding_A", None)
+                if isinstance(scaling, dict) and embedded is not None:
+                    for name in module.active_adapters:
+                        if name in embedded and name not in module.lora_A:
+                            scaling[name] *= lora_scale
+        super().fuse_lora(lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
+
     @property
     def is_text(self) -> bool:
         """Whether this is the text-to-image model (conditioned on text-encoder states)."""
@@ -116,10 +137,13 @@ class DeCoTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
     def forward(
         self, hidden_states: Tensor, timestep: Tensor | float, class_labels: Tensor | None = None,
         encoder_hidden_states: Tensor | None = None, return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> Transformer2DModelOutput | tuple[Tensor]:
         """DeCo's velocity (B, C, H, W) for noisy images `hidden_states` (B, C, H, W) at DeCo
         time `timestep` ((B,) or a number; 0 = noise), conditioned on `class_labels` (B,) for
-        the class models or `encoder_hidden_states` (B, T, E) for the text model."""
+        the class models or `encoder_hidden_states` (B, T, E) for the text model.
+        attention_kwargs: diffusers' {"scale": s}, the LoRA layers' scale for this call
+        (diffusers' scale_lora_layers; 1 = as loaded, 0 = without the adapters)."""
         if self.is_text:
             if class_labels is not None:
                 raise TypeError("class_labels: the text-to-image model takes encoder_hidden_states")
@@ -128,8 +152,47 @@ class DeCoTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
             if encoder_hidden_states is not None:
                 raise TypeError("encoder_hidden_states: the class-to-image model takes class_labels")
             cond = class_labels
-        velocity: Tensor = self.model(hidden_states, timestep, cond)  # (B, C, H, W)
+        with scaled_lora(self, lora_scale(attention_kwargs)):
+            velocity: Tensor = self.model(hidden_states, timestep, cond)  # (B, C, H, W)
         return Transformer2DModelOutput(sample=velocity) if return_dict else (velocity,)
+
+
+def lora_scale(attention_kwargs: Any) -> float:
+    """The LoRA scale of diffusers' `attention_kwargs` (None or {"scale": s}, s a finite number;
+    default 1). DeCo's attention takes no other keyword, so any other key is an error."""
+    if attention_kwargs is None:
+        return 1.0
+    if not isinstance(attention_kwargs, dict) or set(attention_kwargs) - {"scale"}:
+        raise TypeError(f"attention_kwargs: expected None or {{'scale': number}} (the LoRA scale), got "
+                        f"{attention_kwargs!r}")
+    scale = attention_kwargs.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"attention_kwargs: 'scale' must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+@contextmanager
+def scaled_lora(model: torch.nn.Module, scale: float) -> Iterator[None]:
+    """Every active LoRA adapter of `model` scaled by `scale` inside the block, and each layer's
+    scales restored exactly after it. On peft's per-adapter `scaling` of each LoRA layer, not
+    through diffusers' scale_lora_layers: that calls peft's scale_layer, which skips embedding
+    LoRA layers (`y_embed`; peft 0.21: it looks for the adapter in `lora_A` only), and its
+    unscale after a scale of 0 resets the weights set_adapters gave."""
+    saved: list[tuple[dict[str, float], dict[str, float]]] = []
+    if scale != 1.0:
+        for module in model.modules():
+            scaling, active = getattr(module, "scaling", None), getattr(module, "active_adapters", None)
+            if isinstance(scaling, dict) and active is not None:  # a peft LoRA layer
+                saved.append((scaling, dict(scaling)))
+                for name in active:
+                    if name in scaling:
+                        scaling[name] *= scale
+    try:
+        yield
+    finally:
+        for scaling, before in saved:
+            scaling.clear()
+            scaling.update(before)
 
 
 def check_id2label(id2label: Any, num_classes: int) -> None:

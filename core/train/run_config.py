@@ -88,11 +88,14 @@ class RunConfig:
         self._check_fine_tuning()
 
     def _check_fine_tuning(self) -> None:
+        # On --resume the checkpoint holds --init; a repeated --lora/--lora-targets is then
+        # compared with the checkpoint's (changed_fields), not refused here.
         if self.lora_rank is not None:
             field_int(self, "lora_rank", 1)
-            if self.init is None:
+            if self.init is None and not self.resume:
                 raise FieldError("lora_rank", "LoRA fine-tunes a trained model: give it with --init")
-        if self.lora_targets is not None and (self.lora_rank is None or not self.lora_targets or not all(
+        if self.lora_targets is not None and (
+                (self.lora_rank is None and not self.resume) or not self.lora_targets or not all(
                 isinstance(t, str) and t for t in self.lora_targets)):
             raise FieldError("lora_targets", "expected module names, and --lora RANK")
         if self.init is not None and self.model is not None:
