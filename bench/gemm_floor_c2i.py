@@ -152,6 +152,20 @@ def kind_row(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return [forward, f_floor, both - forward, b_floor]
 
 
+def forward_row(model: nn.Module, data: tuple[Tensor, ...]) -> tuple[float, float]:
+    """(CPU seconds of the eval forward without autograd, of its products replayed alone)."""
+
+    def forward() -> object:
+        with torch.no_grad(), autocast():
+            return model(*data[:3])
+
+    model.eval()
+    try:
+        return cpu_seconds(forward), floor_seconds(products_of(forward))[0]
+    finally:
+        model.train()
+
+
 def main(profile_name: str, ops: bool, bf16: bool = False) -> None:
     from deco.optimized.layers import Attention, DiTBlock, PixelDecoder, SwiGLU
 
@@ -186,6 +200,9 @@ def main(profile_name: str, ops: bool, bf16: bool = False) -> None:
     print(f"| products of the step replayed alone ({gflop:.1f} GFLOP) | {step_floor * 1e3:.0f} |")
     print(f"| step / product floor | {med['step'] / step_floor:.2f}x |")
     print(f"| AdamW alone, fused / foreach | {adam['fused'] * 1e3:.0f} / {adam['foreach'] * 1e3:.0f} |")
+    eval_fwd, eval_floor = forward_row(model, data)
+    print(f"| eval forward (no grad) | {eval_fwd * 1e3:.0f} |")
+    print(f"| its products replayed alone | {eval_floor * 1e3:.0f} |")
     kinds: dict[str, Any] = {
         "patch embed": lambda m: m is model.patch_embed,
         "time embed": lambda m: m is model.t_embed,
