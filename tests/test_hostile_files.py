@@ -319,6 +319,46 @@ def test_memory_is_bounded_by_the_data_not_the_header(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1 and "bomb.ckpt" in result.stderr, result.stderr
 
 
+def lying_legacy_pickle(path: Path, declared: int) -> Path:
+    """A checkpoint in torch's legacy (non-zip) format, still written by
+    `torch.save(..., _use_new_zipfile_serialization=False)` and found in old .pth files, whose one
+    float32 storage declares `declared` elements in the pickle and in the size record before its
+    data, followed by the 16 bytes of four floats."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.arange(4.0)}, buffer, _use_new_zipfile_serialization=False)
+    data, numel = buffer.getvalue(), b"X\x03\x00\x00\x00cpuq\x06K\x04"  # ..., 'cpu', BININT1 4
+    values = torch.arange(4.0).numpy().tobytes()
+    assert data.count(numel) == 1 and data.endswith(struct.pack("<q", 4) + values)
+    data = data.replace(numel, numel[:-2] + b"J" + struct.pack("<i", declared))  # BININT
+    path.write_bytes(data[:-24] + struct.pack("<q", declared) + values)
+    return path
+
+
+def test_legacy_pickle_declaring_gigabytes_costs_only_its_bytes(tmp_path: Path) -> None:
+    """torch's legacy reader allocates a storage of the declared size before reading it (the
+    case `check_zip` covers for zip archives); the allocation is lazy, and only the bytes the
+    file really holds are written: a 200-byte file declaring 8 GiB ends in one line with the
+    resident-set peak (VmHWM, reset first) not 64 MiB above where it was."""
+    clear = Path("/proc/self/clear_refs")
+    if not clear.exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    from deco.safe_load import load_weights_only
+
+    bomb = lying_legacy_pickle(tmp_path / "old.pth", 2**31 - 1)
+    assert bomb.stat().st_size < 1024
+
+    def mib(key: str) -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+        return int(line.split()[1]) / 1024
+
+    clear.write_text("5")
+    before = mib("VmRSS")
+    with pytest.raises(ValueError, match=r"old\.pth is not a readable checkpoint") as refused:
+        load_weights_only(bomb)
+    assert "\n" not in str(refused.value) and mib("VmHWM") - before < 64
+    assert load_weights_only(lying_legacy_pickle(tmp_path / "fine.pth", 4))["w"].tolist() == [0, 1, 2, 3]
+
+
 # ------------------------------------------------------------------------------ ONNX metadata
 def generator_graph(path: Path, metadata: dict[str, str]) -> Path:
     """A graph with a generator's inputs and outputs (noise, labels -> sample, image) and the
