@@ -1,7 +1,8 @@
 """Peak memory and step time of a training step: plain, with activation checkpointing (`ckpt`),
-LoRA-only (`lora`, rank 8 on deco.lora's default targets) and both (issue 27). Each variant runs in
-a fresh process (the kernel's resident-set high-water mark, reset before the step as in
-`bench/memory_probe.py`), variants alternating:
+LoRA-only (`lora`, rank 8 on deco.lora's default targets; `lora-demo`, rank 8 on
+bench/lora_demo.py's targets, the class embedding included) and LoRA with checkpointing (issue
+27). Each variant runs in a fresh process (the kernel's resident-set high-water mark, reset
+before the step as in `bench/memory_probe.py`), variants alternating:
 
     python bench/finetune_probe.py MODEL RESOLUTION BATCH [--variants plain ckpt lora] [--rounds 2]
     python bench/finetune_probe.py --worker VARIANT MODEL RESOLUTION BATCH STEPS
@@ -33,7 +34,7 @@ from deco.config import DeCoConfig
 from deco.optimized import build_model
 from deco.optimized.trainer import TrainConfig, Trainer
 
-VARIANTS = ("plain", "ckpt", "lora", "lora-ckpt")
+VARIANTS = ("plain", "ckpt", "lora", "lora-ckpt", "lora-demo")
 
 
 def config_of(name: str) -> DeCoConfig:
@@ -54,9 +55,11 @@ def worker(variant: str, name: str, resolution: int, batch: int, steps: int) -> 
     config = config_of(name)
     model = build_model(config)
     if variant.startswith("lora"):
+        from lora_demo import TARGETS
+
         from deco.lora import add_lora, resolve_targets
 
-        add_lora(model, 8, resolve_targets(model))
+        add_lora(model, 8, resolve_targets(model, TARGETS if variant == "lora-demo" else None))
     model.set_gradient_checkpointing(variant.endswith("ckpt"))
     null = torch.zeros(config.text_length, config.text_dim) if config.is_text else None
     trainer = Trainer(model, TrainConfig(bf16=False), null_text=null)
