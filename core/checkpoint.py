@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from deco.atomic import atomic_write
 from deco.config import DeCoConfig
 from deco.errors import first_line
+from deco.lora import adapter_shapes
 from deco.paths_inside import resolve_inside
 from deco.release import check_shapes
 from deco.untrusted import UntrustedFileError, parse_json, read_safetensors_header
@@ -210,9 +211,8 @@ def base_of_adapted(shapes: Mapping[str, tuple[int, ...]], rank: Any) -> dict[st
         embedding = rest.startswith("embedding_")
         rest = rest.removeprefix("embedding_")
         side = rest[:1]  # "A" or "B"
-        fits = weight is not None and len(weight) == 2 and tuple(shape) == (
-            ((rank, weight[0]) if side == "A" else (weight[1], rank)) if embedding
-            else ((rank, weight[1]) if side == "A" else (weight[0], rank)))
+        fits = weight is not None and len(weight) == 2 and side in ("A", "B") and tuple(shape) == (
+            adapter_shapes(nn.Embedding if embedding else nn.Linear, weight, rank)[side == "B"])
         named = rest[1:2] == "." and rest.endswith(".weight") != embedding  # peft's names
         if side not in ("A", "B") or not named or not fits:
             raise ValueError(f"weights: adapter tensor {name} {tuple(shape)} does not fit "

@@ -60,6 +60,7 @@ __all__ = [
     "ADAPTER_NAME",
     "DEFAULT_TARGETS",
     "KEY_PREFIX",
+    "adapter_shapes",
     "adapter_state",
     "add_lora",
     "has_lora",
@@ -96,13 +97,23 @@ def _split_key(key: str) -> tuple[str, type[nn.Module], int] | None:
     return None
 
 
-def _want(layer: nn.Module, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The shapes of A and B of a rank-`rank` LoRA of `layer` (peft's: linear A (r, in), B (out, r);
-    embedding A (r, rows), B (width, r))."""
-    if isinstance(layer, nn.Embedding):
-        return (rank, layer.num_embeddings), (layer.embedding_dim, rank)
-    assert isinstance(layer, nn.Linear)
-    return (rank, layer.in_features), (layer.out_features, rank)
+def adapter_shapes(kind: type[nn.Module], weight: Sequence[int], rank: int
+                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of A and B of a rank-`rank` LoRA of a layer of `kind` whose weight has shape
+    `weight` (peft's: a linear's (out, in) gets A (r, in), B (out, r); an embedding's (rows,
+    width) gets A (r, rows), B (width, r))."""
+    first, second = weight
+    if kind is nn.Embedding:
+        return (rank, first), (second, rank)
+    return (rank, second), (first, rank)
+
+
+def _want(layer: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`adapter_shapes` of a linear or embedding `layer` of the model."""
+    weight = layer.weight
+    assert isinstance(weight, Tensor)
+    return adapter_shapes(nn.Embedding if isinstance(layer, nn.Embedding) else nn.Linear,
+                          tuple(weight.shape), rank)
 
 
 def has_lora(model: nn.Module) -> bool:

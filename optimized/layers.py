@@ -425,10 +425,11 @@ class PixelDecoder(nn.Module):
         chunked = pixels.device.type == "cpu" and not is_tracing()
         chunks = max(1, -(-n // max(1, self.chunk_rows // pp))) if chunked else 1
         # chunk (not slicing): its backward is one cat, not a full-size zero tensor per chunk.
-        return torch.cat([
-            self.decode(pix, con, *folded) if folded is not None else self.decode_unfolded(pix, con)
-            for pix, con in zip(pixels.chunk(chunks), cond.chunk(chunks), strict=True)
-        ])  # (N*P, C)
+        pairs = zip(pixels.chunk(chunks), cond.chunk(chunks), strict=True)
+        if folded is not None:
+            return torch.cat([self.decode(pix, con, *folded) for pix, con in pairs])  # (N*P, C)
+        pos = self.position_features(pixels.device, pixels.dtype)  # (P, 64), once for all chunks
+        return torch.cat([self.decode_unfolded(pix, con, pos) for pix, con in pairs])  # (N*P, C)
 
     def decode(self, pixels: Tensor, cond: Tensor, embed: tuple[Tensor, Tensor],
                mods: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -442,12 +443,13 @@ class PixelDecoder(nn.Module):
         out: Tensor = self.final(layer_norm(z))  # (n*P, C)
         return out
 
-    def decode_unfolded(self, pixels: Tensor, cond: Tensor) -> Tensor:
-        """`decode` as the spec writes it, every weight read inside its own layer's forward."""
+    def decode_unfolded(self, pixels: Tensor, cond: Tensor, pos: Tensor) -> Tensor:
+        """`decode` as the spec writes it, every weight read inside its own layer's forward;
+        pos: the (P, 64) `position_features`."""
         width = self.final.in_features
         n, pp = pixels.shape[0], pixels.shape[1]
-        pos = self.position_features(pixels.device, pixels.dtype).expand(n, pp, -1)  # (n, P, 64)
-        z = self.input_proj(self.pixel_embed(torch.cat([pixels, pos], dim=-1)))  # (n, P, w)
+        features = torch.cat([pixels, pos.expand(n, pp, -1)], dim=-1)  # (n, P, C + 64)
+        z = self.input_proj(self.pixel_embed(features))  # (n, P, w)
         z = z.reshape(n * pp, width)
         u = F.silu(cond.view(n * pp, width))  # (n*P, w)
         for block in self.blocks:

@@ -119,14 +119,7 @@ class DeCoTransformer2DModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapte
         which skips the adapters it does not find in `lora_A`, i.e. an embedding's (peft 0.21;
         they would be fused at scale 1). The scale stays on the layer, as diffusers leaves it,
         so that unfuse_lora subtracts what was added."""
-        if lora_scale != 1.0:
-            for module in self.modules():
-                scaling = getattr(module, "scaling", None)
-                embedded = getattr(module, "lora_embedding_A", None)
-                if isinstance(scaling, dict) and embedded is not None:
-                    for name in module.active_adapters:
-                        if name in embedded and name not in module.lora_A:
-                            scaling[name] *= lora_scale
+        scale_adapters(self, lora_scale, embeddings_only=True)
         super().fuse_lora(lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
 
     @property
@@ -178,21 +171,35 @@ def scaled_lora(model: torch.nn.Module, scale: float) -> Iterator[None]:
     through diffusers' scale_lora_layers: that calls peft's scale_layer, which skips embedding
     LoRA layers (`y_embed`; peft 0.21: it looks for the adapter in `lora_A` only), and its
     unscale after a scale of 0 resets the weights set_adapters gave."""
-    saved: list[tuple[dict[str, float], dict[str, float]]] = []
-    if scale != 1.0:
-        for module in model.modules():
-            scaling, active = getattr(module, "scaling", None), getattr(module, "active_adapters", None)
-            if isinstance(scaling, dict) and active is not None:  # a peft LoRA layer
-                saved.append((scaling, dict(scaling)))
-                for name in active:
-                    if name in scaling:
-                        scaling[name] *= scale
+    saved = scale_adapters(model, scale)
     try:
         yield
     finally:
         for scaling, before in saved:
             scaling.clear()
             scaling.update(before)
+
+
+def scale_adapters(model: torch.nn.Module, scale: float, embeddings_only: bool = False
+                   ) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """Multiply peft's per-adapter `scaling` of every active LoRA adapter in `model` by `scale`
+    (embeddings_only: only the adapters of embedding layers, those peft's scale_layer skips).
+    Returns (each changed layer's `scaling`, a copy from before) for restoring; nothing for 1."""
+    saved: list[tuple[dict[str, float], dict[str, float]]] = []
+    if scale == 1.0:
+        return saved
+    for module in model.modules():
+        scaling, active = getattr(module, "scaling", None), getattr(module, "active_adapters", None)
+        if not isinstance(scaling, dict) or active is None:  # not a peft LoRA layer
+            continue
+        embedded = getattr(module, "lora_embedding_A", {})
+        names = [n for n in active if n in scaling
+                 and (not embeddings_only or (n in embedded and n not in getattr(module, "lora_A", {})))]
+        if names:
+            saved.append((scaling, dict(scaling)))
+        for name in names:
+            scaling[name] *= scale
+    return saved
 
 
 def check_id2label(id2label: Any, num_classes: int) -> None:
